@@ -1,0 +1,528 @@
+"""The client half of the agent protocol: remote jobs as ``concurrent.futures`` futures.
+
+::
+
+    caller threads                 IO thread (owns the ZMQ socket)          cluster
+    submit() -> JobFuture ---> outbox --> DEALER --SSH port forward--> ROUTER agent
+    future.result() <------ futures <-- Accepted / Output / Ended <------ jobs
+                                     \-- Ping every heartbeat; silence for
+                                         3 beats fails every future (AgentLost)
+
+Example::
+
+    with AgentClient(cluster) as client:
+        fut = client.submit(["python", "-c", "print(42)"], ranks=2)
+        print(fut.result().exit_code)      # raises JobFailed on a non-zero exit
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import logging
+import os
+import queue
+import shlex
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import zmq
+
+from ..config import ClusterConfig
+from ..transport import messages as m
+from ..transport.ssh import SSHConnection, SSHError, Target
+from ..version import PROTOCOL_VERSION, __version__
+from . import bundle
+from .jobs import JobSpec, JobState, LauncherSpec
+
+log = logging.getLogger(__name__)
+
+OutputCallback = Callable[[str, bytes], None]
+STDERR_TAIL = 64 * 1024
+
+
+class AgentError(RuntimeError):
+    """Base of the client's errors about the agent (not about a job's program)."""
+
+
+class AgentStartError(AgentError):
+    """The agent could not be started on the cluster; the message says why and what to fix."""
+
+
+class VersionMismatch(AgentError):
+    """A busy agent of another version runs on the cluster."""
+
+
+class AgentLost(AgentError):
+    """The agent stopped answering (heartbeats missed, SSH connection gone).
+
+    Jobs keep running on the cluster; a new client can attach to them.
+    """
+
+    def __init__(self, cluster: str, host: str, detail: str):
+        super().__init__("agent on cluster %s (%s) lost: %s" % (cluster, host, detail))
+        self.cluster = cluster
+        self.host = host
+
+
+class RequestRefused(AgentError):
+    """The agent refused a request (unknown job, invalid job spec...)."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
+@dataclass
+class JobResult:
+    """How a job ended. Times are the cluster's clock (seconds since the epoch)."""
+    job_id: str
+    cluster: str
+    state: JobState
+    exit_code: Optional[int]
+    reason: str = ""
+    launcher_id: str = ""
+    started: float = 0.0
+    ended: float = 0.0
+    stderr_tail: str = ""
+
+
+class JobError(Exception):
+    """A job did not end well; ``result`` says how. Base of the three below."""
+
+    def __init__(self, result: JobResult):
+        self.result = result
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        r = self.result
+        text = "job %s on %s %s" % (r.job_id, r.cluster, r.state.value)
+        if r.exit_code is not None:
+            text += " with exit code %d" % r.exit_code
+        if r.reason:
+            text += " (%s)" % r.reason
+        if r.stderr_tail.strip():
+            text += ":\n" + r.stderr_tail.rstrip()
+        return text
+
+
+class JobFailed(JobError):
+    """The program exited non-zero: its own error, ``stderr_tail`` holds the end of its stderr."""
+
+
+class JobCancelled(JobError):
+    """The job was cancelled."""
+
+
+class JobLost(JobError):
+    """The job ended for infrastructure reasons (lost node, wall time): may be retried."""
+
+
+_ERRORS = {JobState.FAILED: JobFailed, JobState.CANCELLED: JobCancelled,
+           JobState.TIMEOUT: JobLost, JobState.LOST: JobLost}
+
+
+class JobFuture(concurrent.futures.Future):
+    """A remote job. ``result()`` returns a :class:`JobResult` or raises a :class:`JobError`
+    (or :class:`AgentLost`)."""
+
+    def __init__(self, job_id: str, cluster: str, on_output: Optional[OutputCallback] = None):
+        super().__init__()
+        self.job_id = job_id
+        self.cluster = cluster
+        self.on_output = on_output
+        self.offsets = {"stdout": 0, "stderr": 0}
+        self.stderr_tail = bytearray()
+        self.accepted = threading.Event()
+        self.existed = False
+
+
+def _new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
+
+
+class AgentClient:
+    """Connection to one cluster's agent. The constructor only stores the config;
+    :meth:`start` connects (SSH, agent, tunnel, handshake)."""
+
+    def __init__(self, cluster: ClusterConfig, client_name: str = ""):
+        self.cluster = cluster
+        self.client_name = client_name or "%s@%s/%d" % (os.environ.get("USER", "user"),
+                                                        socket.gethostname(), os.getpid())
+        self.ssh = SSHConnection(Target(cluster.host, cluster.port, cluster.user,
+                                        cluster.identity_file, cluster.known_hosts,
+                                        cluster.connect_timeout))
+        self.welcome: Optional[m.Welcome] = None
+        self.agent_state: Dict = {}
+        self._secret = b""
+        self._rids = itertools.count(1)
+        self._requests: Dict[int, concurrent.futures.Future] = {}
+        self._submits: Dict[int, str] = {}  # rid of a Submit -> its job id
+        self._jobs: Dict[str, JobFuture] = {}
+        self._outbox: "queue.Queue[m.Message]" = queue.Queue()
+        self._wake_r, self._wake_w = -1, -1
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._broken: Optional[AgentLost] = None
+        self._lock = threading.Lock()
+        self.last_heard = 0.0
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    def __enter__(self) -> "AgentClient":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> m.Welcome:
+        """Connect over SSH, start or reuse the agent, open the tunnel and shake hands.
+
+        Raises:
+            SSHError (and subclasses), AgentStartError, VersionMismatch, AgentLost.
+        """
+        self.ssh.connect()
+        for _attempt in range(2):
+            state = self._start_agent()
+            welcome = self._connect(state)
+            if welcome.version == self._version:
+                self.welcome = welcome
+                return welcome
+            self._replace_agent(welcome)
+        raise VersionMismatch("agent on %s still runs version %s after a restart; expected %s"
+                              % (self.cluster.name, welcome.version, self._version))
+
+    @property
+    def _version(self) -> str:
+        return bundle.build()[1]
+
+    def _start_agent(self) -> Dict:
+        """Upload the bundle if missing and run its ``start``; return the agent's state."""
+        data, version = bundle.build()
+        c = self.cluster
+        q = shlex.quote
+        zpath = "%s/agent/bundles/agent-%s.zip" % (c.workdir.rstrip("/"), version.split("+")[1])
+        check = "mkdir -p %s && test -s %s" % (q(os.path.dirname(zpath)), q(zpath))
+        res = self.ssh.run(check, timeout=c.connect_timeout * 2)
+        if res.exit_status != 0:
+            if res.stderr.strip():
+                raise AgentStartError("cannot create %s on %s: %s" % (
+                    os.path.dirname(zpath), c.name, res.stderr.decode(errors="replace").strip()))
+            sftp = self.ssh.sftp()
+            with sftp.open(zpath + ".part", "wb") as f:
+                f.write(data)
+            sftp.posix_rename(zpath + ".part", zpath)
+        env = "" if not c.env_setup.strip() else c.env_setup.strip() + "\n"
+        cmd = "%s%s %s start --workdir %s --idle-timeout %g --heartbeat %g" % (
+            env, q(c.python), q(zpath), q(c.workdir), c.agent_idle_timeout, c.heartbeat)
+        res = self.ssh.run(cmd, timeout=60)
+        out = res.stdout.decode(errors="replace")
+        err = res.stderr.decode(errors="replace").strip()
+        if res.exit_status != 0 or "READY " not in out:
+            raise AgentStartError(self._explain_start_failure(res.exit_status, err or out))
+        return json.loads(out.split("READY ", 1)[1].splitlines()[0])
+
+    def _explain_start_failure(self, status: int, text: str) -> str:
+        c = self.cluster
+        if status == 127 or "not found" in text or "No such file" in text:
+            return ("python %r not found on cluster %s: set 'python' in [cluster %s] of %s to "
+                    "the remote interpreter (it needs pyzmq).\n%s"
+                    % (c.python, c.name, c.name, c.source, text))
+        if "pyzmq" in text or "No module named 'zmq'" in text:
+            return ("the remote python %s on %s lacks pyzmq: install it there "
+                    "(%s -m pip install pyzmq).\n%s" % (c.python, c.name, c.python, text))
+        return "the agent did not start on %s (exit %d):\n%s" % (c.name, status, text)
+
+    def _connect(self, state: Dict) -> m.Welcome:
+        self._close_channel()
+        self._secret = bytes.fromhex(state["secret"])
+        self.agent_state = {k: v for k, v in state.items() if k != "secret"}
+        fwd = self.ssh.forward(int(state["port"]))
+        self._broken = None
+        self._stop.clear()
+        self._wake_r, self._wake_w = os.pipe()
+        self.last_heard = time.monotonic()
+        self._thread = threading.Thread(target=self._io_loop, args=(fwd.address,),
+                                        name="cloudexec-io-%s" % self.cluster.name, daemon=True)
+        self._thread.start()
+        hello = m.Hello(client=self.client_name, version=self._version, protocol=PROTOCOL_VERSION)
+        try:
+            welcome = self.request(hello, timeout=self.cluster.connect_timeout)
+        except (AgentLost, concurrent.futures.TimeoutError):
+            raise AgentStartError("the agent on %s (pid %s, port %s) does not answer; see %s/agent/"
+                                  "agent.log on the cluster" % (self.cluster.name, state.get("pid"),
+                                                                state.get("port"),
+                                                                self.cluster.workdir)) from None
+        return welcome  # type: ignore[return-value]
+
+    def _replace_agent(self, welcome: m.Welcome) -> None:
+        """Stop an idle agent of another version, or refuse if it is busy."""
+        reply = self.request(m.Shutdown(only_if_idle=True))
+        if not reply.ok:  # type: ignore[attr-defined]
+            raise VersionMismatch(
+                "cluster %s runs agent version %s (pid %d) with %s; this client needs version %s. "
+                "Wait for those jobs to end (scipion-cloudexec jobs %s), or install the agent's "
+                "version here." % (self.cluster.name, welcome.version, welcome.pid,
+                                   reply.detail, self._version, self.cluster.name))  # type: ignore
+        log.info("replaced idle agent %s on %s", welcome.version, self.cluster.name)
+        self._close_channel()
+        pid = int(welcome.pid)
+        for _ in range(100):
+            if self.ssh.run("kill -0 %d" % pid).exit_status != 0:
+                return
+            time.sleep(0.1)
+
+    def _close_channel(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._wake()
+            self._thread.join(5)
+            self._thread = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def close(self) -> None:
+        """Disconnect. Remote jobs keep running; futures still pending fail with AgentLost."""
+        self._close_channel()
+        self._fail_all(AgentLost(self.cluster.name, self.cluster.host, "client closed"))
+        self.ssh.close()
+
+    # ---- public API ---------------------------------------------------------------------
+
+    def launcher_spec(self) -> LauncherSpec:
+        c = self.cluster
+        return LauncherSpec(kind=c.launcher, mpirun=list(c.mpirun), hosts=list(c.hosts),
+                            srun=list(c.srun), partition=c.partition, account=c.account,
+                            time=c.time)
+
+    def submit(self, argv: Sequence[str], *, ranks: int = 1, threads: int = 1,
+               gpus: Sequence[int] = (), env: Optional[Dict[str, str]] = None, cwd: str = "",
+               job_id: Optional[str] = None, label: str = "", launcher: Optional[str] = None,
+               on_output: Optional[OutputCallback] = None) -> JobFuture:
+        """Start ``argv`` on the cluster as ``ranks`` MPI ranks; return its future at once.
+
+        Args:
+            argv: program and arguments, as on the cluster (no shell).
+            ranks, threads: MPI ranks and threads per rank.
+            gpus: GPU numbers for ``CUDA_VISIBLE_DEVICES``.
+            env: extra environment variables.
+            cwd: working directory on the cluster (default: the job's folder).
+            job_id: a stable id makes the submit idempotent (a second submit attaches).
+            label: shown by ``scipion-cloudexec jobs``.
+            launcher: override the cluster's launcher (``local``, ``mpirun``, ``slurm``).
+            on_output: called as ``on_output(stream, data)`` from the IO thread.
+
+        Raises:
+            AgentLost: the agent is gone (also raised later by ``result()``).
+            ValueError: an invalid job (bad id, empty argv).
+        """
+        spec = JobSpec(job_id=job_id or _new_job_id(), argv=[str(a) for a in argv], ranks=ranks,
+                       threads=threads, gpus=list(gpus), env=dict(env or {}), cwd=cwd,
+                       env_setup=self.cluster.env_setup, launcher=self.launcher_spec(),
+                       client=self.client_name, label=label)
+        if launcher:
+            spec.launcher.kind = launcher
+        spec.validate()
+        fut = self._register(spec.job_id, on_output)
+        rid = next(self._rids)
+        self._submits[rid] = spec.job_id
+        self._send(m.Submit(rid=rid, spec=spec.to_dict(), watch=True))
+        return fut
+
+    def attach(self, job_id: str, on_output: Optional[OutputCallback] = None,
+               out_offset: int = 0, err_offset: int = 0) -> JobFuture:
+        """Follow a job submitted earlier (by this or another client); output from the offsets."""
+        fut = self._register(job_id, on_output)
+        fut.offsets = {"stdout": out_offset, "stderr": err_offset}
+        rid = next(self._rids)
+        self._requests[rid] = concurrent.futures.Future()
+        self._requests[rid].add_done_callback(lambda f: self._watch_refused(fut, f))
+        self._send(m.Watch(rid=rid, job_id=job_id, out_offset=out_offset, err_offset=err_offset))
+        return fut
+
+    @staticmethod
+    def _watch_refused(fut: JobFuture, req: concurrent.futures.Future) -> None:
+        exc = req.exception()
+        if exc is not None and not fut.done():
+            fut.set_exception(exc)
+
+    def jobs(self, limit: int = 100) -> List[Dict]:
+        """The agent's journal, newest first (dicts with job_id, state, exit_code...)."""
+        return self.request(m.ListJobs(limit=limit)).jobs  # type: ignore[attr-defined]
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a job on the cluster; returns its state when asked. Its future then fails
+        with :class:`JobCancelled`."""
+        return self.request(m.Cancel(job_id=job_id)).detail  # type: ignore[attr-defined]
+
+    def ping(self, timeout: float = 10.0) -> float:
+        """Round trip to the agent, in seconds."""
+        t0 = time.perf_counter()
+        self.request(m.Ping(), timeout=timeout)
+        return time.perf_counter() - t0
+
+    def shutdown_agent(self, only_if_idle: bool = True) -> bool:
+        """Ask the agent to exit (refused while jobs run when ``only_if_idle``)."""
+        return bool(self.request(m.Shutdown(only_if_idle=only_if_idle)).ok)  # type: ignore
+
+    def request(self, msg: m.Message, timeout: Optional[float] = 30.0) -> m.Message:
+        """Send a request and wait for its reply.
+
+        Raises:
+            RequestRefused: the agent answered with an error; AgentLost; TimeoutError.
+        """
+        msg.rid = next(self._rids)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._requests[msg.rid] = fut
+        self._send(msg)
+        try:
+            return fut.result(timeout)
+        finally:
+            self._requests.pop(msg.rid, None)
+
+    # ---- plumbing ---------------------------------------------------------------------
+
+    def _register(self, job_id: str, on_output: Optional[OutputCallback]) -> JobFuture:
+        fut = JobFuture(job_id, self.cluster.name, on_output)
+        with self._lock:
+            if self._broken is not None:
+                raise self._broken
+            self._jobs[job_id] = fut
+        return fut
+
+    def _send(self, msg: m.Message) -> None:
+        if self._broken is not None:
+            raise self._broken
+        self._outbox.put(msg)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _io_loop(self, address: str) -> None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100000)
+        sock.setsockopt(zmq.RCVHWM, 100000)
+        sock.connect(address)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        hb = self.cluster.heartbeat
+        next_ping = time.monotonic() + hb
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(int(max(0.0, next_ping - time.monotonic()) * 1000) + 1))
+                if self._wake_r in events:
+                    os.read(self._wake_r, 65536)
+                while True:
+                    try:
+                        msg = self._outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    sock.send_multipart(m.encode(msg, self._secret), copy=False)
+                if sock in events:
+                    self._receive(sock)
+                now = time.monotonic()
+                if now >= next_ping:
+                    sock.send_multipart(m.encode(m.Ping(), self._secret))
+                    next_ping = now + hb
+                silent = now - self.last_heard
+                if silent > 3 * hb or not self.ssh.active:
+                    why = ("SSH connection closed" if not self.ssh.active else
+                           "no heartbeat for %.1f s (bound %.1f s)" % (silent, 3 * hb))
+                    self._fail_all(AgentLost(self.cluster.name, self.cluster.host, why))
+                    return
+        finally:
+            sock.close(0)
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = m.decode(frames, self._secret)
+            except m.BadMessage as e:
+                log.warning("dropped a message from the agent on %s: %s", self.cluster.name, e)
+                continue
+            self.last_heard = time.monotonic()
+            try:
+                self._dispatch(msg)
+            except Exception:  # a callback's error must not stop the IO thread
+                log.exception("handling %s from %s failed", msg.TYPE, self.cluster.name)
+
+    def _dispatch(self, msg: m.Message) -> None:
+        if isinstance(msg, m.Output):
+            fut = self._jobs.get(msg.job_id)
+            if fut is not None and msg.blob is not None:
+                if msg.offset + len(msg.blob) <= fut.offsets[msg.stream]:
+                    return  # already seen (two watches of one job)
+                data = msg.blob[max(0, fut.offsets[msg.stream] - msg.offset):]
+                fut.offsets[msg.stream] += len(data)
+                if msg.stream == "stderr":
+                    fut.stderr_tail += data
+                    del fut.stderr_tail[:-STDERR_TAIL]
+                if fut.on_output is not None:
+                    fut.on_output(msg.stream, data)
+            return
+        if isinstance(msg, m.Ended):
+            self._end_job(msg)
+            return
+        job_id = self._submits.pop(msg.rid, None)
+        if job_id is not None and isinstance(msg, m.Error):
+            fut = self._jobs.pop(job_id, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(RequestRefused(msg.kind, msg.detail))
+            return
+        if isinstance(msg, m.Accepted):
+            fut = self._jobs.get(msg.job_id)
+            if fut is not None:
+                fut.existed = msg.existed
+                fut.accepted.set()
+                if not fut.done():
+                    fut.set_running_or_notify_cancel()
+        req = self._requests.pop(msg.rid, None)
+        if req is None:
+            return
+        if isinstance(msg, m.Error):
+            req.set_exception(RequestRefused(msg.kind, msg.detail))
+        elif not req.done():
+            req.set_result(msg)
+
+    def _end_job(self, msg: m.Ended) -> None:
+        fut = self._jobs.pop(msg.job_id, None)
+        if fut is None or fut.done():
+            return
+        result = JobResult(job_id=msg.job_id, cluster=self.cluster.name,
+                           state=JobState(msg.state), exit_code=msg.exit_code, reason=msg.reason,
+                           launcher_id=msg.launcher_id, started=msg.started, ended=msg.ended,
+                           stderr_tail=fut.stderr_tail.decode(errors="replace"))
+        if not fut.running():
+            fut.set_running_or_notify_cancel()
+        error = _ERRORS.get(result.state)
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error(result))
+
+    def _fail_all(self, exc: AgentLost) -> None:
+        with self._lock:
+            self._broken = exc
+            pending = list(self._jobs.values()) + list(self._requests.values())
+            self._jobs.clear()
+            self._requests.clear()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(exc)

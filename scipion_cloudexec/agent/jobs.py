@@ -1,0 +1,158 @@
+"""What a job is, on both sides of the wire: its spec, its states, its folder and script.
+
+Shipped to the cluster with the agent: standard library only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+class JobState(str, enum.Enum):
+    """Where a job is. The client reacts to the final ones as documented here."""
+
+    SUBMITTED = "submitted"
+    """In the journal, not started yet."""
+    QUEUED = "queued"
+    """Handed to the batch system, waiting for resources (SLURM PENDING)."""
+    RUNNING = "running"
+    """Started: its process (or batch job) is alive."""
+    DONE = "done"
+    """Final: the command exited 0."""
+    FAILED = "failed"
+    """Final: the command exited non-zero. The program's own failure: never retried blindly."""
+    CANCELLED = "cancelled"
+    """Final: cancelled by a client (or by an administrator through the batch system)."""
+    TIMEOUT = "timeout"
+    """Final: the batch system's wall time ran out. Not the program's fault: it may be retried."""
+    LOST = "lost"
+    """Final: the job vanished without an exit code (node lost, agent host rebooted).
+    An infrastructure failure: safe to retry elsewhere."""
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED,
+                          JobState.TIMEOUT, JobState.LOST})
+
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass
+class LauncherSpec:
+    """How the cluster starts jobs: the launcher part of a cluster's config."""
+    kind: str = "local"
+    mpirun: List[str] = field(default_factory=lambda: ["mpirun"])
+    hosts: List[str] = field(default_factory=list)
+    srun: List[str] = field(default_factory=lambda: ["srun"])
+    partition: str = ""
+    account: str = ""
+    time: str = ""
+
+
+@dataclass
+class JobSpec:
+    """One command to run on a cluster.
+
+    Attributes:
+        job_id: unique name chosen by the client; submitting the same id twice
+            returns the existing job instead of starting a second one.
+        argv: the program and its arguments (no shell).
+        ranks: MPI ranks (local launcher: that many plain processes).
+        threads: threads per rank (``OMP_NUM_THREADS``, SLURM ``--cpus-per-task``).
+        gpus: GPU numbers, exported as ``CUDA_VISIBLE_DEVICES``.
+        env: extra environment variables.
+        cwd: working directory on the cluster; empty means the job's own folder.
+        env_setup: shell lines run first (``module load ...``).
+        launcher: how to start it.
+        client: who submitted it (shown by ``jobs``).
+        label: a human label (protocol and step).
+    """
+    job_id: str
+    argv: List[str]
+    ranks: int = 1
+    threads: int = 1
+    gpus: List[int] = field(default_factory=list)
+    env: Dict[str, str] = field(default_factory=dict)
+    cwd: str = ""
+    env_setup: str = ""
+    launcher: LauncherSpec = field(default_factory=LauncherSpec)
+    client: str = ""
+    label: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "JobSpec":
+        d = dict(d)
+        d["launcher"] = LauncherSpec(**d.get("launcher", {}))
+        return cls(**d)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not JOB_ID_RE.match(self.job_id or ""):
+            raise ValueError("job_id %r: use 1-128 letters, digits, '.', '_' or '-'" % self.job_id)
+        if not self.argv or not all(isinstance(a, str) for a in self.argv):
+            raise ValueError("argv must be a non-empty list of strings")
+        if self.ranks < 1 or self.threads < 1:
+            raise ValueError("ranks and threads must be at least 1")
+        if self.launcher.kind not in ("local", "mpirun", "slurm"):
+            raise ValueError("launcher %r: use local, mpirun or slurm" % self.launcher.kind)
+        for k in self.env:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+                raise ValueError("environment variable name %r is not valid" % k)
+
+
+class JobFiles:
+    """The folder of one job on the cluster: ``<workdir>/jobs/<job_id>/``."""
+
+    def __init__(self, jobs_root: str, job_id: str):
+        self.dir = os.path.join(jobs_root, job_id)
+        self.script = os.path.join(self.dir, "job.sh")
+        self.stdout = os.path.join(self.dir, "stdout")
+        self.stderr = os.path.join(self.dir, "stderr")
+        self.rc = os.path.join(self.dir, "rc")
+        self.hostfile = os.path.join(self.dir, "hostfile")
+
+    def read_rc(self) -> Optional[int]:
+        """The exit code the job script recorded, or None if it has not ended."""
+        try:
+            with open(self.rc) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+
+def job_script(spec: JobSpec, files: JobFiles, command: List[str]) -> str:
+    """The shell script that runs *command* (already wrapped by the launcher).
+
+    The script records the exit code in ``rc`` itself, so the code survives an
+    agent restart; the command's own exit code is the script's.
+    """
+    q = shlex.quote
+    lines = ["#!/bin/sh", "# cloudexec job %s" % spec.job_id]
+    if spec.env_setup.strip():
+        lines += ["# env_setup from the clusters file", spec.env_setup.strip()]
+    exports = {"OMP_NUM_THREADS": str(spec.threads), "CLOUDEXEC_JOB_ID": spec.job_id}
+    if spec.gpus:
+        exports["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.gpus)
+    exports.update(spec.env)
+    lines += ["export %s=%s" % (k, q(v)) for k, v in exports.items()]
+    cwd = spec.cwd or files.dir
+    lines += [
+        "cd %s || { echo 'cloudexec: working directory %s does not exist on the cluster' >&2;"
+        " echo 126 > %s; exit 126; }" % (q(cwd), cwd.replace("'", ""), q(files.rc)),
+        " ".join(q(a) for a in command),
+        "rc=$?",
+        "echo $rc > %s.tmp && mv %s.tmp %s" % (q(files.rc), q(files.rc), q(files.rc)),
+        "exit $rc",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,92 @@
+"""The agent's durable job journal: one sqlite file under ``<workdir>/agent/``.
+
+Every job and state change is committed before the client hears of it, so an
+agent that restarts (or a client that reconnects) finds every job again.
+
+Shipped to the cluster with the agent: standard library only.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from typing import Any, Dict, List, Optional
+
+from .jobs import FINAL_STATES, JobSpec, JobState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id      TEXT PRIMARY KEY,
+    spec        TEXT NOT NULL,
+    client      TEXT NOT NULL DEFAULT '',
+    label       TEXT NOT NULL DEFAULT '',
+    scheduler   TEXT NOT NULL,
+    launcher_id TEXT NOT NULL DEFAULT '',
+    state       TEXT NOT NULL,
+    exit_code   INTEGER,
+    reason      TEXT NOT NULL DEFAULT '',
+    cancelled   INTEGER NOT NULL DEFAULT 0,
+    submitted   REAL NOT NULL,
+    started     REAL NOT NULL DEFAULT 0,
+    ended       REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+"""
+
+COLUMNS = ("job_id", "client", "label", "scheduler", "launcher_id", "state", "exit_code",
+           "reason", "cancelled", "submitted", "started", "ended")
+
+
+class Journal:
+    """Jobs by id, with their state; the single writer is the agent's main thread."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL survives a killed agent; only a host crash may lose the last commits
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def add(self, spec: JobSpec, scheduler: str) -> bool:
+        """Record a new job; False when the id is already known (nothing changes)."""
+        try:
+            self.db.execute(
+                "INSERT INTO jobs(job_id, spec, client, label, scheduler, state, submitted)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (spec.job_id, json.dumps(spec.to_dict()), spec.client, spec.label, scheduler,
+                 JobState.SUBMITTED.value, time.time()))
+            return True
+        except sqlite3.IntegrityError:
+            return False
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        """Set columns of one job (state as a JobState or its value)."""
+        if "state" in fields:
+            fields["state"] = JobState(fields["state"]).value
+        cols = ", ".join("%s=?" % k for k in fields)
+        self.db.execute("UPDATE jobs SET %s WHERE job_id=?" % cols, (*fields.values(), job_id))
+
+    def get(self, job_id: str) -> Optional[Dict[str, Any]]:
+        row = self.db.execute("SELECT %s FROM jobs WHERE job_id=?" % ", ".join(COLUMNS),
+                              (job_id,)).fetchone()
+        return dict(zip(COLUMNS, row)) if row else None
+
+    def spec(self, job_id: str) -> Optional[JobSpec]:
+        row = self.db.execute("SELECT spec FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+        return JobSpec.from_dict(json.loads(row[0])) if row else None
+
+    def active(self) -> List[Dict[str, Any]]:
+        """Jobs not in a final state."""
+        finals = tuple(s.value for s in FINAL_STATES)
+        rows = self.db.execute("SELECT %s FROM jobs WHERE state NOT IN (%s)"
+                               % (", ".join(COLUMNS), ",".join("?" * len(finals))), finals)
+        return [dict(zip(COLUMNS, r)) for r in rows]
+
+    def recent(self, limit: int = 100) -> List[Dict[str, Any]]:
+        rows = self.db.execute("SELECT %s FROM jobs ORDER BY submitted DESC LIMIT ?"
+                               % ", ".join(COLUMNS), (limit,))
+        return [dict(zip(COLUMNS, r)) for r in rows]
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,533 @@
+"""The remote agent: a small daemon on the cluster's head node.
+
+It binds one ZeroMQ ROUTER socket on the remote loopback only; clients reach it
+through an SSH tunnel. Its state lives in ``<workdir>/agent/``::
+
+    agent.json     pid, port, version and the message secret (mode 0600)
+    agent.log      what it did, including dropped (unauthenticated) messages
+    journal.sqlite every job and its state (see journal.py)
+    start.lock     held while an agent starts, so two clients start one agent
+
+and each job in ``<workdir>/jobs/<job_id>/`` (script, stdout, stderr, rc). Jobs
+run in their own sessions with their output in files, so they outlive the agent
+and the client; a new agent adopts them from the journal.
+
+Main loop: poll the socket and the jobs' exit fds, then run named phases:
+``process_messages``, ``reap_exits``, ``poll_schedulers``, ``stream_outputs``,
+``expire_clients``, ``check_idle``.
+
+Shipped to the cluster: standard library and pyzmq only.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+import zmq
+
+from ..transport import messages as m
+from ..version import PROTOCOL_VERSION, __version__
+from .jobs import JobFiles, JobSpec, JobState, job_script
+from .journal import Journal
+from .launchers import launcher_for
+from .schedulers import ProcessScheduler, Scheduler, SlurmScheduler, Status, SubmitError, \
+    scheduler_kind
+
+log = logging.getLogger("cloudexec.agent")
+
+CHUNK = 256 * 1024        # largest output chunk per message
+STREAM_EVERY = 0.05       # seconds between output reads while someone watches
+MISSED_BEATS = 3          # a client silent for this many heartbeats is gone
+
+
+def agent_version() -> str:
+    """``<release>+<sha256 of the agent bundle>``; ``+src`` when run from a source tree."""
+    path = sys.argv[0] if sys.argv else ""
+    if path.endswith(".zip") and os.path.isfile(path):
+        with open(path, "rb") as f:
+            return "%s+%s" % (__version__, hashlib.sha256(f.read()).hexdigest()[:12])
+    return "%s+src" % __version__
+
+
+class AgentPaths:
+    """Where the agent keeps its files under a workdir."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.dir = os.path.join(workdir, "agent")
+        self.state = os.path.join(self.dir, "agent.json")
+        self.log = os.path.join(self.dir, "agent.log")
+        self.journal = os.path.join(self.dir, "journal.sqlite")
+        self.lock = os.path.join(self.dir, "start.lock")
+        self.jobs = os.path.join(workdir, "jobs")
+
+
+class Agent:
+    """Serves clients and runs jobs until idle for ``idle_timeout`` seconds."""
+
+    def __init__(self, workdir: str, idle_timeout: float = 3600.0, heartbeat: float = 2.0):
+        self.paths = AgentPaths(workdir)
+        self.idle_timeout = idle_timeout
+        self.heartbeat = heartbeat
+        self.version = agent_version()
+        self.secret = secrets.token_bytes(32)
+        self.schedulers: Dict[str, Scheduler] = {"process": ProcessScheduler(),
+                                                 "slurm": SlurmScheduler()}
+        self.clients: Dict[bytes, float] = {}            # identity -> last message (monotonic)
+        self.watchers: Dict[str, Dict[bytes, List[int]]] = {}  # job -> identity -> [out, err]
+        self.active: Dict[str, Tuple[str, str, JobFiles]] = {}  # job -> (scheduler, lid, files)
+        self.next_poll: Dict[str, float] = {}
+        self.idle_since = time.monotonic()
+        self.running = True
+        self.journal: Optional[Journal] = None
+        self.sock: Optional[zmq.Socket] = None
+        self.port = 0
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    def bind(self) -> int:
+        """Bind the ROUTER socket on 127.0.0.1 at a port the kernel picks."""
+        os.makedirs(self.paths.dir, exist_ok=True)
+        os.makedirs(self.paths.jobs, exist_ok=True)
+        self.journal = Journal(self.paths.journal)
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 100000)
+        self.sock.setsockopt(zmq.RCVHWM, 100000)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        return self.port
+
+    def write_state(self) -> None:
+        state = {"pid": os.getpid(), "port": self.port, "version": self.version,
+                 "protocol": PROTOCOL_VERSION, "secret": self.secret.hex(),
+                 "host": socket.gethostname(), "started": time.time()}
+        tmp = self.paths.state + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, self.paths.state)
+
+    def serve(self) -> None:
+        """Run the main loop until shut down or idle."""
+        if self.sock is None:
+            self.bind()
+        self.adopt_jobs()
+        self.write_state()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        log.info("agent %s pid %d listening on 127.0.0.1:%d", self.version, os.getpid(), self.port)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        registered: Dict[int, str] = {}
+        try:
+            while self.running:
+                fds = self.schedulers["process"].exit_fds()
+                for fd in set(fds) - set(registered):
+                    poller.register(fd, zmq.POLLIN)
+                for fd in set(registered) - set(fds):
+                    poller.unregister(fd)
+                registered = dict(fds)
+                timeout = STREAM_EVERY if self.watched_running() else min(self.heartbeat, 1.0)
+                events = dict(poller.poll(int(timeout * 1000)))
+                if self.sock in events:
+                    self.process_messages()
+                ready = [registered[fd] for fd in registered if fd in events]
+                if ready:
+                    self.reap_exits(ready)
+                self.poll_schedulers()
+                self.stream_outputs()
+                self.expire_clients()
+                self.check_idle()
+        finally:
+            self.cleanup()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        log.info("SIGTERM: stopping; jobs keep running and a new agent adopts them")
+        self.running = False
+
+    def cleanup(self) -> None:
+        try:
+            with open(self.paths.state) as f:
+                if json.load(f).get("pid") == os.getpid():
+                    os.unlink(self.paths.state)
+        except (OSError, ValueError):
+            pass
+        if self.sock is not None:
+            self.sock.close(0)
+        if self.journal is not None:
+            self.journal.close()
+        log.info("agent %d stopped", os.getpid())
+
+    def adopt_jobs(self) -> None:
+        """Take over the journal's unfinished jobs from an earlier agent."""
+        assert self.journal is not None
+        for row in self.journal.active():
+            files = JobFiles(self.paths.jobs, row["job_id"])
+            if row["state"] == JobState.SUBMITTED.value or not row["launcher_id"]:
+                self.finish(row["job_id"], Status(JobState.LOST, None,
+                                                  "the agent stopped before the job started"))
+                continue
+            self.active[row["job_id"]] = (row["scheduler"], row["launcher_id"], files)
+            log.info("adopted job %s (%s %s)", row["job_id"], row["scheduler"], row["launcher_id"])
+
+    # ---- phases -----------------------------------------------------------------------
+
+    def process_messages(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            identity, body = m.split_identity(frames)
+            try:
+                msg = m.decode(body, self.secret)
+            except m.BadMessage as e:
+                log.warning("dropped a message from peer %s: %s", identity.hex(), e)
+                continue
+            self.clients[identity] = time.monotonic()
+            handler = getattr(self, "on_" + msg.TYPE, None)
+            if handler is None:
+                self.send(identity, m.Error(rid=msg.rid, kind="unsupported",
+                                            detail="agent cannot handle %s" % msg.TYPE))
+                continue
+            try:
+                handler(identity, msg)
+            except Exception as e:  # a bad request must not kill the agent
+                log.exception("request %s failed", msg.TYPE)
+                self.send(identity, m.Error(rid=msg.rid, kind="internal", detail=str(e)))
+
+    def reap_exits(self, job_ids: List[str]) -> None:
+        sched = self.schedulers["process"]
+        for job_id in job_ids:
+            st = sched.reap(job_id)
+            if st is not None and job_id in self.active:
+                self.finish(job_id, st)
+
+    def poll_schedulers(self) -> None:
+        now = time.monotonic()
+        for name, sched in self.schedulers.items():
+            if now < self.next_poll.get(name, 0):
+                continue
+            self.next_poll[name] = now + sched.poll_interval
+            jobs = {j: (lid, files) for j, (s, lid, files) in self.active.items() if s == name}
+            if not jobs:
+                continue
+            try:
+                states = sched.status(jobs)
+            except SubmitError as e:
+                log.warning("cannot poll %s: %s", name, e)
+                continue
+            for job_id, st in states.items():
+                if st.state.final:
+                    self.finish(job_id, st)
+                else:
+                    row = self.journal.get(job_id) if self.journal else None
+                    if row and row["state"] != st.state.value:
+                        self.journal.update(job_id, state=st.state,  # type: ignore[union-attr]
+                                            started=time.time() if st.state == JobState.RUNNING
+                                            else row["started"])
+
+    def stream_outputs(self, job_ids: Optional[List[str]] = None, final: bool = False) -> None:
+        """Send each watcher the bytes its job wrote since its last offsets."""
+        for job_id in job_ids if job_ids is not None else list(self.watchers):
+            watchers = self.watchers.get(job_id)
+            if not watchers:
+                continue
+            files = JobFiles(self.paths.jobs, job_id)
+            for identity, offsets in list(watchers.items()):
+                for i, (stream, path) in enumerate((("stdout", files.stdout),
+                                                    ("stderr", files.stderr))):
+                    self._send_new_bytes(identity, job_id, stream, path, offsets, i, final)
+
+    def _send_new_bytes(self, identity: bytes, job_id: str, stream: str, path: str,
+                        offsets: List[int], i: int, final: bool) -> None:
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return
+        if size <= offsets[i]:
+            return
+        with open(path, "rb") as f:
+            f.seek(offsets[i])
+            while True:
+                data = f.read(CHUNK)
+                if not data:
+                    break
+                self.send(identity, m.Output(job_id=job_id, stream=stream, offset=offsets[i],
+                                             blob=data))
+                offsets[i] += len(data)
+                if not final:
+                    break
+
+    def expire_clients(self) -> None:
+        limit = time.monotonic() - MISSED_BEATS * self.heartbeat - 1.0
+        for identity, seen in list(self.clients.items()):
+            if seen < limit:
+                del self.clients[identity]
+                for watchers in self.watchers.values():
+                    watchers.pop(identity, None)
+                log.info("client %s went silent; its jobs keep running", identity.hex())
+
+    def check_idle(self) -> None:
+        now = time.monotonic()
+        if self.clients or self.active:
+            self.idle_since = now
+        elif now - self.idle_since > self.idle_timeout:
+            log.info("idle for %.0f s with no client and no job: exiting", self.idle_timeout)
+            self.running = False
+
+    # ---- job life ----------------------------------------------------------------------
+
+    def watched_running(self) -> bool:
+        return any(self.watchers.get(j) for j in self.active)
+
+    def finish(self, job_id: str, st: Status) -> None:
+        """Record a final state, flush output to watchers, then tell them the end."""
+        assert self.journal is not None
+        row = self.journal.get(job_id)
+        state = st.state
+        if row and row["cancelled"] and state in (JobState.FAILED, JobState.LOST):
+            state = JobState.CANCELLED
+        self.journal.update(job_id, state=state, exit_code=st.exit_code, reason=st.reason,
+                            ended=time.time())
+        self.active.pop(job_id, None)
+        self.stream_outputs([job_id], final=True)
+        row = self.journal.get(job_id)
+        for identity in self.watchers.pop(job_id, {}):
+            self.send(identity, self._ended(row))  # type: ignore[arg-type]
+        log.info("job %s %s (exit %s) %s", job_id, state.value, st.exit_code, st.reason)
+
+    @staticmethod
+    def _ended(row: Dict) -> m.Ended:
+        return m.Ended(job_id=row["job_id"], state=row["state"], exit_code=row["exit_code"],
+                       reason=row["reason"], launcher_id=row["launcher_id"],
+                       started=row["started"], ended=row["ended"])
+
+    def start_job(self, spec: JobSpec) -> None:
+        assert self.journal is not None
+        files = JobFiles(self.paths.jobs, spec.job_id)
+        os.makedirs(files.dir, exist_ok=True)
+        sched_name = scheduler_kind(spec.launcher.kind)
+        try:
+            command = launcher_for(spec.launcher.kind).command(spec, files)
+            with open(files.script, "w") as f:
+                f.write(job_script(spec, files, command))
+            lid, state = self.schedulers[sched_name].submit(spec, files)
+        except (SubmitError, OSError, ValueError) as e:
+            with open(files.stderr, "a") as f:
+                f.write("cloudexec: %s\n" % e)
+            self.finish(spec.job_id, Status(JobState.LOST if isinstance(e, OSError)
+                                            else JobState.FAILED, None, str(e)))
+            return
+        self.journal.update(spec.job_id, launcher_id=lid, state=state,
+                            started=time.time() if state == JobState.RUNNING else 0)
+        self.active[spec.job_id] = (sched_name, lid, files)
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def send(self, identity: bytes, msg: m.Message) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.send_multipart([identity] + m.encode(msg, self.secret), copy=False)
+        except zmq.ZMQError as e:
+            log.warning("cannot send %s to %s: %s", msg.TYPE, identity.hex(), e)
+
+    def on_Hello(self, identity: bytes, msg: m.Hello) -> None:
+        log.info("client %s (%s, %s) connected", identity.hex(), msg.client, msg.version)
+        self.send(identity, m.Welcome(
+            rid=msg.rid, version=self.version, protocol=PROTOCOL_VERSION, pid=os.getpid(),
+            host=socket.gethostname(), python=sys.version.split()[0],
+            workdir=self.paths.workdir, disk_free=shutil.disk_usage(self.paths.workdir).free,
+            active_jobs=len(self.active)))
+
+    def on_Ping(self, identity: bytes, msg: m.Ping) -> None:
+        self.send(identity, m.Pong(rid=msg.rid, seq=msg.seq, active_jobs=len(self.active)))
+
+    def on_Submit(self, identity: bytes, msg: m.Submit) -> None:
+        assert self.journal is not None
+        try:
+            spec = JobSpec.from_dict(msg.spec)
+            spec.validate()
+        except (TypeError, ValueError) as e:
+            self.send(identity, m.Error(rid=msg.rid, kind="bad_job", detail=str(e)))
+            return
+        new = self.journal.add(spec, scheduler_kind(spec.launcher.kind))
+        row = self.journal.get(spec.job_id)
+        self.send(identity, m.Accepted(rid=msg.rid, job_id=spec.job_id, state=row["state"],
+                                       existed=not new))
+        if msg.watch:
+            self.on_Watch(identity, m.Watch(rid=msg.rid, job_id=spec.job_id))
+        if new:
+            self.start_job(spec)
+
+    def on_Watch(self, identity: bytes, msg: m.Watch) -> None:
+        assert self.journal is not None
+        row = self.journal.get(msg.job_id)
+        if row is None:
+            self.send(identity, m.Error(rid=msg.rid, kind="unknown_job",
+                                        detail="no job %s on this cluster" % msg.job_id))
+            return
+        self.watchers.setdefault(msg.job_id, {})[identity] = [msg.out_offset, msg.err_offset]
+        if JobState(row["state"]).final:
+            self.stream_outputs([msg.job_id], final=True)
+            self.watchers.pop(msg.job_id, None)
+            self.send(identity, self._ended(row))
+
+    def on_Cancel(self, identity: bytes, msg: m.Cancel) -> None:
+        assert self.journal is not None
+        row = self.journal.get(msg.job_id)
+        if row is None:
+            self.send(identity, m.Error(rid=msg.rid, kind="unknown_job",
+                                        detail="no job %s on this cluster" % msg.job_id))
+            return
+        if msg.job_id in self.active:
+            sched, lid, files = self.active[msg.job_id]
+            self.journal.update(msg.job_id, cancelled=1)
+            try:
+                self.schedulers[sched].cancel(lid, files)
+            except SubmitError as e:
+                self.send(identity, m.Error(rid=msg.rid, kind="cancel_failed", detail=str(e)))
+                return
+            self.next_poll[sched] = 0
+        self.send(identity, m.Done(rid=msg.rid, ok=True, detail=row["state"]))
+
+    def on_ListJobs(self, identity: bytes, msg: m.ListJobs) -> None:
+        assert self.journal is not None
+        self.send(identity, m.Jobs(rid=msg.rid, jobs=self.journal.recent(msg.limit)))
+
+    def on_Shutdown(self, identity: bytes, msg: m.Shutdown) -> None:
+        if msg.only_if_idle and self.active:
+            self.send(identity, m.Done(rid=msg.rid, ok=False,
+                                       detail="%d job(s) still active" % len(self.active)))
+            return
+        self.send(identity, m.Done(rid=msg.rid, ok=True, detail="shutting down"))
+        self.running = False
+
+
+# ---- starting as a daemon -------------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    """True for a running process (a zombie, common in containers without init, is not)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def _running_agent(path: str) -> Optional[dict]:
+    """The state of the agent that runs and listens, or None (no file, or a stale one)."""
+    state = _read_state(path)
+    if state and _alive(int(state.get("pid", 0))) and _answers(int(state.get("port", 0))):
+        return state
+    return None
+
+
+def _read_state(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def start_daemon(workdir: str, idle_timeout: float, heartbeat: float, wait: float = 20.0) -> int:
+    """Start the agent in the background unless one runs; print its state line.
+
+    Prints ``READY <agent.json>`` (with the secret, for the client at the other end
+    of the SSH channel) and returns 0, or prints the
+    reason on stderr and returns 1. Holds ``start.lock`` so that concurrent
+    starters make a single agent.
+    """
+    paths = AgentPaths(workdir)
+    os.makedirs(paths.dir, exist_ok=True)
+    with open(paths.lock, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = _running_agent(paths.state)
+        if state is None:
+            if os.fork() == 0:  # first child: new session, then the daemon forks off
+                os.setsid()
+                if os.fork() == 0:
+                    os.close(lock.fileno())  # else the daemon would hold start.lock forever
+                    _run_daemon(paths, idle_timeout, heartbeat)
+                os._exit(0)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                state = _running_agent(paths.state)
+                if state is not None:
+                    break
+                time.sleep(0.02)
+            else:
+                tail = ""
+                try:
+                    with open(paths.log) as f:
+                        tail = "".join(f.readlines()[-20:])
+                except OSError:
+                    pass
+                sys.stderr.write("the agent did not start within %.0f s; %s:\n%s"
+                                 % (wait, paths.log, tail))
+                return 1
+    # stdout is the SSH channel back to the client: the secret never touches a command line
+    sys.stdout.write("READY %s\n" % json.dumps(state))
+    return 0
+
+
+def _run_daemon(paths: AgentPaths, idle_timeout: float, heartbeat: float) -> None:
+    code = 0
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(fd, 0)
+        logfd = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(logfd, 1)
+        os.dup2(logfd, 2)
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(message)s")
+        Agent(paths.workdir, idle_timeout, heartbeat).serve()
+    except BaseException:
+        log.exception("agent crashed")
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="cloudexec-agent", description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=["start", "serve", "version"])
+    p.add_argument("--workdir", required=False, default="")
+    p.add_argument("--idle-timeout", type=float, default=3600.0)
+    p.add_argument("--heartbeat", type=float, default=2.0)
+    a = p.parse_args(argv)
+    if a.command == "version":
+        print(agent_version())
+        return 0
+    if not a.workdir.startswith("/"):
+        p.error("--workdir must be an absolute path")
+    if a.command == "start":
+        return start_daemon(a.workdir, a.idle_timeout, a.heartbeat)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    Agent(a.workdir, a.idle_timeout, a.heartbeat).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

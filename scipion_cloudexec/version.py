@@ -1,0 +1,6 @@
+"""Version of the plugin and of the client/agent wire protocol."""
+
+__version__ = "0.1.0"
+
+#: Bumped whenever a message changes shape; client and agent must agree on it.
+PROTOCOL_VERSION = 1
