@@ -1,4 +1,4 @@
-"""The client half of the agent protocol: remote jobs as ``concurrent.futures`` futures.
+r"""The client half of the agent protocol: remote jobs as ``concurrent.futures`` futures.
 
 ::
 

@@ -166,6 +166,11 @@ class LocalTestbed:
         if not self.slurm_available():
             raise TestbedError("SLURM needs root and the packages slurm-wlm and munge "
                                "(scripts/setup.sh installs them)")
+        for port in (6817, 6818):
+            if _port_open(port):
+                raise TestbedError("port %d is taken, most likely by another SLURM (or test bed); "
+                                   "stop it first (its test bed: scipion-cloudexec testbed down "
+                                   "--root DIR)" % port)
         self._start_munge()
         s = self.slurm_dir
         for d in ("state", "log", "spool", "pmix"):

@@ -1,0 +1,302 @@
+"""``scipion-cloudexec``: check clusters, run and follow jobs, from a terminal.
+
+    scipion-cloudexec [--config FILE] check NAME
+    scipion-cloudexec [--config FILE] run NAME [--np N] [--threads T] [--gpus LIST] -- CMD ARGS...
+    scipion-cloudexec [--config FILE] jobs NAME
+    scipion-cloudexec [--config FILE] attach NAME JOB_ID
+    scipion-cloudexec [--config FILE] cancel NAME JOB_ID
+    scipion-cloudexec [--config FILE] agent NAME [--stop]
+    scipion-cloudexec demo [--root DIR] [--keep]
+
+Exit codes: ``run``/``attach`` exit with the job's own code; 2 for a wrong
+command line or clusters file; 255 when the cluster or its agent cannot be reached.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import List, Optional
+
+from .config import ClusterConfig, ConfigError, load_clusters
+from .version import __version__
+
+EXIT_CONFIG = 2
+EXIT_UNREACHABLE = 255
+EXIT_CANCELLED = 130
+
+
+def _client(cluster: ClusterConfig):
+    from .agent.client import AgentClient
+    return AgentClient(cluster)
+
+
+def _say(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _write(stream: str, data: bytes) -> None:
+    out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+    out.write(data)
+    out.flush()
+
+
+def _gpus(text: str) -> List[int]:
+    try:
+        return [int(g) for g in text.replace(" ", "").split(",") if g]
+    except ValueError:
+        raise argparse.ArgumentTypeError("GPU list like 0,1 expected, got %r" % text) from None
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+def _capture(client, argv: List[str], timeout: float = 300, **kw):
+    """Run a job, return (ok, stdout text, error text)."""
+    from .agent.client import JobError
+    out = bytearray()
+    fut = client.submit(argv, label="check", on_output=lambda stream, data: out.extend(
+        data if stream == "stdout" else b""), **kw)
+    try:
+        fut.result(timeout)
+        return True, out.decode(errors="replace"), ""
+    except JobError as e:
+        lines = e.result.stderr_tail.strip().splitlines() or [str(e).splitlines()[0]]
+        return False, out.decode(errors="replace"), lines[-1]
+
+
+def cmd_check(cluster: ClusterConfig, args) -> int:
+    """Connect, start the agent, probe the cluster, run a 2-rank mpi4py job."""
+    from .transport.ssh import fingerprint
+    print("cluster %s: %s (launcher %s, %d slots)"
+          % (cluster.name, cluster.address, cluster.launcher, cluster.slots))
+    t0 = time.monotonic()
+    with _client(cluster) as client:
+        key = client.ssh.transport.get_remote_server_key()  # type: ignore[union-attr]
+        print("  ssh        ok    host key %s verified; key auth as %s (%.2f s)"
+              % (fingerprint(key), cluster.user, time.monotonic() - t0))
+        w = client.welcome
+        print("  agent      ok    version %s, pid %d on %s, %d active job(s)"
+              % (w.version, w.pid, w.host, w.active_jobs))
+        print("  python     ok    %s (%s)" % (w.python, cluster.python))
+        print("  workdir    ok    %s, %.1f GB free" % (w.workdir, w.disk_free / 1e9))
+        ok = True
+        probes = [
+            ("OpenMPI", "%s --version 2>&1 | head -n 1" % cluster.mpirun[0],
+             cluster.launcher == "mpirun"),
+            ("SLURM", "sinfo --version", cluster.launcher == "slurm"),
+            ("mpi4py", "%s -c 'import mpi4py; print(\"mpi4py\", mpi4py.__version__)'"
+             % cluster.python, cluster.launcher != "local"),
+        ]
+        for label, shell, required in probes:
+            good, out, err = _capture(client, ["/bin/sh", "-c", shell], 60, launcher="local")
+            text = (out.strip().splitlines() or [""])[0] if good else err
+            print("  %-10s %s %s" % (label, "ok   " if good else "FAIL " if required else "--   ",
+                                     text))
+            ok &= good or not required
+        code = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
+                "print('rank %d/%d on %s' % (c.rank, c.size, MPI.Get_processor_name()))")
+        t1 = time.monotonic()
+        good, out, err = _capture(client, [cluster.python, "-c", code], ranks=2)
+        ranks = sorted(ln for ln in out.splitlines() if ln.startswith("rank"))
+        size = "/2 " if cluster.launcher != "local" else "/1 "  # local: 2 plain processes
+        good = good and len(ranks) == 2 and all(size in ln for ln in ranks)
+        print("  MPI job    %s 2 ranks through %s: %s (%.2f s)"
+              % ("ok   " if good else "FAIL ", cluster.launcher, "; ".join(ranks) or err,
+                 time.monotonic() - t1))
+        ok &= good
+    print("%s: %s" % (cluster.name, "ready" if ok else "NOT ready (see FAIL above)"))
+    return 0 if ok else 1
+
+
+def cmd_run(cluster: ClusterConfig, args) -> int:
+    if not args.command:
+        _say("scipion-cloudexec run: give the command after --, e.g. run %s -- hostname"
+             % cluster.name)
+        return EXIT_CONFIG
+    with _client(cluster) as client:
+        fut = client.submit(args.command, ranks=args.np, threads=args.threads, gpus=args.gpus,
+                            job_id=args.job_id, launcher=args.launcher, cwd=args.cwd,
+                            on_output=_write)
+        if not args.quiet:
+            _say("cloudexec: job %s on %s (follow again: scipion-cloudexec attach %s %s)"
+                 % (fut.job_id, cluster.name, cluster.name, fut.job_id))
+        return _wait(client, fut, args.quiet)
+
+
+def _wait(client, fut, quiet: bool) -> int:
+    from .agent.client import JobCancelled, JobError
+    try:
+        result = fut.result()
+        return result.exit_code or 0
+    except KeyboardInterrupt:
+        _say("cloudexec: interrupted: cancelling job %s" % fut.job_id)
+        client.cancel(fut.job_id)
+        return EXIT_CANCELLED
+    except JobCancelled:
+        _say("cloudexec: job %s was cancelled" % fut.job_id)
+        return EXIT_CANCELLED
+    except JobError as e:
+        r = e.result
+        if not quiet or r.exit_code is None:
+            _say("cloudexec: job %s %s%s%s" % (r.job_id, r.state.value,
+                                               "" if r.exit_code is None else
+                                               " with exit code %d" % r.exit_code,
+                                               " (%s)" % r.reason if r.reason else ""))
+        return r.exit_code if r.exit_code is not None else EXIT_UNREACHABLE
+
+
+def cmd_attach(cluster: ClusterConfig, args) -> int:
+    with _client(cluster) as client:
+        return _wait(client, client.attach(args.job_id, on_output=_write), quiet=False)
+
+
+def cmd_jobs(cluster: ClusterConfig, args) -> int:
+    with _client(cluster) as client:
+        rows = client.jobs(args.limit)
+    print("%-28s %-10s %5s %-16s %-19s %s" % ("JOB", "STATE", "EXIT", "LAUNCHER ID", "SUBMITTED",
+                                             "LABEL"))
+    for r in rows:
+        print("%-28s %-10s %5s %-16s %-19s %s" % (
+            r["job_id"], r["state"], "" if r["exit_code"] is None else r["exit_code"],
+            r["launcher_id"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["submitted"])),
+            r["label"]))
+    return 0
+
+
+def cmd_cancel(cluster: ClusterConfig, args) -> int:
+    with _client(cluster) as client:
+        state = client.cancel(args.job_id)
+    print("cancel sent to job %s (was %s)" % (args.job_id, state))
+    return 0
+
+
+def cmd_agent(cluster: ClusterConfig, args) -> int:
+    with _client(cluster) as client:
+        w = client.welcome
+        print("agent %s pid %d on %s: %d active job(s), workdir %s"
+              % (w.version, w.pid, w.host, w.active_jobs, w.workdir))
+        if args.stop:
+            ok = client.shutdown_agent(only_if_idle=not args.force)
+            print("agent stopping" if ok else "agent NOT stopped: jobs still active (--force "
+                                              "stops it anyway; jobs keep running)")
+            return 0 if ok else 1
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .testbed import LocalTestbed
+    root = os.path.abspath(args.root)
+    _say("### starting the local test bed in %s (loopback sshd, OpenMPI, SLURM)" % root)
+    tb = LocalTestbed(root)
+    try:
+        clusters_file = tb.up(slurm=tb.slurm_available())
+        clusters = load_clusters(clusters_file)
+        _say("### clusters file %s: %s" % (clusters_file, ", ".join(clusters)))
+        code = 0
+        for name in ("mpi", "slurm"):
+            if name not in clusters:
+                continue
+            _say("\n### scipion-cloudexec --config %s check %s" % (clusters_file, name))
+            code |= cmd_check(clusters[name], args)
+            demo = ("from mpi4py import MPI; import numpy as np; c = MPI.COMM_WORLD; "
+                    "x = c.allreduce(np.arange(4.0) * c.rank); "
+                    "print('rank', c.rank, 'of', c.size, 'sum', x)")
+            _say("\n### scipion-cloudexec --config %s run %s --np 4 -- python -c ..."
+                 % (clusters_file, name))
+            ns = argparse.Namespace(command=[clusters[name].python, "-c", demo], np=4, threads=1,
+                                    gpus=[], job_id=None, launcher=None, cwd="", quiet=False)
+            rc = cmd_run(clusters[name], ns)
+            _say("### exit code %d" % rc)
+            code |= rc
+        return code
+    finally:
+        if not args.keep:
+            tb.down()
+            _say("### test bed stopped (use --keep to leave it running)")
+
+
+# ---- parsing ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scipion-cloudexec", description="Run Scipion work on "
+                                "remote clusters over SSH. " + __doc__.split("\n\n")[2])
+    p.add_argument("--config", help="clusters file (default: $SCIPION_CLOUDEXEC_CONFIG, "
+                                    "else $SCIPION_HOME/config/cloudexec.conf)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    p.add_argument("--version", action="version", version="scipion-cloudexec " + __version__)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("check", help="connect, start the agent, probe, run a 2-rank MPI job")
+    s.add_argument("name", help="cluster name in the clusters file")
+    s = sub.add_parser("run", help="run a command as an MPI job, streaming its output")
+    s.add_argument("name")
+    s.add_argument("--np", type=int, default=1, help="MPI ranks (default 1)")
+    s.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
+    s.add_argument("--gpus", type=_gpus, default=[], help="GPUs, e.g. 0,1 (CUDA_VISIBLE_DEVICES)")
+    s.add_argument("--launcher", choices=["local", "mpirun", "slurm"],
+                   help="override the cluster's launcher")
+    s.add_argument("--job-id", help="a stable id: running the same id again attaches to it")
+    s.add_argument("--cwd", default="", help="working directory on the cluster")
+    s.add_argument("-q", "--quiet", action="store_true", help="print only the job's output")
+    s.add_argument("command", nargs="*", help="-- COMMAND ARGS... (everything after --)")
+    s = sub.add_parser("attach", help="follow a job: its output so far, then until it ends")
+    s.add_argument("name")
+    s.add_argument("job_id")
+    s = sub.add_parser("jobs", help="list the agent's jobs, newest first")
+    s.add_argument("name")
+    s.add_argument("--limit", type=int, default=50)
+    s = sub.add_parser("cancel", help="cancel a job")
+    s.add_argument("name")
+    s.add_argument("job_id")
+    s = sub.add_parser("agent", help="show (or stop) the cluster's agent")
+    s.add_argument("name")
+    s.add_argument("--stop", action="store_true", help="stop it if no job is active")
+    s.add_argument("--force", action="store_true", help="with --stop: even with active jobs")
+    s = sub.add_parser("demo", help="start a local test bed and run check and an MPI job on it")
+    s.add_argument("--root", default=os.path.join(os.getcwd(), ".testbed"),
+                   help="test bed folder (default ./.testbed)")
+    s.add_argument("--keep", action="store_true", help="leave the test bed running")
+    return p
+
+
+COMMANDS = {"check": cmd_check, "run": cmd_run, "attach": cmd_attach, "jobs": cmd_jobs,
+            "cancel": cmd_cancel, "agent": cmd_agent}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: List[str] = []
+    if "--" in argv:  # everything after -- is the remote command, options included
+        command = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
+    args = build_parser().parse_args(argv)
+    if args.cmd == "run":
+        args.command = list(args.command) + command
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    from .agent.client import AgentError
+    from .transport.ssh import SSHError
+    try:
+        if args.cmd == "demo":
+            return cmd_demo(args)
+        clusters = load_clusters(args.config)
+        if args.name not in clusters:
+            _say("scipion-cloudexec: no cluster '%s' in %s; defined: %s"
+                 % (args.name, next(iter(clusters.values())).source, ", ".join(clusters)))
+            return EXIT_CONFIG
+        return COMMANDS[args.cmd](clusters[args.name], args)
+    except ConfigError as e:
+        _say("scipion-cloudexec: %s" % e)
+        return EXIT_CONFIG
+    except (SSHError, AgentError, TimeoutError) as e:
+        _say("scipion-cloudexec: %s: %s" % (type(e).__name__, e))
+        return EXIT_UNREACHABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

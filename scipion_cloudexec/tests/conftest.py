@@ -1,0 +1,92 @@
+"""Fixtures: the local test bed (real sshd, OpenMPI, SLURM) and clusters on it.
+
+The test bed starts once per session in ``$CLOUDEXEC_TESTBED`` (default
+/tmp/cloudexec-testbed-<pid>) and is stopped at the end, daemons by pid. Each test
+that needs an agent gets its own cluster workdir, hence its own agent, stopped
+by pid when the test ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import replace
+from typing import Callable, Iterator, List
+
+import pytest
+
+from scipion_cloudexec.config import ClusterConfig
+from scipion_cloudexec.testbed import LocalTestbed, TestbedError
+
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def testbed() -> Iterator[LocalTestbed]:
+    root = os.environ.get("CLOUDEXEC_TESTBED") or "/tmp/cloudexec-testbed"
+    tb = LocalTestbed(root, python=PYTHON)
+    want_slurm = os.environ.get("CLOUDEXEC_TEST_SLURM", "1") != "0"
+    was_running = tb.sshd_running()
+    try:
+        tb.up(slurm=want_slurm and tb.slurm_available())
+    except TestbedError as e:
+        pytest.fail("the test bed did not start (run scripts/setup.sh first): %s" % e)
+    yield tb
+    if not was_running:  # leave a test bed someone else started as it was
+        tb.down()
+
+
+def _stop_agent(workdir: str) -> None:
+    try:
+        with open(os.path.join(workdir, "agent", "agent.json")) as f:
+            pid = int(json.load(f)["pid"])
+    except (OSError, ValueError, KeyError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def make_cluster(testbed: LocalTestbed, tmp_path) -> Iterator[Callable[..., ClusterConfig]]:
+    """``make_cluster(launcher, **overrides)``: a cluster on the test bed with its own workdir."""
+    workdirs: List[str] = []
+
+    def make(launcher: str = "local", **overrides) -> ClusterConfig:
+        if launcher == "slurm" and not testbed.slurm_running():
+            pytest.skip("SLURM is not running in the test bed (needs root and slurm-wlm; "
+                        "CLOUDEXEC_TEST_SLURM=0 turns it off)")
+        workdir = str(tmp_path / ("remote-%d" % len(workdirs)))
+        workdirs.append(workdir)
+        values = dict(
+            name="%s%d" % (launcher, len(workdirs)), host="127.0.0.1", port=testbed.sshd_port,
+            user=testbed.user, identity_file=testbed.client_key, known_hosts=testbed.known_hosts,
+            workdir=workdir, python=PYTHON, launcher=launcher, slots=4, heartbeat=0.5,
+            connect_timeout=10.0, source="<test>",
+            mpirun=("mpirun", "--oversubscribe", "--bind-to", "none"),
+            srun=("srun", "--mpi=pmix"))
+        values.update(overrides)
+        return ClusterConfig(**values)
+
+    yield make
+    for w in workdirs:
+        _stop_agent(w)
+
+
+@pytest.fixture
+def cluster(make_cluster) -> ClusterConfig:
+    return make_cluster("local")
+
+
+def with_changes(cluster: ClusterConfig, **changes) -> ClusterConfig:
+    return replace(cluster, **changes)
