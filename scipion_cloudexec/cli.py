@@ -7,6 +7,7 @@
     scipion-cloudexec [--config FILE] cancel NAME JOB_ID
     scipion-cloudexec [--config FILE] agent NAME [--stop]
     scipion-cloudexec demo [--root DIR] [--keep]
+    scipion-cloudexec testbed up|down|status [--root DIR]
 
 Exit codes: ``run``/``attach`` exit with the job's own code; 2 for a wrong
 command line or clusters file; 255 when the cluster or its agent cannot be reached.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 from typing import List, Optional
@@ -84,7 +86,8 @@ def cmd_check(cluster: ClusterConfig, args) -> int:
         print("  workdir    ok    %s, %.1f GB free" % (w.workdir, w.disk_free / 1e9))
         ok = True
         probes = [
-            ("OpenMPI", "%s --version 2>&1 | head -n 1" % cluster.mpirun[0],
+            ("OpenMPI", 'v=$(%s --version 2>&1) || { echo "$v" >&2; exit 1; }; '
+                        'echo "$v" | head -n 1' % shlex.quote(cluster.mpirun[0]),
              cluster.launcher == "mpirun"),
             ("SLURM", "sinfo --version", cluster.launcher == "slurm"),
             ("mpi4py", "%s -c 'import mpi4py; print(\"mpi4py\", mpi4py.__version__)'"
@@ -218,6 +221,20 @@ def cmd_demo(args) -> int:
             _say("### test bed stopped (use --keep to leave it running)")
 
 
+def cmd_testbed(args) -> int:
+    from .testbed import LocalTestbed
+    tb = LocalTestbed(os.path.abspath(args.root))
+    if args.action == "up":
+        print(tb.up(slurm=not args.no_slurm and tb.slurm_available()))
+    elif args.action == "down":
+        tb.down()
+    else:
+        print("sshd %s, SLURM %s, clusters file %s" % (
+            "running" if tb.sshd_running() else "stopped",
+            "running" if tb.slurm_running() else "stopped", tb.clusters_file))
+    return 0
+
+
 # ---- parsing ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", default=os.path.join(os.getcwd(), ".testbed"),
                    help="test bed folder (default ./.testbed)")
     s.add_argument("--keep", action="store_true", help="leave the test bed running")
+    s = sub.add_parser("testbed", help="start, stop or show the local test bed")
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("--root", default=os.path.join(os.getcwd(), ".testbed"))
+    s.add_argument("--no-slurm", action="store_true", help="sshd only")
     return p
 
 
@@ -284,6 +305,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.cmd == "demo":
             return cmd_demo(args)
+        if args.cmd == "testbed":
+            return cmd_testbed(args)
         clusters = load_clusters(args.config)
         if args.name not in clusters:
             _say("scipion-cloudexec: no cluster '%s' in %s; defined: %s"

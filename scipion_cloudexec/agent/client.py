@@ -430,7 +430,7 @@ class AgentClient:
                         msg = self._outbox.get_nowait()
                     except queue.Empty:
                         break
-                    sock.send_multipart(m.encode(msg, self._secret), copy=False)
+                    sock.send_multipart(m.encode(msg, self._secret))
                 if sock in events:
                     self._receive(sock)
                 now = time.monotonic()

@@ -185,11 +185,8 @@ class Agent:
 
     def process_messages(self) -> None:
         assert self.sock is not None
-        while True:
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                return
+        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than catching Again
+            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
             identity, body = m.split_identity(frames)
             try:
                 msg = m.decode(body, self.secret)
@@ -340,7 +337,9 @@ class Agent:
     def send(self, identity: bytes, msg: m.Message) -> None:
         assert self.sock is not None
         try:
-            self.sock.send_multipart([identity] + m.encode(msg, self.secret), copy=False)
+            # zero-copy pays off for output chunks only; small frames are faster copied
+            self.sock.send_multipart([identity] + m.encode(msg, self.secret),
+                                     copy=msg.blob is None or len(msg.blob) < 65536)
         except zmq.ZMQError as e:
             log.warning("cannot send %s to %s: %s", msg.TYPE, identity.hex(), e)
 

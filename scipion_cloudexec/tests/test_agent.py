@@ -124,6 +124,9 @@ def test_killed_client_reattaches_and_gets_the_result(make_cluster, tmp_path, te
     finally:
         proc.kill()  # the desktop dies: no chance to cancel anything
         proc.wait()
+    agent_log = os.path.join(c.workdir, "agent", "agent.log")
+    wait_until(lambda: "went silent; its jobs keep running" in open(agent_log).read(), 30,
+               "the agent noticing the client is gone")
     gate.write_text("go")
     again = subprocess.run(cli + ["attach", "t", "survivor"], capture_output=True, timeout=120)
     assert again.returncode == 7, again.stderr
