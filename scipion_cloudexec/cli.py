@@ -6,6 +6,9 @@
     scipion-cloudexec [--config FILE] attach NAME JOB_ID
     scipion-cloudexec [--config FILE] cancel NAME JOB_ID
     scipion-cloudexec [--config FILE] agent NAME [--stop]
+    scipion-cloudexec [--config FILE] stage NAME PATH... [--project-root DIR]
+    scipion-cloudexec [--config FILE] fetch NAME REMOTE_PATH... --to DIR
+    scipion-cloudexec [--config FILE] cache NAME [--gc]
     scipion-cloudexec demo [--root DIR] [--keep]
     scipion-cloudexec testbed up|down|status [--root DIR]
 
@@ -221,6 +224,105 @@ def cmd_demo(args) -> int:
             _say("### test bed stopped (use --keep to leave it running)")
 
 
+class ProgressLine:
+    """A one-line progress display on stderr: files, bytes, rate, time left."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.t0 = time.monotonic()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, done: int, total: int, files_done: int, files: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.25 and done < total:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-6)
+        left = (total - done) / rate if rate else 0
+        sys.stderr.write("\r%s: file %d/%d, %s / %s, %s/s, %s left   " % (
+            self.label, min(files_done + 1, files), files, _human(done), _human(total),
+            _human(rate), time.strftime("%H:%M:%S", time.gmtime(left))))
+        sys.stderr.flush()
+        self.shown = True
+
+    def end(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1000
+    return ""
+
+
+def cmd_stage(cluster: ClusterConfig, args) -> int:
+    from .staging.client import Stager, StagingError
+    from .transport.ssh import SSHConnection
+    root = os.path.abspath(args.project_root)
+    project = args.project or os.path.basename(root)
+    with SSHConnection(_target(cluster)) as ssh:
+        bar = ProgressLine("staging to %s" % cluster.name)
+        try:
+            r = Stager(ssh, cluster).stage_in(root, args.paths, project, progress=bar)
+        except StagingError as e:
+            bar.end()
+            _say("scipion-cloudexec: %s" % e)
+            return 1
+        bar.end()
+    print("%d file(s), %s: %s sent (%s/s), %d linked, %d already in place%s; mirror %s/projects/%s"
+          % (r.files, _human(r.bytes_total), _human(r.bytes_sent), _human(r.rate), r.linked,
+             r.unchanged, ", %d corrupt cache entries repaired" % r.repaired if r.repaired else "",
+             cluster.workdir, project))
+    return 0
+
+
+def cmd_fetch(cluster: ClusterConfig, args) -> int:
+    from .staging.client import Stager, StagingError
+    from .transport.ssh import SSHConnection
+    code = 0
+    with SSHConnection(_target(cluster)) as ssh:
+        for path in args.remote_paths:
+            bar = ProgressLine("fetching %s" % path)
+            try:
+                r = Stager(ssh, cluster).fetch(path, args.to, progress=bar)
+            except StagingError as e:
+                bar.end()
+                _say("scipion-cloudexec: %s" % e)
+                code = 1
+                continue
+            bar.end()
+            print("%s: %d file(s), %s fetched, %d unchanged" % (path, len(r.fetched),
+                                                               _human(r.bytes_sent), r.unchanged))
+            for rel, why in r.refused:
+                _say("refused %s: %s" % (rel, why))
+                code = 1
+    return code
+
+
+def cmd_cache(cluster: ClusterConfig, args) -> int:
+    from .staging.client import Stager
+    from .transport.ssh import SSHConnection
+    with SSHConnection(_target(cluster)) as ssh:
+        info = Stager(ssh, cluster).cache_info(gc=args.gc)
+    if args.gc:
+        print("dropped %d entr%s no mirror uses, %s freed" % (
+            info["dropped"], "y" if info["dropped"] == 1 else "ies", _human(info["freed"])))
+    print("cache of %s: %d entries, %s (+%s of unfinished uploads); %s free in %s" % (
+        cluster.name, info["entries"], _human(info["bytes"]), _human(info["partial_bytes"]),
+        _human(info["free"]), cluster.workdir))
+    return 0
+
+
+def _target(cluster: ClusterConfig):
+    from .transport.ssh import Target
+    return Target(cluster.host, cluster.port, cluster.user, cluster.identity_file,
+                  cluster.known_hosts, cluster.connect_timeout)
+
+
 def cmd_testbed(args) -> int:
     from .testbed import LocalTestbed
     tb = LocalTestbed(os.path.abspath(args.root))
@@ -272,6 +374,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--stop", action="store_true", help="stop it if no job is active")
     s.add_argument("--force", action="store_true", help="with --stop: even with active jobs")
+    s = sub.add_parser("stage", help="upload files or folders to the cluster's project mirror")
+    s.add_argument("name")
+    s.add_argument("paths", nargs="+", help="files or folders, relative to the project or absolute")
+    s.add_argument("--project-root", default=".", help="local project folder (default: here)")
+    s.add_argument("--project", help="mirror name (default: the project folder's name)")
+    s = sub.add_parser("fetch", help="copy files or folders from the cluster's workdir")
+    s.add_argument("name")
+    s.add_argument("remote_paths", nargs="+", help="paths relative to the cluster's workdir")
+    s.add_argument("--to", required=True, help="local folder to write into")
+    s = sub.add_parser("cache", help="show (or clean) the cluster's staging cache")
+    s.add_argument("name")
+    s.add_argument("--gc", action="store_true", help="drop entries no project mirror uses")
     s = sub.add_parser("demo", help="start a local test bed and run check and an MPI job on it")
     s.add_argument("--root", default=os.path.join(os.getcwd(), ".testbed"),
                    help="test bed folder (default ./.testbed)")
@@ -284,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"check": cmd_check, "run": cmd_run, "attach": cmd_attach, "jobs": cmd_jobs,
-            "cancel": cmd_cancel, "agent": cmd_agent}
+            "cancel": cmd_cancel, "agent": cmd_agent, "stage": cmd_stage, "fetch": cmd_fetch,
+            "cache": cmd_cache}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -300,6 +415,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    from .agent.bundle import BundleError
     from .agent.client import AgentError
     from .transport.ssh import SSHError
     try:
@@ -316,7 +432,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         _say("scipion-cloudexec: %s" % e)
         return EXIT_CONFIG
-    except (SSHError, AgentError, TimeoutError) as e:
+    except (SSHError, AgentError, BundleError, TimeoutError) as e:
         _say("scipion-cloudexec: %s: %s" % (type(e).__name__, e))
         return EXIT_UNREACHABLE
 

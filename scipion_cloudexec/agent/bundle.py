@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shlex
 import zipfile
 from functools import lru_cache
 from typing import Tuple
 
+from ..config import ClusterConfig
+from ..transport.ssh import SSHConnection
 from ..version import __version__
 
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +29,10 @@ MODULES = (
     "agent/launchers.py",
     "agent/schedulers.py",
     "agent/server.py",
+    "staging/hashing.py",
+    "staging/remote.py",
 )
-_INITS = ("__init__.py", "transport/__init__.py", "agent/__init__.py")
+_INITS = ("__init__.py", "transport/__init__.py", "agent/__init__.py", "staging/__init__.py")
 _MAIN = b"""import sys
 if sys.version_info < (3, 9):
     sys.exit("cloudexec agent: Python 3.9 or newer is needed, this is %s" % sys.version.split()[0])
@@ -35,6 +40,9 @@ try:
     import zmq  # noqa: F401
 except ImportError:
     sys.exit("cloudexec agent: No module named 'zmq': install pyzmq for %s" % sys.executable)
+if sys.argv[1:2] == ["stage"]:
+    from scipion_cloudexec.staging.remote import main
+    sys.exit(main(sys.argv[2:]))
 from scipion_cloudexec.agent.server import main
 sys.exit(main())
 """
@@ -56,3 +64,36 @@ def build() -> Tuple[bytes, str]:
             add("scipion_cloudexec/" + rel, data)
     data = buf.getvalue()
     return data, "%s+%s" % (__version__, hashlib.sha256(data).hexdigest()[:12])
+
+
+class BundleError(RuntimeError):
+    """The bundle could not be put on the cluster."""
+
+
+def remote_path(cluster: ClusterConfig) -> str:
+    """Where the bundle of this client's version lives on the cluster."""
+    return "%s/agent/bundles/agent-%s.zip" % (cluster.workdir.rstrip("/"),
+                                               build()[1].split("+")[1])
+
+
+def ensure_uploaded(ssh: SSHConnection, cluster: ClusterConfig) -> str:
+    """Upload the bundle unless the cluster has it; return its remote path."""
+    zpath = remote_path(cluster)
+    q = shlex.quote
+    res = ssh.run("mkdir -p %s && test -s %s" % (q(os.path.dirname(zpath)), q(zpath)),
+                  timeout=cluster.connect_timeout * 2)
+    if res.exit_status != 0:
+        if res.stderr.strip():
+            raise BundleError("cannot create %s on %s: %s" % (
+                os.path.dirname(zpath), cluster.name, res.stderr.decode(errors="replace").strip()))
+        sftp = ssh.sftp()
+        with sftp.open(zpath + ".part", "wb") as f:
+            f.write(build()[0])
+        sftp.posix_rename(zpath + ".part", zpath)
+    return zpath
+
+
+def command(cluster: ClusterConfig, *args: str) -> str:
+    """Shell command running the bundle with *args* on the cluster, after env_setup."""
+    env = cluster.env_setup.strip() + "\n" if cluster.env_setup.strip() else ""
+    return env + " ".join(shlex.quote(a) for a in (cluster.python, remote_path(cluster)) + args)

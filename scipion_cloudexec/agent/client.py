@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import queue
-import shlex
 import socket
 import threading
 import time
@@ -203,23 +202,13 @@ class AgentClient:
 
     def _start_agent(self) -> Dict:
         """Upload the bundle if missing and run its ``start``; return the agent's state."""
-        data, version = bundle.build()
         c = self.cluster
-        q = shlex.quote
-        zpath = "%s/agent/bundles/agent-%s.zip" % (c.workdir.rstrip("/"), version.split("+")[1])
-        check = "mkdir -p %s && test -s %s" % (q(os.path.dirname(zpath)), q(zpath))
-        res = self.ssh.run(check, timeout=c.connect_timeout * 2)
-        if res.exit_status != 0:
-            if res.stderr.strip():
-                raise AgentStartError("cannot create %s on %s: %s" % (
-                    os.path.dirname(zpath), c.name, res.stderr.decode(errors="replace").strip()))
-            sftp = self.ssh.sftp()
-            with sftp.open(zpath + ".part", "wb") as f:
-                f.write(data)
-            sftp.posix_rename(zpath + ".part", zpath)
-        env = "" if not c.env_setup.strip() else c.env_setup.strip() + "\n"
-        cmd = "%s%s %s start --workdir %s --idle-timeout %g --heartbeat %g" % (
-            env, q(c.python), q(zpath), q(c.workdir), c.agent_idle_timeout, c.heartbeat)
+        try:
+            bundle.ensure_uploaded(self.ssh, c)
+        except bundle.BundleError as e:
+            raise AgentStartError(str(e)) from None
+        cmd = bundle.command(c, "start", "--workdir", c.workdir, "--idle-timeout",
+                             "%g" % c.agent_idle_timeout, "--heartbeat", "%g" % c.heartbeat)
         res = self.ssh.run(cmd, timeout=60)
         out = res.stdout.decode(errors="replace")
         err = res.stderr.decode(errors="replace").strip()

@@ -312,10 +312,13 @@ class PortForward:
                     if not data:
                         break
                     conn.sendall(data)
-        except (OSError, paramiko.SSHException):
+        except (OSError, EOFError, paramiko.SSHException):
             pass
         finally:
-            chan.close()
+            try:
+                chan.close()
+            except (OSError, EOFError, paramiko.SSHException):
+                pass  # the SSH connection is already gone
             conn.close()
 
     def close(self) -> None:

@@ -1,0 +1,392 @@
+"""Moving a project's files to a cluster's mirror and back, over one SSH exec channel each way.
+
+::
+
+    stage_in(paths)                              cluster (python agent.zip stage in)
+      manifest [(rel, size, sha256)] -------->   which hashes are not in cache/objects?
+      <--- missing [(sha256, resume offset)]     (free space checked first: NoSpace)
+      the missing contents, back to back ---->   hash while writing, publish if right
+      <--- report                                hard-link every file into the mirror
+
+    stage_out(run folder)
+      list ---------------------------------->   files under the run folder with hashes
+      only those that differ locally -------->   send: header, bytes, trailer hash
+      write to a temporary name, verify, rename; refuse any path leaving the run folder
+
+Local files are only read by ``stage_in``; hashes of unchanged files come from a memo in
+``~/.cache/scipion-cloudexec/hashes.sqlite``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+
+from ..agent import bundle
+from ..config import ClusterConfig
+from ..transport.ssh import SSHConnection
+from .hashing import BLOCK, HashCache
+
+#: progress(done_bytes, total_bytes, done_files, total_files)
+Progress = Callable[[int, int, int, int], None]
+WINDOW = 16 << 20  # SSH window: keeps a long or slow link busy
+
+
+class StagingError(RuntimeError):
+    """Staging failed; the message names the files and what to do."""
+
+
+class NoSpace(StagingError):
+    """The cluster lacks the space the upload needs."""
+
+    def __init__(self, cluster: str, needed: int, free: int):
+        super().__init__("not enough space on cluster %s: the upload needs %s, %s are free in "
+                         "its workdir; free some (scipion-cloudexec cache %s --gc) or point "
+                         "workdir at a larger disk" % (cluster, _size(needed), _size(free), cluster))
+        self.needed, self.free = needed, free
+
+
+class PathEscape(StagingError):
+    """The cluster named a path that would land outside the run folder."""
+
+
+@dataclass
+class StageReport:
+    """What one staging did."""
+    files: int = 0
+    bytes_total: int = 0
+    bytes_sent: int = 0
+    linked: int = 0
+    unchanged: int = 0
+    repaired: int = 0
+    seconds: float = 0.0
+    fetched: List[str] = field(default_factory=list)
+    refused: List[Tuple[str, str]] = field(default_factory=list)
+    hashes: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second of content moved."""
+        return self.bytes_sent / self.seconds if self.seconds else 0.0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return "%.1f %s" % (n, unit) if unit != "B" else "%d B" % n
+        n /= 1000
+    return ""
+
+
+def default_hash_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "scipion-cloudexec", "hashes.sqlite")
+
+
+class _Channel:
+    """An exec channel running the bundle's ``stage`` helper, as a byte pipe."""
+
+    def __init__(self, ssh: SSHConnection, cluster: ClusterConfig, *args: str):
+        self.cluster = cluster
+        self.chan = ssh._require().open_session(window_size=WINDOW, max_packet_size=32768)
+        self.chan.exec_command(bundle.command(cluster, "stage", *args))
+        self.out = self.chan.makefile("rb", BLOCK)
+
+    def send_line(self, obj) -> None:
+        self.chan.sendall(json.dumps(obj).encode() + b"\n")
+
+    def line(self) -> dict:
+        raw = self.out.readline()
+        if not raw:
+            raise StagingError("the staging helper on %s stopped: %s" % (
+                self.cluster.name, self.stderr() or "connection lost"))
+        reply = json.loads(raw)
+        if isinstance(reply, dict) and reply.get("error") == "failed":
+            raise StagingError("staging on %s failed: %s" % (self.cluster.name, reply["detail"]))
+        return reply
+
+    def stderr(self) -> str:
+        if self.chan.recv_stderr_ready():
+            return self.chan.recv_stderr(65536).decode(errors="replace").strip()
+        return ""
+
+    def close(self) -> int:
+        self.chan.shutdown_write()
+        status = self.chan.recv_exit_status()
+        self.chan.close()
+        return status
+
+
+class Stager:
+    """Stage files between a local project and its mirror on one cluster.
+
+    Args:
+        ssh: a connected SSH connection to the cluster.
+        cluster: the cluster's config (workdir, python, env_setup).
+        hash_cache: path of the local hash memo (default under ~/.cache).
+    """
+
+    def __init__(self, ssh: SSHConnection, cluster: ClusterConfig,
+                 hash_cache: Optional[str] = None):
+        self.ssh = ssh
+        self.cluster = cluster
+        self.hash_cache_path = hash_cache or default_hash_cache()
+        self._bundle_checked = False
+
+    def _ensure_bundle(self) -> None:
+        if not self._bundle_checked:  # once per Stager: it costs a round trip
+            bundle.ensure_uploaded(self.ssh, self.cluster)
+            self._bundle_checked = True
+
+    def mirror(self, project: str) -> str:
+        """The project's mirror, relative to the workdir."""
+        if not project or "/" in project or project.startswith("."):
+            raise StagingError("project name %r cannot name a mirror folder" % project)
+        return "projects/" + project
+
+    def mirror_root(self, project: str) -> str:
+        return "%s/%s" % (self.cluster.workdir.rstrip("/"), self.mirror(project))
+
+    # ---- stage in ---------------------------------------------------------------------
+
+    def manifest(self, project_root: str, paths: Iterable[str]) -> List[Tuple[str, str, int, str]]:
+        """[(mirror-relative path, local path, size, sha256)] for files and folders given
+        relative to *project_root* or absolute. Absolute paths outside the project go under
+        ``_external/`` in the mirror. Symbolic links are followed."""
+        root = os.path.abspath(project_root)
+        wanted: List[Tuple[str, str]] = []
+        for p in paths:
+            local = p if os.path.isabs(p) else os.path.join(root, p)
+            rel = os.path.relpath(os.path.abspath(local), root)
+            if rel.startswith(".."):
+                rel = os.path.join("_external", os.path.abspath(local).lstrip("/"))
+            if os.path.isdir(local):
+                for dirpath, _dirs, names in os.walk(local, followlinks=True):
+                    for name in sorted(names):
+                        full = os.path.join(dirpath, name)
+                        wanted.append((os.path.normpath(os.path.join(
+                            rel, os.path.relpath(full, local))), full))
+            elif os.path.exists(local):
+                wanted.append((os.path.normpath(rel), local))
+            else:
+                raise StagingError("input %s does not exist (or is a broken link)" % local)
+        memo = HashCache(self.hash_cache_path)
+        try:
+            out = []
+            for rel, local in wanted:
+                st = os.stat(local)
+                out.append((rel, local, st.st_size, memo.get(os.path.realpath(local), st)))
+            return out
+        finally:
+            memo.close()
+
+    def stage_in(self, project_root: str, paths: Sequence[str], project: str,
+                 progress: Optional[Progress] = None) -> StageReport:
+        """Make *paths* present in the cluster's mirror of *project*; send only what the
+        cluster's cache lacks, resuming partial uploads.
+
+        Raises:
+            NoSpace: before anything is sent; StagingError: a file changed during the upload
+            or arrived corrupted (nothing wrong is ever linked into the mirror).
+        """
+        t0 = time.monotonic()
+        entries = self.manifest(project_root, paths)
+        report = StageReport(files=len(entries), bytes_total=sum(e[2] for e in entries),
+                             hashes={e[0]: e[3] for e in entries})
+        self._ensure_bundle()
+        ch = _Channel(self.ssh, self.cluster, "in", "--workdir", self.cluster.workdir,
+                      "--mirror", self.mirror(project))
+        try:
+            ch.send_line({"files": [[rel, size, sha] for rel, _l, size, sha in entries]})
+            answer = ch.line()
+            if answer.get("error") == "nospace":
+                raise NoSpace(self.cluster.name, answer["needed"], answer["free"])
+            local_of = {sha: (local, size) for _r, local, size, sha in entries}
+            missing = [(sha, off) for sha, off in answer["missing"]]
+            total = sum(local_of[sha][1] - off for sha, off in missing)
+            changed: List[str] = []
+            for i, (sha, offset) in enumerate(missing):
+                local, size = local_of[sha]
+                if not self._send_file(ch, local, size, offset, sha,
+                                       lambda n: _tick(progress, report, n, total, i, len(missing))):
+                    changed.append(local)
+            final = ch.line()
+        finally:
+            ch.close()
+        report.bytes_sent = final["received"]
+        report.linked, report.unchanged = final["linked"], final["unchanged"]
+        report.repaired = final["repaired"]
+        report.seconds = time.monotonic() - t0
+        if changed or final["errors"]:
+            raise StagingError("staging to %s incomplete:\n  %s\n(files that changed while being "
+                               "sent were not recorded; stage again once they are written)"
+                               % (self.cluster.name, "\n  ".join(
+                                   ["%s changed during the upload" % c for c in changed]
+                                   + final["errors"])))
+        return report
+
+    @staticmethod
+    def _send_file(ch: _Channel, local: str, size: int, offset: int, sha: str,
+                   tick: Callable[[int], None]) -> bool:
+        """Send bytes offset..size of *local*; False if they no longer hash to *sha*."""
+        h = hashlib.sha256()
+        with open(local, "rb") as f:
+            if offset:
+                h.update(f.read(offset))
+            left = size - offset
+            while left:
+                block = f.read(min(BLOCK, left))
+                if not block:  # shrank: keep the stream aligned, the hash will fail
+                    block = b"\0" * min(BLOCK, left)
+                ch.chan.sendall(block)
+                h.update(block)
+                left -= len(block)
+                tick(len(block))
+        return h.hexdigest() == sha
+
+    # ---- stage out ----------------------------------------------------------------------
+
+    def stage_out(self, project_root: str, project: str, run_dir: str,
+                  progress: Optional[Progress] = None) -> StageReport:
+        """Bring back what changed under *run_dir* (relative to the project) in the mirror.
+
+        Each file is written to a temporary name, verified and renamed into place. A path
+        that would land outside the local run folder is refused and reported, never written.
+        """
+        root = os.path.realpath(project_root)
+        guard = os.path.realpath(os.path.join(root, run_dir))
+        return self._fetch(self.mirror_root(project), run_dir, root, guard, progress)
+
+    def fetch(self, remote_path: str, to: str, progress: Optional[Progress] = None) -> StageReport:
+        """Copy a file or folder under the workdir (path relative to it) into folder *to*."""
+        rel = os.path.normpath(remote_path.strip("/"))
+        parent, name = os.path.split(rel)
+        remote_root = "%s/%s" % (self.cluster.workdir.rstrip("/"), parent) if parent \
+            else self.cluster.workdir
+        os.makedirs(to, exist_ok=True)
+        dest = os.path.realpath(to)
+        return self._fetch(remote_root, name, dest, dest, progress)
+
+    def _fetch(self, remote_root: str, sub: str, local_root: str, guard: str,
+               progress: Optional[Progress]) -> StageReport:
+        t0 = time.monotonic()
+        self._ensure_bundle()
+        ch = _Channel(self.ssh, self.cluster, "list", "--workdir", self.cluster.workdir,
+                      "--root", remote_root, "--dir", sub)
+        listing = ch.line()
+        ch.close()
+        report = StageReport(refused=[(r, why) for r, why in listing["refused"]])
+        wanted: List[Tuple[str, str, int, str]] = []
+        memo = HashCache(self.hash_cache_path)
+        try:
+            for rel, size, _mtime, sha in listing["files"]:
+                report.files += 1
+                report.bytes_total += size
+                report.hashes[rel] = sha
+                dest = self._guarded(local_root, guard, rel, report)
+                if dest is None:
+                    continue
+                if os.path.isfile(dest) and not os.path.islink(dest) and \
+                        os.path.getsize(dest) == size and memo.get(dest) == sha:
+                    report.unchanged += 1
+                    continue
+                wanted.append((rel, dest, size, sha))
+        finally:
+            memo.close()
+        for rel, target in listing["links"]:
+            self._link(local_root, guard, rel, target, report)
+        if wanted:
+            self._receive(remote_root, wanted, report, progress)
+        report.seconds = time.monotonic() - t0
+        return report
+
+    @staticmethod
+    def _guarded(local_root: str, guard: str, rel: str, report: StageReport) -> Optional[str]:
+        dest = os.path.join(local_root, rel)
+        parent = os.path.realpath(os.path.dirname(dest))
+        if os.path.isabs(rel) or ".." in rel.split(os.sep) or not (
+                parent == guard or parent.startswith(guard + os.sep)) or (
+                os.path.islink(dest) and not os.path.realpath(dest).startswith(guard + os.sep)):
+            report.refused.append((rel, "would be written outside %s" % guard))
+            return None
+        return dest
+
+    def _link(self, local_root: str, guard: str, rel: str, target: str,
+              report: StageReport) -> None:
+        dest = self._guarded(local_root, guard, rel, report)
+        if dest is None:
+            return
+        resolved = os.path.realpath(os.path.join(os.path.dirname(dest), target))
+        if not resolved.startswith(os.path.realpath(local_root) + os.sep):
+            report.refused.append((rel, "symbolic link to %s, outside the project" % target))
+            return
+        if os.path.islink(dest) and os.readlink(dest) == target:
+            return
+        tmp = dest + ".cloudexec-part"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, dest)
+        report.fetched.append(rel)
+
+    def _receive(self, remote_root: str, wanted: List[Tuple[str, str, int, str]],
+                 report: StageReport, progress: Optional[Progress]) -> None:
+        ch = _Channel(self.ssh, self.cluster, "send", "--workdir", self.cluster.workdir,
+                      "--root", remote_root)
+        total = sum(w[2] for w in wanted)
+        bad: List[str] = []
+        try:
+            ch.send_line([w[0] for w in wanted])
+            for i, (rel, dest, _size, _sha) in enumerate(wanted):
+                header = ch.line()
+                tmp = dest + ".cloudexec-part"
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                h = hashlib.sha256()
+                with open(tmp, "wb") as f:
+                    left = header["size"]
+                    while left:
+                        block = ch.out.read(min(BLOCK, left))
+                        if not block:
+                            raise StagingError("connection to %s lost while receiving %s"
+                                               % (self.cluster.name, rel))
+                        f.write(block)
+                        h.update(block)
+                        left -= len(block)
+                        _tick(progress, report, len(block), total, i, len(wanted))
+                trailer = ch.line()
+                if h.hexdigest() != trailer["sha256"]:
+                    os.unlink(tmp)
+                    bad.append(rel)
+                    continue
+                os.replace(tmp, dest)
+                report.hashes[rel] = trailer["sha256"]
+                report.fetched.append(rel)
+        finally:
+            ch.close()
+        if bad:
+            raise StagingError("files from %s arrived corrupted and were not kept: %s"
+                               % (self.cluster.name, ", ".join(bad)))
+
+    # ---- cache ---------------------------------------------------------------------------
+
+    def cache_info(self, gc: bool = False) -> dict:
+        """Entries and bytes in the cluster's cache; with *gc*, drop unlinked entries first."""
+        self._ensure_bundle()
+        args = ["cache", "--workdir", self.cluster.workdir] + (["--gc"] if gc else [])
+        ch = _Channel(self.ssh, self.cluster, *args)
+        try:
+            return ch.line()
+        finally:
+            ch.close()
+
+
+def _tick(progress: Optional[Progress], report: StageReport, n: int, total: int, i: int,
+          files: int) -> None:
+    report.bytes_sent += n
+    if progress is not None:
+        progress(report.bytes_sent, total, i, files)

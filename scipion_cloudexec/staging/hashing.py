@@ -1,0 +1,66 @@
+"""Content hashes of files, remembered by (path, size, mtime, inode) so unchanged files
+are hashed once. Used on both sides; shipped to the cluster with the agent (stdlib only).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from typing import Optional, Tuple
+
+BLOCK = 1 << 20
+
+
+def sha256_file(path: str) -> str:
+    """SHA-256 of a file's content, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(BLOCK)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def stat_key(st: os.stat_result) -> Tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+class HashCache:
+    """sqlite memo of file hashes; a file whose size, mtime or inode moved is hashed again."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER,"
+                        " mtime_ns INTEGER, ino INTEGER, sha256 TEXT)")
+        self._pending = 0
+        self.db.execute("BEGIN")
+
+    def get(self, path: str, st: Optional[os.stat_result] = None) -> str:
+        """The file's SHA-256, from the memo when size, mtime and inode are unchanged."""
+        st = st or os.stat(path)
+        row = self.db.execute("SELECT size, mtime_ns, ino, sha256 FROM hashes WHERE path=?",
+                              (path,)).fetchone()
+        if row and tuple(row[:3]) == stat_key(st):
+            return row[3]
+        digest = sha256_file(path)
+        after = os.stat(path)
+        if stat_key(after) == stat_key(st):  # changed while hashed: do not remember it
+            self.db.execute("INSERT OR REPLACE INTO hashes VALUES (?,?,?,?,?)",
+                            (path, *stat_key(st), digest))
+            self._pending += 1
+            if self._pending >= 1000:
+                self.flush()
+        return digest
+
+    def flush(self) -> None:
+        self.db.execute("COMMIT")
+        self.db.execute("BEGIN")
+        self._pending = 0
+
+    def close(self) -> None:
+        self.db.execute("COMMIT")
+        self.db.close()

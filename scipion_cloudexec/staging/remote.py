@@ -1,0 +1,296 @@
+"""The cluster side of staging, run as ``python agent.zip stage COMMAND`` over an SSH exec
+channel; its stdin/stdout are the channel. Shipped with the agent (stdlib only).
+
+Layout under the workdir::
+
+    cache/objects/ab/abcdef...   verified content, read-only, named by SHA-256
+    cache/partial/abcdef...      an upload in progress (kept for resume)
+    cache/index.sqlite           size and mtime of each object when it was verified
+    projects/<name>/...          project mirrors: hard links into cache/objects
+
+Commands (all answer JSON lines on stdout):
+
+``in --mirror projects/NAME``
+    stdin: one JSON line ``{"files": [[rel, size, sha256], ...]}``. Answers
+    ``{"missing": [[sha256, offset], ...], "needed": n, "free": n}`` (or
+    ``{"error": "nospace", ...}``), then reads the missing contents back to back
+    from their offsets, verifies each hash, links every file into the mirror and
+    answers ``{"received": n, "linked": n, "unchanged": n, "repaired": n, "errors": [...]}``.
+``list --root R --dir D``
+    the files under R/D: ``{"files": [[rel, size, mtime_ns, sha256]], "links": [[rel, target]],
+    "refused": [[rel, reason]]}``, paths relative to R.
+``send --root R``
+    stdin: ``["rel", ...]``; for each: a header line ``{"path", "size"}``, the bytes,
+    a trailer line ``{"sha256"}``.
+``cache`` / ``cache --gc``
+    size and entries of the cache; with --gc, drop objects no mirror links to.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import sys
+from typing import BinaryIO, Dict, List, Optional, Tuple
+
+from .hashing import BLOCK, HashCache
+
+RESERVE = 0.01  # keep 1% of the disk free
+
+
+class StageError(Exception):
+    pass
+
+
+def safe_rel(rel: str) -> str:
+    """A normalized relative path that stays below its root, or StageError."""
+    norm = os.path.normpath(rel)
+    if os.path.isabs(rel) or norm == ".." or norm.startswith("../") or "\0" in rel or not rel:
+        raise StageError("path %r leaves its root" % rel)
+    return norm
+
+
+class Cache:
+    """The content-addressed store of one workdir."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.root = os.path.join(workdir, "cache")
+        self.objects = os.path.join(self.root, "objects")
+        self.partial = os.path.join(self.root, "partial")
+        os.makedirs(self.objects, exist_ok=True)
+        os.makedirs(self.partial, exist_ok=True)
+        self.db = sqlite3.connect(os.path.join(self.root, "index.sqlite"), isolation_level=None,
+                                  timeout=60)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS objects (sha256 TEXT PRIMARY KEY,"
+                        " size INTEGER, mtime_ns INTEGER)")
+
+    def path(self, sha: str) -> str:
+        return os.path.join(self.objects, sha[:2], sha)
+
+    def present(self, sha: str, size: int) -> Tuple[bool, bool]:
+        """(usable, was_corrupt): an object whose size or mtime moved since it was
+        verified is corrupt; it is deleted so that it is sent again."""
+        path = self.path(sha)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False, False
+        row = self.db.execute("SELECT size, mtime_ns FROM objects WHERE sha256=?",
+                              (sha,)).fetchone()
+        if row and row[0] == st.st_size == size and row[1] == st.st_mtime_ns:
+            return True, False
+        os.unlink(path)  # mirrors keep their (bad) link; linking replaces it
+        self.db.execute("DELETE FROM objects WHERE sha256=?", (sha,))
+        return False, True
+
+    def receive(self, sha: str, size: int, offset: int, stream: BinaryIO) -> Optional[str]:
+        """Append ``size - offset`` bytes from *stream* to the partial file, verify, publish.
+        Returns None, or why the content was refused."""
+        part = os.path.join(self.partial, sha)
+        h = hashlib.sha256()
+        with open(part, "ab") as out:
+            fcntl.flock(out, fcntl.LOCK_EX)  # partial_size() of a retry waits for us
+            out.truncate(offset)
+            if offset:
+                with open(part, "rb") as old:
+                    left = offset
+                    while left:
+                        block = old.read(min(BLOCK, left))
+                        if not block:
+                            break
+                        h.update(block)
+                        left -= len(block)
+            left = size - offset
+            while left:
+                block = stream.read(min(BLOCK, left))
+                if not block:
+                    raise StageError("stream ended %d bytes before the end of %s" % (left, sha))
+                out.write(block)
+                h.update(block)
+                left -= len(block)
+        if h.hexdigest() != sha:
+            os.unlink(part)
+            return "content of %s arrived with hash %s (changed during upload or corrupted)" % (
+                sha[:12], h.hexdigest()[:12])
+        os.chmod(part, 0o444)
+        dest = self.path(sha)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.replace(part, dest)
+        st = os.stat(dest)
+        self.db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?)",
+                        (sha, st.st_size, st.st_mtime_ns))
+        return None
+
+    def partial_size(self, sha: str, size: int) -> int:
+        """Bytes of an interrupted upload, once its writer (a helper whose connection
+        died) has let go of it."""
+        try:
+            with open(os.path.join(self.partial, sha), "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_SH)
+                n = os.fstat(f.fileno()).st_size
+        except OSError:
+            return 0
+        return n if n < size else 0
+
+    def link(self, sha: str, dest: str) -> bool:
+        """Hard-link the object at *dest*; False when it already is that object."""
+        src = self.path(sha)
+        try:
+            if os.stat(dest).st_ino == os.stat(src).st_ino:
+                return False
+        except FileNotFoundError:
+            pass
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp = dest + ".cloudexec-link"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(src, tmp)
+        os.replace(tmp, dest)
+        return True
+
+
+def _reply(obj) -> None:
+    sys.stdout.buffer.write(json.dumps(obj).encode() + b"\n")
+    sys.stdout.buffer.flush()
+
+
+def cmd_in(workdir: str, mirror: str) -> int:
+    stdin = sys.stdin.buffer
+    request = json.loads(stdin.readline())
+    mirror_root = os.path.join(workdir, safe_rel(mirror))
+    files = [(safe_rel(rel), int(size), str(sha)) for rel, size, sha in request["files"]]
+    cache = Cache(workdir)
+    missing: Dict[str, Tuple[int, int]] = {}
+    repaired = 0
+    for _rel, size, sha in files:
+        if sha in missing:
+            continue
+        ok, corrupt = cache.present(sha, size)
+        repaired += corrupt
+        if not ok:
+            missing[sha] = (size, cache.partial_size(sha, size))
+    needed = sum(size - off for size, off in missing.values())
+    usage = shutil.disk_usage(workdir)
+    free = usage.free - int(usage.total * RESERVE)
+    if needed > free:
+        _reply({"error": "nospace", "needed": needed, "free": max(free, 0)})
+        return 3
+    order = sorted(missing)
+    _reply({"missing": [[sha, missing[sha][1]] for sha in order], "needed": needed,
+            "free": free})
+    errors: List[str] = []
+    received = 0
+    for sha in order:
+        size, offset = missing[sha]
+        why = cache.receive(sha, size, offset, stdin)
+        received += size - offset
+        if why:
+            errors.append(why)
+    linked = unchanged = 0
+    for rel, size, sha in files:
+        if not os.path.exists(cache.path(sha)):
+            errors.append("%s: content missing on the cluster" % rel)
+            continue
+        if cache.link(sha, os.path.join(mirror_root, rel)):
+            linked += 1
+        else:
+            unchanged += 1
+    _reply({"received": received, "linked": linked, "unchanged": unchanged,
+            "repaired": repaired, "errors": errors})
+    return 0 if not errors else 4
+
+
+def cmd_list(workdir: str, root: str, sub: str) -> int:
+    root = os.path.realpath(root)
+    top = os.path.join(root, safe_rel(sub))
+    hashes = HashCache(os.path.join(workdir, "cache", "hashes.sqlite"))
+    files, links, refused = [], [], []
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                if target != root and not target.startswith(root + os.sep):
+                    refused.append([rel, "symbolic link to %s, outside the project"
+                                    % os.readlink(path)])
+                else:
+                    links.append([rel, os.path.relpath(target, os.path.realpath(dirpath))])
+                continue
+            st = os.stat(path)
+            files.append([rel, st.st_size, st.st_mtime_ns, hashes.get(path, st)])
+    hashes.close()
+    _reply({"files": files, "links": links, "refused": refused})
+    return 0
+
+
+def cmd_send(root: str) -> int:
+    rels = json.loads(sys.stdin.buffer.readline())
+    out = sys.stdout.buffer
+    for rel in rels:
+        path = os.path.join(root, safe_rel(rel))
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            out.write(json.dumps({"path": rel, "size": size}).encode() + b"\n")
+            h = hashlib.sha256()
+            left = size
+            while left:
+                block = f.read(min(BLOCK, left))
+                if not block:  # shrank while sent: pad, the hash will not match
+                    block = b"\0" * min(BLOCK, left)
+                h.update(block)
+                out.write(block)
+                left -= len(block)
+        out.write(json.dumps({"sha256": h.hexdigest()}).encode() + b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_cache(workdir: str, gc: bool) -> int:
+    cache = Cache(workdir)
+    entries = size = dropped = freed = 0
+    for dirpath, _dirs, names in os.walk(cache.objects):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            if gc and st.st_nlink == 1:  # no mirror links to it
+                os.unlink(path)
+                cache.db.execute("DELETE FROM objects WHERE sha256=?", (name,))
+                dropped += 1
+                freed += st.st_size
+                continue
+            entries += 1
+            size += st.st_size
+    partial = sum(os.path.getsize(os.path.join(cache.partial, n))
+                  for n in os.listdir(cache.partial))
+    _reply({"entries": entries, "bytes": size, "partial_bytes": partial, "dropped": dropped,
+            "freed": freed, "free": shutil.disk_usage(workdir).free})
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="cloudexec-stage")
+    p.add_argument("command", choices=["in", "list", "send", "cache"])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--mirror", default="")
+    p.add_argument("--root", default="")
+    p.add_argument("--dir", default=".")
+    p.add_argument("--gc", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        if a.command == "in":
+            return cmd_in(a.workdir, a.mirror)
+        if a.command == "list":
+            return cmd_list(a.workdir, a.root, a.dir)
+        if a.command == "send":
+            return cmd_send(a.root)
+        return cmd_cache(a.workdir, a.gc)
+    except (StageError, OSError, ValueError) as e:
+        _reply({"error": "failed", "detail": str(e)})
+        return 2

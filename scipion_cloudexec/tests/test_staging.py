@@ -1,0 +1,273 @@
+"""Staging through the real sshd: missing-only, dedupe, resume, verify, disk full, path guards."""
+import os
+import subprocess
+
+import pytest
+
+from scipion_cloudexec.staging.client import NoSpace, Stager, StagingError
+from scipion_cloudexec.transport.ssh import SSHConnection, Target
+
+NAMES = ["mic 001 é.mrc", "empty.bin", "sub dir/ñ-micrograph.mrc", "big.mrc"]
+
+
+def make_project(root, sizes=(200_000, 0, 50_000, 3_000_000)):
+    extra = root / "Runs" / "000002_ProtImportMicrographs" / "extra"
+    data = {}
+    for name, size in zip(NAMES, sizes):
+        path = extra / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        content = os.urandom(size)
+        path.write_bytes(content)
+        data["Runs/000002_ProtImportMicrographs/extra/" + name] = content
+    return data
+
+
+@pytest.fixture
+def stager_for(tmp_path):
+    opened = []
+
+    def make(cluster):
+        ssh = SSHConnection(Target(cluster.host, cluster.port, cluster.user, cluster.identity_file,
+                                   cluster.known_hosts))
+        ssh.connect()
+        opened.append(ssh)
+        return Stager(ssh, cluster, hash_cache=str(tmp_path / "hashes.sqlite"))
+    yield make
+    for ssh in opened:
+        ssh.close()
+
+
+def mirror_file(cluster, project, rel):
+    return os.path.join(cluster.workdir, "projects", project, rel)
+
+
+def test_stage_in_sends_only_what_is_missing_and_dedupes(make_cluster, stager_for, tmp_path):
+    c = make_cluster("local")
+    proj = tmp_path / "proj"
+    data = make_project(proj)
+    before = {p: os.stat(proj / p).st_mtime_ns for p in data}
+    st = stager_for(c)
+    first = st.stage_in(str(proj), ["Runs"], "proj")
+    assert first.files == 4 and first.bytes_sent == sum(map(len, data.values()))
+    for rel, content in data.items():
+        with open(mirror_file(c, "proj", rel), "rb") as f:
+            assert f.read() == content, rel
+    again = st.stage_in(str(proj), ["Runs"], "proj")
+    assert again.bytes_sent == 0 and again.unchanged == 4 and again.linked == 0
+    other = st.stage_in(str(proj), ["Runs"], "proj-copy")  # a second project, same content
+    assert other.bytes_sent == 0 and other.linked == 4
+    rel = "Runs/000002_ProtImportMicrographs/extra/big.mrc"
+    assert os.stat(mirror_file(c, "proj", rel)).st_ino == \
+        os.stat(mirror_file(c, "proj-copy", rel)).st_ino, "stored once per cluster"
+    assert {p: os.stat(proj / p).st_mtime_ns for p in data} == before, "local files untouched"
+
+
+def test_changed_file_is_sent_again(make_cluster, stager_for, tmp_path):
+    c = make_cluster("local")
+    proj = tmp_path / "proj"
+    data = make_project(proj)
+    st = stager_for(c)
+    st.stage_in(str(proj), ["Runs"], "proj")
+    rel = "Runs/000002_ProtImportMicrographs/extra/mic 001 é.mrc"
+    (proj / rel).write_bytes(b"new content")
+    r = st.stage_in(str(proj), ["Runs"], "proj")
+    assert r.bytes_sent == len(b"new content") and r.linked == 1
+    with open(mirror_file(c, "proj", rel), "rb") as f:
+        assert f.read() == b"new content"
+    del data
+
+
+def test_upload_cut_mid_file_resumes_without_resending(make_cluster, stager_for, tmp_path):
+    c = make_cluster("local")
+    proj = tmp_path / "proj"
+    big = proj / "movies" / "movie.tiff"
+    big.parent.mkdir(parents=True)
+    content = os.urandom(24 << 20)
+    big.write_bytes(content)
+    st = stager_for(c)
+
+    def cut(done, total, i, n):
+        if done >= 8 << 20:
+            st.ssh.transport.close()  # the link dies mid-file
+
+    with pytest.raises(Exception):
+        st.stage_in(str(proj), ["movies"], "proj", progress=cut)
+    st2 = stager_for(c)
+    r = st2.stage_in(str(proj), ["movies"], "proj")
+    assert 0 < r.bytes_sent <= len(content) - (4 << 20), "resumed, not restarted"
+    with open(mirror_file(c, "proj", "movies/movie.tiff"), "rb") as f:
+        assert f.read() == content
+
+
+def test_corrupted_cache_entry_is_detected_and_repaired(make_cluster, stager_for, tmp_path):
+    c = make_cluster("local")
+    proj = tmp_path / "proj"
+    data = make_project(proj)
+    st = stager_for(c)
+    st.stage_in(str(proj), ["Runs"], "proj")
+    rel = "Runs/000002_ProtImportMicrographs/extra/big.mrc"
+    path = mirror_file(c, "proj", rel)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:  # bit rot, or a program writing into its input
+        f.seek(1000)
+        f.write(b"CORRUPT")
+    r = st.stage_in(str(proj), ["Runs"], "proj")
+    assert r.repaired == 1 and r.bytes_sent == len(data[rel])
+    with open(path, "rb") as f:
+        assert f.read() == data[rel]
+
+
+def test_file_changing_during_upload_is_not_recorded(make_cluster, stager_for, tmp_path):
+    c = make_cluster("local")
+    proj = tmp_path / "proj"
+    path = proj / "mics" / "growing.mrc"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(os.urandom(6 << 20))
+    st = stager_for(c)
+    touched = []
+
+    def writer(done, total, i, n):
+        if done >= 2 << 20 and not touched:
+            with open(path, "r+b") as f:  # the microscope is still writing it
+                f.seek(5 << 20)
+                f.write(os.urandom(1 << 20))
+            touched.append(True)
+
+    with pytest.raises(StagingError, match="growing.mrc changed during the upload"):
+        st.stage_in(str(proj), ["mics"], "proj", progress=writer)
+    assert not os.path.exists(mirror_file(c, "proj", "mics/growing.mrc"))
+    r = st.stage_in(str(proj), ["mics"], "proj")  # staged again once written: the new content
+    with open(mirror_file(c, "proj", "mics/growing.mrc"), "rb") as f:
+        assert f.read() == path.read_bytes()
+    assert r.linked == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_is_refused_before_sending(make_cluster, stager_for, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
+    try:
+        c = make_cluster("local", workdir=str(small / "w"))
+        proj = tmp_path / "proj"
+        (proj / "movies").mkdir(parents=True)
+        (proj / "movies" / "m.tiff").write_bytes(os.urandom(12 << 20))
+        st = stager_for(c)
+        with pytest.raises(NoSpace) as e:
+            st.stage_in(str(proj), ["movies"], "proj")
+        assert e.value.needed == 12 << 20 and e.value.free < 8 << 20
+        assert "needs 12.6 MB" in str(e.value)
+        objects = os.path.join(c.workdir, "cache", "objects")
+        partial = os.path.join(c.workdir, "cache", "partial")
+        assert not any(files for _, _, files in os.walk(objects))
+        assert not os.listdir(partial)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_stage_out_gathers_changes_and_refuses_escapes(make_cluster, stager_for, tmp_path):
+    c = make_cluster("local")
+    proj = tmp_path / "proj"
+    make_project(proj)
+    st = stager_for(c)
+    st.stage_in(str(proj), ["Runs"], "proj")
+    run = "Runs/000005_ProtCloudPowerSpectra"
+    remote_run = mirror_file(c, "proj", run)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.makedirs(os.path.join(remote_run, "extra"))
+    with open(os.path.join(remote_run, "extra", "psd 1.mrc"), "wb") as f:
+        f.write(b"psd" * 1000)
+    open(os.path.join(remote_run, "extra", "zero.txt"), "wb").close()
+    os.symlink("/etc/passwd", os.path.join(remote_run, "extra", "evil"))
+    os.symlink(str(outside), os.path.join(remote_run, "evildir"))
+    os.symlink("../../000002_ProtImportMicrographs/extra/big.mrc",
+               os.path.join(remote_run, "extra", "input.mrc"))
+    local_run = proj / run
+    local_run.mkdir(parents=True)
+    (local_run / "logs").mkdir()
+    (local_run / "logs" / "run.stdout").write_text("local log, not on the cluster")
+    r = st.stage_out(str(proj), "proj", run)
+    assert sorted(r.fetched) == sorted([run + "/extra/psd 1.mrc", run + "/extra/zero.txt",
+                                        run + "/extra/input.mrc"])
+    assert (local_run / "extra" / "psd 1.mrc").read_bytes() == b"psd" * 1000
+    assert (local_run / "extra" / "zero.txt").read_bytes() == b""
+    assert os.readlink(local_run / "extra" / "input.mrc") == \
+        "../../000002_ProtImportMicrographs/extra/big.mrc"
+    assert {rel for rel, _ in r.refused} == {run + "/extra/evil", run + "/evildir"}
+    assert not (local_run / "extra" / "evil").exists() and not (local_run / "evildir").exists()
+    assert (local_run / "logs" / "run.stdout").read_text() == "local log, not on the cluster"
+    again = st.stage_out(str(proj), "proj", run)
+    assert again.bytes_sent == 0 and again.unchanged == 2
+    assert not list(local_run.rglob("*.cloudexec-part"))
+
+
+def test_stage_out_never_writes_through_a_local_symlink(make_cluster, stager_for, tmp_path):
+    c = make_cluster("local")
+    proj = tmp_path / "proj"
+    (proj / "Runs").mkdir(parents=True)
+    st = stager_for(c)
+    run = "Runs/000006_X"
+    remote = mirror_file(c, "proj", run)
+    os.makedirs(os.path.join(remote, "sub"))
+    with open(os.path.join(remote, "sub", "f.txt"), "w") as f:
+        f.write("data")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (proj / run).mkdir()
+    os.symlink(str(elsewhere), proj / run / "sub")  # planted locally, points outside
+    r = st.stage_out(str(proj), "proj", run)
+    assert r.fetched == [] and [rel for rel, _ in r.refused] == [run + "/sub/f.txt"]
+    assert not list(elsewhere.iterdir())
+
+
+class LyingStager(Stager):
+    """FAKE of a compromised cluster: its listing names paths no real walk produces."""
+
+    def __init__(self, *a, listing, **k):
+        super().__init__(*a, **k)
+        self.listing = listing
+
+    def _fetch(self, remote_root, sub, local_root, guard, progress):
+        import scipion_cloudexec.staging.client as sc
+        real = sc._Channel
+
+        class Lie(real):
+            def line(inner):
+                return self.listing
+        sc._Channel = Lie
+        try:
+            return super()._fetch(remote_root, sub, local_root, guard, progress)
+        finally:
+            sc._Channel = real
+
+
+def test_lying_cluster_cannot_write_outside_the_run_folder(make_cluster, stager_for, tmp_path):
+    c = make_cluster("local")
+    st = stager_for(c)
+    proj = tmp_path / "proj"
+    (proj / "Runs" / "000007_X").mkdir(parents=True)
+    evil = {"files": [["Runs/000007_X/../../../evil1", 4, 0, "0" * 64],
+                      ["/tmp/evil2", 4, 0, "0" * 64],
+                      ["Runs/000008_Other/evil3", 4, 0, "0" * 64]],
+            "links": [["Runs/000007_X/l", "../../../../../../etc"]], "refused": []}
+    lying = LyingStager(st.ssh, c, hash_cache=st.hash_cache_path, listing=evil)
+    r = lying.stage_out(str(proj), "proj", "Runs/000007_X")
+    assert len(r.refused) == 4 and r.fetched == []
+    assert not (tmp_path / "evil1").exists() and not os.path.exists("/tmp/evil2")
+    assert not (proj / "Runs" / "000008_Other").exists()
+    assert not os.path.lexists(proj / "Runs" / "000007_X" / "l")
+
+
+def test_cache_listing_and_gc(make_cluster, stager_for, tmp_path):
+    c = make_cluster("local")
+    proj = tmp_path / "proj"
+    data = make_project(proj)
+    st = stager_for(c)
+    st.stage_in(str(proj), ["Runs"], "proj")
+    info = st.cache_info()
+    assert info["entries"] == 4 and info["bytes"] == sum(map(len, data.values()))
+    import shutil
+    shutil.rmtree(os.path.join(c.workdir, "projects", "proj"))  # the project mirror is deleted
+    info = st.cache_info(gc=True)
+    assert info["dropped"] == 4 and info["entries"] == 0
