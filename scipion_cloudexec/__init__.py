@@ -8,6 +8,7 @@ import os
 
 import pyworkflow.plugin
 
+from .executors import seam
 from .version import __version__
 
 CONFIG_ENV = "SCIPION_CLOUDEXEC_CONFIG"
@@ -31,3 +32,7 @@ class Plugin(pyworkflow.plugin.Plugin):
     @classmethod
     def defineBinaries(cls, env):
         pass
+
+
+# pyworkflow gives plugins no executor registry: wrap the one seam, once (see executors/seam.py)
+seam.install()

@@ -367,9 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("jobs", help="list the agent's jobs, newest first")
     s.add_argument("name")
     s.add_argument("--limit", type=int, default=50)
-    s = sub.add_parser("cancel", help="cancel a job")
+    s = sub.add_parser("cancel", help="cancel a job (NAME JOB_ID, or NAME:JOB_ID as Scipion's "
+                                          "Stop passes it)")
     s.add_argument("name")
-    s.add_argument("job_id")
+    s.add_argument("job_id", nargs="?")
     s = sub.add_parser("agent", help="show (or stop) the cluster's agent")
     s.add_argument("name")
     s.add_argument("--stop", action="store_true", help="stop it if no job is active")
@@ -424,6 +425,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.cmd == "testbed":
             return cmd_testbed(args)
         clusters = load_clusters(args.config)
+        if getattr(args, "job_id", "") is None and ":" in args.name:
+            args.name, args.job_id = args.name.split(":", 1)
         if args.name not in clusters:
             _say("scipion-cloudexec: no cluster '%s' in %s; defined: %s"
                  % (args.name, next(iter(clusters.values())).source, ", ".join(clusters)))

@@ -292,7 +292,8 @@ class AgentClient:
                             time=c.time)
 
     def submit(self, argv: Sequence[str], *, ranks: int = 1, threads: int = 1,
-               gpus: Sequence[int] = (), env: Optional[Dict[str, str]] = None, cwd: str = "",
+               gpus: Sequence[int] = (), env: Optional[Dict[str, str]] = None,
+               env_prepend: Optional[Dict[str, str]] = None, cwd: str = "",
                job_id: Optional[str] = None, label: str = "", launcher: Optional[str] = None,
                on_output: Optional[OutputCallback] = None) -> JobFuture:
         """Start ``argv`` on the cluster as ``ranks`` MPI ranks; return its future at once.
@@ -302,6 +303,7 @@ class AgentClient:
             ranks, threads: MPI ranks and threads per rank.
             gpus: GPU numbers for ``CUDA_VISIBLE_DEVICES``.
             env: extra environment variables.
+            env_prepend: values put in front of the cluster's own (``PATH``-like variables).
             cwd: working directory on the cluster (default: the job's folder).
             job_id: a stable id makes the submit idempotent (a second submit attaches).
             label: shown by ``scipion-cloudexec jobs``.
@@ -313,7 +315,8 @@ class AgentClient:
             ValueError: an invalid job (bad id, empty argv).
         """
         spec = JobSpec(job_id=job_id or _new_job_id(), argv=[str(a) for a in argv], ranks=ranks,
-                       threads=threads, gpus=list(gpus), env=dict(env or {}), cwd=cwd,
+                       threads=threads, gpus=list(gpus), env=dict(env or {}),
+                       env_prepend=dict(env_prepend or {}), cwd=cwd,
                        env_setup=self.cluster.env_setup, launcher=self.launcher_spec(),
                        client=self.client_name, label=label)
         if launcher:

@@ -69,6 +69,7 @@ class JobSpec:
         threads: threads per rank (``OMP_NUM_THREADS``, SLURM ``--cpus-per-task``).
         gpus: GPU numbers, exported as ``CUDA_VISIBLE_DEVICES``.
         env: extra environment variables.
+        env_prepend: entries put in front of the cluster's own value (PATH-like variables).
         cwd: working directory on the cluster; empty means the job's own folder.
         env_setup: shell lines run first (``module load ...``).
         launcher: how to start it.
@@ -81,6 +82,7 @@ class JobSpec:
     threads: int = 1
     gpus: List[int] = field(default_factory=list)
     env: Dict[str, str] = field(default_factory=dict)
+    env_prepend: Dict[str, str] = field(default_factory=dict)
     cwd: str = ""
     env_setup: str = ""
     launcher: LauncherSpec = field(default_factory=LauncherSpec)
@@ -106,7 +108,7 @@ class JobSpec:
             raise ValueError("ranks and threads must be at least 1")
         if self.launcher.kind not in ("local", "mpirun", "slurm"):
             raise ValueError("launcher %r: use local, mpirun or slurm" % self.launcher.kind)
-        for k in self.env:
+        for k in list(self.env) + list(self.env_prepend):
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
                 raise ValueError("environment variable name %r is not valid" % k)
 
@@ -146,6 +148,7 @@ def job_script(spec: JobSpec, files: JobFiles, command: List[str]) -> str:
         exports["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.gpus)
     exports.update(spec.env)
     lines += ["export %s=%s" % (k, q(v)) for k, v in exports.items()]
+    lines += ['export %s=%s"${%s:+:$%s}"' % (k, q(v), k, k) for k, v in spec.env_prepend.items()]
     cwd = spec.cwd or files.dir
     lines += [
         "cd %s || { echo 'cloudexec: working directory %s does not exist on the cluster' >&2;"

@@ -63,6 +63,18 @@ def _words(value: str) -> Tuple[str, ...]:
     return tuple(v for v in re.split(r"[,\s]+", value.strip()) if v)
 
 
+def _path_map(value: str) -> Tuple[Tuple[str, str], ...]:
+    pairs = []
+    for line in re.split(r"[\n;]+", value):
+        if not line.strip():
+            continue
+        local, sep, remote = line.partition("=")
+        if not sep or not local.strip().startswith("/") or not remote.strip().startswith("/"):
+            raise ValueError("must be lines of LOCAL_PREFIX = REMOTE_PREFIX (absolute paths)")
+        pairs.append((local.strip().rstrip("/"), remote.strip().rstrip("/")))
+    return tuple(pairs)
+
+
 def _text(value: str) -> str:
     return value.strip()
 
@@ -112,6 +124,9 @@ KEYS: Dict[str, Key] = {k.name: k for k in [
     Key("partition", _text, False, "", "SLURM partition (empty: the cluster's default)", "gpu"),
     Key("account", _text, False, "", "SLURM account (empty: none)", "cryoem-lab"),
     Key("time", _text, False, "", "SLURM wall time limit per job (empty: the partition's)", "04:00:00"),
+    Key("path_map", _path_map, False, (),
+        "where local program and library folders are on the cluster, one "
+        "LOCAL_PREFIX = REMOTE_PREFIX per line", "/opt/scipion/software = /apps/scipion/software"),
     Key("heartbeat", _seconds, False, 2.0,
         "seconds between heartbeats; the agent is declared lost after 3 missed beats", "2"),
     Key("connect_timeout", _seconds, False, 15.0, "seconds to wait for the SSH connection", "15"),
@@ -141,6 +156,7 @@ class ClusterConfig:
     partition: str = ""
     account: str = ""
     time: str = ""
+    path_map: Tuple[Tuple[str, str], ...] = ()
     heartbeat: float = 2.0
     connect_timeout: float = 15.0
     agent_idle_timeout: float = 3600.0

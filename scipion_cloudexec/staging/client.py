@@ -153,10 +153,12 @@ class Stager:
 
     # ---- stage in ---------------------------------------------------------------------
 
-    def manifest(self, project_root: str, paths: Iterable[str]) -> List[Tuple[str, str, int, str]]:
+    def manifest(self, project_root: str, paths: Iterable[str],
+                 exclude: Sequence[str] = ()) -> List[Tuple[str, str, int, str]]:
         """[(mirror-relative path, local path, size, sha256)] for files and folders given
         relative to *project_root* or absolute. Absolute paths outside the project go under
-        ``_external/`` in the mirror. Symbolic links are followed."""
+        ``_external/`` in the mirror. Symbolic links are followed; paths under an *exclude*
+        prefix (relative to the project) are left out."""
         root = os.path.abspath(project_root)
         wanted: List[Tuple[str, str]] = []
         for p in paths:
@@ -174,6 +176,9 @@ class Stager:
                 wanted.append((os.path.normpath(rel), local))
             else:
                 raise StagingError("input %s does not exist (or is a broken link)" % local)
+        wanted = [(rel, local) for rel, local in wanted if not _excluded(rel, exclude)]
+        seen = set()
+        wanted = [w for w in wanted if not (w[0] in seen or seen.add(w[0]))]
         memo = HashCache(self.hash_cache_path)
         try:
             out = []
@@ -185,7 +190,7 @@ class Stager:
             memo.close()
 
     def stage_in(self, project_root: str, paths: Sequence[str], project: str,
-                 progress: Optional[Progress] = None) -> StageReport:
+                 progress: Optional[Progress] = None, exclude: Sequence[str] = ()) -> StageReport:
         """Make *paths* present in the cluster's mirror of *project*; send only what the
         cluster's cache lacks, resuming partial uploads.
 
@@ -194,7 +199,7 @@ class Stager:
             or arrived corrupted (nothing wrong is ever linked into the mirror).
         """
         t0 = time.monotonic()
-        entries = self.manifest(project_root, paths)
+        entries = self.manifest(project_root, paths, exclude)
         report = StageReport(files=len(entries), bytes_total=sum(e[2] for e in entries),
                              hashes={e[0]: e[3] for e in entries})
         self._ensure_bundle()
@@ -251,15 +256,19 @@ class Stager:
     # ---- stage out ----------------------------------------------------------------------
 
     def stage_out(self, project_root: str, project: str, run_dir: str,
-                  progress: Optional[Progress] = None) -> StageReport:
+                  progress: Optional[Progress] = None, baseline: Optional[Dict[str, str]] = None,
+                  exclude: Sequence[str] = ()) -> StageReport:
         """Bring back what changed under *run_dir* (relative to the project) in the mirror.
 
-        Each file is written to a temporary name, verified and renamed into place. A path
-        that would land outside the local run folder is refused and reported, never written.
+        Files whose hash on the cluster is the one *baseline* says we sent are left alone
+        (the job did not touch them; the local copy may be newer). Each file is written to a
+        temporary name, verified and renamed into place. A path that would land outside the
+        local run folder is refused and reported, never written.
         """
         root = os.path.realpath(project_root)
         guard = os.path.realpath(os.path.join(root, run_dir))
-        return self._fetch(self.mirror_root(project), run_dir, root, guard, progress)
+        return self._fetch(self.mirror_root(project), run_dir, root, guard, progress,
+                           baseline or {}, exclude)
 
     def fetch(self, remote_path: str, to: str, progress: Optional[Progress] = None) -> StageReport:
         """Copy a file or folder under the workdir (path relative to it) into folder *to*."""
@@ -272,7 +281,8 @@ class Stager:
         return self._fetch(remote_root, name, dest, dest, progress)
 
     def _fetch(self, remote_root: str, sub: str, local_root: str, guard: str,
-               progress: Optional[Progress]) -> StageReport:
+               progress: Optional[Progress], baseline: Optional[Dict[str, str]] = None,
+               exclude: Sequence[str] = ()) -> StageReport:
         t0 = time.monotonic()
         self._ensure_bundle()
         ch = _Channel(self.ssh, self.cluster, "list", "--workdir", self.cluster.workdir,
@@ -284,9 +294,14 @@ class Stager:
         memo = HashCache(self.hash_cache_path)
         try:
             for rel, size, _mtime, sha in listing["files"]:
+                if _excluded(rel, exclude):
+                    continue
                 report.files += 1
                 report.bytes_total += size
                 report.hashes[rel] = sha
+                if baseline and baseline.get(rel) == sha:
+                    report.unchanged += 1  # what we sent, untouched by the job
+                    continue
                 dest = self._guarded(local_root, guard, rel, report)
                 if dest is None:
                     continue
@@ -298,6 +313,8 @@ class Stager:
         finally:
             memo.close()
         for rel, target in listing["links"]:
+            if _excluded(rel, exclude):
+                continue
             self._link(local_root, guard, rel, target, report)
         if wanted:
             self._receive(remote_root, wanted, report, progress)
@@ -383,6 +400,11 @@ class Stager:
             return ch.line()
         finally:
             ch.close()
+
+
+def _excluded(rel: str, prefixes: Sequence[str]) -> bool:
+    rel = rel.rstrip("/") + "/"
+    return any(rel.startswith(p.rstrip("/") + "/") for p in prefixes)
 
 
 def _tick(progress: Optional[Progress], report: StageReport, n: int, total: int, i: int,

@@ -7,6 +7,31 @@ by pid when the test ends.
 """
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+# pyworkflow reads its configuration when first imported: set it before anything imports it
+SCIPION_ROOT = _os.environ.get("CLOUDEXEC_TEST_SCIPION") or "/tmp/cloudexec-scipion-%d" % _os.getpid()
+_os.environ.update(SCIPION_DOMAIN="pwem", SCIPION_HOME=SCIPION_ROOT,
+                   SCIPION_USER_DATA=_os.path.join(SCIPION_ROOT, "userdata"),
+                   SCIPION_PYTHON=_sys.executable, SCIPION_NOTIFY="False",
+                   OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+_os.makedirs(_os.path.join(SCIPION_ROOT, "config"), exist_ok=True)
+HOSTS_CONF = """[localhost]
+PARALLEL_COMMAND = mpirun --oversubscribe -np %_(JOB_NODES)d %_(COMMAND)s
+NAME = cloudexec
+MANDATORY = 0
+SUBMIT_COMMAND = true
+SUBMIT_TEMPLATE = #!/bin/sh
+    %_(JOB_COMMAND)s
+CANCEL_COMMAND = {python} -m scipion_cloudexec.cli cancel %_(JOB_ID)s
+CHECK_COMMAND = true
+QUEUES = {{"cluster": [["QUEUE_FOR_JOBS", "Y", "Steps on the cluster", "Keep Y"],
+                      ["CLOUD_TIME", "", "Wall time", "SLURM wall time per job"]]}}
+""".format(python=_sys.executable)
+with open(_os.path.join(SCIPION_ROOT, "config", "hosts.conf"), "w") as _f:
+    _f.write(HOSTS_CONF)
+
 import json
 import os
 import signal
@@ -86,6 +111,56 @@ def make_cluster(testbed: LocalTestbed, tmp_path) -> Iterator[Callable[..., Clus
 @pytest.fixture
 def cluster(make_cluster) -> ClusterConfig:
     return make_cluster("local")
+
+
+def clusters_file_text(*clusters: ClusterConfig) -> str:
+    """A clusters file holding *clusters* (as the user would write it)."""
+    out = []
+    for c in clusters:
+        out.append("[cluster %s]" % c.name)
+        for key in ("host", "port", "user", "identity_file", "known_hosts", "workdir", "python",
+                    "launcher", "slots", "heartbeat", "time"):
+            value = getattr(c, key)
+            if value not in ("", None):
+                out.append("%s = %s" % (key, value))
+        out.append("mpirun = %s" % " ".join(c.mpirun))
+        out.append("srun = %s" % " ".join(c.srun))
+        if c.gpus:
+            out.append("gpus = %s" % ",".join(map(str, c.gpus)))
+    return "\n".join(out) + "\n"
+
+
+@pytest.fixture
+def clusters_env(tmp_path, monkeypatch):
+    """``clusters_env(*clusters)``: write a clusters file and point the protocol processes
+    (through $SCIPION_CLOUDEXEC_CONFIG) at it; returns its path."""
+    def write(*clusters: ClusterConfig) -> str:
+        path = tmp_path / "cloudexec.conf"
+        path.write_text(clusters_file_text(*clusters))
+        monkeypatch.setenv("SCIPION_CLOUDEXEC_CONFIG", str(path))
+        return str(path)
+    return write
+
+
+_counter = [0]
+
+
+@pytest.fixture
+def new_project(tmp_path):
+    """``new_project()``: a fresh pyworkflow project (real project.sqlite); cwd moves into it."""
+    from pyworkflow.project import Manager
+    old = os.getcwd()
+    made = []
+
+    def make(name: str = "proj"):
+        _counter[0] += 1
+        project = Manager().createProject("%s_%d_%d" % (name, os.getpid(), _counter[0]),
+                                          location=str(tmp_path))
+        os.chdir(project.path)
+        made.append(project)
+        return project
+    yield make
+    os.chdir(old)
 
 
 def with_changes(cluster: ClusterConfig, **changes) -> ClusterConfig:

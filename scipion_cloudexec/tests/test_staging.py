@@ -228,7 +228,7 @@ class LyingStager(Stager):
         super().__init__(*a, **k)
         self.listing = listing
 
-    def _fetch(self, remote_root, sub, local_root, guard, progress):
+    def _fetch(self, *args, **kwargs):
         import scipion_cloudexec.staging.client as sc
         real = sc._Channel
 
@@ -237,7 +237,7 @@ class LyingStager(Stager):
                 return self.listing
         sc._Channel = Lie
         try:
-            return super()._fetch(remote_root, sub, local_root, guard, progress)
+            return super()._fetch(*args, **kwargs)
         finally:
             sc._Channel = real
 

@@ -1,0 +1,168 @@
+"""``CloudStepExecutor``: pyworkflow's steps executor, with ``runJob`` sent to a cluster.
+
+It keeps what pyworkflow's ``ThreadStepExecutor`` does (steps in threads, dependencies, GPU
+slots) and changes three things:
+
+* event-driven: a step that ends wakes the loop at once (stock code sleeps 3 s whenever a
+  pass launches nothing);
+* every step's true end is recorded, also siblings still running when one step failed;
+* ``runJob`` runs on the cluster through :class:`~.runner.ClusterRunner`: staged inputs,
+  remote MPI job, output into the step's log, outputs gathered, failure raised.
+
+The protocol's own Python steps (conversions, ``createOutputStep``) stay local.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+from typing import Dict, List, Optional
+
+from pyworkflow.protocol.executor import StepThread, ThreadStepExecutor
+
+from ..config import ClusterConfig
+from .runner import ClusterRunner, ProtocolRun
+
+logger = logging.getLogger(__name__)
+
+
+class _WakingStepThread(StepThread):
+    """A step thread that wakes the executor's loop when its step ends."""
+
+    def __init__(self, step, lock, ended: threading.Event):
+        super().__init__(step, lock)
+        self.ended = ended
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.ended.set()
+
+
+class CloudStepExecutor(ThreadStepExecutor):
+    """Runs a protocol's steps with ``nThreads`` workers; ``runJob`` goes to *cluster*.
+
+    Args:
+        hostConfig: pyworkflow's host config (kept for compatibility).
+        nThreads: concurrent steps (pyworkflow's threads minus the main one, at least 1).
+        cluster: the cluster from the clusters file.
+        gpuList: GPU slots pyworkflow assigned to the protocol.
+        wall_time: SLURM wall time for the jobs, overriding the cluster's ``time``.
+    """
+
+    def __init__(self, hostConfig, nThreads: int, cluster: ClusterConfig,
+                 gpuList: Optional[List[int]] = None, wall_time: str = ""):
+        super().__init__(hostConfig, max(1, nThreads), gpuList=gpuList)
+        if wall_time:
+            from dataclasses import replace
+            cluster = replace(cluster, time=wall_time)
+        self.cluster = cluster
+        self.runner: Optional[ClusterRunner] = None
+        self._runner_lock = threading.Lock()
+        self._ended = threading.Event()
+        self._jobs_lock = threading.Lock()
+
+    def __str__(self) -> str:
+        return "CloudStepExecutor(cluster=%s, threads=%d)" % (self.cluster.name,
+                                                              self.numberOfProcs)
+
+    # ---- runJob -----------------------------------------------------------------------
+
+    def _runner(self) -> ClusterRunner:
+        with self._runner_lock:
+            if self.runner is None:
+                prot = self.protocol
+                project = prot.getProject()
+                root = project.path if project is not None else os.getcwd()
+                name = project.getShortName() if project is not None else "project"
+                run = ProtocolRun(root, name, prot.getWorkingDir(), prot.getObjId())
+                self.runner = ClusterRunner(self.cluster, run, inputs=self._input_files,
+                                            client_name="scipion:%s:%s" % (name, prot.getObjId()))
+            return self.runner
+
+    def _input_files(self) -> List[str]:
+        """Files of the protocol's input objects (sets, volumes...), as pwem lists them."""
+        files: List[str] = []
+        for _name, attr in self.protocol.iterInputAttributes():
+            obj = attr.get()
+            if obj is not None and hasattr(obj, "getFiles"):
+                files.extend(str(f) for f in obj.getFiles())
+        return files
+
+    def runJob(self, log, programName, params, numberOfMpi=1, numberOfThreads=1, env=None,
+               cwd=None, executable=None):
+        thread = threading.current_thread()
+        step_id = getattr(thread, "thId", 0)
+        gpus = self.getGpuList() if isinstance(thread, StepThread) else (self.gpuList or [])
+        runner = self._runner()
+        job_id = runner.run.job_id(step_id)
+        ref = "%s:%s" % (self.cluster.name, job_id)
+        self._track(ref, add=True)
+        try:
+            runner.run_job(programName, params, ranks=numberOfMpi, threads=numberOfThreads,
+                           gpus=gpus, env=env, cwd=cwd, step_id=step_id, job_id=job_id,
+                           label="%s step %s" % (self.protocol.getRunName(), step_id),
+                           say=(log or logger).info)
+        finally:
+            self._track(ref, add=False)
+
+    def _track(self, ref: str, add: bool) -> None:
+        """Keep running jobs in the protocol's job ids, so Scipion's Stop cancels them
+        (hosts.conf CANCEL_COMMAND = scipion-cloudexec cancel %_(JOB_ID)s)."""
+        with self._jobs_lock:
+            try:
+                if add:
+                    self.protocol.appendJobId(ref)
+                else:
+                    self.protocol.removeJobId(ref)
+                self.protocol._store(self.protocol._jobId)
+            except Exception as e:  # bookkeeping must not fail the job
+                logger.warning("could not record job id %s: %s", ref, e)
+
+    # ---- steps ------------------------------------------------------------------------
+
+    def runSteps(self, steps, stepStartedCallback, stepFinishedCallback, stepsCheckCallback,
+                 stepsCheckSecs=5):
+        lock = threading.Lock()
+        running: Dict[int, StepThread] = {}
+        free = list(range(1, self.numberOfProcs + 1))
+        delta = datetime.timedelta(seconds=stepsCheckSecs)
+        last_check = datetime.datetime.now()
+        stop = False
+        try:
+            while True:
+                self._ended.clear()  # before looking: an end after this wakes the wait below
+                with lock:
+                    done = [n for n, t in running.items() if not t.step.isRunning()]
+                for node in done:
+                    step = running.pop(node).step
+                    free.append(node)
+                    self.freeGpusSlot(step.getObjId())
+                    if not stepFinishedCallback(step):
+                        stop = True  # a step failed: launch nothing more, record every end
+                launched = False
+                if not stop and free:
+                    with lock:
+                        for step in self._getRunnable(steps, len(free)):
+                            step.setRunning()
+                            stepStartedCallback(step)
+                            node = free.pop(0)
+                            t = _WakingStepThread(step, lock, self._ended)
+                            t.daemon = True
+                            running[node] = t
+                            t.start()
+                            launched = True
+                if not running and not launched and (stop or not self._arePending(steps)):
+                    break
+                now = datetime.datetime.now()
+                if now - last_check > delta:
+                    stepsCheckCallback()
+                    last_check = now
+                if not launched:
+                    self._ended.wait(stepsCheckSecs)
+            stepsCheckCallback()
+        finally:
+            if self.runner is not None:
+                self.runner.close()

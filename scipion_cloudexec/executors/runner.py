@@ -1,0 +1,230 @@
+"""One protocol's remote work on one cluster: connect once, stage, run, gather, record.
+
+::
+
+    run(step, runJob args)
+      translate -> RemoteCommand                 (translate.py)
+      stage_in(inputs + run folder, minus logs)  only what the cluster lacks
+      submit(job id = project-run-step-n)        the same id on resume: attach, never rerun
+      stream output into the step's log          as it comes
+      stage_out(run folder) vs. what went up     only files the job created or changed
+      provenance line in Runs/<id>/logs/cloudexec.jsonl
+      non-zero exit -> raise with the remote stderr
+
+Job ids are derived from the project, the run, a token kept in the run's logs folder (a
+restart gets a new one, a resume keeps it), the step and the call's rank within the step.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+from ..agent.client import AgentClient, JobError, JobFuture
+from ..config import ClusterConfig
+from ..staging.client import Stager, StageReport
+from .translate import PathMapper, RemoteCommand, translate
+
+log = logging.getLogger(__name__)
+LOG_EVERY = 10.0  # seconds between progress lines in the protocol log
+EXCLUDE = ("logs/",)  # pyworkflow writes these locally while the protocol runs
+
+
+class RemoteStepError(RuntimeError):
+    """A remote job failed; the message carries the cluster, the command and its stderr."""
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "x"
+
+
+class ProtocolRun:
+    """The identity of one run of a protocol, as files and job ids see it."""
+
+    def __init__(self, project_root: str, project_name: str, run_dir: str, prot_id: int):
+        self.project_root = os.path.abspath(project_root)
+        self.run_dir = os.path.relpath(os.path.abspath(run_dir), self.project_root)
+        self.prot_id = prot_id
+        digest = hashlib.sha256(self.project_root.encode()).hexdigest()[:6]
+        self.mirror = "%s-%s" % (_safe(project_name), digest)
+        self.logs = os.path.join(self.project_root, self.run_dir, "logs")
+        self._token: Optional[str] = None
+        self._counts: Dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def token(self) -> str:
+        """Random per run; kept across resumes in logs/cloudexec.json, new after a restart."""
+        if self._token is None:
+            path = os.path.join(self.logs, "cloudexec.json")
+            try:
+                with open(path) as f:
+                    self._token = json.load(f)["token"]
+            except (OSError, ValueError, KeyError):
+                self._token = uuid.uuid4().hex[:8]
+                os.makedirs(self.logs, exist_ok=True)
+                with open(path, "w") as f:
+                    json.dump({"token": self._token}, f)
+        return self._token
+
+    def job_id(self, step_id: int) -> str:
+        with self._lock:
+            n = self._counts[step_id] = self._counts.get(step_id, 0) + 1
+        return "%s-%d-%s-s%d-%d" % (self.mirror[:40], self.prot_id, self.token, step_id, n)
+
+
+class ClusterRunner:
+    """Runs one protocol's jobs on one cluster. Connects on first use; thread-safe."""
+
+    def __init__(self, cluster: ClusterConfig, run: ProtocolRun,
+                 inputs: Callable[[], Iterable[str]] = lambda: (), client_name: str = ""):
+        self.cluster = cluster
+        self.run = run
+        self.inputs = inputs
+        self.client = AgentClient(cluster, client_name=client_name)
+        self.stager: Optional[Stager] = None
+        self.baseline: Dict[str, str] = {}  # rel path -> hash the cluster has from us
+        self._connect_lock = threading.Lock()
+        self._stage_lock = threading.Lock()
+        self._inputs_staged = False
+        self.mapper: Optional[PathMapper] = None
+
+    def connect(self) -> None:
+        with self._connect_lock:
+            if self.stager is not None:
+                return
+            self.client.start()
+            self.stager = Stager(self.client.ssh, self.cluster)
+            self.mapper = PathMapper(self.run.project_root,
+                                     self.stager.mirror_root(self.run.mirror),
+                                     self.cluster.python, self.cluster.path_map)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # ---- one job ----------------------------------------------------------------------
+
+    def prepare(self, program: str, params, *, ranks: int, threads: int, gpus: Sequence[int],
+                env, cwd: Optional[str]) -> RemoteCommand:
+        self.connect()
+        assert self.mapper is not None
+        return translate(program, params, ranks=ranks, threads=threads, gpus=gpus, env=env,
+                         cwd=cwd, project_root=self.run.project_root, mapper=self.mapper,
+                         cluster_gpus=self.cluster.gpus)
+
+    def stage_in(self, say: Callable[[str], None]) -> StageReport:
+        """Inputs of the protocol (first time) and its run folder, without logs/."""
+        assert self.stager is not None
+        paths: List[str] = [self.run.run_dir]
+        if not self._inputs_staged:
+            paths = sorted(set(self._relative(self.inputs()))) + paths
+        with self._stage_lock:
+            report = self.stager.stage_in(self.run.project_root, paths, self.run.mirror,
+                                          progress=_Throttle(say, "staging to %s"
+                                                             % self.cluster.name),
+                                          exclude=[os.path.join(self.run.run_dir, e)
+                                                   for e in EXCLUDE])
+            self._inputs_staged = True
+            self.baseline.update(report.hashes)
+        return report
+
+    def _relative(self, files: Iterable[str]) -> List[str]:
+        out = []
+        for f in files:
+            if f and os.path.exists(f):
+                out.append(f if os.path.isabs(f) else os.path.join(self.run.project_root, f))
+        return out
+
+    def submit(self, cmd: RemoteCommand, job_id: str, label: str) -> JobFuture:
+        def to_log(stream: str, data: bytes) -> None:
+            out = sys.stdout if stream == "stdout" else sys.stderr
+            out.write(data.decode(errors="replace"))
+            out.flush()
+        return self.client.submit(cmd.argv, ranks=cmd.ranks, threads=cmd.threads, gpus=cmd.gpus,
+                                  env=cmd.env, env_prepend=cmd.env_prepend, cwd=cmd.cwd,
+                                  job_id=job_id, label=label, on_output=to_log)
+
+    def stage_out(self, say: Callable[[str], None]) -> StageReport:
+        assert self.stager is not None
+        with self._stage_lock:
+            report = self.stager.stage_out(self.run.project_root, self.run.mirror,
+                                           self.run.run_dir, baseline=self.baseline,
+                                           exclude=[os.path.join(self.run.run_dir, e)
+                                                    for e in EXCLUDE],
+                                           progress=_Throttle(say, "gathering from %s"
+                                                              % self.cluster.name))
+            self.baseline.update(report.hashes)
+        for rel, why in report.refused:
+            say("cloudexec: REFUSED %s from %s: %s" % (rel, self.cluster.name, why))
+        return report
+
+    def run_job(self, program: str, params, *, ranks: int, threads: int, gpus: Sequence[int],
+                env, cwd: Optional[str], step_id: int, job_id: str, label: str,
+                say: Callable[[str], None]) -> dict:
+        """Everything for one runJob; returns its provenance record or raises RemoteStepError."""
+        cmd = self.prepare(program, params, ranks=ranks, threads=threads, gpus=gpus, env=env,
+                           cwd=cwd)
+        t0 = time.time()
+        sin = self.stage_in(say)
+        if sin.bytes_sent:
+            say("cloudexec: staged %d file(s), %.1f MB sent to %s in %.1f s"
+                % (sin.files, sin.bytes_sent / 1e6, self.cluster.name, sin.seconds))
+        fut = self.submit(cmd, job_id, label)
+        say("cloudexec: job %s on cluster %s (%s launcher, %d rank(s) x %d thread(s)%s): %s"
+            % (fut.job_id, self.cluster.name, self.cluster.launcher, cmd.ranks, cmd.threads,
+               ", GPUs %s" % ",".join(map(str, cmd.gpus)) if cmd.gpus else "", cmd.shown))
+        record = {"job_id": fut.job_id, "cluster": self.cluster.name, "host": self.cluster.host,
+                  "launcher": self.cluster.launcher, "command": cmd.shown, "ranks": cmd.ranks,
+                  "threads": cmd.threads, "gpus": cmd.gpus, "cwd": cmd.cwd, "step": step_id,
+                  "inputs": dict(sin.hashes), "staged_at": t0}
+        error: Optional[JobError] = None
+        try:
+            result = fut.result()
+        except JobError as e:
+            error, result = e, e.result
+        if fut.existed:
+            say("cloudexec: job %s had already run on %s: its result is reused"
+                % (fut.job_id, self.cluster.name))
+        record.update(launcher_id=result.launcher_id, started=result.started, ended=result.ended,
+                      state=result.state.value, exit_code=result.exit_code)
+        sout = self.stage_out(say)
+        record["outputs"] = {k: v for k, v in sout.hashes.items() if k in set(sout.fetched)}
+        self._record(record)
+        say("cloudexec: job %s %s (exit %s) on %s, launcher id %s; %d file(s) gathered"
+            % (fut.job_id, result.state.value, result.exit_code, self.cluster.name,
+               result.launcher_id, len(sout.fetched)))
+        if error is not None:
+            raise RemoteStepError("command failed on cluster %s (%s, exit code %s): %s\n%s"
+                                  % (self.cluster.name, result.state.value, result.exit_code,
+                                     cmd.shown, result.stderr_tail.strip()[-4000:]))
+        return record
+
+    def _record(self, record: dict) -> None:
+        os.makedirs(self.run.logs, exist_ok=True)
+        with self._stage_lock, open(os.path.join(self.run.logs, "cloudexec.jsonl"), "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+class _Throttle:
+    """A staging progress callback that writes a log line at most every LOG_EVERY seconds."""
+
+    def __init__(self, say: Callable[[str], None], label: str):
+        self.say, self.label = say, label
+        self.t0 = self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int, files_done: int, files: int) -> None:
+        now = time.monotonic()
+        if now - self.last < LOG_EVERY:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-6)
+        self.say("cloudexec: %s: %.1f / %.1f MB, file %d of %d, %.1f MB/s, %.0f s left"
+                 % (self.label, done / 1e6, total / 1e6, files_done + 1, files, rate / 1e6,
+                    (total - done) / rate if rate else 0))

@@ -1,0 +1,91 @@
+"""Where the plugin meets pyworkflow: ``Protocol.setStepsExecutor``.
+
+pyworkflow's protocol process picks a steps executor with fixed rules and hands it to
+``protocol.setStepsExecutor`` right before ``protocol.run()``; the process has imported every
+plugin by then. :func:`install` (called from the plugin's ``__init__``) wraps that method once:
+when the protocol was launched with "Use queue" on a host whose queue system is named
+``cloudexec`` (hosts.conf ``NAME = cloudexec``), the executor is replaced by a
+:class:`~.cloud.CloudStepExecutor` for the cluster named by the chosen queue, keeping the
+threads and GPUs pyworkflow chose. Every other protocol keeps pyworkflow's executor untouched.
+
+Queue parameters read (all optional except QUEUE_FOR_JOBS, which must be ``Y`` so that the
+protocol itself runs on the desktop and only its jobs go out):
+
+    QUEUE_FOR_JOBS = Y     CLOUD_TIME = 04:00:00 (SLURM wall time per job)
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Tuple
+
+logger = logging.getLogger(__name__)
+
+QUEUE_SYSTEM = "cloudexec"
+_MARK = "_cloudexec_wrapped"
+
+
+def cloud_choice(protocol) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """(queue name, queue params) when *protocol* was sent to a cloudexec queue, else None."""
+    try:
+        if not protocol.useQueue():
+            return None
+        host = protocol.getHostConfig()
+        qs = host.getQueueSystem() if host is not None else None
+        if qs is None or not qs.hasName() or qs.getName() != QUEUE_SYSTEM:
+            return None
+        queue, params = protocol.getQueueParams()
+    except Exception as e:  # a protocol without host config: not ours
+        logger.debug("no cloudexec choice for %s: %s", protocol, e)
+        return None
+    return queue, dict(params or {})
+
+
+def make_executor(protocol, stock, queue: str, params: Dict[str, Any]):
+    """The cloud executor replacing *stock*, with its threads and GPUs."""
+    from ..config import ConfigError, load_clusters
+    from .cloud import CloudStepExecutor
+    threads = getattr(stock, "numberOfProcs", 1)
+    gpus = getattr(stock, "gpuList", None)
+    host = getattr(stock, "hostConfig", None)
+    try:
+        clusters = load_clusters()
+        if queue not in clusters:
+            raise ConfigError("queue %r of hosts.conf names no cluster of %s (defined: %s)"
+                              % (queue, next(iter(clusters.values())).source,
+                                 ", ".join(clusters)))
+    except ConfigError as e:
+        return _Refusing(host, str(e))
+    return CloudStepExecutor(host, threads, clusters[queue], gpuList=gpus,
+                             wall_time=str(params.get("CLOUD_TIME", "") or ""))
+
+
+def install() -> None:
+    """Wrap ``Protocol.setStepsExecutor`` once (idempotent)."""
+    from pyworkflow.protocol.protocol import Protocol
+    original = Protocol.setStepsExecutor
+    if getattr(original, _MARK, False):
+        return
+
+    def setStepsExecutor(self, executor=None):
+        choice = cloud_choice(self) if executor is not None else None
+        if choice is not None:
+            executor = make_executor(self, executor, *choice)
+            logger.info("scipion-cloudexec: steps of %s go to %s", self.getRunName(), executor)
+        return original(self, executor)
+
+    setattr(setStepsExecutor, _MARK, True)
+    setStepsExecutor.__doc__ = original.__doc__
+    Protocol.setStepsExecutor = setStepsExecutor
+
+
+class _Refusing:
+    """Stand-in executor when the clusters file is wrong: every runJob fails with the reason,
+    so the step (not the whole protocol process) reports it."""
+
+    def __new__(cls, host, reason: str):
+        from pyworkflow.protocol.executor import ThreadStepExecutor
+
+        class Refusing(ThreadStepExecutor):
+            def runJob(self, *args, **kwargs):
+                raise RuntimeError("scipion-cloudexec: %s" % reason)
+        return Refusing(host, 1)

@@ -1,0 +1,121 @@
+"""From a pyworkflow ``runJob`` call on the desktop to the same command on a cluster.
+
+Pure functions, no I/O: what runs where is decided here and tested alone.
+
+* The command line is pyworkflow's own (``programName params``, GPU placeholders filled),
+  run by ``/bin/sh -c`` on the cluster; the launcher puts ``mpirun -np N`` (or ``srun``) in
+  front, exactly as a local MPI run puts its ``PARALLEL_COMMAND``.
+* Local absolute paths are rewritten: the project folder becomes the cluster's mirror, the
+  desktop's Python becomes the cluster's ``python``, ``path_map`` prefixes their remote twins.
+* Only the environment the plugin *added* travels (``Plugin.getEnviron()`` minus the desktop's
+  own variables); PATH-like variables travel as prefixes of the cluster's own value.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from pyworkflow.constants import RUN_JOB_GPU_PARAM, RUN_JOB_GPU_PARAM_SEARCH
+
+PATH_LIKE = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "LIBRARY_PATH", "CPATH", "MANPATH")
+# never sent: they describe the desktop session, not the program
+LOCAL_ONLY = {"HOME", "USER", "LOGNAME", "PWD", "OLDPWD", "SHELL", "TERM", "DISPLAY", "HOSTNAME",
+              "SSH_AUTH_SOCK", "SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY", "TMPDIR", "LANG", "_",
+              "SHLVL", "XDG_RUNTIME_DIR", "MAIL"}
+
+
+@dataclass
+class RemoteCommand:
+    """What the cluster runs for one ``runJob``."""
+    argv: List[str]
+    ranks: int
+    threads: int
+    gpus: List[int]
+    env: Dict[str, str] = field(default_factory=dict)
+    env_prepend: Dict[str, str] = field(default_factory=dict)
+    cwd: str = ""
+    shown: str = ""  # the command line as run there, for the log and provenance
+
+
+class PathMapper:
+    """Rewrites desktop absolute paths into their cluster twins, longest prefix first."""
+
+    def __init__(self, project_root: str, mirror_root: str, python: str,
+                 path_map: Sequence[Tuple[str, str]] = (), local_python: str = sys.executable):
+        pairs = [(os.path.abspath(project_root), mirror_root), (local_python, python)]
+        real = os.path.realpath(project_root)
+        if real != os.path.abspath(project_root):
+            pairs.append((real, mirror_root))
+        pairs += list(path_map)
+        self.pairs = sorted(pairs, key=lambda p: -len(p[0]))
+        self._re = re.compile("|".join("(%s)(?=[/\\s\"':;]|$)" % re.escape(local)
+                                       for local, _ in self.pairs))
+
+    def __call__(self, text: str) -> str:
+        def sub(m: "re.Match[str]") -> str:
+            return self.pairs[m.lastindex - 1][1]  # type: ignore[operator]
+        return self._re.sub(sub, text)
+
+    def cwd(self, cwd: Optional[str], project_root: str) -> str:
+        """The job's working folder on the cluster; the protocol process runs in the project."""
+        local = os.path.abspath(cwd or project_root)
+        return self(local)
+
+
+def command_line(program: str, params, gpus: Sequence[int], ranks: int) -> str:
+    """pyworkflow's own command line for a runJob (see pyworkflow.utils.process)."""
+    if not isinstance(params, str):
+        params = " ".join('"%s"' % p for p in params)
+    if gpus:
+        params = params % {RUN_JOB_GPU_PARAM: " ".join(str(g) for g in gpus)}
+        if "CUDA_VISIBLE_DEVICES" in program:
+            sep = "," if len(gpus) > 1 else ""
+            program = program % {RUN_JOB_GPU_PARAM: sep.join(str(g) for g in gpus)}
+    if ranks > 1 and program.startswith("xmipp") and not program.startswith("xmipp_mpi"):
+        program = program.replace("xmipp", "xmipp_mpi")
+    return ("%s %s" % (program, params)).strip()
+
+
+def environment(env: Optional[Mapping[str, str]], local: Mapping[str, str],
+                mapper: PathMapper) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """(variables to set, PATH-like prefixes) that the plugin added to the desktop's env."""
+    sets: Dict[str, str] = {}
+    prepends: Dict[str, str] = {}
+    for key, value in (env or {}).items():
+        if key in LOCAL_ONLY or local.get(key) == value or not re.match(r"^[A-Za-z_]\w*$", key):
+            continue
+        old = local.get(key, "")
+        if key in PATH_LIKE:
+            added = value[:-len(old)].rstrip(":") if old and value.endswith(old) else value
+            if added:
+                prepends[key] = mapper(added)
+        else:
+            sets[key] = mapper(str(value))
+    return sets, prepends
+
+
+def remote_gpus(assigned: Sequence[int], cluster_gpus: Sequence[int]) -> List[int]:
+    """GPU slots pyworkflow assigned (0..k-1 when a queue is used) as the cluster's GPU numbers."""
+    if not cluster_gpus:
+        return [int(g) for g in assigned]
+    return [cluster_gpus[int(g) % len(cluster_gpus)] for g in assigned]
+
+
+def translate(program: str, params, *, ranks: int, threads: int, gpus: Sequence[int],
+              env: Optional[Mapping[str, str]], cwd: Optional[str], project_root: str,
+              mapper: PathMapper, cluster_gpus: Sequence[int] = (),
+              local_env: Mapping[str, str] = os.environ) -> RemoteCommand:
+    """The cluster's version of ``runJob(program, params, ...)``."""
+    rgpus = remote_gpus(gpus, cluster_gpus)
+    uses_placeholder = RUN_JOB_GPU_PARAM_SEARCH in str(params) or RUN_JOB_GPU_PARAM_SEARCH in program
+    line = mapper(command_line(program, params, rgpus if uses_placeholder else [], ranks))
+    sets, prepends = environment(env, local_env, mapper)
+    prepend = getattr(env, "getPrepend", lambda: "")() if env is not None else ""
+    if prepend:
+        line = "%s %s" % (mapper(prepend), line)
+    return RemoteCommand(argv=["/bin/sh", "-c", line], ranks=max(1, int(ranks)),
+                         threads=max(1, int(threads)), gpus=rgpus, env=sets,
+                         env_prepend=prepends, cwd=mapper.cwd(cwd, project_root), shown=line)

@@ -1,0 +1,60 @@
+"""``ProtCloudShellSteps``: shell commands as protocol steps, each through ``runJob``.
+
+A plain protocol of the kind any plugin writes (it knows nothing of clusters), used to
+check that such protocols behave on a cluster as they do locally, and to measure step
+overhead: a chain of dependent steps, then a fan of independent ones.
+"""
+import shlex
+
+import pyworkflow.protocol.params as params
+from pyworkflow.protocol import STEPS_PARALLEL, Protocol
+
+
+class ProtCloudShellSteps(Protocol):
+    """Runs shell commands as steps: first the chain (each waits for the previous one),
+    then the fan (all independent, after the chain). ``{i}`` in a fan command is replaced
+    by the command's number."""
+    _label = "shell steps"
+    stepsExecutionMode = STEPS_PARALLEL
+
+    # --------------------------- DEFINE param functions ------------------------------
+    def _defineParams(self, form):
+        form.addSection(label="Commands")
+        form.addParam("chain", params.TextParam, default="",
+                      label="Dependent commands",
+                      help="One shell command per line; each step waits for the previous.")
+        form.addParam("fan", params.TextParam, default="",
+                      label="Independent commands",
+                      help="One shell command per line; they run in parallel after the chain.")
+        form.addParam("fanCopies", params.IntParam, default=1,
+                      label="Copies of the independent commands",
+                      help="Each independent command runs this many times ({i}: copy number).")
+        form.addParallelSection(threads=2, mpi=1)
+
+    # --------------------------- INSERT steps functions ------------------------------
+    def _insertAllSteps(self):
+        previous = []
+        for line in self._lines(self.chain.get()):
+            previous = [self._insertFunctionStep(self.commandStep, line, prerequisites=previous,
+                                                 needsGPU=False)]
+        n = 0
+        for line in self._lines(self.fan.get()):
+            for _ in range(max(1, self.fanCopies.get())):
+                self._insertFunctionStep(self.commandStep, line.replace("{i}", str(n)),
+                                         prerequisites=previous, needsGPU=False)
+                n += 1
+
+    @staticmethod
+    def _lines(text):
+        return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+
+    # --------------------------- STEPS functions -------------------------------------
+    def commandStep(self, line):
+        self.runJob("/bin/sh", "-c %s" % shlex.quote(line),
+                    numberOfMpi=self.numberOfMpi.get(), numberOfThreads=1)
+
+    # --------------------------- INFO functions --------------------------------------
+    def _summary(self):
+        return ["%d dependent and %d independent command(s)"
+                % (len(self._lines(self.chain.get())),
+                   len(self._lines(self.fan.get())) * max(1, self.fanCopies.get()))]
