@@ -27,7 +27,10 @@ class Plugin(pyworkflow.plugin.Plugin):
 
     @classmethod
     def getEnviron(cls):
-        return {}
+        """The environment our programs run in: the current one (they are Python modules of
+        this package, run by the same interpreter)."""
+        import pyworkflow.utils as pwutils
+        return pwutils.Environ(os.environ)
 
     @classmethod
     def defineBinaries(cls, env):

@@ -8,12 +8,13 @@ import shlex
 
 import pyworkflow.protocol.params as params
 from pyworkflow.protocol import STEPS_PARALLEL, Protocol
+from pyworkflow.protocol.constants import GPU_LIST
 
 
 class ProtCloudShellSteps(Protocol):
-    """Runs shell commands as steps: first the chain (each waits for the previous one),
-    then the fan (all independent, after the chain). ``{i}`` in a fan command is replaced
-    by the command's number."""
+    """Runs shell commands as steps, in the run folder: first the chain (each waits for the
+    previous one), then the fan (all independent, after the chain). ``{i}`` in a fan command
+    is replaced by the command's number."""
     _label = "shell steps"
     stepsExecutionMode = STEPS_PARALLEL
 
@@ -29,6 +30,10 @@ class ProtCloudShellSteps(Protocol):
         form.addParam("fanCopies", params.IntParam, default=1,
                       label="Copies of the independent commands",
                       help="Each independent command runs this many times ({i}: copy number).")
+        form.addParam("gpuSteps", params.BooleanParam, default=False,
+                      label="Steps need GPUs",
+                      help="Each step then gets GPUs from the list (CUDA_VISIBLE_DEVICES).")
+        form.addHidden(GPU_LIST, params.StringParam, default="", label="GPU ids")
         form.addParallelSection(threads=2, mpi=1)
 
     # --------------------------- INSERT steps functions ------------------------------
@@ -36,12 +41,12 @@ class ProtCloudShellSteps(Protocol):
         previous = []
         for line in self._lines(self.chain.get()):
             previous = [self._insertFunctionStep(self.commandStep, line, prerequisites=previous,
-                                                 needsGPU=False)]
+                                                 needsGPU=self.gpuSteps.get())]
         n = 0
         for line in self._lines(self.fan.get()):
             for _ in range(max(1, self.fanCopies.get())):
                 self._insertFunctionStep(self.commandStep, line.replace("{i}", str(n)),
-                                         prerequisites=previous, needsGPU=False)
+                                         prerequisites=previous, needsGPU=self.gpuSteps.get())
                 n += 1
 
     @staticmethod
@@ -50,7 +55,8 @@ class ProtCloudShellSteps(Protocol):
 
     # --------------------------- STEPS functions -------------------------------------
     def commandStep(self, line):
-        self.runJob("/bin/sh", "-c %s" % shlex.quote(line),
+        # in the run folder, as many programs are run: "extra/x.txt" lands in this run
+        self.runJob("/bin/sh", "-c %s" % shlex.quote(line), cwd=self._getPath(),
                     numberOfMpi=self.numberOfMpi.get(), numberOfThreads=1)
 
     # --------------------------- INFO functions --------------------------------------

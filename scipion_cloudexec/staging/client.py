@@ -161,6 +161,7 @@ class Stager:
         prefix (relative to the project) are left out."""
         root = os.path.abspath(project_root)
         wanted: List[Tuple[str, str]] = []
+        self._dirs: List[str] = []  # folders to create, empty ones included
         for p in paths:
             local = p if os.path.isabs(p) else os.path.join(root, p)
             rel = os.path.relpath(os.path.abspath(local), root)
@@ -168,6 +169,8 @@ class Stager:
                 rel = os.path.join("_external", os.path.abspath(local).lstrip("/"))
             if os.path.isdir(local):
                 for dirpath, _dirs, names in os.walk(local, followlinks=True):
+                    self._dirs.append(os.path.normpath(os.path.join(
+                        rel, os.path.relpath(dirpath, local))))
                     for name in sorted(names):
                         full = os.path.join(dirpath, name)
                         wanted.append((os.path.normpath(os.path.join(
@@ -177,6 +180,7 @@ class Stager:
             else:
                 raise StagingError("input %s does not exist (or is a broken link)" % local)
         wanted = [(rel, local) for rel, local in wanted if not _excluded(rel, exclude)]
+        self._dirs = [d for d in self._dirs if not _excluded(d, exclude)]
         seen = set()
         wanted = [w for w in wanted if not (w[0] in seen or seen.add(w[0]))]
         memo = HashCache(self.hash_cache_path)
@@ -206,7 +210,8 @@ class Stager:
         ch = _Channel(self.ssh, self.cluster, "in", "--workdir", self.cluster.workdir,
                       "--mirror", self.mirror(project))
         try:
-            ch.send_line({"files": [[rel, size, sha] for rel, _l, size, sha in entries]})
+            ch.send_line({"files": [[rel, size, sha] for rel, _l, size, sha in entries],
+                          "dirs": self._dirs})
             answer = ch.line()
             if answer.get("error") == "nospace":
                 raise NoSpace(self.cluster.name, answer["needed"], answer["free"])

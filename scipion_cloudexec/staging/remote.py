@@ -165,6 +165,10 @@ def cmd_in(workdir: str, mirror: str) -> int:
     request = json.loads(stdin.readline())
     mirror_root = os.path.join(workdir, safe_rel(mirror))
     files = [(safe_rel(rel), int(size), str(sha)) for rel, size, sha in request["files"]]
+    for rel in request.get("dirs", []):
+        os.makedirs(os.path.join(mirror_root, safe_rel(rel)) if rel != "." else mirror_root,
+                     exist_ok=True)
+    os.makedirs(mirror_root, exist_ok=True)
     cache = Cache(workdir)
     missing: Dict[str, Tuple[int, int]] = {}
     repaired = 0
