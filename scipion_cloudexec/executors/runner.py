@@ -107,6 +107,8 @@ class ClusterRunner:
                                      self.cluster.python, self.cluster.path_map)
 
     def close(self) -> None:
+        if self.stager is not None:
+            self.stager.close()
         self.client.close()
 
     # ---- one job ----------------------------------------------------------------------

@@ -88,12 +88,14 @@ def default_hash_cache() -> str:
 
 
 class _Channel:
-    """An exec channel running the bundle's ``stage`` helper, as a byte pipe."""
+    """The cluster's staging server (``python agent.zip stage serve``) on one exec channel,
+    kept open so each request costs no new SSH session."""
 
-    def __init__(self, ssh: SSHConnection, cluster: ClusterConfig, *args: str):
+    def __init__(self, ssh: SSHConnection, cluster: ClusterConfig):
         self.cluster = cluster
         self.chan = ssh._require().open_session(window_size=WINDOW, max_packet_size=32768)
-        self.chan.exec_command(bundle.command(cluster, "stage", *args))
+        self.chan.exec_command(bundle.command(cluster, "stage", "serve", "--workdir",
+                                              cluster.workdir))
         self.out = self.chan.makefile("rb", BLOCK)
 
     def send_line(self, obj) -> None:
@@ -102,7 +104,7 @@ class _Channel:
     def line(self) -> dict:
         raw = self.out.readline()
         if not raw:
-            raise StagingError("the staging helper on %s stopped: %s" % (
+            raise StagingError("the staging server on %s stopped: %s" % (
                 self.cluster.name, self.stderr() or "connection lost"))
         reply = json.loads(raw)
         if isinstance(reply, dict) and reply.get("error") == "failed":
@@ -114,11 +116,16 @@ class _Channel:
             return self.chan.recv_stderr(65536).decode(errors="replace").strip()
         return ""
 
-    def close(self) -> int:
-        self.chan.shutdown_write()
-        status = self.chan.recv_exit_status()
-        self.chan.close()
-        return status
+    @property
+    def alive(self) -> bool:
+        return not self.chan.closed and not self.chan.exit_status_ready()
+
+    def close(self) -> None:
+        try:
+            self.chan.shutdown_write()
+            self.chan.close()
+        except (OSError, EOFError):
+            pass
 
 
 class Stager:
@@ -135,12 +142,29 @@ class Stager:
         self.ssh = ssh
         self.cluster = cluster
         self.hash_cache_path = hash_cache or default_hash_cache()
-        self._bundle_checked = False
+        self._chan: Optional[_Channel] = None
 
-    def _ensure_bundle(self) -> None:
-        if not self._bundle_checked:  # once per Stager: it costs a round trip
+    def _channel(self) -> _Channel:
+        """The staging server, started (and the bundle uploaded) on first use."""
+        if self._chan is None or not self._chan.alive:
             bundle.ensure_uploaded(self.ssh, self.cluster)
-            self._bundle_checked = True
+            self._chan = _Channel(self.ssh, self.cluster)
+        return self._chan
+
+    def _request(self, request: dict) -> _Channel:
+        ch = self._channel()
+        try:
+            ch.send_line(request)
+        except (OSError, EOFError) as e:
+            self.close()
+            raise StagingError("connection to %s lost: %s" % (self.cluster.name, e)) from None
+        return ch
+
+    def close(self) -> None:
+        """Stop the staging server on the cluster (a new one starts on next use)."""
+        if self._chan is not None:
+            self._chan.close()
+            self._chan = None
 
     def mirror(self, project: str) -> str:
         """The project's mirror, relative to the workdir."""
@@ -206,12 +230,10 @@ class Stager:
         entries = self.manifest(project_root, paths, exclude)
         report = StageReport(files=len(entries), bytes_total=sum(e[2] for e in entries),
                              hashes={e[0]: e[3] for e in entries})
-        self._ensure_bundle()
-        ch = _Channel(self.ssh, self.cluster, "in", "--workdir", self.cluster.workdir,
-                      "--mirror", self.mirror(project))
+        ch = self._request({"cmd": "in", "mirror": self.mirror(project),
+                            "files": [[rel, size, sha] for rel, _l, size, sha in entries],
+                            "dirs": self._dirs})
         try:
-            ch.send_line({"files": [[rel, size, sha] for rel, _l, size, sha in entries],
-                          "dirs": self._dirs})
             answer = ch.line()
             if answer.get("error") == "nospace":
                 raise NoSpace(self.cluster.name, answer["needed"], answer["free"])
@@ -225,8 +247,9 @@ class Stager:
                                        lambda n: _tick(progress, report, n, total, i, len(missing))):
                     changed.append(local)
             final = ch.line()
-        finally:
-            ch.close()
+        except BaseException:
+            self.close()  # the stream is out of step: start afresh next time
+            raise
         report.bytes_sent = final["received"]
         report.linked, report.unchanged = final["linked"], final["unchanged"]
         report.repaired = final["repaired"]
@@ -289,11 +312,7 @@ class Stager:
                progress: Optional[Progress], baseline: Optional[Dict[str, str]] = None,
                exclude: Sequence[str] = ()) -> StageReport:
         t0 = time.monotonic()
-        self._ensure_bundle()
-        ch = _Channel(self.ssh, self.cluster, "list", "--workdir", self.cluster.workdir,
-                      "--root", remote_root, "--dir", sub)
-        listing = ch.line()
-        ch.close()
+        listing = self._request({"cmd": "list", "root": remote_root, "dir": sub}).line()
         report = StageReport(refused=[(r, why) for r, why in listing["refused"]])
         wanted: List[Tuple[str, str, int, str]] = []
         memo = HashCache(self.hash_cache_path)
@@ -358,12 +377,10 @@ class Stager:
 
     def _receive(self, remote_root: str, wanted: List[Tuple[str, str, int, str]],
                  report: StageReport, progress: Optional[Progress]) -> None:
-        ch = _Channel(self.ssh, self.cluster, "send", "--workdir", self.cluster.workdir,
-                      "--root", remote_root)
+        ch = self._request({"cmd": "send", "root": remote_root, "paths": [w[0] for w in wanted]})
         total = sum(w[2] for w in wanted)
         bad: List[str] = []
         try:
-            ch.send_line([w[0] for w in wanted])
             for i, (rel, dest, _size, _sha) in enumerate(wanted):
                 header = ch.line()
                 tmp = dest + ".cloudexec-part"
@@ -388,8 +405,9 @@ class Stager:
                 os.replace(tmp, dest)
                 report.hashes[rel] = trailer["sha256"]
                 report.fetched.append(rel)
-        finally:
-            ch.close()
+        except BaseException:
+            self.close()
+            raise
         if bad:
             raise StagingError("files from %s arrived corrupted and were not kept: %s"
                                % (self.cluster.name, ", ".join(bad)))
@@ -398,13 +416,7 @@ class Stager:
 
     def cache_info(self, gc: bool = False) -> dict:
         """Entries and bytes in the cluster's cache; with *gc*, drop unlinked entries first."""
-        self._ensure_bundle()
-        args = ["cache", "--workdir", self.cluster.workdir] + (["--gc"] if gc else [])
-        ch = _Channel(self.ssh, self.cluster, *args)
-        try:
-            return ch.line()
-        finally:
-            ch.close()
+        return self._request({"cmd": "cache", "gc": gc}).line()
 
 
 def _excluded(rel: str, prefixes: Sequence[str]) -> bool:

@@ -8,21 +8,22 @@ Layout under the workdir::
     cache/index.sqlite           size and mtime of each object when it was verified
     projects/<name>/...          project mirrors: hard links into cache/objects
 
-Commands (all answer JSON lines on stdout):
+``python agent.zip stage serve --workdir W`` then serves requests, one JSON line each, for as
+long as the channel stays open, so a client pays the SSH session start once. Requests:
 
-``in --mirror projects/NAME``
-    stdin: one JSON line ``{"files": [[rel, size, sha256], ...]}``. Answers
+``{"cmd": "in", "mirror": "projects/NAME", "files": [[rel, size, sha256], ...], "dirs": [...]}``
+    Answers
     ``{"missing": [[sha256, offset], ...], "needed": n, "free": n}`` (or
     ``{"error": "nospace", ...}``), then reads the missing contents back to back
     from their offsets, verifies each hash, links every file into the mirror and
     answers ``{"received": n, "linked": n, "unchanged": n, "repaired": n, "errors": [...]}``.
-``list --root R --dir D``
+``{"cmd": "list", "root": R, "dir": D}``
     the files under R/D: ``{"files": [[rel, size, mtime_ns, sha256]], "links": [[rel, target]],
     "refused": [[rel, reason]]}``, paths relative to R.
-``send --root R``
-    stdin: ``["rel", ...]``; for each: a header line ``{"path", "size"}``, the bytes,
+``{"cmd": "send", "root": R, "paths": ["rel", ...]}``
+    for each: a header line ``{"path", "size"}``, the bytes,
     a trailer line ``{"sha256"}``.
-``cache`` / ``cache --gc``
+``{"cmd": "cache", "gc": false}``
     size and entries of the cache; with --gc, drop objects no mirror links to.
 """
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Cache:
         self.db = sqlite3.connect(os.path.join(self.root, "index.sqlite"), isolation_level=None,
                                   timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS objects (sha256 TEXT PRIMARY KEY,"
                         " size INTEGER, mtime_ns INTEGER)")
 
@@ -160,16 +162,20 @@ def _reply(obj) -> None:
     sys.stdout.buffer.flush()
 
 
-def cmd_in(workdir: str, mirror: str) -> int:
+class StreamBroken(StageError):
+    """The byte stream is out of step with the requests: the server must stop."""
+
+
+def cmd_in(cache: "Cache", request: dict) -> None:
     stdin = sys.stdin.buffer
-    request = json.loads(stdin.readline())
+    workdir = cache.workdir
+    mirror = request["mirror"]
     mirror_root = os.path.join(workdir, safe_rel(mirror))
     files = [(safe_rel(rel), int(size), str(sha)) for rel, size, sha in request["files"]]
     for rel in request.get("dirs", []):
         os.makedirs(os.path.join(mirror_root, safe_rel(rel)) if rel != "." else mirror_root,
                      exist_ok=True)
     os.makedirs(mirror_root, exist_ok=True)
-    cache = Cache(workdir)
     missing: Dict[str, Tuple[int, int]] = {}
     repaired = 0
     for _rel, size, sha in files:
@@ -184,18 +190,23 @@ def cmd_in(workdir: str, mirror: str) -> int:
     free = usage.free - int(usage.total * RESERVE)
     if needed > free:
         _reply({"error": "nospace", "needed": needed, "free": max(free, 0)})
-        return 3
+        return
     order = sorted(missing)
     _reply({"missing": [[sha, missing[sha][1]] for sha in order], "needed": needed,
             "free": free})
     errors: List[str] = []
     received = 0
+    cache.db.execute("BEGIN")  # one commit for the batch, not one per file
     for sha in order:
         size, offset = missing[sha]
-        why = cache.receive(sha, size, offset, stdin)
+        try:
+            why = cache.receive(sha, size, offset, stdin)
+        except StageError as e:
+            raise StreamBroken(str(e)) from None
         received += size - offset
         if why:
             errors.append(why)
+    cache.db.execute("COMMIT")
     linked = unchanged = 0
     for rel, size, sha in files:
         if not os.path.exists(cache.path(sha)):
@@ -207,13 +218,12 @@ def cmd_in(workdir: str, mirror: str) -> int:
             unchanged += 1
     _reply({"received": received, "linked": linked, "unchanged": unchanged,
             "repaired": repaired, "errors": errors})
-    return 0 if not errors else 4
 
 
-def cmd_list(workdir: str, root: str, sub: str) -> int:
-    root = os.path.realpath(root)
+def cmd_list(cache: "Cache", hashes: HashCache, request: dict) -> None:
+    root = os.path.realpath(request["root"])
+    sub = request.get("dir", ".")
     top = os.path.join(root, safe_rel(sub))
-    hashes = HashCache(os.path.join(workdir, "cache", "hashes.sqlite"))
     files, links, refused = [], [], []
     for dirpath, dirnames, filenames in os.walk(top):
         for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
@@ -229,15 +239,14 @@ def cmd_list(workdir: str, root: str, sub: str) -> int:
                 continue
             st = os.stat(path)
             files.append([rel, st.st_size, st.st_mtime_ns, hashes.get(path, st)])
-    hashes.close()
+    hashes.flush()
     _reply({"files": files, "links": links, "refused": refused})
-    return 0
 
 
-def cmd_send(root: str) -> int:
-    rels = json.loads(sys.stdin.buffer.readline())
+def cmd_send(cache: "Cache", request: dict) -> None:
+    root = request["root"]
     out = sys.stdout.buffer
-    for rel in rels:
+    for rel in request["paths"]:
         path = os.path.join(root, safe_rel(rel))
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -253,11 +262,10 @@ def cmd_send(root: str) -> int:
                 left -= len(block)
         out.write(json.dumps({"sha256": h.hexdigest()}).encode() + b"\n")
     out.flush()
-    return 0
 
 
-def cmd_cache(workdir: str, gc: bool) -> int:
-    cache = Cache(workdir)
+def cmd_cache(cache: "Cache", request: dict) -> None:
+    workdir, gc = cache.workdir, bool(request.get("gc"))
     entries = size = dropped = freed = 0
     for dirpath, _dirs, names in os.walk(cache.objects):
         for name in names:
@@ -275,26 +283,34 @@ def cmd_cache(workdir: str, gc: bool) -> int:
                   for n in os.listdir(cache.partial))
     _reply({"entries": entries, "bytes": size, "partial_bytes": partial, "dropped": dropped,
             "freed": freed, "free": shutil.disk_usage(workdir).free})
-    return 0
+
+
+def serve(workdir: str) -> int:
+    """Answer requests from stdin until it closes."""
+    cache = Cache(workdir)
+    hashes = HashCache(os.path.join(workdir, "cache", "hashes.sqlite"))
+    handlers = {"in": cmd_in, "send": cmd_send, "cache": cmd_cache,
+                "list": lambda c, r: cmd_list(c, hashes, r)}
+    try:
+        while True:
+            line = sys.stdin.buffer.readline()
+            if not line:
+                return 0
+            try:
+                request = json.loads(line)
+                handlers[request["cmd"]](cache, request)
+            except StreamBroken as e:
+                _reply({"error": "failed", "detail": str(e)})
+                return 2
+            except (StageError, OSError, ValueError, KeyError) as e:
+                _reply({"error": "failed", "detail": "%s: %s" % (type(e).__name__, e)})
+    finally:
+        hashes.close()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="cloudexec-stage")
-    p.add_argument("command", choices=["in", "list", "send", "cache"])
+    p.add_argument("command", choices=["serve"])
     p.add_argument("--workdir", required=True)
-    p.add_argument("--mirror", default="")
-    p.add_argument("--root", default="")
-    p.add_argument("--dir", default=".")
-    p.add_argument("--gc", action="store_true")
     a = p.parse_args(argv)
-    try:
-        if a.command == "in":
-            return cmd_in(a.workdir, a.mirror)
-        if a.command == "list":
-            return cmd_list(a.workdir, a.root, a.dir)
-        if a.command == "send":
-            return cmd_send(a.root)
-        return cmd_cache(a.workdir, a.gc)
-    except (StageError, OSError, ValueError) as e:
-        _reply({"error": "failed", "detail": str(e)})
-        return 2
+    return serve(a.workdir)
