@@ -93,7 +93,7 @@ class Cache:
 
     def receive(self, sha: str, size: int, offset: int, stream: BinaryIO) -> Optional[str]:
         """Append ``size - offset`` bytes from *stream* to the partial file, verify, publish.
-        Returns None, or why the content was refused."""
+        Returns None, or why the content was refused (it is then deleted, never linked)."""
         part = os.path.join(self.partial, sha)
         h = hashlib.sha256()
         with open(part, "ab") as out:
@@ -195,6 +195,7 @@ def cmd_in(cache: "Cache", request: dict) -> None:
     _reply({"missing": [[sha, missing[sha][1]] for sha in order], "needed": needed,
             "free": free})
     errors: List[str] = []
+    bad: List[str] = []  # arrived with another hash: changed while sent, or corrupted
     received = 0
     cache.db.execute("BEGIN")  # one commit for the batch, not one per file
     for sha in order:
@@ -205,19 +206,20 @@ def cmd_in(cache: "Cache", request: dict) -> None:
             raise StreamBroken(str(e)) from None
         received += size - offset
         if why:
-            errors.append(why)
+            bad.append(sha)
     cache.db.execute("COMMIT")
     linked = unchanged = 0
     for rel, size, sha in files:
         if not os.path.exists(cache.path(sha)):
-            errors.append("%s: content missing on the cluster" % rel)
+            if sha not in bad:
+                errors.append("%s: content missing on the cluster" % rel)
             continue
         if cache.link(sha, os.path.join(mirror_root, rel)):
             linked += 1
         else:
             unchanged += 1
     _reply({"received": received, "linked": linked, "unchanged": unchanged,
-            "repaired": repaired, "errors": errors})
+            "repaired": repaired, "errors": errors, "bad": bad})
 
 
 def cmd_list(cache: "Cache", hashes: HashCache, request: dict) -> None:
