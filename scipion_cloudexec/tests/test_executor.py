@@ -98,3 +98,153 @@ def test_gpus_reach_the_job_as_cuda_visible_devices(make_cluster, clusters_env, 
     assert prot.isFinished(), logs(prot)
     # the protocol's two GPU slots, as the cluster's GPUs 4 and 5
     assert open(os.path.join(prot._getExtraPath(), "gpus.txt")).read().strip() == "4,5"
+
+
+# ---- the plugin's own protocols: identical results locally and on a cluster ----------------
+
+def import_micrographs(project, folder, n=4, copy=False):
+    from pwem.protocols import ProtImportMicrographs
+    from scipion_cloudexec.tests.datagen import write_micrographs
+    write_micrographs(str(folder), n, shape=(256, 256), seed=11)
+    prot = project.newProtocol(ProtImportMicrographs, filesPath=str(folder),
+                               filesPattern="mic_*.mrc", samplingRate=1.25, voltage=300.0,
+                               sphericalAberration=2.7, amplitudeContrast=0.1,
+                               magnification=50000, copyFiles=copy)
+    project.launchProtocol(prot, wait=True)
+    assert prot.isFinished()
+    return prot
+
+
+def files_by_name(folder):
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def test_power_spectra_identical_locally_and_on_the_cluster(make_cluster, clusters_env,
+                                                            new_project, tmp_path):
+    from scipion_cloudexec.protocols import ProtCloudPowerSpectra
+    c = make_cluster("mpirun")
+    clusters_env(c)
+    project = new_project("same")
+    # not copied: the set points at symbolic links to originals outside the project
+    imported = import_micrographs(project, tmp_path / "microscope", copy=False)
+    runs = []
+    for cluster in (None, c):
+        prot = project.newProtocol(ProtCloudPowerSpectra, downsample=2, boxSize=128,
+                                   numberOfThreads=3)
+        prot.inputMicrographs.set(imported.outputMicrographs)
+        runs.append(launch(project, prot, cluster))
+    local, cloud = runs
+    assert local.isFinished() and cloud.isFinished(), logs(cloud)
+    assert os.path.exists(os.path.join(cloud.getWorkingDir(), "logs", "cloudexec.jsonl"))
+    lo, cl = local.outputMicrographs, cloud.outputMicrographs
+    assert lo.getSize() == cl.getSize() == 4
+    assert lo.getSamplingRate() == cl.getSamplingRate() == pytest.approx(2.5)
+    assert [os.path.basename(m.getFileName()) for m in lo] == \
+        [os.path.basename(m.getFileName()) for m in cl]
+    local_files = files_by_name(local._getExtraPath())
+    assert len(local_files) == 8
+    assert files_by_name(cloud._getExtraPath()) == local_files, "byte-identical outputs"
+
+
+def test_mpi_average_on_the_cluster_matches_local(make_cluster, clusters_env, new_project,
+                                                  tmp_path):
+    from scipion_cloudexec.protocols import ProtCloudAverageSpectrum
+    c = make_cluster("mpirun")
+    clusters_env(c)
+    project = new_project("mpi")
+    imported = import_micrographs(project, tmp_path / "mics", copy=True)
+    runs = []
+    for cluster, ranks in ((None, 1), (c, 2)):
+        prot = project.newProtocol(ProtCloudAverageSpectrum, boxSize=128, numberOfMpi=ranks)
+        prot.inputMicrographs.set(imported.outputMicrographs)
+        runs.append(launch(project, prot, cluster))
+    local, cloud = runs
+    assert cloud.isFinished(), logs(cloud)
+    assert "2 rank(s)" in logs(cloud)
+    assert files_by_name(cloud._getExtraPath())["average_psd.mrc"] == \
+        files_by_name(local._getExtraPath())["average_psd.mrc"]
+    assert cloud.outputAverageSpectrum.getSamplingRate() == pytest.approx(1.25)
+
+
+# ---- resume and stop -------------------------------------------------------------------
+
+def wait_for(path, timeout=60):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            return
+        time.sleep(0.1)
+    raise AssertionError("%s never appeared" % path)
+
+
+@pytest.mark.slow
+def test_killed_protocol_continues_without_running_any_job_twice(make_cluster, clusters_env,
+                                                                 new_project, tmp_path):
+    import signal
+    c = make_cluster("local")
+    clusters_env(c)
+    project = new_project("resume")
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    chain = "\n".join([
+        "echo one >> extra/runs1.txt",
+        "echo two >> extra/runs2.txt; touch %s; while [ ! -e %s ]; do sleep 0.1; done" % (
+            started, gate),
+        "echo three >> extra/runs3.txt"])
+    prot = project.newProtocol(ProtCloudShellSteps, chain=chain)
+    os.makedirs(prot._getExtraPath(), exist_ok=True)
+    prot._useQueue.set(True)
+    prot.setQueueParams([c.name, {"QUEUE_FOR_JOBS": "Y"}])
+    project.launchProtocol(prot, wait=False)
+    wait_for(started)
+    import psutil
+    tree = psutil.Process(prot.getPid())
+    for proc in tree.children(recursive=True) + [tree]:  # the desktop's Scipion dies mid-step
+        proc.send_signal(signal.SIGKILL)
+    gate.write_text("go")
+    prot = project.getProtocol(prot.getObjId())
+    project.launchProtocol(prot, wait=True)  # continue (resume mode)
+    prot = project.getProtocol(prot.getObjId())
+    assert prot.isFinished(), logs(prot)
+    extra = prot._getExtraPath()
+    for i, word in enumerate(("one", "two", "three"), 1):
+        assert open(os.path.join(extra, "runs%d.txt" % i)).read() == word + "\n"
+    assert "had already run" in logs(prot) or "reused" in logs(prot)
+    from scipion_cloudexec.agent.client import AgentClient
+    with AgentClient(c) as client:
+        jobs = client.jobs()
+    assert len(jobs) == 3, [j["job_id"] for j in jobs]
+
+
+@pytest.mark.slow
+def test_stopping_a_protocol_cancels_its_remote_jobs(make_cluster, clusters_env, new_project,
+                                                     tmp_path):
+    c = make_cluster("mpirun")
+    clusters_env(c)
+    project = new_project("stop")
+    started = tmp_path / "pids"
+    prot = project.newProtocol(ProtCloudShellSteps, numberOfMpi=2,
+                               chain="echo $$ >> %s; sleep 300" % started)
+    os.makedirs(prot._getExtraPath(), exist_ok=True)
+    prot._useQueue.set(True)
+    prot.setQueueParams([c.name, {"QUEUE_FOR_JOBS": "Y"}])
+    project.launchProtocol(prot, wait=False)
+    import time
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (started.exists() and
+                                               len(started.read_text().split()) == 2):
+        time.sleep(0.1)
+    prot = project.getProtocol(prot.getObjId())
+    project.stopProtocol(prot)  # Scipion's Stop button
+    pids = [int(p) for p in started.read_text().split()]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(os.path.exists("/proc/%d" % p) for p in pids):
+        time.sleep(0.1)
+    assert not any(os.path.exists("/proc/%d" % p) for p in pids), "remote ranks still running"
+    from scipion_cloudexec.agent.client import AgentClient
+    with AgentClient(c) as client:
+        assert [j["state"] for j in client.jobs()] == ["cancelled"]
