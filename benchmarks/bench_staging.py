@@ -47,7 +47,7 @@ def ours(conf, project_root, paths, project, hash_cache):
         "c = load_clusters(%r)['local']\n"
         "ssh = SSHConnection(Target(c.host, c.port, c.user, c.identity_file, c.known_hosts))\n"
         "t0 = time.perf_counter(); ssh.connect()\n"
-        "r = Stager(ssh, c, hash_cache=%r).stage_in(%r, %r, %r)\n"
+        "r = Stager(ssh, c, hash_cache=%r).stage_in(%r, %r, %r, keep_hashes=False)\n"
         "dt = time.perf_counter() - t0\n"
         "print(json.dumps([dt, r.bytes_sent, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))\n"
         % (conf, hash_cache, project_root, paths, project))

@@ -9,6 +9,7 @@
     scipion-cloudexec [--config FILE] stage NAME PATH... [--project-root DIR]
     scipion-cloudexec [--config FILE] fetch NAME REMOTE_PATH... --to DIR
     scipion-cloudexec [--config FILE] cache NAME [--gc]
+    scipion-cloudexec provenance RUN_DIR [--json] [-v]
     scipion-cloudexec demo [--root DIR] [--keep]
     scipion-cloudexec testbed up|down|status [--root DIR]
 
@@ -267,7 +268,8 @@ def cmd_stage(cluster: ClusterConfig, args) -> int:
     with SSHConnection(_target(cluster)) as ssh:
         bar = ProgressLine("staging to %s" % cluster.name)
         try:
-            r = Stager(ssh, cluster).stage_in(root, args.paths, project, progress=bar)
+            r = Stager(ssh, cluster).stage_in(root, args.paths, project, progress=bar,
+                                               keep_hashes=False)
         except StagingError as e:
             bar.end()
             _say("scipion-cloudexec: %s" % e)
@@ -321,6 +323,36 @@ def _target(cluster: ClusterConfig):
     from .transport.ssh import Target
     return Target(cluster.host, cluster.port, cluster.user, cluster.identity_file,
                   cluster.known_hosts, cluster.connect_timeout)
+
+
+def cmd_provenance(args) -> int:
+    """Where each remote step of a protocol run ran, from Runs/<id>/logs/cloudexec.jsonl."""
+    import json
+    path = os.path.join(args.run_dir, "logs", "cloudexec.jsonl")
+    try:
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        _say("scipion-cloudexec: %s not found: no step of %s ran on a cluster"
+             % (path, args.run_dir))
+        return 1
+    if args.json:
+        print(json.dumps(records, indent=1, sort_keys=True))
+        return 0
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("started") or 0))
+        print("step %s  job %s  %s on %s (%s, launcher id %s)  %s, %.1f s, exit %s"
+              % (r.get("step"), r["job_id"], r.get("state"), r["cluster"], r["launcher"],
+                 r.get("launcher_id"), when, (r.get("ended") or 0) - (r.get("started") or 0),
+                 r.get("exit_code")))
+        print("    command: %s" % r["command"])
+        print("    %d input file(s) staged, %d output file(s) gathered"
+              % (len(r.get("inputs", {})), len(r.get("outputs", {}))))
+        if args.verbose:
+            for kind in ("inputs", "outputs"):
+                for rel, sha in sorted(r.get(kind, {}).items()):
+                    print("      %-7s %s  %s" % (kind[:-1], sha[:16], rel))
+    return 0
 
 
 def cmd_testbed(args) -> int:
@@ -387,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cache", help="show (or clean) the cluster's staging cache")
     s.add_argument("name")
     s.add_argument("--gc", action="store_true", help="drop entries no project mirror uses")
+    s = sub.add_parser("provenance", help="where each remote step of a protocol run ran")
+    s.add_argument("run_dir", help="the protocol's run folder, e.g. Runs/000123_ProtRelionRefine3D")
+    s.add_argument("--json", action="store_true", help="the raw records")
     s = sub.add_parser("demo", help="start a local test bed and run check and an MPI job on it")
     s.add_argument("--root", default=os.path.join(os.getcwd(), ".testbed"),
                    help="test bed folder (default ./.testbed)")
@@ -424,6 +459,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_demo(args)
         if args.cmd == "testbed":
             return cmd_testbed(args)
+        if args.cmd == "provenance":
+            return cmd_provenance(args)
         clusters = load_clusters(args.config)
         if getattr(args, "job_id", "") is None and ":" in args.name:
             args.name, args.job_id = args.name.split(":", 1)

@@ -23,7 +23,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 
 from ..agent import bundle
@@ -34,6 +34,7 @@ from .hashing import BLOCK, HashCache
 #: progress(done_bytes, total_bytes, done_files, total_files)
 Progress = Callable[[int, int, int, int], None]
 WINDOW = 16 << 20  # SSH window: keeps a long or slow link busy
+BATCH = 2000  # files per request: bounds memory on both sides
 
 
 class StagingError(RuntimeError):
@@ -177,15 +178,13 @@ class Stager:
 
     # ---- stage in ---------------------------------------------------------------------
 
-    def manifest(self, project_root: str, paths: Iterable[str],
-                 exclude: Sequence[str] = ()) -> List[Tuple[str, str, int, str]]:
-        """[(mirror-relative path, local path, size, sha256)] for files and folders given
-        relative to *project_root* or absolute. Absolute paths outside the project go under
-        ``_external/`` in the mirror. Symbolic links are followed; paths under an *exclude*
-        prefix (relative to the project) are left out."""
+    def walk(self, project_root: str, paths: Iterable[str],
+             exclude: Sequence[str] = ()) -> Iterator[Tuple[str, Optional[str]]]:
+        """(mirror-relative path, local path) for every file under *paths*, and (path, None)
+        for every folder, lazily. Paths are relative to *project_root* or absolute; absolute
+        ones outside the project go under ``_external/`` in the mirror. Symbolic links are
+        followed; paths under an *exclude* prefix (relative to the project) are left out."""
         root = os.path.abspath(project_root)
-        wanted: List[Tuple[str, str]] = []
-        self._dirs: List[str] = []  # folders to create, empty ones included
         for p in paths:
             local = p if os.path.isabs(p) else os.path.join(root, p)
             rel = os.path.relpath(os.path.abspath(local), root)
@@ -193,74 +192,93 @@ class Stager:
                 rel = os.path.join("_external", os.path.abspath(local).lstrip("/"))
             if os.path.isdir(local):
                 for dirpath, _dirs, names in os.walk(local, followlinks=True):
-                    self._dirs.append(os.path.normpath(os.path.join(
-                        rel, os.path.relpath(dirpath, local))))
+                    drel = os.path.normpath(os.path.join(rel, os.path.relpath(dirpath, local)))
+                    if _excluded(drel, exclude):
+                        continue
+                    yield drel, None
                     for name in sorted(names):
-                        full = os.path.join(dirpath, name)
-                        wanted.append((os.path.normpath(os.path.join(
-                            rel, os.path.relpath(full, local))), full))
+                        frel = os.path.normpath(os.path.join(drel, name))
+                        if not _excluded(frel, exclude):
+                            yield frel, os.path.join(dirpath, name)
             elif os.path.exists(local):
-                wanted.append((os.path.normpath(rel), local))
+                if not _excluded(rel, exclude):
+                    yield os.path.normpath(rel), local
             else:
                 raise StagingError("input %s does not exist (or is a broken link)" % local)
-        wanted = [(rel, local) for rel, local in wanted if not _excluded(rel, exclude)]
-        self._dirs = [d for d in self._dirs if not _excluded(d, exclude)]
-        seen = set()
-        wanted = [w for w in wanted if not (w[0] in seen or seen.add(w[0]))]
-        memo = HashCache(self.hash_cache_path)
-        try:
-            out = []
-            for rel, local in wanted:
-                st = os.stat(local)
-                out.append((rel, local, st.st_size, memo.get(os.path.realpath(local), st)))
-            return out
-        finally:
-            memo.close()
 
     def stage_in(self, project_root: str, paths: Sequence[str], project: str,
-                 progress: Optional[Progress] = None, exclude: Sequence[str] = ()) -> StageReport:
+                 progress: Optional[Progress] = None, exclude: Sequence[str] = (),
+                 keep_hashes: bool = True) -> StageReport:
         """Make *paths* present in the cluster's mirror of *project*; send only what the
-        cluster's cache lacks, resuming partial uploads.
+        cluster's cache lacks, resuming partial uploads. Files go in batches of BATCH, so
+        memory does not grow with their number (unless *keep_hashes* keeps every file's
+        hash in the report, as the executor needs).
 
         Raises:
-            NoSpace: before anything is sent; StagingError: a file changed during the upload
+            NoSpace: before a batch is sent; StagingError: a file changed during the upload
             or arrived corrupted (nothing wrong is ever linked into the mirror).
         """
         t0 = time.monotonic()
-        entries = self.manifest(project_root, paths, exclude)
-        report = StageReport(files=len(entries), bytes_total=sum(e[2] for e in entries),
-                             hashes={e[0]: e[3] for e in entries})
+        report = StageReport()
+        problems: List[str] = []
+        memo = HashCache(self.hash_cache_path)
+        files: List[Tuple[str, str, int, str]] = []
+        dirs: List[str] = []
+        try:
+            for rel, local in self.walk(project_root, paths, exclude):
+                if local is None:
+                    dirs.append(rel)
+                    continue
+                st = os.stat(local)
+                sha = memo.get(os.path.realpath(local), st)
+                files.append((rel, local, st.st_size, sha))
+                report.files += 1
+                report.bytes_total += st.st_size
+                if keep_hashes:
+                    report.hashes[rel] = sha
+                if len(files) >= BATCH:
+                    problems += self._stage_batch(project, files, dirs, report, progress)
+                    files, dirs = [], []
+            problems += self._stage_batch(project, files, dirs, report, progress)
+        finally:
+            memo.close()
+        report.seconds = time.monotonic() - t0
+        if problems:
+            raise StagingError("staging to %s incomplete:\n  %s\n(files that changed while being "
+                               "sent were not recorded; stage again once they are written)"
+                               % (self.cluster.name, "\n  ".join(problems)))
+        return report
+
+    def _stage_batch(self, project: str, entries: List[Tuple[str, str, int, str]],
+                     dirs: List[str], report: StageReport,
+                     progress: Optional[Progress]) -> List[str]:
+        """One "in" request: returns the problems (files that changed, missing content)."""
         ch = self._request({"cmd": "in", "mirror": self.mirror(project),
                             "files": [[rel, size, sha] for rel, _l, size, sha in entries],
-                            "dirs": self._dirs})
+                            "dirs": dirs})
         try:
             answer = ch.line()
             if answer.get("error") == "nospace":
                 raise NoSpace(self.cluster.name, answer["needed"], answer["free"])
             local_of = {sha: (local, size) for _r, local, size, sha in entries}
             missing = [(sha, off) for sha, off in answer["missing"]]
-            total = sum(local_of[sha][1] - off for sha, off in missing)
+            total = report.bytes_sent + sum(local_of[sha][1] - off for sha, off in missing)
             for i, (sha, offset) in enumerate(missing):
                 local, size = local_of[sha]
                 self._send_file(ch, local, size, offset,
                                 lambda n: _tick(progress, report, n, total, i, len(missing)))
             final = ch.line()
+        except NoSpace:
+            raise
         except BaseException:
             self.close()  # the stream is out of step: start afresh next time
             raise
-        report.bytes_sent = final["received"]
-        report.linked, report.unchanged = final["linked"], final["unchanged"]
-        report.repaired = final["repaired"]
-        report.seconds = time.monotonic() - t0
+        report.linked += final["linked"]
+        report.unchanged += final["unchanged"]
+        report.repaired += final["repaired"]
         # the cluster verifies every hash; a mismatch means the file moved while it was read
         changed = sorted({local_of[sha][0] for sha in final.get("bad", [])})
-        if changed or final["errors"]:
-            raise StagingError("staging to %s incomplete:\n  %s\n(files that changed while being "
-                               "sent were not recorded; stage again once they are written)"
-                               % (self.cluster.name, "\n  ".join(
-                                   ["%s changed during the upload" % c for c in changed]
-                                   + final["errors"])))
-        return report
+        return ["%s changed during the upload" % c for c in changed] + final["errors"]
 
     @staticmethod
     def _send_file(ch: _Channel, local: str, size: int, offset: int,

@@ -56,6 +56,14 @@ def test_shell_protocol_runs_on_the_cluster_and_outputs_come_back(make_cluster, 
                for r in records)
     assert any("extra/fan_0.txt" in k for r in records for k in r["outputs"])
     assert not prot.getJobIds(), "finished jobs leave the protocol's job list"
+    import subprocess
+    import sys
+    shown = subprocess.run([sys.executable, "-m", "scipion_cloudexec.cli", "-v", "provenance",
+                            prot.getWorkingDir()], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count("done on %s (mpirun" % c.name) == 5
+    assert "command: /bin/sh -c 'hostname > extra/chain.txt'" in shown.stdout
+    assert "extra/fan_0.txt" in shown.stdout
 
 
 def test_failing_step_fails_the_protocol_with_the_remote_error(make_cluster, clusters_env,
