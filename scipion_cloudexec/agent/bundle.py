@@ -29,6 +29,7 @@ MODULES = (
     "agent/launchers.py",
     "agent/schedulers.py",
     "agent/server.py",
+    "agent/pool.py",
     "staging/hashing.py",
     "staging/remote.py",
 )
@@ -40,6 +41,9 @@ try:
     import zmq  # noqa: F401
 except ImportError:
     sys.exit("cloudexec agent: No module named 'zmq': install pyzmq for %s" % sys.executable)
+if sys.argv[1:2] == ["pool"]:
+    from scipion_cloudexec.agent.pool import main
+    sys.exit(main(sys.argv[2:]))
 if sys.argv[1:2] == ["stage"]:
     from scipion_cloudexec.staging.remote import main
     sys.exit(main(sys.argv[2:]))

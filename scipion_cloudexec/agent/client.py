@@ -295,7 +295,7 @@ class AgentClient:
                gpus: Sequence[int] = (), env: Optional[Dict[str, str]] = None,
                env_prepend: Optional[Dict[str, str]] = None, cwd: str = "",
                job_id: Optional[str] = None, label: str = "", launcher: Optional[str] = None,
-               on_output: Optional[OutputCallback] = None) -> JobFuture:
+               pool: str = "", on_output: Optional[OutputCallback] = None) -> JobFuture:
         """Start ``argv`` on the cluster as ``ranks`` MPI ranks; return its future at once.
 
         Args:
@@ -307,7 +307,9 @@ class AgentClient:
             cwd: working directory on the cluster (default: the job's folder).
             job_id: a stable id makes the submit idempotent (a second submit attaches).
             label: shown by ``scipion-cloudexec jobs``.
-            launcher: override the cluster's launcher (``local``, ``mpirun``, ``slurm``).
+            launcher: override the cluster's launcher (``local``, ``mpirun``, ``slurm``, or
+                ``pool`` with *pool*: a worker pool started with :meth:`start_pool`).
+            pool: the worker pool's name, for ``launcher="pool"``.
             on_output: called as ``on_output(stream, data)`` from the IO thread.
 
         Raises:
@@ -321,6 +323,8 @@ class AgentClient:
                        client=self.client_name, label=label)
         if launcher:
             spec.launcher.kind = launcher
+        if pool:
+            spec.launcher.kind, spec.launcher.pool = "pool", pool
         spec.validate()
         fut = self._register(spec.job_id, on_output)
         rid = next(self._rids)
@@ -344,6 +348,15 @@ class AgentClient:
         exc = req.exception()
         if exc is not None and not fut.done():
             fut.set_exception(exc)
+
+    def start_pool(self, name: str, ranks: int, job_id: Optional[str] = None) -> JobFuture:
+        """Start an mpi4py worker pool of *ranks* ranks through the cluster's launcher; then
+        ``submit(..., pool=name)`` queues single-rank jobs on it without an ``mpirun`` each.
+        Cancel its future's job to stop it. The cluster's python needs mpi4py."""
+        pool_dir = "%s/pools/%s" % (self.cluster.workdir.rstrip("/"), name)
+        return self.submit([self.cluster.python, bundle.remote_path(self.cluster), "pool",
+                            "--dir", pool_dir], ranks=ranks, job_id=job_id or "pool-" + name,
+                           label="worker pool %s" % name)
 
     def jobs(self, limit: int = 100) -> List[Dict]:
         """The agent's journal, newest first (dicts with job_id, state, exit_code...)."""

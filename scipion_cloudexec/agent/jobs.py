@@ -55,6 +55,7 @@ class LauncherSpec:
     partition: str = ""
     account: str = ""
     time: str = ""
+    pool: str = ""  # kind "pool": the worker pool that takes the job
 
 
 @dataclass
@@ -106,8 +107,8 @@ class JobSpec:
             raise ValueError("argv must be a non-empty list of strings")
         if self.ranks < 1 or self.threads < 1:
             raise ValueError("ranks and threads must be at least 1")
-        if self.launcher.kind not in ("local", "mpirun", "slurm"):
-            raise ValueError("launcher %r: use local, mpirun or slurm" % self.launcher.kind)
+        if self.launcher.kind not in ("local", "mpirun", "slurm", "pool"):
+            raise ValueError("launcher %r: use local, mpirun, slurm or pool" % self.launcher.kind)
         for k in list(self.env) + list(self.env_prepend):
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
                 raise ValueError("environment variable name %r is not valid" % k)

@@ -70,7 +70,15 @@ class SrunLauncher(Launcher):
         return list(spec.launcher.srun) + list(spec.argv)
 
 
-LAUNCHERS = {cls.kind: cls for cls in (LocalLauncher, MpirunLauncher, SrunLauncher)}
+class PoolLauncher(Launcher):
+    """A job for a worker pool: one rank, started by the pool itself (see pool.py)."""
+    kind = "pool"
+
+    def command(self, spec: JobSpec, files: JobFiles) -> List[str]:
+        return list(spec.argv)
+
+
+LAUNCHERS = {cls.kind: cls for cls in (LocalLauncher, MpirunLauncher, SrunLauncher, PoolLauncher)}
 
 
 def launcher_for(kind: str) -> Launcher:

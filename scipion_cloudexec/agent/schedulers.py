@@ -10,6 +10,7 @@ Shipped to the cluster with the agent: standard library only.
 from __future__ import annotations
 
 import abc
+import json
 import os
 import re
 import signal
@@ -271,6 +272,75 @@ class SlurmScheduler(Scheduler):
         self._run(["scancel", launcher_id])
 
 
+class PoolScheduler(Scheduler):
+    """Hands single-rank jobs to a running worker pool (see pool.py) through its queue folder.
+
+    Launcher id: ``pool:<pool folder>``. A job waits as QUEUED until a rank takes it; a pool
+    whose heartbeat stopped for ``dead_after`` seconds loses its unfinished jobs (LOST: they
+    may be retried elsewhere).
+    """
+
+    poll_interval = 0.05
+    dead_after = 15.0
+
+    def __init__(self, pools_root: str):
+        self.pools_root = pools_root
+
+    def pool_dir(self, pool: str) -> str:
+        if not pool or "/" in pool or pool.startswith("."):
+            raise SubmitError("invalid pool name %r" % pool)
+        return os.path.join(self.pools_root, pool)
+
+    def submit(self, spec: JobSpec, files: JobFiles) -> Tuple[str, JobState]:
+        if spec.ranks != 1:
+            raise SubmitError("a worker pool runs single-rank jobs; this one asks for %d ranks"
+                              % spec.ranks)
+        pool = self.pool_dir(spec.launcher.pool)
+        queue = os.path.join(pool, "queue")
+        os.makedirs(queue, exist_ok=True)
+        tmp = os.path.join(pool, ".%s.tmp" % spec.job_id)
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"job_id": spec.job_id, "script": files.script,
+                                "stdout": files.stdout, "stderr": files.stderr}))
+        os.replace(tmp, os.path.join(queue, spec.job_id))
+        return "pool:%s" % spec.launcher.pool, JobState.QUEUED
+
+    def status(self, jobs: Dict[str, Tuple[str, JobFiles]]) -> Dict[str, Status]:
+        result = {}
+        for job_id, (lid, files) in jobs.items():
+            rc = files.read_rc()
+            if rc is not None:
+                result[job_id] = _final_from_rc(rc)  # type: ignore[assignment]
+                continue
+            pool = self.pool_dir(lid.split(":", 1)[1])
+            if os.path.exists(os.path.join(pool, "running", job_id)):
+                result[job_id] = Status(JobState.RUNNING)
+            try:
+                age = time.time() - os.path.getmtime(os.path.join(pool, "heartbeat"))
+            except OSError:
+                continue  # the pool has not started yet (e.g. waiting in SLURM's queue)
+            if age > self.dead_after:
+                result[job_id] = Status(JobState.LOST, None, "worker pool %s stopped "
+                                        "(no heartbeat for %.0f s)" % (lid, age))
+        return result
+
+    def cancel(self, launcher_id: str, files: JobFiles) -> None:
+        pool = self.pool_dir(launcher_id.split(":", 1)[1])
+        job_id = os.path.basename(files.dir)
+        try:
+            os.unlink(os.path.join(pool, "queue", job_id))  # not started: never will
+            with open(files.rc, "w") as f:
+                f.write("143\n")
+            return
+        except FileNotFoundError:
+            pass
+        try:
+            with open(os.path.join(pool, "running", job_id)) as f:
+                os.killpg(int(f.read().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+
+
 def scheduler_kind(launcher_kind: str) -> str:
-    """Which scheduler serves a launcher: ``slurm`` or ``process``."""
-    return "slurm" if launcher_kind == "slurm" else "process"
+    """Which scheduler serves a launcher: ``slurm``, ``pool`` or ``process``."""
+    return launcher_kind if launcher_kind in ("slurm", "pool") else "process"

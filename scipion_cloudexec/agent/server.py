@@ -41,8 +41,8 @@ from ..version import PROTOCOL_VERSION, __version__
 from .jobs import JobFiles, JobSpec, JobState, job_script
 from .journal import Journal
 from .launchers import launcher_for
-from .schedulers import ProcessScheduler, Scheduler, SlurmScheduler, Status, SubmitError, \
-    scheduler_kind
+from .schedulers import PoolScheduler, ProcessScheduler, Scheduler, SlurmScheduler, Status, \
+    SubmitError, scheduler_kind
 
 log = logging.getLogger("cloudexec.agent")
 
@@ -82,8 +82,9 @@ class Agent:
         self.heartbeat = heartbeat
         self.version = agent_version()
         self.secret = secrets.token_bytes(32)
-        self.schedulers: Dict[str, Scheduler] = {"process": ProcessScheduler(),
-                                                 "slurm": SlurmScheduler()}
+        self.schedulers: Dict[str, Scheduler] = {
+            "process": ProcessScheduler(), "slurm": SlurmScheduler(),
+            "pool": PoolScheduler(os.path.join(workdir, "pools"))}
         self.clients: Dict[bytes, float] = {}            # identity -> last message (monotonic)
         self.watchers: Dict[str, Dict[bytes, List[int]]] = {}  # job -> identity -> [out, err]
         self.active: Dict[str, Tuple[str, str, JobFiles]] = {}  # job -> (scheduler, lid, files)

@@ -50,15 +50,18 @@ class CloudStepExecutor(ThreadStepExecutor):
         cluster: the cluster from the clusters file.
         gpuList: GPU slots pyworkflow assigned to the protocol.
         wall_time: SLURM wall time for the jobs, overriding the cluster's ``time``.
+        pool_ranks: if > 0, single-rank jobs run on an mpi4py worker pool of that many ranks,
+            held on the cluster for the protocol's duration (no ``mpirun`` per step).
     """
 
     def __init__(self, hostConfig, nThreads: int, cluster: ClusterConfig,
-                 gpuList: Optional[List[int]] = None, wall_time: str = ""):
+                 gpuList: Optional[List[int]] = None, wall_time: str = "", pool_ranks: int = 0):
         super().__init__(hostConfig, max(1, nThreads), gpuList=gpuList)
         if wall_time:
             from dataclasses import replace
             cluster = replace(cluster, time=wall_time)
         self.cluster = cluster
+        self.pool_ranks = pool_ranks
         self.runner: Optional[ClusterRunner] = None
         self._runner_lock = threading.Lock()
         self._ended = threading.Event()
@@ -79,7 +82,8 @@ class CloudStepExecutor(ThreadStepExecutor):
                 name = project.getShortName() if project is not None else "project"
                 run = ProtocolRun(root, name, prot.getWorkingDir(), prot.getObjId())
                 self.runner = ClusterRunner(self.cluster, run, inputs=self._input_files,
-                                            client_name="scipion:%s:%s" % (name, prot.getObjId()))
+                                            client_name="scipion:%s:%s" % (name, prot.getObjId()),
+                                            pool_ranks=self.pool_ranks)
             return self.runner
 
     def _input_files(self) -> List[str]:

@@ -84,8 +84,11 @@ class ClusterRunner:
     """Runs one protocol's jobs on one cluster. Connects on first use; thread-safe."""
 
     def __init__(self, cluster: ClusterConfig, run: ProtocolRun,
-                 inputs: Callable[[], Iterable[str]] = lambda: (), client_name: str = ""):
+                 inputs: Callable[[], Iterable[str]] = lambda: (), client_name: str = "",
+                 pool_ranks: int = 0):
         self.cluster = cluster
+        self.pool_ranks = pool_ranks  # > 0: single-rank jobs go to an mpi4py worker pool
+        self.pool: Optional[JobFuture] = None
         self.run = run
         self.inputs = inputs
         self.client = AgentClient(cluster, client_name=client_name)
@@ -107,9 +110,27 @@ class ClusterRunner:
                                      self.cluster.python, self.cluster.path_map)
 
     def close(self) -> None:
+        if self.pool is not None and not self.pool.done():
+            try:  # the protocol is over: its pool goes too
+                self.client.cancel(self.pool.job_id)
+            except Exception as e:
+                log.warning("could not stop worker pool %s: %s", self.pool.job_id, e)
         if self.stager is not None:
             self.stager.close()
         self.client.close()
+
+    def _pool_name(self, say: Callable[[str], None]) -> str:
+        """The run's worker pool, started on first use."""
+        with self._connect_lock:
+            name = "%s-%d-%s" % (self.run.mirror[:40], self.run.prot_id, self.run.token)
+            if self.pool is None:
+                self.pool = self.client.start_pool(name, self.pool_ranks)
+                say("cloudexec: worker pool %s of %d rank(s) started on %s (job %s)"
+                    % (name, self.pool_ranks, self.cluster.name, self.pool.job_id))
+            elif self.pool.done() and self.pool.exception() is not None:
+                raise RemoteStepError("the worker pool on %s ended: %s"
+                                      % (self.cluster.name, self.pool.exception()))
+            return name
 
     # ---- one job ----------------------------------------------------------------------
 
@@ -144,14 +165,14 @@ class ClusterRunner:
                 out.append(f if os.path.isabs(f) else os.path.join(self.run.project_root, f))
         return out
 
-    def submit(self, cmd: RemoteCommand, job_id: str, label: str) -> JobFuture:
+    def submit(self, cmd: RemoteCommand, job_id: str, label: str, pool: str = "") -> JobFuture:
         def to_log(stream: str, data: bytes) -> None:
             out = sys.stdout if stream == "stdout" else sys.stderr
             out.write(data.decode(errors="replace"))
             out.flush()
         return self.client.submit(cmd.argv, ranks=cmd.ranks, threads=cmd.threads, gpus=cmd.gpus,
                                   env=cmd.env, env_prepend=cmd.env_prepend, cwd=cmd.cwd,
-                                  job_id=job_id, label=label, on_output=to_log)
+                                  job_id=job_id, label=label, on_output=to_log, pool=pool)
 
     def stage_out(self, say: Callable[[str], None]) -> StageReport:
         assert self.stager is not None
@@ -178,12 +199,14 @@ class ClusterRunner:
         if sin.bytes_sent:
             say("cloudexec: staged %d file(s), %.1f MB sent to %s in %.1f s"
                 % (sin.files, sin.bytes_sent / 1e6, self.cluster.name, sin.seconds))
-        fut = self.submit(cmd, job_id, label)
-        say("cloudexec: job %s on cluster %s (%s launcher, %d rank(s) x %d thread(s)%s): %s"
-            % (fut.job_id, self.cluster.name, self.cluster.launcher, cmd.ranks, cmd.threads,
+        pool = self._pool_name(say) if self.pool_ranks and cmd.ranks == 1 else ""
+        fut = self.submit(cmd, job_id, label, pool)
+        say("cloudexec: job %s on cluster %s (%s, %d rank(s) x %d thread(s)%s): %s"
+            % (fut.job_id, self.cluster.name, "worker pool" if pool else
+               "%s launcher" % self.cluster.launcher, cmd.ranks, cmd.threads,
                ", GPUs %s" % ",".join(map(str, cmd.gpus)) if cmd.gpus else "", cmd.shown))
         record = {"job_id": fut.job_id, "cluster": self.cluster.name, "host": self.cluster.host,
-                  "launcher": self.cluster.launcher, "command": cmd.shown, "ranks": cmd.ranks,
+                  "launcher": "pool" if pool else self.cluster.launcher, "command": cmd.shown, "ranks": cmd.ranks,
                   "threads": cmd.threads, "gpus": cmd.gpus, "cwd": cmd.cwd, "step": step_id,
                   "inputs": dict(sin.hashes), "staged_at": t0}
         error: Optional[JobError] = None

@@ -12,6 +12,7 @@ Queue parameters read (all optional except QUEUE_FOR_JOBS, which must be ``Y`` s
 protocol itself runs on the desktop and only its jobs go out):
 
     QUEUE_FOR_JOBS = Y     CLOUD_TIME = 04:00:00 (SLURM wall time per job)
+    CLOUD_POOL = 8         single-rank steps go to an mpi4py worker pool of 8 ranks
 """
 from __future__ import annotations
 
@@ -55,8 +56,13 @@ def make_executor(protocol, stock, queue: str, params: Dict[str, Any]):
                                  ", ".join(clusters)))
     except ConfigError as e:
         return _Refusing(host, str(e))
+    try:
+        pool = int(params.get("CLOUD_POOL") or 0)
+    except ValueError:
+        return _Refusing(host, "queue parameter CLOUD_POOL=%r is not a number of ranks"
+                         % params.get("CLOUD_POOL"))
     return CloudStepExecutor(host, threads, clusters[queue], gpuList=gpus,
-                             wall_time=str(params.get("CLOUD_TIME", "") or ""))
+                             wall_time=str(params.get("CLOUD_TIME", "") or ""), pool_ranks=pool)
 
 
 def install() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -92,12 +93,26 @@ class _Channel:
     """The cluster's staging server (``python agent.zip stage serve``) on one exec channel,
     kept open so each request costs no new SSH session."""
 
+    NO_BUNDLE = 97
+
     def __init__(self, ssh: SSHConnection, cluster: ClusterConfig):
         self.cluster = cluster
         self.chan = ssh._require().open_session(window_size=WINDOW, max_packet_size=32768)
-        self.chan.exec_command(bundle.command(cluster, "stage", "serve", "--workdir",
-                                              cluster.workdir))
+        # one SSH session: test for the bundle and start the server in the same command
+        self.chan.exec_command("test -s %s || exit %d\n%s" % (
+            shlex.quote(bundle.remote_path(cluster)), self.NO_BUNDLE,
+            bundle.command(cluster, "stage", "serve", "--workdir", cluster.workdir)))
         self.out = self.chan.makefile("rb", BLOCK)
+
+    def ready(self) -> bool:
+        """False when the cluster lacks this version's bundle (upload it, then retry)."""
+        self.send_line({"cmd": "ping"})
+        if self.out.readline():
+            return True
+        if self.chan.recv_exit_status() == self.NO_BUNDLE:
+            return False
+        raise StagingError("the staging server on %s did not start: %s"
+                           % (self.cluster.name, self.stderr() or "no answer"))
 
     def send_line(self, obj) -> None:
         self.chan.sendall(json.dumps(obj).encode() + b"\n")
@@ -148,8 +163,14 @@ class Stager:
     def _channel(self) -> _Channel:
         """The staging server, started (and the bundle uploaded) on first use."""
         if self._chan is None or not self._chan.alive:
-            bundle.ensure_uploaded(self.ssh, self.cluster)
-            self._chan = _Channel(self.ssh, self.cluster)
+            ch = _Channel(self.ssh, self.cluster)
+            if not ch.ready():
+                bundle.ensure_uploaded(self.ssh, self.cluster)
+                ch = _Channel(self.ssh, self.cluster)
+                if not ch.ready():
+                    raise StagingError("the staging server on %s cannot start: the agent "
+                                       "bundle is missing after upload" % self.cluster.name)
+            self._chan = ch
         return self._chan
 
     def _request(self, request: dict) -> _Channel:

@@ -292,7 +292,8 @@ def serve(workdir: str) -> int:
     cache = Cache(workdir)
     hashes = HashCache(os.path.join(workdir, "cache", "hashes.sqlite"))
     handlers = {"in": cmd_in, "send": cmd_send, "cache": cmd_cache,
-                "list": lambda c, r: cmd_list(c, hashes, r)}
+                "list": lambda c, r: cmd_list(c, hashes, r),
+                "ping": lambda c, r: _reply({"ok": True})}
     try:
         while True:
             line = sys.stdin.buffer.readline()

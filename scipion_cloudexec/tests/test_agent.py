@@ -273,3 +273,29 @@ def test_idle_agent_exits_by_itself(make_cluster):
         client.submit(["true"]).result(30)
     wait_until(lambda: not alive(pid), 20, "idle agent exit")
     assert not os.path.exists(os.path.join(c.workdir, "agent", "agent.json"))
+
+
+def test_worker_pool_runs_many_small_jobs_without_an_mpirun_each(make_cluster):
+    c = make_cluster("mpirun")
+    with AgentClient(c) as client:
+        pool = client.start_pool("p1", ranks=3)
+        outs = [{} for _ in range(12)]
+        futs = [client.submit(["/bin/sh", "-c", "echo task %d on rank $CLOUDEXEC_POOL_RANK; "
+                               "echo ${OMPI_COMM_WORLD_SIZE:-no-mpi}" % i], pool="p1",
+                              on_output=collect(outs[i])) for i in range(12)]
+        bad = client.submit(["/bin/sh", "-c", "echo broken >&2; exit 9"], pool="p1")
+        results = [f.result(60) for f in futs]
+        with pytest.raises(JobFailed) as e:
+            bad.result(60)
+        client.cancel(pool.job_id)
+        with pytest.raises(JobCancelled):
+            pool.result(30)
+    assert all(r.exit_code == 0 and r.launcher_id == "pool:p1" for r in results)
+    ranks = set()
+    for i, out in enumerate(outs):
+        first, second = out["stdout"].decode().splitlines()
+        assert first.startswith("task %d on rank " % i)
+        ranks.add(first.split()[-1])
+        assert second == "no-mpi", "a pool job is a plain process, not part of an MPI world"
+    assert ranks <= {"1", "2"} and ranks, "the two worker ranks took the jobs"
+    assert e.value.result.exit_code == 9 and "broken" in e.value.result.stderr_tail

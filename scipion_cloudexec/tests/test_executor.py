@@ -7,10 +7,10 @@ import pytest
 from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
 
 
-def launch(project, prot, cluster=None, wait=True):
+def launch(project, prot, cluster=None, wait=True, **queue_params):
     if cluster is not None:  # what the form's "Use queue?" + queue dialog store
         prot._useQueue.set(True)
-        prot.setQueueParams([cluster.name, {"QUEUE_FOR_JOBS": "Y"}])
+        prot.setQueueParams([cluster.name, dict(QUEUE_FOR_JOBS="Y", **queue_params)])
     project.launchProtocol(prot, wait=wait)
     return project.getProtocol(prot.getObjId())
 
@@ -256,3 +256,23 @@ def test_stopping_a_protocol_cancels_its_remote_jobs(make_cluster, clusters_env,
     from scipion_cloudexec.agent.client import AgentClient
     with AgentClient(c) as client:
         assert [j["state"] for j in client.jobs()] == ["cancelled"]
+
+
+def test_many_small_steps_run_on_a_worker_pool(make_cluster, clusters_env, new_project):
+    c = make_cluster("mpirun")
+    clusters_env(c)
+    project = new_project("pool")
+    prot = project.newProtocol(ProtCloudShellSteps, numberOfThreads=4, fanCopies=12,
+                               fan="echo $CLOUDEXEC_POOL_RANK > extra/rank_{i}.txt")
+    os.makedirs(prot._getExtraPath(), exist_ok=True)
+    prot = launch(project, prot, c, CLOUD_POOL="3")
+    assert prot.isFinished(), logs(prot)
+    ranks = {open(os.path.join(prot._getExtraPath(), "rank_%d.txt" % i)).read().strip()
+             for i in range(12)}
+    assert ranks and ranks <= {"1", "2"}, "every step ran on a worker rank of the pool"
+    assert {r["launcher"] for r in provenance(prot)} == {"pool"}
+    assert "worker pool" in logs(prot)
+    from scipion_cloudexec.agent.client import AgentClient
+    with AgentClient(c) as client:
+        pools = [j for j in client.jobs() if j["label"].startswith("worker pool")]
+    assert len(pools) == 1 and pools[0]["state"] in ("cancelled", "done"), "stopped at the end"
