@@ -229,9 +229,10 @@ def test_killed_protocol_continues_without_running_any_job_twice(make_cluster, c
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["mpirun", pytest.param("slurm", marks=pytest.mark.slurm)])
 def test_stopping_a_protocol_cancels_its_remote_jobs(make_cluster, clusters_env, new_project,
-                                                     tmp_path):
-    c = make_cluster("mpirun")
+                                                     tmp_path, launcher):
+    c = make_cluster(launcher)
     clusters_env(c)
     project = new_project("stop")
     started = tmp_path / "pids"
@@ -253,6 +254,13 @@ def test_stopping_a_protocol_cancels_its_remote_jobs(make_cluster, clusters_env,
     while time.monotonic() < deadline and any(os.path.exists("/proc/%d" % p) for p in pids):
         time.sleep(0.1)
     assert not any(os.path.exists("/proc/%d" % p) for p in pids), "remote ranks still running"
+    if launcher == "slurm":
+        import subprocess
+        conf = os.path.join(os.environ.get("CLOUDEXEC_TESTBED") or "/tmp/cloudexec-testbed",
+                            "slurm", "slurm.conf")
+        queue = subprocess.run(["squeue", "-h", "-o", "%j %T"], capture_output=True, text=True,
+                               env=dict(os.environ, SLURM_CONF=conf)).stdout
+        assert "RUNNING" not in queue and "PENDING" not in queue, queue
     from scipion_cloudexec.agent.client import AgentClient
     with AgentClient(c) as client:
         assert [j["state"] for j in client.jobs()] == ["cancelled"]
