@@ -372,12 +372,18 @@ class Agent:
         if new:
             self.start_job(spec)
 
-    def on_Watch(self, identity: bytes, msg: m.Watch) -> None:
+    def _known_job(self, identity: bytes, msg) -> Optional[Dict]:
+        """The journal row of ``msg.job_id``, or None after telling the client it is unknown."""
         assert self.journal is not None
         row = self.journal.get(msg.job_id)
         if row is None:
             self.send(identity, m.Error(rid=msg.rid, kind="unknown_job",
                                         detail="no job %s on this cluster" % msg.job_id))
+        return row
+
+    def on_Watch(self, identity: bytes, msg: m.Watch) -> None:
+        row = self._known_job(identity, msg)
+        if row is None:
             return
         self.watchers.setdefault(msg.job_id, {})[identity] = [msg.out_offset, msg.err_offset]
         if JobState(row["state"]).final:
@@ -387,10 +393,8 @@ class Agent:
 
     def on_Cancel(self, identity: bytes, msg: m.Cancel) -> None:
         assert self.journal is not None
-        row = self.journal.get(msg.job_id)
+        row = self._known_job(identity, msg)
         if row is None:
-            self.send(identity, m.Error(rid=msg.rid, kind="unknown_job",
-                                        detail="no job %s on this cluster" % msg.job_id))
             return
         if msg.job_id in self.active:
             sched, lid, files = self.active[msg.job_id]
