@@ -17,12 +17,26 @@ import datetime
 import logging
 import os
 import threading
-from typing import Dict, List, Optional
+from dataclasses import replace
+from typing import Dict, List, Optional, Sequence, Union
 
 from pyworkflow.protocol.executor import StepThread, ThreadStepExecutor
 
+from ..agent.client import AgentLost, AgentStartError, JobLost, VersionMismatch
 from ..config import ClusterConfig
+from ..scheduling.dispatcher import MultiClusterDispatcher
+from ..scheduling.policy import JobRequest, Policy
+from ..staging.client import StagingError
+from ..transport.ssh import SSHError
 from .runner import ClusterRunner, ProtocolRun
+
+INFRA_ERRORS = (SSHError, StagingError, JobLost, AgentLost, AgentStartError, VersionMismatch,
+                EOFError, ConnectionError)
+
+
+def is_infra(error: BaseException) -> bool:
+    """A failure of the cluster or the link (retried elsewhere), not of the program."""
+    return isinstance(error, INFRA_ERRORS)
 
 logger = logging.getLogger(__name__)
 
@@ -42,49 +56,72 @@ class _WakingStepThread(StepThread):
 
 
 class CloudStepExecutor(ThreadStepExecutor):
-    """Runs a protocol's steps with ``nThreads`` workers; ``runJob`` goes to *cluster*.
+    """Runs a protocol's steps with ``nThreads`` workers; ``runJob`` goes to the cluster(s).
 
     Args:
         hostConfig: pyworkflow's host config (kept for compatibility).
         nThreads: concurrent steps (pyworkflow's threads minus the main one, at least 1).
-        cluster: the cluster from the clusters file.
+        cluster: the cluster from the clusters file, or several: each job then goes where the
+            scheduling *policy* says, and to another one if its cluster is lost.
         gpuList: GPU slots pyworkflow assigned to the protocol.
         wall_time: SLURM wall time for the jobs, overriding the cluster's ``time``.
         pool_ranks: if > 0, single-rank jobs run on an mpi4py worker pool of that many ranks,
             held on the cluster for the protocol's duration (no ``mpirun`` per step).
     """
 
-    def __init__(self, hostConfig, nThreads: int, cluster: ClusterConfig,
-                 gpuList: Optional[List[int]] = None, wall_time: str = "", pool_ranks: int = 0):
+    def __init__(self, hostConfig, nThreads: int,
+                 cluster: Union[ClusterConfig, Sequence[ClusterConfig]],
+                 gpuList: Optional[List[int]] = None, wall_time: str = "", pool_ranks: int = 0,
+                 policy: Optional[Policy] = None, retries: int = 2, down_for: float = 30.0):
         super().__init__(hostConfig, max(1, nThreads), gpuList=gpuList)
+        clusters = [cluster] if isinstance(cluster, ClusterConfig) else list(cluster)
         if wall_time:
-            from dataclasses import replace
-            cluster = replace(cluster, time=wall_time)
-        self.cluster = cluster
+            clusters = [replace(c, time=wall_time) for c in clusters]
+        self.clusters: Dict[str, ClusterConfig] = {c.name: c for c in clusters}
+        self.dispatcher = MultiClusterDispatcher([(c.name, c.slots, c.gpus) for c in clusters],
+                                                 policy, retries, down_for)
         self.pool_ranks = pool_ranks
-        self.runner: Optional[ClusterRunner] = None
+        self.runners: Dict[str, ClusterRunner] = {}
+        self._run: Optional[ProtocolRun] = None
         self._runner_lock = threading.Lock()
         self._ended = threading.Event()
         self._jobs_lock = threading.Lock()
 
     def __str__(self) -> str:
-        return "CloudStepExecutor(cluster=%s, threads=%d)" % (self.cluster.name,
-                                                              self.numberOfProcs)
+        return "CloudStepExecutor(cluster%s=%s, threads=%d)" % (
+            "s" if len(self.clusters) > 1 else "", ",".join(self.clusters), self.numberOfProcs)
 
     # ---- runJob -----------------------------------------------------------------------
 
-    def _runner(self) -> ClusterRunner:
+    def _protocol_run(self) -> ProtocolRun:
         with self._runner_lock:
-            if self.runner is None:
+            if self._run is None:
                 prot = self.protocol
                 project = prot.getProject()
                 root = project.path if project is not None else os.getcwd()
                 name = project.getShortName() if project is not None else "project"
-                run = ProtocolRun(root, name, prot.getWorkingDir(), prot.getObjId())
-                self.runner = ClusterRunner(self.cluster, run, inputs=self._input_files,
-                                            client_name="scipion:%s:%s" % (name, prot.getObjId()),
-                                            pool_ranks=self.pool_ranks)
-            return self.runner
+                self._run = ProtocolRun(root, name, prot.getWorkingDir(), prot.getObjId())
+            return self._run
+
+    def _runner(self, name: str) -> ClusterRunner:
+        run = self._protocol_run()
+        with self._runner_lock:
+            if name not in self.runners:
+                self.runners[name] = ClusterRunner(
+                    self.clusters[name], run, inputs=self._input_files,
+                    client_name="scipion:%s:%s" % (run.mirror, run.prot_id),
+                    pool_ranks=self.pool_ranks)
+            return self.runners[name]
+
+    def _drop_runner(self, name: str) -> None:
+        """Forget a lost cluster's connection: the next job there reconnects afresh."""
+        with self._runner_lock:
+            runner = self.runners.pop(name, None)
+        if runner is not None:
+            try:
+                runner.close()
+            except Exception as e:
+                logger.debug("closing lost runner %s: %s", name, e)
 
     def _input_files(self) -> List[str]:
         """Files of the protocol's input objects (sets, volumes...), as pwem lists them."""
@@ -100,17 +137,29 @@ class CloudStepExecutor(ThreadStepExecutor):
         thread = threading.current_thread()
         step_id = getattr(thread, "thId", 0)
         gpus = self.getGpuList() if isinstance(thread, StepThread) else (self.gpuList or [])
-        runner = self._runner()
-        job_id = runner.run.job_id(step_id)
-        ref = "%s:%s" % (self.cluster.name, job_id)
-        self._track(ref, add=True)
-        try:
-            runner.run_job(programName, params, ranks=numberOfMpi, threads=numberOfThreads,
-                           gpus=gpus, env=env, cwd=cwd, step_id=step_id, job_id=job_id,
-                           label="%s step %s" % (self.protocol.getRunName(), step_id),
-                           say=(log or logger).info)
-        finally:
-            self._track(ref, add=False)
+        say = (log or logger).info
+        job_id = self._protocol_run().job_id(step_id)
+        request = JobRequest(ranks=max(1, int(numberOfMpi)), threads=max(1, int(numberOfThreads)),
+                             gpus=tuple(gpus))
+
+        def work(name: str, attempt: int) -> dict:
+            ref = "%s:%s" % (name, job_id)
+            self._track(ref, add=True)
+            try:
+                return self._runner(name).run_job(
+                    programName, params, ranks=numberOfMpi, threads=numberOfThreads, gpus=gpus,
+                    env=env, cwd=cwd, step_id=step_id, job_id=job_id,
+                    label="%s step %s" % (self.protocol.getRunName(), step_id), say=say)
+            finally:
+                self._track(ref, add=False)
+
+        def failover(name: str, error: BaseException) -> None:
+            say("cloudexec: cluster %s failed this job (%s: %s); it goes to %s"
+                % (name, type(error).__name__, str(error).splitlines()[0],
+                   "another cluster" if len(self.clusters) > 1 else "the same cluster again"))
+            self._drop_runner(name)
+
+        self.dispatcher.run(request, work, is_infra, failover)
 
     def _track(self, ref: str, add: bool) -> None:
         """Keep running jobs in the protocol's job ids, so Scipion's Stop cancels them
@@ -168,5 +217,5 @@ class CloudStepExecutor(ThreadStepExecutor):
                     self._ended.wait(stepsCheckSecs)
             stepsCheckCallback()
         finally:
-            if self.runner is not None:
-                self.runner.close()
+            for name in list(self.runners):
+                self._drop_runner(name)

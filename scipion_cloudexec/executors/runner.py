@@ -27,7 +27,7 @@ import time
 import uuid
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
-from ..agent.client import AgentClient, JobError, JobFuture
+from ..agent.client import AgentClient, JobError, JobFuture, JobLost
 from ..config import ClusterConfig
 from ..staging.client import Stager, StageReport
 from .translate import PathMapper, RemoteCommand, translate
@@ -225,6 +225,8 @@ class ClusterRunner:
         say("cloudexec: job %s %s (exit %s) on %s, launcher id %s; %d file(s) gathered"
             % (fut.job_id, result.state.value, result.exit_code, self.cluster.name,
                result.launcher_id, len(sout.fetched)))
+        if isinstance(error, JobLost):
+            raise error  # the cluster's fault, not the program's: may be retried elsewhere
         if error is not None:
             raise RemoteStepError("command failed on cluster %s (%s, exit code %s): %s\n%s"
                                   % (self.cluster.name, result.state.value, result.exit_code,

@@ -13,6 +13,10 @@ protocol itself runs on the desktop and only its jobs go out):
 
     QUEUE_FOR_JOBS = Y     CLOUD_TIME = 04:00:00 (SLURM wall time per job)
     CLOUD_POOL = 8         single-rank steps go to an mpi4py worker pool of 8 ranks
+    CLOUD_RETRIES = 2      tries after an infrastructure failure (lost cluster, node, agent)
+
+The queue name is a cluster of the clusters file, several joined by commas, or ``all``: a
+protocol's jobs are then shared between them (scheduling/) and fail over between them.
 """
 from __future__ import annotations
 
@@ -50,19 +54,25 @@ def make_executor(protocol, stock, queue: str, params: Dict[str, Any]):
     host = getattr(stock, "hostConfig", None)
     try:
         clusters = load_clusters()
-        if queue not in clusters:
-            raise ConfigError("queue %r of hosts.conf names no cluster of %s (defined: %s)"
+        names = list(clusters) if queue == "all" else [
+            n.strip() for n in queue.replace("+", ",").split(",") if n.strip()]
+        unknown = [n for n in names if n not in clusters]
+        if unknown or not names:
+            raise ConfigError("queue %r of hosts.conf names no cluster of %s (defined: %s; "
+                              "'all' or 'a,b' name several)"
                               % (queue, next(iter(clusters.values())).source,
                                  ", ".join(clusters)))
-    except ConfigError as e:
+        retries = int(params.get("CLOUD_RETRIES") or 2)
+    except (ConfigError, ValueError) as e:
         return _Refusing(host, str(e))
     try:
         pool = int(params.get("CLOUD_POOL") or 0)
     except ValueError:
         return _Refusing(host, "queue parameter CLOUD_POOL=%r is not a number of ranks"
                          % params.get("CLOUD_POOL"))
-    return CloudStepExecutor(host, threads, clusters[queue], gpuList=gpus,
-                             wall_time=str(params.get("CLOUD_TIME", "") or ""), pool_ranks=pool)
+    return CloudStepExecutor(host, threads, [clusters[n] for n in names], gpuList=gpus,
+                             wall_time=str(params.get("CLOUD_TIME", "") or ""), pool_ranks=pool,
+                             retries=retries)
 
 
 def install() -> None:

@@ -284,3 +284,60 @@ def test_many_small_steps_run_on_a_worker_pool(make_cluster, clusters_env, new_p
     with AgentClient(c) as client:
         pools = [j for j in client.jobs() if j["label"].startswith("worker pool")]
     assert len(pools) == 1 and pools[0]["state"] in ("cancelled", "done"), "stopped at the end"
+
+
+# ---- several clusters ----------------------------------------------------------------
+
+def test_jobs_are_shared_between_clusters_by_capacity(make_cluster, clusters_env, new_project):
+    small, big = make_cluster("local", slots=1), make_cluster("local", slots=3)
+    clusters_env(small, big)
+    project = new_project("split")
+    prot = project.newProtocol(ProtCloudShellSteps, numberOfThreads=5, fanCopies=16,
+                               fan="sleep 0.4; echo {i} > extra/out_{i}.txt")
+    os.makedirs(prot._getExtraPath(), exist_ok=True)
+    prot._useQueue.set(True)
+    prot.setQueueParams(["%s,%s" % (small.name, big.name), {"QUEUE_FOR_JOBS": "Y"}])
+    project.launchProtocol(prot, wait=True)
+    prot = project.getProtocol(prot.getObjId())
+    assert prot.isFinished(), logs(prot)
+    where = [r["cluster"] for r in provenance(prot)]
+    assert len(where) == 16 and where.count(big.name) > where.count(small.name) > 0, where
+    for i in range(16):
+        assert open(os.path.join(prot._getExtraPath(), "out_%d.txt" % i)).read() == "%d\n" % i
+
+
+@pytest.mark.slow
+def test_losing_a_cluster_mid_protocol_moves_its_jobs(make_cluster, clusters_env, new_project,
+                                                       tmp_path):
+    import signal
+    import time
+    doomed, other = make_cluster("local", slots=2), make_cluster("local", slots=2)
+    clusters_env(doomed, other)
+    project = new_project("failover")
+    prot = project.newProtocol(ProtCloudShellSteps, numberOfThreads=5, fanCopies=12,
+                               fan="sleep 1; echo {i} >> extra/out_{i}.txt")
+    os.makedirs(prot._getExtraPath(), exist_ok=True)
+    prot._useQueue.set(True)
+    prot.setQueueParams(["all", {"QUEUE_FOR_JOBS": "Y"}])
+    project.launchProtocol(prot, wait=False)
+    state = os.path.join(doomed.workdir, "agent", "agent.json")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not os.path.exists(state):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    with open(state) as f:
+        os.kill(json.load(f)["pid"], signal.SIGKILL)  # the cluster's agent dies mid-protocol
+    import psutil
+    try:
+        psutil.Process(prot.getPid()).wait(180)
+    except psutil.NoSuchProcess:
+        pass
+    project._updateProtocol(prot)  # what wait=True does
+    prot = project.getProtocol(prot.getObjId())
+    assert prot.isFinished(), logs(prot)
+    for i in range(12):  # every output present, once
+        assert open(os.path.join(prot._getExtraPath(), "out_%d.txt" % i)).read() == "%d\n" % i
+    assert "failed this job (AgentLost" in logs(prot)
+    records = provenance(prot)
+    assert len(records) == 12 and len({r["step"] for r in records}) == 12
+    assert any(r["cluster"] == other.name for r in records)

@@ -1,0 +1,132 @@
+"""Runs each job on the cluster the policy picks; fails over when a cluster goes away.
+
+::
+
+    run(job, work)                       work(cluster, attempt) does the job on one cluster
+      wait for a slot (policy.choose)    slots freed by ending jobs wake waiters at once
+      work(...)  ok        -> result     speed of that cluster updated
+                 program   -> raise      the program's own failure: never retried elsewhere
+                 infra     -> that cluster is down for ``down_for`` s, retry on another
+                              (at most ``retries`` times); after ``down_for`` it takes work again
+
+Knows nothing of SSH or pyworkflow: ``is_infra`` tells an infrastructure failure apart.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
+
+from .policy import CapacityPolicy, ClusterView, JobRequest, Policy
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class NoClusterLeft(RuntimeError):
+    """Every cluster failed this job for infrastructure reasons, retries exhausted."""
+
+
+@dataclass
+class _Cluster:
+    name: str
+    slots: int
+    gpus: Tuple[int, ...] = ()
+    busy: int = 0
+    down_until: float = 0.0
+    seconds_per_job: float = 0.0
+    done: int = 0
+    failed_over: int = 0
+
+    def view(self) -> ClusterView:
+        return ClusterView(self.name, self.slots, self.busy, True, self.seconds_per_job,
+                           self.gpus)
+
+
+class MultiClusterDispatcher:
+    """Shares one protocol's jobs between clusters.
+
+    Args:
+        clusters: (name, slots, gpus) of each cluster.
+        policy: picks the cluster (default :class:`CapacityPolicy`).
+        retries: how many times a job failed by infrastructure is tried again.
+        down_for: seconds a failed cluster gets no work before it is tried again.
+    """
+
+    def __init__(self, clusters: Iterable[Tuple[str, int, Tuple[int, ...]]],
+                 policy: Optional[Policy] = None, retries: int = 2, down_for: float = 30.0):
+        self.clusters: Dict[str, _Cluster] = {n: _Cluster(n, s, tuple(g)) for n, s, g in clusters}
+        if not self.clusters:
+            raise ValueError("no cluster to dispatch to")
+        self.policy = policy or CapacityPolicy()
+        self.retries = retries
+        self.down_for = down_for
+        self._cond = threading.Condition()
+
+    def run(self, job: JobRequest, work: Callable[[str, int], T],
+            is_infra: Callable[[BaseException], bool],
+            on_failover: Callable[[str, BaseException], None] = lambda name, e: None) -> T:
+        """Run *job* with ``work(cluster_name, attempt)``; see the module docstring."""
+        for attempt in range(self.retries + 1):
+            name = self._acquire(job)
+            t0 = time.monotonic()
+            try:
+                result = work(name, attempt)
+            except BaseException as e:
+                self._release(name, job, None)
+                if not is_infra(e):
+                    raise
+                self._mark_down(name, e)
+                on_failover(name, e)
+                last = e
+                continue
+            self._release(name, job, time.monotonic() - t0)
+            return result
+        raise NoClusterLeft("job failed on %d cluster attempt(s) for infrastructure reasons; "
+                            "last: %s" % (self.retries + 1, last)) from last
+
+    def _need(self, job: JobRequest) -> int:
+        return max(1, job.ranks * job.threads)
+
+    def _acquire(self, job: JobRequest) -> str:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                healthy = [c.view() for c in self.clusters.values() if c.down_until <= now]
+                name = self.policy.choose(job, healthy) if healthy else None
+                if name is not None:
+                    self.clusters[name].busy += self._need(job)
+                    return name
+                wake = [c.down_until - now for c in self.clusters.values() if c.down_until > now]
+                self._cond.wait(min(wake) if wake else None)
+
+    def _release(self, name: str, job: JobRequest, seconds: Optional[float]) -> None:
+        with self._cond:
+            c = self.clusters[name]
+            c.busy -= self._need(job)
+            if seconds is not None:
+                c.done += 1
+                # recent jobs weigh most: a cluster that slows down gets less work soon
+                c.seconds_per_job = seconds if not c.seconds_per_job else \
+                    0.7 * c.seconds_per_job + 0.3 * seconds
+            self._cond.notify_all()
+
+    def _mark_down(self, name: str, error: BaseException) -> None:
+        with self._cond:
+            c = self.clusters[name]
+            c.down_until = time.monotonic() + self.down_for
+            c.failed_over += 1
+            log.warning("cluster %s lost (%s): no work for it for %.0f s", name, error,
+                        self.down_for)
+            self._cond.notify_all()
+
+    def status(self) -> List[Dict]:
+        """Each cluster: slots, busy, healthy, jobs done, failovers, seconds per job."""
+        now = time.monotonic()
+        with self._cond:
+            return [dict(name=c.name, slots=c.slots, busy=c.busy, healthy=c.down_until <= now,
+                         done=c.done, failed_over=c.failed_over,
+                         seconds_per_job=round(c.seconds_per_job, 3))
+                    for c in self.clusters.values()]

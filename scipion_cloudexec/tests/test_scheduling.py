@@ -1,0 +1,110 @@
+"""The dispatcher and the default policy, with real threads and timed work."""
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from scipion_cloudexec.scheduling.dispatcher import MultiClusterDispatcher, NoClusterLeft
+from scipion_cloudexec.scheduling.policy import CapacityPolicy, ClusterView, JobRequest
+
+
+class Infra(Exception):
+    pass
+
+
+def run_many(dispatcher, n, work, is_infra=lambda e: isinstance(e, Infra)):
+    results, errors = [], []
+
+    def one(i):
+        try:
+            results.append(dispatcher.run(JobRequest(), lambda name, attempt: work(name, i),
+                                          is_infra))
+        except Exception as e:
+            errors.append(e)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results, errors
+
+
+def test_split_follows_capacity():
+    d = MultiClusterDispatcher([("small", 1, ()), ("mid", 2, ()), ("big", 4, ())])
+
+    def work(name, i):
+        time.sleep(0.05)
+        return name
+    results, errors = run_many(d, 70, work)
+    counts = Counter(results)
+    assert not errors and sum(counts.values()) == 70
+    assert counts["big"] > counts["mid"] > counts["small"] > 0, counts
+    assert counts["big"] >= 2.5 * counts["small"], counts
+
+
+def test_infrastructure_failure_moves_the_job_program_failure_does_not():
+    d = MultiClusterDispatcher([("flaky", 4, ()), ("solid", 1, ())], down_for=60)
+    seen = []
+
+    def work(name, attempt):
+        seen.append(name)
+        if name == "flaky":
+            raise Infra("agent lost")
+        return name
+    assert d.run(JobRequest(), work, lambda e: isinstance(e, Infra)) == "solid"
+    assert seen == ["flaky", "solid"]
+    assert [c["healthy"] for c in d.status()] == [False, True]
+
+    def failing(name, attempt):
+        seen.append(name)
+        raise ValueError("segfault in the program")
+    seen.clear()
+    with pytest.raises(ValueError):
+        d.run(JobRequest(), failing, lambda e: isinstance(e, Infra))
+    assert seen == ["solid"], "a program failure is not retried"
+
+
+def test_all_clusters_failing_gives_up_after_the_retries():
+    d = MultiClusterDispatcher([("a", 1, ()), ("b", 1, ())], retries=1, down_for=0.01)
+
+    def work(name, attempt):
+        raise Infra("down")
+    with pytest.raises(NoClusterLeft, match="2 cluster attempt"):
+        d.run(JobRequest(), work, lambda e: isinstance(e, Infra))
+
+
+def test_a_lost_cluster_takes_work_again_after_its_pause():
+    d = MultiClusterDispatcher([("a", 4, ()), ("b", 1, ())], retries=0, down_for=0.2)
+
+    def work(name, attempt):
+        raise Infra("link down")
+    with pytest.raises(NoClusterLeft):
+        d.run(JobRequest(), work, lambda e: isinstance(e, Infra))
+    assert [c["healthy"] for c in d.status()] == [False, True]
+    time.sleep(0.3)
+    assert d.run(JobRequest(), lambda n, a: n, lambda e: False) == "a", "back, and the biggest"
+
+
+def test_policy_prefers_faster_and_data_holding_clusters():
+    p = CapacityPolicy()
+    views = [ClusterView("slow", 8, 0, seconds_per_job=10.0),
+             ClusterView("fast", 8, 0, seconds_per_job=2.0)]
+    assert p.choose(JobRequest(), views) == "fast"
+    views = [ClusterView("a", 8, 0), ClusterView("b", 8, 0, cached_bytes=10 ** 9)]
+    assert p.choose(JobRequest(), views) == "b"
+    assert p.choose(JobRequest(ranks=4), [ClusterView("full", 8, 6)]) is None
+    assert p.choose(JobRequest(ranks=16), [ClusterView("idle-small", 8, 0)]) == "idle-small"
+
+
+def test_custom_policy_gpu_jobs_only_to_gpu_clusters():
+    class GpuJobsToGpuClusters(CapacityPolicy):
+        def choose(self, job, clusters):
+            if job.gpus:
+                clusters = [c for c in clusters if c.gpus]
+            return super().choose(job, clusters)
+
+    d = MultiClusterDispatcher([("cpu", 8, ()), ("gpu", 2, (0, 1))],
+                               policy=GpuJobsToGpuClusters())
+    where = [d.run(JobRequest(gpus=(0,)), lambda n, a: n, lambda e: False) for _ in range(5)]
+    assert where == ["gpu"] * 5
