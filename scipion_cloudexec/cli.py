@@ -9,6 +9,7 @@
     scipion-cloudexec [--config FILE] stage NAME PATH... [--project-root DIR]
     scipion-cloudexec [--config FILE] fetch NAME REMOTE_PATH... --to DIR
     scipion-cloudexec [--config FILE] cache NAME [--gc]
+    scipion-cloudexec [--config FILE] status [NAME...]
     scipion-cloudexec provenance RUN_DIR [--json] [-v]
     scipion-cloudexec demo [--root DIR] [--keep]
     scipion-cloudexec testbed up|down|status [--root DIR]
@@ -355,6 +356,47 @@ def cmd_provenance(args) -> int:
     return 0
 
 
+def cluster_status(cluster: ClusterConfig) -> dict:
+    """What ``status`` shows of one cluster (connects; never raises)."""
+    from .agent.client import AgentClient
+    from .staging.client import Stager
+    out = {"name": cluster.name, "slots": cluster.slots, "reachable": False}
+    try:
+        with AgentClient(cluster) as client:
+            jobs = client.jobs(1000)
+            out.update(reachable=True, agent=client.welcome.version)
+            active = [j for j in jobs if j["state"] in ("running", "queued", "submitted")]
+            out["used"] = sum(j["cores"] for j in active if j["state"] == "running")
+            for state in ("queued", "running", "done", "failed", "cancelled", "lost"):
+                out[state] = sum(1 for j in jobs if j["state"] == state)
+            out["clients"] = sorted({j["client"] for j in active})
+            stager = Stager(client.ssh, cluster)
+            out["cached"] = stager.cache_info()["bytes"]
+            stager.close()
+    except Exception as e:  # status reports, it does not fail
+        out["error"] = "%s: %s" % (type(e).__name__, str(e).splitlines()[0])
+    return out
+
+
+def cmd_status(args) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+    clusters = load_clusters(args.config)
+    names = args.names or list(clusters)
+    with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+        rows = list(pool.map(cluster_status, [clusters[n] for n in names]))
+    print("%-16s %-11s %11s %7s %8s %6s %6s %9s  %s" % (
+        "CLUSTER", "REACHABLE", "SLOTS USED", "QUEUED", "RUNNING", "DONE", "FAILED", "CACHED",
+        "ACTIVE CLIENTS"))
+    for r in rows:
+        if not r["reachable"]:
+            print("%-16s %-11s %11s  %s" % (r["name"], "NO", "-/%d" % r["slots"], r["error"]))
+            continue
+        print("%-16s %-11s %11s %7d %8d %6d %6d %9s  %s" % (
+            r["name"], "yes", "%d/%d" % (r["used"], r["slots"]), r["queued"], r["running"],
+            r["done"], r["failed"], _human(r["cached"]), ", ".join(r["clients"]) or "-"))
+    return 0 if all(r["reachable"] for r in rows) else 1
+
+
 def cmd_testbed(args) -> int:
     from .testbed import LocalTestbed
     tb = LocalTestbed(os.path.abspath(args.root))
@@ -419,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cache", help="show (or clean) the cluster's staging cache")
     s.add_argument("name")
     s.add_argument("--gc", action="store_true", help="drop entries no project mirror uses")
+    s = sub.add_parser("status", help="every cluster: reachable, slots used, jobs, cache")
+    s.add_argument("names", nargs="*", help="clusters (default: all in the clusters file)")
     s = sub.add_parser("provenance", help="where each remote step of a protocol run ran")
     s.add_argument("run_dir", help="the protocol's run folder, e.g. Runs/000123_ProtRelionRefine3D")
     s.add_argument("--json", action="store_true", help="the raw records")
@@ -461,6 +505,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_testbed(args)
         if args.cmd == "provenance":
             return cmd_provenance(args)
+        if args.cmd == "status":
+            return cmd_status(args)
         clusters = load_clusters(args.config)
         if getattr(args, "job_id", "") is None and ":" in args.name:
             args.name, args.job_id = args.name.split(":", 1)

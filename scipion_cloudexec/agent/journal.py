@@ -84,9 +84,16 @@ class Journal:
         return [dict(zip(COLUMNS, r)) for r in rows]
 
     def recent(self, limit: int = 100) -> List[Dict[str, Any]]:
-        rows = self.db.execute("SELECT %s FROM jobs ORDER BY submitted DESC LIMIT ?"
+        """Newest jobs first, each with ``cores`` (ranks x threads) from its spec."""
+        rows = self.db.execute("SELECT %s, spec FROM jobs ORDER BY submitted DESC LIMIT ?"
                                % ", ".join(COLUMNS), (limit,))
-        return [dict(zip(COLUMNS, r)) for r in rows]
+        out = []
+        for r in rows:
+            row = dict(zip(COLUMNS, r))
+            spec = json.loads(r[-1])
+            row["cores"] = int(spec.get("ranks", 1)) * int(spec.get("threads", 1))
+            out.append(row)
+        return out
 
     def close(self) -> None:
         self.db.close()

@@ -75,3 +75,18 @@ def test_jobs_lists_and_cancel_stops(conf):
     assert r.returncode == 0 and "listed" in r.stdout and "done" in r.stdout
     r = cli("--config", path, "cancel", "c", "listed")
     assert r.returncode == 0 and "was done" in r.stdout
+
+
+def test_status_shows_each_cluster_and_an_unreachable_one(make_cluster, tmp_path):
+    from scipion_cloudexec.tests.conftest import clusters_file_text
+    up = make_cluster("local")
+    down = make_cluster("local", port=1)
+    conf = tmp_path / "two.conf"
+    conf.write_text(clusters_file_text(up, down))
+    assert cli("--config", str(conf), "run", up.name, "--", "true").returncode == 0
+    r = cli("--config", str(conf), "status")
+    assert r.returncode == 1, "one cluster is unreachable"
+    lines = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    assert " yes " in lines[up.name] and "0/4" in lines[up.name]
+    assert lines[up.name].split()[5] == "1", "one job done"
+    assert " NO " in lines[down.name] and "cannot reach 127.0.0.1:1" in lines[down.name]
