@@ -341,3 +341,34 @@ def test_losing_a_cluster_mid_protocol_moves_its_jobs(make_cluster, clusters_env
     records = provenance(prot)
     assert len(records) == 12 and len({r["step"] for r in records}) == 12
     assert any(r["cluster"] == other.name for r in records)
+
+
+def test_two_protocols_at_once_on_shared_clusters(make_cluster, clusters_env, new_project):
+    import psutil
+    a, b = make_cluster("local", slots=2), make_cluster("local", slots=2)
+    clusters_env(a, b)
+    project = new_project("two")
+    prots = []
+    for tag in ("left", "right"):
+        prot = project.newProtocol(ProtCloudShellSteps, objLabel=tag, numberOfThreads=3,
+                                   fanCopies=6, fan="sleep 0.2; echo %s {i} > extra/%s_{i}.txt"
+                                   % (tag, tag))
+        os.makedirs(prot._getExtraPath(), exist_ok=True)
+        prot._useQueue.set(True)
+        prot.setQueueParams(["all", {"QUEUE_FOR_JOBS": "Y"}])
+        project.launchProtocol(prot, wait=False)
+        prots.append(prot)
+    for prot in prots:
+        try:
+            psutil.Process(prot.getPid()).wait(180)
+        except psutil.NoSuchProcess:
+            pass
+        project._updateProtocol(prot)
+    for prot, tag, other in ((prots[0], "left", "right"), (prots[1], "right", "left")):
+        prot = project.getProtocol(prot.getObjId())
+        assert prot.isFinished(), logs(prot)
+        names = sorted(os.listdir(prot._getExtraPath()))
+        assert names == sorted("%s_%d.txt" % (tag, i) for i in range(6)), names
+        records = provenance(prot)
+        assert len(records) == 6
+        assert all("-%d-" % prot.getObjId() in r["job_id"] for r in records), "its own jobs only"
