@@ -19,13 +19,13 @@ import os
 
 import pyworkflow.utils as pwutils
 from pyworkflow.constants import PROD
-from pyworkflow.protocol import params
 
 from pwem.objects import Image
 from pwem.protocols import ProtMicrographs
 
 from ..programs import program_command, relative_to_project
 from ..programs.average_spectrum import stats_path
+from .form import addMicrographsAndBox
 
 
 class AverageSpectrumOutputs(enum.Enum):
@@ -44,15 +44,7 @@ class ProtCloudAverageSpectrum(ProtMicrographs):
 
     # -------------------------- DEFINE param functions -----------------------
     def _defineParams(self, form):
-        form.addSection(label='Input')
-        form.addParam('inputMicrographs', params.PointerParam,
-                      pointerClass='SetOfMicrographs', important=True,
-                      label='Input micrographs')
-        form.addParam('boxSize', params.IntParam, default=256,
-                      validators=[params.GE(8)],
-                      label='Power spectrum box (px)',
-                      help='Size of the tiles whose periodograms are averaged. '
-                           'Must be even and fit in the micrographs.')
+        addMicrographsAndBox(form)
         form.addParallelSection(threads=1, mpi=2)
 
     # --------------------------- INSERT steps functions ----------------------

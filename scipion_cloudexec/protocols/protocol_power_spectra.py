@@ -24,6 +24,7 @@ from pwem.objects import SetOfMicrographs
 from pwem.protocols import ProtPreprocessMicrographs
 
 from ..programs import program_command, relative_to_project
+from .form import addMicrographsAndBox
 
 
 class PowerSpectraOutputs(enum.Enum):
@@ -43,20 +44,12 @@ class ProtCloudPowerSpectra(ProtPreprocessMicrographs):
 
     # -------------------------- DEFINE param functions -----------------------
     def _defineParams(self, form):
-        form.addSection(label='Input')
-        form.addParam('inputMicrographs', params.PointerParam,
-                      pointerClass='SetOfMicrographs', important=True,
-                      label='Input micrographs')
+        addMicrographsAndBox(form)
         form.addParam('downsample', params.IntParam, default=2,
                       validators=[params.GE(1)],
                       label='Downsampling factor',
                       help='The output micrographs are Fourier-cropped by this '
                            'factor; their sampling rate is multiplied by it.')
-        form.addParam('boxSize', params.IntParam, default=256,
-                      validators=[params.GE(8)],
-                      label='Power spectrum box (px)',
-                      help='Size of the tiles whose periodograms are averaged. '
-                           'Must be even and fit in the micrographs.')
         # Threads here are Scipion threads: how many micrographs at a time.
         form.addParallelSection(threads=2, mpi=0)
 

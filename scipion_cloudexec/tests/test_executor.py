@@ -15,6 +15,17 @@ def launch(project, prot, cluster=None, wait=True, **queue_params):
     return project.getProtocol(prot.getObjId())
 
 
+def wait_done(project, prot, timeout=180):
+    """Wait for a protocol launched with wait=False, then refresh it as wait=True would."""
+    import psutil
+    try:
+        psutil.Process(prot.getPid()).wait(timeout)
+    except psutil.NoSuchProcess:
+        pass
+    project._updateProtocol(prot)
+    return project.getProtocol(prot.getObjId())
+
+
 def logs(prot):
     out = []
     for name in ("run.stdout", "run.stderr"):
@@ -327,13 +338,7 @@ def test_losing_a_cluster_mid_protocol_moves_its_jobs(make_cluster, clusters_env
     time.sleep(0.5)
     with open(state) as f:
         os.kill(json.load(f)["pid"], signal.SIGKILL)  # the cluster's agent dies mid-protocol
-    import psutil
-    try:
-        psutil.Process(prot.getPid()).wait(180)
-    except psutil.NoSuchProcess:
-        pass
-    project._updateProtocol(prot)  # what wait=True does
-    prot = project.getProtocol(prot.getObjId())
+    prot = wait_done(project, prot)
     assert prot.isFinished(), logs(prot)
     for i in range(12):  # every output present, once
         assert open(os.path.join(prot._getExtraPath(), "out_%d.txt" % i)).read() == "%d\n" % i
@@ -344,7 +349,6 @@ def test_losing_a_cluster_mid_protocol_moves_its_jobs(make_cluster, clusters_env
 
 
 def test_two_protocols_at_once_on_shared_clusters(make_cluster, clusters_env, new_project):
-    import psutil
     a, b = make_cluster("local", slots=2), make_cluster("local", slots=2)
     clusters_env(a, b)
     project = new_project("two")
@@ -358,14 +362,8 @@ def test_two_protocols_at_once_on_shared_clusters(make_cluster, clusters_env, ne
         prot.setQueueParams(["all", {"QUEUE_FOR_JOBS": "Y"}])
         project.launchProtocol(prot, wait=False)
         prots.append(prot)
-    for prot in prots:
-        try:
-            psutil.Process(prot.getPid()).wait(180)
-        except psutil.NoSuchProcess:
-            pass
-        project._updateProtocol(prot)
-    for prot, tag, other in ((prots[0], "left", "right"), (prots[1], "right", "left")):
-        prot = project.getProtocol(prot.getObjId())
+    prots = [wait_done(project, prot) for prot in prots]
+    for prot, tag in ((prots[0], "left"), (prots[1], "right")):
         assert prot.isFinished(), logs(prot)
         names = sorted(os.listdir(prot._getExtraPath()))
         assert names == sorted("%s_%d.txt" % (tag, i) for i in range(6)), names
