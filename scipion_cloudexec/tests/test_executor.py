@@ -370,3 +370,16 @@ def test_two_protocols_at_once_on_shared_clusters(make_cluster, clusters_env, ne
         records = provenance(prot)
         assert len(records) == 6
         assert all("-%d-" % prot.getObjId() in r["job_id"] for r in records), "its own jobs only"
+
+
+def test_a_queue_naming_no_cluster_fails_the_step_with_the_fix(make_cluster, clusters_env,
+                                                               new_project):
+    clusters_env(make_cluster("local"))
+    project = new_project("badqueue")
+    prot = project.newProtocol(ProtCloudShellSteps, chain="true")
+    prot._useQueue.set(True)
+    prot.setQueueParams(["no-such-cluster", {"QUEUE_FOR_JOBS": "Y"}])
+    project.launchProtocol(prot, wait=True)
+    prot = project.getProtocol(prot.getObjId())
+    assert prot.isFailed()
+    assert "queue 'no-such-cluster' of hosts.conf names no cluster" in prot.getErrorMessage()
