@@ -31,7 +31,7 @@ from ..transport.ssh import SSHError
 from .runner import ClusterRunner, ProtocolRun
 
 INFRA_ERRORS = (SSHError, StagingError, JobLost, AgentLost, AgentStartError, VersionMismatch,
-                EOFError, ConnectionError)
+                EOFError, ConnectionError, TimeoutError)
 
 
 def is_infra(error: BaseException) -> bool:

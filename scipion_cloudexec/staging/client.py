@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shlex
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -98,6 +99,8 @@ class _Channel:
     def __init__(self, ssh: SSHConnection, cluster: ClusterConfig):
         self.cluster = cluster
         self.chan = ssh._require().open_session(window_size=WINDOW, max_packet_size=32768)
+        # no progress for this long means a dead link (a cut link drops packets silently)
+        self.chan.settimeout(max(10.0, 6 * cluster.heartbeat))
         # one SSH session: test for the bundle and start the server in the same command
         self.chan.exec_command("test -s %s || exit %d\n%s" % (
             shlex.quote(bundle.remote_path(cluster)), self.NO_BUNDLE,
@@ -118,7 +121,11 @@ class _Channel:
         self.chan.sendall(json.dumps(obj).encode() + b"\n")
 
     def line(self) -> dict:
-        raw = self.out.readline()
+        try:
+            raw = self.out.readline()
+        except socket.timeout:
+            raise StagingError("no answer from %s for %.0f s: link or cluster down"
+                               % (self.cluster.name, self.chan.gettimeout())) from None
         if not raw:
             raise StagingError("the staging server on %s stopped: %s" % (
                 self.cluster.name, self.stderr() or "connection lost"))
