@@ -18,11 +18,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
+import threading
 import time
 from typing import Dict, List, Optional
 
 POLL = 0.02  # seconds between looks at the queue when idle
+_STOP = threading.Event()
 
 
 def run_task(task: dict, pool_dir: str, rank: int) -> int:
@@ -94,7 +95,7 @@ def serve(pool_dir: str) -> int:
                 busy[worker] = task["job_id"]
                 comm.send(task, dest=worker)
             continue
-        if not busy and os.path.exists(os.path.join(pool_dir, "stop")):
+        if _STOP.is_set() or (not busy and os.path.exists(os.path.join(pool_dir, "stop"))):
             break
         time.sleep(POLL)
     for worker in range(1, size):
@@ -107,5 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="cloudexec-pool")
     p.add_argument("--dir", required=True)
     a = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # rank 0 stops handing out work and releases the workers; workers stuck in recv wait
+    # for that (the launcher's SIGKILL ends whatever still hangs)
+    signal.signal(signal.SIGTERM, lambda *_: _STOP.set())
     return serve(a.dir)

@@ -95,7 +95,6 @@ class ProcessScheduler(Scheduler):
     def __init__(self) -> None:
         self._procs: Dict[str, subprocess.Popen] = {}
         self._fds: Dict[int, str] = {}
-        self._kill_at: Dict[str, Tuple[float, int]] = {}
 
     def submit(self, spec: JobSpec, files: JobFiles) -> Tuple[str, JobState]:
         try:
@@ -125,7 +124,6 @@ class ProcessScheduler(Scheduler):
 
     def _forget(self, job_id: str) -> None:
         self._procs.pop(job_id, None)
-        self._kill_at.pop(job_id, None)
         for fd, jid in list(self._fds.items()):
             if jid == job_id:
                 os.close(fd)
@@ -139,15 +137,12 @@ class ProcessScheduler(Scheduler):
 
     def status(self, jobs: Dict[str, Tuple[str, JobFiles]]) -> Dict[str, Status]:
         result = {}
-        now = time.monotonic()
         for job_id, (launcher_id, files) in jobs.items():
             proc = self._procs.get(job_id)
             if proc is not None:
                 st = self.reap(job_id)
                 if st is not None:
                     result[job_id] = st
-                elif job_id in self._kill_at and now > self._kill_at[job_id][0]:
-                    self._signal(self._kill_at.pop(job_id)[1], signal.SIGKILL)
                 continue
             # adopted from an earlier agent: not our child, so read its rc file
             pid, _, started = launcher_id.partition(":")
@@ -172,9 +167,12 @@ class ProcessScheduler(Scheduler):
         if not pid.isdigit() or _proc_start_time(int(pid)) != started:
             return
         self._signal(int(pid), signal.SIGTERM)
-        for job_id, proc in self._procs.items():
-            if proc.pid == int(pid):
-                self._kill_at[job_id] = (time.monotonic() + self.grace, int(pid))
+        # whatever of the group outlives the grace (an mpirun waiting on stuck ranks) is
+        # killed by a watcher of its own: the job script may be gone long before that
+        subprocess.Popen(["/bin/sh", "-c", "sleep %g; kill -KILL -- -%d 2>/dev/null"
+                          % (self.grace, int(pid))], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
 
 
 # SLURM state -> ours, in one place. Anything not listed counts as RUNNING.

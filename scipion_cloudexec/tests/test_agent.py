@@ -299,3 +299,19 @@ def test_worker_pool_runs_many_small_jobs_without_an_mpirun_each(make_cluster):
         assert second == "no-mpi", "a pool job is a plain process, not part of an MPI world"
     assert ranks <= {"1", "2"} and ranks, "the two worker ranks took the jobs"
     assert e.value.result.exit_code == 9 and "broken" in e.value.result.stderr_tail
+
+
+def test_cancelled_worker_pool_leaves_no_process_behind(make_cluster):
+    c = make_cluster("mpirun")
+    with AgentClient(c) as client:
+        pool = client.start_pool("p2", ranks=3)
+        assert client.submit(["true"], pool="p2").result(60).exit_code == 0
+        client.cancel(pool.job_id)
+        with pytest.raises(JobCancelled):
+            pool.result(30)
+    pool_dir = os.path.join(c.workdir, "pools", "p2")
+
+    def leftovers():
+        out = subprocess.run(["pgrep", "-f", pool_dir], capture_output=True, text=True).stdout
+        return out.split()
+    wait_until(lambda: not leftovers(), 20, "pool processes gone")
