@@ -25,7 +25,7 @@ from pwem.protocols import ProtMicrographs
 
 from ..programs import program_command, relative_to_project
 from ..programs.average_spectrum import stats_path
-from .form import addMicrographsAndBox
+from .form import addMicrographsAndBox, validateBox
 
 
 class AverageSpectrumOutputs(enum.Enum):
@@ -80,17 +80,7 @@ class ProtCloudAverageSpectrum(ProtMicrographs):
 
     # --------------------------- INFO functions ------------------------------
     def _validate(self):
-        errors = []
-        box = self.boxSize.get()
-        if box is not None and box % 2:
-            errors.append('The power spectrum box must be even.')
-        mics = self.inputMicrographs.get()
-        if mics is not None and box is not None:
-            dim = mics.getDimensions()
-            if dim is not None and (box > dim[0] or box > dim[1]):
-                errors.append('The box (%d px) is larger than the micrographs '
-                              '(%d x %d px).' % (box, dim[0], dim[1]))
-        return errors
+        return validateBox(self)
 
     def _summary(self):
         stats = self.getStats()

@@ -24,7 +24,7 @@ from pwem.objects import SetOfMicrographs
 from pwem.protocols import ProtPreprocessMicrographs
 
 from ..programs import program_command, relative_to_project
-from .form import addMicrographsAndBox
+from .form import addMicrographsAndBox, validateBox
 
 
 class PowerSpectraOutputs(enum.Enum):
@@ -99,17 +99,7 @@ class ProtCloudPowerSpectra(ProtPreprocessMicrographs):
 
     # --------------------------- INFO functions ------------------------------
     def _validate(self):
-        errors = []
-        box = self.boxSize.get()
-        if box is not None and box % 2:
-            errors.append('The power spectrum box must be even.')
-        mics = self.inputMicrographs.get()
-        if mics is not None and box is not None:
-            dim = mics.getDimensions()
-            if dim is not None and (box > dim[0] or box > dim[1]):
-                errors.append('The box (%d px) is larger than the micrographs '
-                              '(%d x %d px).' % (box, dim[0], dim[1]))
-        return errors
+        return validateBox(self)
 
     def _summary(self):
         if not self.hasAttribute(PowerSpectraOutputs.outputMicrographs.name):
