@@ -142,8 +142,11 @@ class CloudStepExecutor(ThreadStepExecutor):
         request = JobRequest(ranks=max(1, int(numberOfMpi)), threads=max(1, int(numberOfThreads)),
                              gpus=tuple(gpus))
 
+        run = self._protocol_run()
+
         def work(name: str, attempt: int) -> dict:
             ref = "%s:%s" % (name, job_id)
+            run.place(job_id, name)
             self._track(ref, add=True)
             try:
                 return self._runner(name).run_job(
@@ -159,7 +162,7 @@ class CloudStepExecutor(ThreadStepExecutor):
                    "another cluster" if len(self.clusters) > 1 else "the same cluster again"))
             self._drop_runner(name)
 
-        self.dispatcher.run(request, work, is_infra, failover)
+        self.dispatcher.run(request, work, is_infra, failover, prefer=run.placed(job_id))
 
     def _track(self, ref: str, add: bool) -> None:
         """Keep running jobs in the protocol's job ids, so Scipion's Stop cancels them

@@ -74,6 +74,23 @@ class ProtocolRun:
                     json.dump({"token": self._token}, f)
         return self._token
 
+    def placed(self, job_id: str) -> Optional[str]:
+        """The cluster a job was sent to by an earlier process of this run, if any."""
+        try:
+            with open(os.path.join(self.logs, "cloudexec-placements.jsonl")) as f:
+                found = [json.loads(line) for line in f if job_id in line]
+        except OSError:
+            return None
+        mine = [p["cluster"] for p in found if p.get("job_id") == job_id]
+        return mine[-1] if mine else None
+
+    def place(self, job_id: str, cluster: str) -> None:
+        """Remember where a job went, so a resumed run attaches to it there."""
+        with self._lock:
+            os.makedirs(self.logs, exist_ok=True)
+            with open(os.path.join(self.logs, "cloudexec-placements.jsonl"), "a") as f:
+                f.write(json.dumps({"job_id": job_id, "cluster": cluster}) + "\n")
+
     def job_id(self, step_id: int) -> str:
         with self._lock:
             n = self._counts[step_id] = self._counts.get(step_id, 0) + 1

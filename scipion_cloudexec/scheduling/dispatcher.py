@@ -67,10 +67,15 @@ class MultiClusterDispatcher:
 
     def run(self, job: JobRequest, work: Callable[[str, int], T],
             is_infra: Callable[[BaseException], bool],
-            on_failover: Callable[[str, BaseException], None] = lambda name, e: None) -> T:
-        """Run *job* with ``work(cluster_name, attempt)``; see the module docstring."""
+            on_failover: Callable[[str, BaseException], None] = lambda name, e: None,
+            prefer: Optional[str] = None) -> T:
+        """Run *job* with ``work(cluster_name, attempt)``; see the module docstring.
+
+        *prefer*: the cluster that already has this job (a resumed step): it is used while
+        healthy, whatever the policy would say, so the job is attached to, not run again.
+        """
         for attempt in range(self.retries + 1):
-            name = self._acquire(job)
+            name = self._acquire(job, prefer if attempt == 0 else None)
             t0 = time.monotonic()
             try:
                 result = work(name, attempt)
@@ -90,8 +95,11 @@ class MultiClusterDispatcher:
     def _need(self, job: JobRequest) -> int:
         return max(1, job.ranks * job.threads)
 
-    def _acquire(self, job: JobRequest) -> str:
+    def _acquire(self, job: JobRequest, prefer: Optional[str] = None) -> str:
         with self._cond:
+            if prefer in self.clusters and self.clusters[prefer].down_until <= time.monotonic():
+                self.clusters[prefer].busy += self._need(job)
+                return prefer
             while True:
                 now = time.monotonic()
                 healthy = [c.view() for c in self.clusters.values() if c.down_until <= now]

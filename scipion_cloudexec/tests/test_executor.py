@@ -202,11 +202,14 @@ def wait_for(path, timeout=60):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("n_clusters", [1, 2])
 def test_killed_protocol_continues_without_running_any_job_twice(make_cluster, clusters_env,
-                                                                 new_project, tmp_path):
+                                                                 new_project, tmp_path,
+                                                                 n_clusters):
     import signal
-    c = make_cluster("local")
-    clusters_env(c)
+    clusters = [make_cluster("local", slots=1) for _ in range(n_clusters)]
+    c = clusters[0]
+    clusters_env(*clusters)
     project = new_project("resume")
     gate, started = tmp_path / "gate", tmp_path / "started"
     chain = "\n".join([
@@ -217,7 +220,7 @@ def test_killed_protocol_continues_without_running_any_job_twice(make_cluster, c
     prot = project.newProtocol(ProtCloudShellSteps, chain=chain)
     os.makedirs(prot._getExtraPath(), exist_ok=True)
     prot._useQueue.set(True)
-    prot.setQueueParams([c.name, {"QUEUE_FOR_JOBS": "Y"}])
+    prot.setQueueParams([",".join(x.name for x in clusters), {"QUEUE_FOR_JOBS": "Y"}])
     project.launchProtocol(prot, wait=False)
     wait_for(started)
     import psutil
@@ -234,8 +237,10 @@ def test_killed_protocol_continues_without_running_any_job_twice(make_cluster, c
         assert open(os.path.join(extra, "runs%d.txt" % i)).read() == word + "\n"
     assert "had already run" in logs(prot) or "reused" in logs(prot)
     from scipion_cloudexec.agent.client import AgentClient
-    with AgentClient(c) as client:
-        jobs = client.jobs()
+    jobs = []
+    for cluster in clusters:  # on resume, the running job is found where it was sent
+        with AgentClient(cluster) as client:
+            jobs += client.jobs()
     assert len(jobs) == 3, [j["job_id"] for j in jobs]
 
 

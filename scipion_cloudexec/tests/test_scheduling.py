@@ -108,3 +108,16 @@ def test_custom_policy_gpu_jobs_only_to_gpu_clusters():
                                policy=GpuJobsToGpuClusters())
     where = [d.run(JobRequest(gpus=(0,)), lambda n, a: n, lambda e: False) for _ in range(5)]
     assert where == ["gpu"] * 5
+
+
+def test_a_resumed_job_goes_back_where_it_was_sent():
+    d = MultiClusterDispatcher([("small", 1, ()), ("big", 8, ())], down_for=60)
+    assert d.run(JobRequest(), lambda n, a: n, lambda e: False) == "big"
+    assert d.run(JobRequest(), lambda n, a: n, lambda e: False, prefer="small") == "small"
+
+    def lost_there(name, attempt):
+        if name == "small":
+            raise Infra("gone")
+        return name
+    assert d.run(JobRequest(), lost_there, lambda e: isinstance(e, Infra),
+                 prefer="small") == "big", "a lost preferred cluster is not insisted on"
