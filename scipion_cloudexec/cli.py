@@ -372,7 +372,11 @@ def cluster_status(cluster: ClusterConfig) -> dict:
             out["clients"] = sorted({j["client"] for j in active})
             stager = Stager(client.ssh, cluster)
             out["cached"] = stager.cache_info()["bytes"]
+            staged = stager.mirrors()
             stager.close()
+            # executors name themselves scipion:<mirror>:<protocol id>
+            out["staged"] = {c: staged.get(c.split(":")[1], {}).get("bytes", 0)
+                             for c in out["clients"] if c.startswith("scipion:")}
     except Exception as e:  # status reports, it does not fail
         out["error"] = "%s: %s" % (type(e).__name__, str(e).splitlines()[0])
     return out
@@ -386,14 +390,16 @@ def cmd_status(args) -> int:
         rows = list(pool.map(cluster_status, [clusters[n] for n in names]))
     print("%-16s %-11s %11s %7s %8s %6s %6s %9s  %s" % (
         "CLUSTER", "REACHABLE", "SLOTS USED", "QUEUED", "RUNNING", "DONE", "FAILED", "CACHED",
-        "ACTIVE CLIENTS"))
+        "ACTIVE CLIENTS (protocols: bytes staged)"))
     for r in rows:
         if not r["reachable"]:
             print("%-16s %-11s %11s  %s" % (r["name"], "NO", "-/%d" % r["slots"], r["error"]))
             continue
         print("%-16s %-11s %11s %7d %8d %6d %6d %9s  %s" % (
             r["name"], "yes", "%d/%d" % (r["used"], r["slots"]), r["queued"], r["running"],
-            r["done"], r["failed"], _human(r["cached"]), ", ".join(r["clients"]) or "-"))
+            r["done"], r["failed"], _human(r["cached"]),
+            ", ".join("%s (%s staged)" % (c, _human(r["staged"][c])) if c in r["staged"] else c
+                      for c in r["clients"]) or "-"))
     return 0 if all(r["reachable"] for r in rows) else 1
 
 

@@ -456,6 +456,11 @@ class Stager:
 
     # ---- cache ---------------------------------------------------------------------------
 
+    def mirrors(self) -> Dict[str, dict]:
+        """Bytes and files each project mirror on the cluster has received, by mirror name."""
+        rows = self._request({"cmd": "mirrors"}).line()["mirrors"]
+        return {r["mirror"].split("/", 1)[-1]: r for r in rows}
+
     def cache_info(self, gc: bool = False) -> dict:
         """Entries and bytes in the cluster's cache; with *gc*, drop unlinked entries first."""
         return self._request({"cmd": "cache", "gc": gc}).line()

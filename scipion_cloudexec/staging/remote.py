@@ -36,6 +36,7 @@ import os
 import shutil
 import sqlite3
 import sys
+import time
 from typing import BinaryIO, Dict, List, Optional, Tuple
 
 from .hashing import BLOCK, HashCache
@@ -71,6 +72,9 @@ class Cache:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS objects (sha256 TEXT PRIMARY KEY,"
                         " size INTEGER, mtime_ns INTEGER)")
+        # what each project mirror received, for `scipion-cloudexec status`
+        self.db.execute("CREATE TABLE IF NOT EXISTS mirrors (mirror TEXT PRIMARY KEY,"
+                        " bytes INTEGER, files INTEGER, updated REAL)")
 
     def path(self, sha: str) -> str:
         return os.path.join(self.objects, sha[:2], sha)
@@ -207,6 +211,12 @@ def cmd_in(cache: "Cache", request: dict) -> None:
         received += size - offset
         if why:
             bad.append(sha)
+    added = (received, len(order) - len(bad), time.time(), mirror)
+    # no UPSERT: clusters may run an sqlite older than 3.24
+    if not cache.db.execute("UPDATE mirrors SET bytes = bytes + ?, files = files + ?,"
+                            " updated = ? WHERE mirror = ?", added).rowcount:
+        cache.db.execute("INSERT INTO mirrors (bytes, files, updated, mirror) VALUES (?,?,?,?)",
+                         added)
     cache.db.execute("COMMIT")
     linked = unchanged = 0
     for rel, size, sha in files:
@@ -287,13 +297,18 @@ def cmd_cache(cache: "Cache", request: dict) -> None:
             "freed": freed, "free": shutil.disk_usage(workdir).free})
 
 
+def cmd_mirrors(cache: "Cache", request: dict) -> None:
+    rows = cache.db.execute("SELECT mirror, bytes, files, updated FROM mirrors").fetchall()
+    _reply({"mirrors": [dict(zip(("mirror", "bytes", "files", "updated"), r)) for r in rows]})
+
+
 def serve(workdir: str) -> int:
     """Answer requests from stdin until it closes."""
     cache = Cache(workdir)
     hashes = HashCache(os.path.join(workdir, "cache", "hashes.sqlite"))
     handlers = {"in": cmd_in, "send": cmd_send, "cache": cmd_cache,
                 "list": lambda c, r: cmd_list(c, hashes, r),
-                "ping": lambda c, r: _reply({"ok": True})}
+                "ping": lambda c, r: _reply({"ok": True}), "mirrors": cmd_mirrors}
     try:
         while True:
             line = sys.stdin.buffer.readline()

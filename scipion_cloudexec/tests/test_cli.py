@@ -90,3 +90,20 @@ def test_status_shows_each_cluster_and_an_unreachable_one(make_cluster, tmp_path
     assert " yes " in lines[up.name] and "0/4" in lines[up.name]
     assert lines[up.name].split()[5] == "1", "one job done"
     assert " NO " in lines[down.name] and "cannot reach 127.0.0.1:1" in lines[down.name]
+
+
+def test_status_shows_bytes_staged_for_running_protocols(make_cluster, tmp_path):
+    from scipion_cloudexec.agent.client import AgentClient
+    from scipion_cloudexec.cli import cluster_status
+    from scipion_cloudexec.staging.client import Stager
+    c = make_cluster("local")
+    (tmp_path / "p" / "Runs").mkdir(parents=True)
+    (tmp_path / "p" / "Runs" / "mic.mrc").write_bytes(b"x" * 5000)
+    with AgentClient(c, client_name="scipion:myproj-abc123:7") as client:
+        Stager(client.ssh, c, hash_cache=str(tmp_path / "h.sqlite")).stage_in(
+            str(tmp_path / "p"), ["Runs"], "myproj-abc123")
+        fut = client.submit(["sleep", "30"])
+        status = cluster_status(c)
+        client.cancel(fut.job_id)
+    assert status["reachable"] and status["running"] == 1 and status["used"] == 1
+    assert status["staged"] == {"scipion:myproj-abc123:7": 5000}

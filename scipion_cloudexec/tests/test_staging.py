@@ -271,3 +271,16 @@ def test_cache_listing_and_gc(make_cluster, stager_for, tmp_path):
     shutil.rmtree(os.path.join(c.workdir, "projects", "proj"))  # the project mirror is deleted
     info = st.cache_info(gc=True)
     assert info["dropped"] == 4 and info["entries"] == 0
+
+
+def test_bytes_received_are_counted_per_mirror(make_cluster, stager_for, tmp_path):
+    c = make_cluster("local")
+    proj = tmp_path / "proj"
+    data = make_project(proj)
+    st = stager_for(c)
+    st.stage_in(str(proj), ["Runs"], "proj")
+    st.stage_in(str(proj), ["Runs"], "proj")  # nothing new
+    st.stage_in(str(proj), ["Runs"], "other")  # deduplicated: nothing new either
+    counts = st.mirrors()
+    assert counts["proj"]["bytes"] == sum(map(len, data.values()))
+    assert counts["proj"]["files"] == 4 and counts["other"]["bytes"] == 0
