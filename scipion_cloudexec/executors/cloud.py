@@ -79,7 +79,7 @@ class CloudStepExecutor(ThreadStepExecutor):
             clusters = [replace(c, time=wall_time) for c in clusters]
         self.clusters: Dict[str, ClusterConfig] = {c.name: c for c in clusters}
         self.dispatcher = MultiClusterDispatcher([(c.name, c.slots, c.gpus) for c in clusters],
-                                                 policy, retries, down_for)
+                                                 policy, retries, down_for, self._bytes_in_place)
         self.pool_ranks = pool_ranks
         self.runners: Dict[str, ClusterRunner] = {}
         self._run: Optional[ProtocolRun] = None
@@ -112,6 +112,10 @@ class CloudStepExecutor(ThreadStepExecutor):
                     client_name="scipion:%s:%s" % (run.mirror, run.prot_id),
                     pool_ranks=self.pool_ranks)
             return self.runners[name]
+
+    def _bytes_in_place(self, name: str) -> int:
+        runner = self.runners.get(name)  # a plain read: called under the dispatcher's lock
+        return runner.bytes_in_place if runner is not None else 0
 
     def _drop_runner(self, name: str) -> None:
         """Forget a lost cluster's connection: the next job there reconnects afresh."""

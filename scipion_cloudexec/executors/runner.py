@@ -111,6 +111,7 @@ class ClusterRunner:
         self.client = AgentClient(cluster, client_name=client_name)
         self.stager: Optional[Stager] = None
         self.baseline: Dict[str, str] = {}  # rel path -> hash the cluster has from us
+        self.bytes_in_place = 0  # this run's data the cluster holds (sent or already cached)
         self._connect_lock = threading.Lock()
         self._stage_lock = threading.Lock()
         self._inputs_staged = False
@@ -173,6 +174,7 @@ class ClusterRunner:
                                                    for e in EXCLUDE])
             self._inputs_staged = True
             self.baseline.update(report.hashes)
+            self.bytes_in_place = max(self.bytes_in_place, report.bytes_total)
         return report
 
     def _relative(self, files: Iterable[str]) -> List[str]:

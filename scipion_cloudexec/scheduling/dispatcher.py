@@ -40,9 +40,9 @@ class _Cluster:
     done: int = 0
     failed_over: int = 0
 
-    def view(self) -> ClusterView:
+    def view(self, cached: int = 0) -> ClusterView:
         return ClusterView(self.name, self.slots, self.busy, True, self.seconds_per_job,
-                           self.gpus)
+                           self.gpus, cached)
 
 
 class MultiClusterDispatcher:
@@ -53,16 +53,20 @@ class MultiClusterDispatcher:
         policy: picks the cluster (default :class:`CapacityPolicy`).
         retries: how many times a job failed by infrastructure is tried again.
         down_for: seconds a failed cluster gets no work before it is tried again.
+        cached: bytes of this protocol's data a cluster already holds (name -> bytes); the
+            policy prefers those clusters when speed does not decide. Must not block.
     """
 
     def __init__(self, clusters: Iterable[Tuple[str, int, Tuple[int, ...]]],
-                 policy: Optional[Policy] = None, retries: int = 2, down_for: float = 30.0):
+                 policy: Optional[Policy] = None, retries: int = 2, down_for: float = 30.0,
+                 cached: Callable[[str], int] = lambda name: 0):
         self.clusters: Dict[str, _Cluster] = {n: _Cluster(n, s, tuple(g)) for n, s, g in clusters}
         if not self.clusters:
             raise ValueError("no cluster to dispatch to")
         self.policy = policy or CapacityPolicy()
         self.retries = retries
         self.down_for = down_for
+        self.cached = cached
         self._cond = threading.Condition()
 
     def run(self, job: JobRequest, work: Callable[[str, int], T],
@@ -102,7 +106,8 @@ class MultiClusterDispatcher:
                 return prefer
             while True:
                 now = time.monotonic()
-                healthy = [c.view() for c in self.clusters.values() if c.down_until <= now]
+                healthy = [c.view(self.cached(c.name)) for c in self.clusters.values()
+                           if c.down_until <= now]
                 name = self.policy.choose(job, healthy) if healthy else None
                 if name is not None:
                     self.clusters[name].busy += self._need(job)

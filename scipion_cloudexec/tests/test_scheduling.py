@@ -121,3 +121,11 @@ def test_a_resumed_job_goes_back_where_it_was_sent():
         return name
     assert d.run(JobRequest(), lost_there, lambda e: isinstance(e, Infra),
                  prefer="small") == "big", "a lost preferred cluster is not insisted on"
+
+
+def test_clusters_holding_the_data_are_preferred_when_speed_does_not_decide():
+    held = {"a": 0, "b": 10 ** 9}
+    d = MultiClusterDispatcher([("a", 4, ()), ("b", 4, ())], cached=lambda n: held[n])
+    assert d.run(JobRequest(), lambda n, a: n, lambda e: False) == "b"
+    held.update(a=2 * 10 ** 9)
+    assert d.run(JobRequest(), lambda n, a: n, lambda e: False) == "a"
