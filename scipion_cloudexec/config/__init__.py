@@ -23,10 +23,12 @@ from .clusters import (
     LAUNCHERS,
     default_config_path,
     load_clusters,
+    load_groups,
     parse_clusters,
+    parse_groups,
 )
 
 __all__ = [
     "CONFIG_ENV", "ClusterConfig", "ConfigError", "KEYS", "LAUNCHERS",
-    "default_config_path", "load_clusters", "parse_clusters",
+    "default_config_path", "load_clusters", "load_groups", "parse_clusters", "parse_groups",
 ]

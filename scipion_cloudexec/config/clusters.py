@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 CONFIG_ENV = "SCIPION_CLOUDEXEC_CONFIG"
 LAUNCHERS = ("mpirun", "slurm", "local")
 SECTION_RE = re.compile(r"^cluster\s+([A-Za-z0-9][A-Za-z0-9_.-]*)$")
+GROUP_RE = re.compile(r"^group\s+([A-Za-z0-9][A-Za-z0-9_.-]*)$")
 
 
 class ConfigError(ValueError):
@@ -240,10 +241,13 @@ def parse_clusters(text: str, path: str = "<clusters file>") -> Dict[str, Cluste
     clusters: Dict[str, ClusterConfig] = {}
     for section in parser.sections():
         where = "%s:%s" % (path, lines.get((section, ""), "?"))
+        if GROUP_RE.match(section.strip()):
+            continue  # read by parse_groups
         m = SECTION_RE.match(section.strip())
         if not m:
-            raise ConfigError("%s: section [%s] is not a cluster; write [cluster NAME] "
-                              "(NAME: letters, digits, '-', '_' or '.')." % (where, section))
+            raise ConfigError("%s: section [%s] is not a cluster; write [cluster NAME] or "
+                              "[group NAME] (NAME: letters, digits, '-', '_' or '.')."
+                              % (where, section))
         name = m.group(1)
         if name in clusters:
             raise ConfigError("%s: cluster '%s' is defined twice; give each cluster its own name."
@@ -296,3 +300,42 @@ def _reason(e: ValueError) -> str:
     if text.startswith("invalid literal") or text.startswith("could not convert"):
         return "must be a number"
     return text
+
+
+def parse_groups(text: str, clusters: Dict[str, ClusterConfig],
+                 path: str = "<clusters file>") -> Dict[str, List[str]]:
+    """``[group NAME]`` sections: ``clusters = a, b`` names clusters used together.
+
+    Raises:
+        ConfigError: unknown key, empty list, or a member that is no cluster.
+    """
+    parser = configparser.ConfigParser(interpolation=None, strict=True,
+                                       default_section="defaults")
+    parser.read_string(text, source=path)
+    lines = _line_numbers(text)
+    groups: Dict[str, List[str]] = {}
+    for section in parser.sections():
+        m = GROUP_RE.match(section.strip())
+        if not m:
+            continue
+        where = "%s:%s" % (path, lines.get((section, ""), "?"))
+        keys = [k for k in parser[section] if k not in parser.defaults()]
+        if keys != ["clusters"]:
+            raise ConfigError("%s: [%s] takes one key, clusters = NAME, NAME...; found %s"
+                              % (where, section, ", ".join(keys) or "none"))
+        members = list(_words(parser[section]["clusters"]))
+        unknown = [n for n in members if n not in clusters]
+        if not members or unknown:
+            raise ConfigError("%s: [%s] names %s; defined clusters: %s"
+                              % (where, section, "no cluster" if not members else
+                                 "unknown cluster(s) " + ", ".join(unknown), ", ".join(clusters)))
+        groups[m.group(1)] = members
+    return groups
+
+
+def load_groups(path: Optional[str] = None) -> Dict[str, List[str]]:
+    """The groups of the clusters file (see :func:`parse_groups`)."""
+    path = default_config_path(path)
+    clusters = load_clusters(path)
+    with open(path, encoding="utf-8") as f:
+        return parse_groups(f.read(), clusters, path)

@@ -15,7 +15,8 @@ protocol itself runs on the desktop and only its jobs go out):
     CLOUD_POOL = 8         single-rank steps go to an mpi4py worker pool of 8 ranks
     CLOUD_RETRIES = 2      tries after an infrastructure failure (lost cluster, node, agent)
 
-The queue name is a cluster of the clusters file, several joined by commas, or ``all``: a
+The queue name is a cluster of the clusters file, a ``[group NAME]`` of it, several cluster
+names joined by commas, or ``all``: a
 protocol's jobs are then shared between them (scheduling/) and fail over between them.
 """
 from __future__ import annotations
@@ -47,14 +48,15 @@ def cloud_choice(protocol) -> Optional[Tuple[str, Dict[str, Any]]]:
 
 def make_executor(protocol, stock, queue: str, params: Dict[str, Any]):
     """The cloud executor replacing *stock*, with its threads and GPUs."""
-    from ..config import ConfigError, load_clusters
+    from ..config import ConfigError, load_clusters, load_groups
     from .cloud import CloudStepExecutor
     threads = getattr(stock, "numberOfProcs", 1)
     gpus = getattr(stock, "gpuList", None)
     host = getattr(stock, "hostConfig", None)
     try:
         clusters = load_clusters()
-        names = list(clusters) if queue == "all" else [
+        groups = load_groups()
+        names = list(clusters) if queue == "all" else groups[queue] if queue in groups else [
             n.strip() for n in queue.replace("+", ",").split(",") if n.strip()]
         unknown = [n for n in names if n not in clusters]
         if unknown or not names:

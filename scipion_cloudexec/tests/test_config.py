@@ -95,3 +95,17 @@ def test_config_path_order(tmp_path, monkeypatch):
     (tmp_path / "config" / "cloudexec.conf").write_text(GOOD)
     monkeypatch.delenv("SCIPION_CLOUDEXEC_CONFIG")
     assert set(load_clusters()) == {"gpu-cloud", "box"}
+
+
+def test_groups_name_clusters_used_together():
+    from scipion_cloudexec.config import parse_groups
+    text = GOOD + "\n[group everywhere]\nclusters = gpu-cloud, box\n"
+    clusters = parse_clusters(text, "clusters.conf")
+    assert set(clusters) == {"gpu-cloud", "box"}, "a group is not a cluster"
+    assert parse_groups(text, clusters, "clusters.conf") == {"everywhere": ["gpu-cloud", "box"]}
+    bad = GOOD + "\n[group g]\nclusters = box, nowhere\n"
+    with pytest.raises(ConfigError, match="clusters.conf:29:.*unknown cluster.*nowhere"):
+        parse_groups(bad, parse_clusters(bad, "clusters.conf"), "clusters.conf")
+    bad = GOOD + "\n[group g]\nmembers = box\n"
+    with pytest.raises(ConfigError, match="takes one key, clusters"):
+        parse_groups(bad, parse_clusters(bad, "clusters.conf"), "clusters.conf")

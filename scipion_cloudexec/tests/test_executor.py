@@ -311,8 +311,10 @@ def test_jobs_are_shared_between_clusters_by_capacity(make_cluster, clusters_env
     prot = project.newProtocol(ProtCloudShellSteps, numberOfThreads=5, fanCopies=16,
                                fan="sleep 0.4; echo {i} > extra/out_{i}.txt")
     os.makedirs(prot._getExtraPath(), exist_ok=True)
+    with open(os.environ["SCIPION_CLOUDEXEC_CONFIG"], "a") as f:  # a named group of them
+        f.write("\n[group pair]\nclusters = %s, %s\n" % (small.name, big.name))
     prot._useQueue.set(True)
-    prot.setQueueParams(["%s,%s" % (small.name, big.name), {"QUEUE_FOR_JOBS": "Y"}])
+    prot.setQueueParams(["pair", {"QUEUE_FOR_JOBS": "Y"}])
     project.launchProtocol(prot, wait=True)
     prot = project.getProtocol(prot.getObjId())
     assert prot.isFinished(), logs(prot)
