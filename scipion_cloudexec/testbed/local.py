@@ -208,10 +208,16 @@ class LocalTestbed:
         os.chmod("/run/munge", 0o755)
         subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
         _wait_for(lambda: _read_pid(pidfile) is not None, 10, "munged")
+        os.makedirs(self.slurm_dir, exist_ok=True)
+        open(os.path.join(self.slurm_dir, "munged.ours"), "w").close()  # ours to stop
 
     def stop_slurm(self) -> None:
         _stop_pid(os.path.join(self.slurm_dir, "slurmd.pid"))
         _stop_pid(os.path.join(self.slurm_dir, "slurmctld.pid"))
+        marker = os.path.join(self.slurm_dir, "munged.ours")
+        if os.path.exists(marker):  # only a munged this test bed started
+            _stop_pid("/run/munge/munged.pid")
+            os.unlink(marker)
 
     # ---- whole bed ----------------------------------------------------------------------
 
