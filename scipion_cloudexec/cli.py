@@ -322,8 +322,7 @@ def cmd_cache(cluster: ClusterConfig, args) -> int:
 
 def _target(cluster: ClusterConfig):
     from .transport.ssh import Target
-    return Target(cluster.host, cluster.port, cluster.user, cluster.identity_file,
-                  cluster.known_hosts, cluster.connect_timeout)
+    return Target.of(cluster)
 
 
 def cmd_provenance(args) -> int:

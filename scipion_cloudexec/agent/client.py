@@ -152,9 +152,7 @@ class AgentClient:
         self.cluster = cluster
         self.client_name = client_name or "%s@%s/%d" % (os.environ.get("USER", "user"),
                                                         socket.gethostname(), os.getpid())
-        self.ssh = SSHConnection(Target(cluster.host, cluster.port, cluster.user,
-                                        cluster.identity_file, cluster.known_hosts,
-                                        cluster.connect_timeout))
+        self.ssh = SSHConnection(Target.of(cluster))
         self.welcome: Optional[m.Welcome] = None
         self.agent_state: Dict = {}
         self._secret = b""

@@ -27,8 +27,7 @@ def stager_for(tmp_path):
     opened = []
 
     def make(cluster):
-        ssh = SSHConnection(Target(cluster.host, cluster.port, cluster.user, cluster.identity_file,
-                                   cluster.known_hosts))
+        ssh = SSHConnection(Target.of(cluster))
         ssh.connect()
         opened.append(ssh)
         return Stager(ssh, cluster, hash_cache=str(tmp_path / "hashes.sqlite"))

@@ -73,6 +73,12 @@ class Target:
     known_hosts: str
     connect_timeout: float = 15.0
 
+    @classmethod
+    def of(cls, cluster) -> "Target":
+        """The SSH part of a cluster's config (a ``ClusterConfig``)."""
+        return cls(cluster.host, cluster.port, cluster.user, cluster.identity_file,
+                   cluster.known_hosts, cluster.connect_timeout)
+
     @property
     def hostkey_name(self) -> str:
         """The name known_hosts uses: ``host``, or ``[host]:port`` off port 22."""
