@@ -33,7 +33,7 @@ import zmq
 
 from ..config import ClusterConfig
 from ..transport import messages as m
-from ..transport.ssh import SSHConnection, SSHError, Target
+from ..transport.ssh import SSHConnection, Target
 from ..version import PROTOCOL_VERSION, __version__
 from . import bundle
 from .jobs import JobSpec, JobState, LauncherSpec
