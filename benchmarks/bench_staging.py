@@ -37,20 +37,28 @@ def make_files(folder, count, size):
                 left -= len(block[:left])
 
 
-def ours(conf, project_root, paths, project, hash_cache):
-    """Stage in a fresh process; returns (seconds, bytes sent, peak RSS in MB)."""
+def ours(conf, project_root, paths, project, hash_cache, warm=False):
+    """Stage in a fresh process; returns (seconds, bytes sent, peak RSS in MB). Cold: the
+    time includes the SSH connection and the start of the staging server, as a CLI run
+    pays; warm: both are up already, as inside Scipion where the executor holds them."""
     code = (
         "import json, resource, sys, time\n"
         "from scipion_cloudexec.config import load_clusters\n"
         "from scipion_cloudexec.transport.ssh import SSHConnection, Target\n"
         "from scipion_cloudexec.staging.client import Stager\n"
         "c = load_clusters(%r)['local']\n"
-        "ssh = SSHConnection(Target(c.host, c.port, c.user, c.identity_file, c.known_hosts))\n"
+        "ssh = SSHConnection(Target.of(c))\n"
         "t0 = time.perf_counter(); ssh.connect()\n"
-        "r = Stager(ssh, c, hash_cache=%r).stage_in(%r, %r, %r, keep_hashes=False)\n"
+        "st = Stager(ssh, c, hash_cache=%r)\n"
+        "if %r:\n"
+        "    st._ask({'cmd': 'ping'}); st._ask({'cmd': 'ping'}, bulk=True)\n"
+        "    t0 = time.perf_counter()\n"
+        "r = st.stage_in(%r, %r, %r, keep_hashes=False)\n"
         "dt = time.perf_counter() - t0\n"
+        "st.close()\n"
         "print(json.dumps([dt, r.bytes_sent, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))\n"
-        % (conf, hash_cache, project_root, paths, project))
+        % (conf, hash_cache, warm, project_root, paths, project))
+    settle()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -60,7 +68,14 @@ def ssh_opts(c):
             "-o", "BatchMode=yes", "-i", c.identity_file]
 
 
+def settle():
+    """Write back what earlier runs left dirty, so each run starts from the same state
+    (ext4 skips recently freed inodes while their table is dirty, which taxes new files)."""
+    subprocess.run(["sync"], check=True)
+
+
 def timed(argv):
+    settle()
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -117,19 +132,28 @@ def main():
         # (3) unchanged
         t_rs = rsync(c, os.path.join(data, "small"), os.path.join(remote, "rsync"))
         t_us, sent, _ = ours(conf, data, ["small"], "p1", hc)
-        rows.append(("(3) same set, unchanged", "%.2f s, %d content bytes sent" % (t_us, sent),
-                     "rsync 2nd run %.2f s" % t_rs, "%.2fx rsync's time" % (t_us / t_rs),
+        t_warm, sent_warm, _ = ours(conf, data, ["small"], "p1", hc, warm=True)
+        rows.append(("(3) same set, unchanged", "cold %.2f s, warm %.2f s, %d content bytes sent"
+                     % (t_us, t_warm, sent + sent_warm), "rsync 2nd run %.2f s" % t_rs,
+                     "cold %.2fx, warm %.2fx rsync's time" % (t_us / t_rs, t_warm / t_rs),
                      "<= 1x rsync, 0 bytes"))
-        # (4) 1% changed
-        for i in range(0, small_n, 100):
-            with open(os.path.join(data, "small", "f%06d.mrc" % i), "r+b") as f:
-                f.seek(5000)
-                f.write(os.urandom(100))
-        t_rs = rsync(c, os.path.join(data, "small"), os.path.join(remote, "rsync"))
-        t_us, sent, _ = ours(conf, data, ["small"], "p1", hc)
+        # (4) 1% changed: one 1% for the cold run, another for the warm one
+        t_rs4, t_us4, sent4 = [], [], []
+        for start, warm in ((0, False), (50, True)):
+            for i in range(start, small_n, 100):
+                with open(os.path.join(data, "small", "f%06d.mrc" % i), "r+b") as f:
+                    f.seek(5000)
+                    f.write(os.urandom(100))
+            t_rs4.append(rsync(c, os.path.join(data, "small"), os.path.join(remote, "rsync")))
+            t, sent, _ = ours(conf, data, ["small"], "p1", hc, warm=warm)
+            t_us4.append(t)
+            sent4.append(sent)
         rows.append(("(4) 1%% changed (%d files)" % (small_n // 100),
-                     "%.2f s, %.1f MB sent" % (t_us, sent / 1e6), "rsync 2nd run %.2f s" % t_rs,
-                     "%.2fx rsync's time" % (t_us / t_rs), "<= 1x rsync"))
+                     "cold %.2f s, warm %.2f s, %.1f / %.1f MB sent"
+                     % (t_us4[0], t_us4[1], sent4[0] / 1e6, sent4[1] / 1e6),
+                     "rsync 2nd run %.2f s / %.2f s" % tuple(t_rs4),
+                     "cold %.2fx, warm %.2fx rsync's time"
+                     % (t_us4[0] / t_rs4[0], t_us4[1] / t_rs4[1]), "<= 1x rsync"))
         # memory at 10x more (tiny) files
         make_files(os.path.join(data, "tiny"), small_n * 10, 1000)
         t_us, sent, rss_tiny = ours(conf, data, ["tiny"], "p2", hc)

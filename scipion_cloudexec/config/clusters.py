@@ -45,6 +45,15 @@ def _launcher(value: str) -> str:
     return value
 
 
+TRANSFERS = ("auto", "openssh", "paramiko")
+
+
+def _transfer(value: str) -> str:
+    if value not in TRANSFERS:
+        raise ValueError("must be one of: %s" % ", ".join(TRANSFERS))
+    return value
+
+
 def _gpus(value: str) -> Tuple[int, ...]:
     items = [v for v in re.split(r"[,\s]+", value.strip()) if v]
     try:
@@ -133,6 +142,10 @@ KEYS: Dict[str, Key] = {k.name: k for k in [
     Key("connect_timeout", _seconds, False, 15.0, "seconds to wait for the SSH connection", "15"),
     Key("agent_idle_timeout", _seconds, False, 3600.0,
         "seconds the agent stays up with no client and no running job", "3600"),
+    Key("transfer", _transfer, False, "auto",
+        "what carries large uploads: openssh (the system's ssh client, its C ciphers are "
+        "~1.8x faster than paramiko), paramiko, or auto (openssh when `ssh` is installed)",
+        "auto"),
 ]}
 
 
@@ -161,6 +174,7 @@ class ClusterConfig:
     heartbeat: float = 2.0
     connect_timeout: float = 15.0
     agent_idle_timeout: float = 3600.0
+    transfer: str = "auto"
     source: str = field(default="", compare=False)
 
     @property

@@ -19,10 +19,11 @@ Local files are only read by ``stage_in``; hashes of unchanged files come from a
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import os
-import shlex
-import socket
+import queue
+import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -31,16 +32,18 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 from ..agent import bundle
 from ..config import ClusterConfig
 from ..transport.ssh import SSHConnection
+from .channels import (NoBundle, OpenSSHChannel, ParamikoChannel, ServerChannel,
+                       StagingError, dead_link_seconds)
 from .hashing import BLOCK, HashCache
+
+log = logging.getLogger(__name__)
+__all__ = ["Stager", "StageReport", "StagingError", "NoSpace", "PathEscape"]
 
 #: progress(done_bytes, total_bytes, done_files, total_files)
 Progress = Callable[[int, int, int, int], None]
-WINDOW = 16 << 20  # SSH window: keeps a long or slow link busy
 BATCH = 2000  # files per request: bounds memory on both sides
-
-
-class StagingError(RuntimeError):
-    """Staging failed; the message names the files and what to do."""
+BATCH_BYTES = 256 << 20  # and bytes: the next batch is hashed while this one travels
+BULK_MIN = 8 << 20  # a batch with more new bytes than this goes on the bulk stream
 
 
 class NoSpace(StagingError):
@@ -90,73 +93,16 @@ def default_hash_cache() -> str:
     return os.path.join(base, "scipion-cloudexec", "hashes.sqlite")
 
 
-class _Channel:
-    """The cluster's staging server (``python agent.zip stage serve``) on one exec channel,
-    kept open so each request costs no new SSH session."""
-
-    NO_BUNDLE = 97
-
-    def __init__(self, ssh: SSHConnection, cluster: ClusterConfig):
-        self.cluster = cluster
-        self.chan = ssh._require().open_session(window_size=WINDOW, max_packet_size=32768)
-        # no progress for this long means a dead link (a cut link drops packets silently)
-        self.chan.settimeout(max(10.0, 6 * cluster.heartbeat))
-        # one SSH session: test for the bundle and start the server in the same command
-        self.chan.exec_command("test -s %s || exit %d\n%s" % (
-            shlex.quote(bundle.remote_path(cluster)), self.NO_BUNDLE,
-            bundle.command(cluster, "stage", "serve", "--workdir", cluster.workdir)))
-        self.out = self.chan.makefile("rb", BLOCK)
-
-    def ready(self) -> bool:
-        """False when the cluster lacks this version's bundle (upload it, then retry)."""
-        self.send_line({"cmd": "ping"})
-        if self.out.readline():
-            return True
-        if self.chan.recv_exit_status() == self.NO_BUNDLE:
-            return False
-        raise StagingError("the staging server on %s did not start: %s"
-                           % (self.cluster.name, self.stderr() or "no answer"))
-
-    def send_line(self, obj) -> None:
-        self.chan.sendall(json.dumps(obj).encode() + b"\n")
-
-    def line(self) -> dict:
-        try:
-            raw = self.out.readline()
-        except socket.timeout:
-            raise StagingError("no answer from %s for %.0f s: link or cluster down"
-                               % (self.cluster.name, self.chan.gettimeout())) from None
-        if not raw:
-            raise StagingError("the staging server on %s stopped: %s" % (
-                self.cluster.name, self.stderr() or "connection lost"))
-        reply = json.loads(raw)
-        if isinstance(reply, dict) and reply.get("error") == "failed":
-            raise StagingError("staging on %s failed: %s" % (self.cluster.name, reply["detail"]))
-        return reply
-
-    def stderr(self) -> str:
-        if self.chan.recv_stderr_ready():
-            return self.chan.recv_stderr(65536).decode(errors="replace").strip()
-        return ""
-
-    @property
-    def alive(self) -> bool:
-        return not self.chan.closed and not self.chan.exit_status_ready()
-
-    def close(self) -> None:
-        try:
-            self.chan.shutdown_write()
-            self.chan.close()
-        except (OSError, EOFError):
-            pass
-
-
 class Stager:
     """Stage files between a local project and its mirror on one cluster.
 
+    Requests and small transfers use an exec channel of *ssh*; batches of more than
+    ``BULK_MIN`` bytes go through the system's OpenSSH client when the cluster's
+    ``transfer`` setting allows (see :mod:`.channels`).
+
     Args:
         ssh: a connected SSH connection to the cluster.
-        cluster: the cluster's config (workdir, python, env_setup).
+        cluster: the cluster's config (workdir, python, env_setup, transfer).
         hash_cache: path of the local hash memo (default under ~/.cache).
     """
 
@@ -165,35 +111,65 @@ class Stager:
         self.ssh = ssh
         self.cluster = cluster
         self.hash_cache_path = hash_cache or default_hash_cache()
-        self._chan: Optional[_Channel] = None
+        self._chan: Optional[ServerChannel] = None
+        self._bulk_chan: Optional[ServerChannel] = None
+        self._bulk_refused = cluster.transfer == "paramiko" or (
+            cluster.transfer == "auto" and shutil.which("ssh") is None)
 
-    def _channel(self) -> _Channel:
-        """The staging server, started (and the bundle uploaded) on first use."""
+    def _channel(self, bulk: bool = False) -> ServerChannel:
+        """The staging server on the control (or bulk) stream, started on first use."""
+        if bulk and not self._bulk_refused:
+            if self._bulk_chan is None or not self._bulk_chan.alive:
+                self._bulk_chan = OpenSSHChannel(self.cluster)
+            return self._bulk_chan
         if self._chan is None or not self._chan.alive:
-            ch = _Channel(self.ssh, self.cluster)
-            if not ch.ready():
-                bundle.ensure_uploaded(self.ssh, self.cluster)
-                ch = _Channel(self.ssh, self.cluster)
-                if not ch.ready():
-                    raise StagingError("the staging server on %s cannot start: the agent "
-                                       "bundle is missing after upload" % self.cluster.name)
-            self._chan = ch
+            self._chan = ParamikoChannel(self.ssh, self.cluster)
         return self._chan
 
-    def _request(self, request: dict) -> _Channel:
-        ch = self._channel()
-        try:
-            ch.send_line(request)
-        except (OSError, EOFError) as e:
-            self.close()
-            raise StagingError("connection to %s lost: %s" % (self.cluster.name, e)) from None
-        return ch
+    @property
+    def bulk_available(self) -> bool:
+        return not self._bulk_refused
+
+    def _ask(self, request: dict, bulk: bool = False) -> Tuple[ServerChannel, dict]:
+        """Send *request* to the server and read its first answer; uploads the agent bundle
+        when the cluster lacks it. In ``auto`` mode a bulk stream that cannot start is
+        reported once and replaced by the control stream."""
+        for attempt in range(2):
+            use_bulk = bulk and not self._bulk_refused
+            ch = self._channel(use_bulk)
+            try:
+                ch.send_line(request)
+                return ch, ch.line()
+            except NoBundle:
+                self._drop(ch)
+                if attempt:
+                    break
+                bundle.ensure_uploaded(self.ssh, self.cluster)
+            except (OSError, EOFError, StagingError) as e:
+                self._drop(ch)
+                if use_bulk and self.cluster.transfer == "auto" and not ch._greeted:
+                    log.warning("OpenSSH transfers to %s unavailable, using paramiko: %s",
+                                self.cluster.name, e)
+                    self._bulk_refused = True
+                    continue
+                if isinstance(e, StagingError):
+                    raise
+                raise StagingError("connection to %s lost: %s" % (self.cluster.name, e)) from None
+        raise StagingError("the staging server on %s cannot start: the agent bundle is "
+                           "missing after upload" % self.cluster.name)
+
+    def _drop(self, ch: ServerChannel) -> None:
+        ch.close()
+        if ch is self._chan:
+            self._chan = None
+        if ch is self._bulk_chan:
+            self._bulk_chan = None
 
     def close(self) -> None:
-        """Stop the staging server on the cluster (a new one starts on next use)."""
-        if self._chan is not None:
-            self._chan.close()
-            self._chan = None
+        """Stop the staging servers on the cluster (new ones start on next use)."""
+        for ch in (self._chan, self._bulk_chan):
+            if ch is not None:
+                self._drop(ch)
 
     def mirror(self, project: str) -> str:
         """The project's mirror, relative to the workdir."""
@@ -206,9 +182,9 @@ class Stager:
 
     # ---- stage in ---------------------------------------------------------------------
 
-    def walk(self, project_root: str, paths: Iterable[str],
-             exclude: Sequence[str] = ()) -> Iterator[Tuple[str, Optional[str]]]:
-        """(mirror-relative path, local path) for every file under *paths*, and (path, None)
+    def walk(self, project_root: str, paths: Iterable[str], exclude: Sequence[str] = ()
+             ) -> Iterator[Tuple[str, Optional["_Local"]]]:
+        """(mirror-relative path, local file) for every file under *paths*, and (path, None)
         for every folder, lazily. Paths are relative to *project_root* or absolute; absolute
         ones outside the project go under ``_external/`` in the mirror. Symbolic links are
         followed; paths under an *exclude* prefix (relative to the project) are left out."""
@@ -218,19 +194,12 @@ class Stager:
             rel = os.path.relpath(os.path.abspath(local), root)
             if rel.startswith(".."):
                 rel = os.path.join("_external", os.path.abspath(local).lstrip("/"))
+            rel = os.path.normpath(rel)
             if os.path.isdir(local):
-                for dirpath, _dirs, names in os.walk(local, followlinks=True):
-                    drel = os.path.normpath(os.path.join(rel, os.path.relpath(dirpath, local)))
-                    if _excluded(drel, exclude):
-                        continue
-                    yield drel, None
-                    for name in sorted(names):
-                        frel = os.path.normpath(os.path.join(drel, name))
-                        if not _excluded(frel, exclude):
-                            yield frel, os.path.join(dirpath, name)
+                yield from _walk_dir(local, rel, exclude, set())
             elif os.path.exists(local):
                 if not _excluded(rel, exclude):
-                    yield os.path.normpath(rel), local
+                    yield rel, _Local(local, os.path.realpath(local), os.stat(local))
             else:
                 raise StagingError("input %s does not exist (or is a broken link)" % local)
 
@@ -240,7 +209,8 @@ class Stager:
         """Make *paths* present in the cluster's mirror of *project*; send only what the
         cluster's cache lacks, resuming partial uploads. Files go in batches of BATCH, so
         memory does not grow with their number (unless *keep_hashes* keeps every file's
-        hash in the report, as the executor needs).
+        hash in the report, as the executor needs). A thread walks and hashes the next
+        batch while this one travels.
 
         Raises:
             NoSpace: before a batch is sent; StagingError: a file changed during the upload
@@ -249,27 +219,20 @@ class Stager:
         t0 = time.monotonic()
         report = StageReport()
         problems: List[str] = []
-        memo = HashCache(self.hash_cache_path)
-        files: List[Tuple[str, str, int, str]] = []
-        dirs: List[str] = []
+        self._channel()  # the remote shell and Python start while we walk
+        batches = _Batches(self, project_root, paths, exclude)
         try:
-            for rel, local in self.walk(project_root, paths, exclude):
-                if local is None:
-                    dirs.append(rel)
-                    continue
-                st = os.stat(local)
-                sha = memo.get(os.path.realpath(local), st)
-                files.append((rel, local, st.st_size, sha))
-                report.files += 1
-                report.bytes_total += st.st_size
+            for batch in batches:
+                report.files += len(batch.files)
+                report.bytes_total += sum(f[2] for f in batch.files)
                 if keep_hashes:
-                    report.hashes[rel] = sha
-                if len(files) >= BATCH:
-                    problems += self._stage_batch(project, files, dirs, report, progress)
-                    files, dirs = [], []
-            problems += self._stage_batch(project, files, dirs, report, progress)
+                    report.hashes.update((f[0], f[3]) for f in batch.files)
+                if batch.fresh_bytes >= BULK_MIN and self.bulk_available:
+                    self._channel(bulk=True)  # new content ahead: start the fast stream now
+                problems.extend(self._stage_batch(project, batch.files, batch.dirs, report,
+                                                  progress))
         finally:
-            memo.close()
+            batches.close()
         report.seconds = time.monotonic() - t0
         if problems:
             raise StagingError("staging to %s incomplete:\n  %s\n(files that changed while being "
@@ -280,12 +243,19 @@ class Stager:
     def _stage_batch(self, project: str, entries: List[Tuple[str, str, int, str]],
                      dirs: List[str], report: StageReport,
                      progress: Optional[Progress]) -> List[str]:
-        """One "in" request: returns the problems (files that changed, missing content)."""
-        ch = self._request({"cmd": "in", "mirror": self.mirror(project),
-                            "files": [[rel, size, sha] for rel, _l, size, sha in entries],
-                            "dirs": dirs})
+        """One "in" request: returns the problems (files that changed, missing content).
+        The control stream answers it when little is missing; otherwise it defers and the
+        batch goes again on the bulk stream."""
+        # the server gives up (and lets go of a partial upload) once data stops this long
+        request = {"cmd": "in", "mirror": self.mirror(project),
+                   "files": [[rel, size, sha] for rel, _l, size, sha in entries], "dirs": dirs,
+                   "stall": max(5.0, dead_link_seconds(self.cluster) / 2)}
+        ch = None
         try:
-            answer = ch.line()
+            ch, answer = self._ask(dict(request, inline_max=BULK_MIN)
+                                   if self.bulk_available else request)
+            if answer.get("defer"):
+                ch, answer = self._ask(request, bulk=True)
             if answer.get("error") == "nospace":
                 raise NoSpace(self.cluster.name, answer["needed"], answer["free"])
             local_of = {sha: (local, size) for _r, local, size, sha in entries}
@@ -298,8 +268,14 @@ class Stager:
             final = ch.line()
         except NoSpace:
             raise
+        except (OSError, EOFError) as e:
+            if ch is not None:
+                self._drop(ch)
+            raise StagingError("connection to %s lost during the upload (%s); what arrived is "
+                               "kept: stage again to resume" % (self.cluster.name, e)) from None
         except BaseException:
-            self.close()  # the stream is out of step: start afresh next time
+            if ch is not None:
+                self._drop(ch)  # the stream is out of step: start afresh next time
             raise
         report.linked += final["linked"]
         report.unchanged += final["unchanged"]
@@ -309,19 +285,17 @@ class Stager:
         return ["%s changed during the upload" % c for c in changed] + final["errors"]
 
     @staticmethod
-    def _send_file(ch: _Channel, local: str, size: int, offset: int,
+    def _send_file(ch: ServerChannel, local: str, size: int, offset: int,
                    tick: Callable[[int], None]) -> None:
         """Send bytes offset..size of *local* (the cluster checks their hash)."""
         with open(local, "rb") as f:
-            f.seek(offset)
-            left = size - offset
-            while left:
-                block = f.read(min(BLOCK, left))
-                if not block:  # shrank: keep the stream aligned, the hash will fail
-                    block = b"\0" * min(BLOCK, left)
-                ch.chan.sendall(block)
-                left -= len(block)
-                tick(len(block))
+            while offset < size:
+                n = ch.send_file(f, offset, size - offset)
+                if not n:  # shrank: keep the stream aligned, the hash will fail
+                    n = min(BLOCK, size - offset)
+                    ch.sendall(b"\0" * n)
+                offset += n
+                tick(n)
 
     # ---- stage out ----------------------------------------------------------------------
 
@@ -354,7 +328,7 @@ class Stager:
                progress: Optional[Progress], baseline: Optional[Dict[str, str]] = None,
                exclude: Sequence[str] = ()) -> StageReport:
         t0 = time.monotonic()
-        listing = self._request({"cmd": "list", "root": remote_root, "dir": sub}).line()
+        _ch, listing = self._ask({"cmd": "list", "root": remote_root, "dir": sub})
         report = StageReport(refused=[(r, why) for r, why in listing["refused"]])
         wanted: List[Tuple[str, str, int, str]] = []
         memo = HashCache(self.hash_cache_path)
@@ -419,12 +393,14 @@ class Stager:
 
     def _receive(self, remote_root: str, wanted: List[Tuple[str, str, int, str]],
                  report: StageReport, progress: Optional[Progress]) -> None:
-        ch = self._request({"cmd": "send", "root": remote_root, "paths": [w[0] for w in wanted]})
         total = sum(w[2] for w in wanted)
+        ch, header = self._ask({"cmd": "send", "root": remote_root,
+                                "paths": [w[0] for w in wanted]}, bulk=total >= BULK_MIN)
         bad: List[str] = []
         try:
             for i, (rel, dest, _size, _sha) in enumerate(wanted):
-                header = ch.line()
+                if i:
+                    header = ch.line()
                 tmp = dest + ".cloudexec-part"
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 h = hashlib.sha256()
@@ -448,7 +424,7 @@ class Stager:
                 report.hashes[rel] = trailer["sha256"]
                 report.fetched.append(rel)
         except BaseException:
-            self.close()
+            self._drop(ch)
             raise
         if bad:
             raise StagingError("files from %s arrived corrupted and were not kept: %s"
@@ -458,12 +434,136 @@ class Stager:
 
     def mirrors(self) -> Dict[str, dict]:
         """Bytes and files each project mirror on the cluster has received, by mirror name."""
-        rows = self._request({"cmd": "mirrors"}).line()["mirrors"]
+        rows = self._ask({"cmd": "mirrors"})[1]["mirrors"]
         return {r["mirror"].split("/", 1)[-1]: r for r in rows}
 
     def cache_info(self, gc: bool = False) -> dict:
         """Entries and bytes in the cluster's cache; with *gc*, drop unlinked entries first."""
-        return self._request({"cmd": "cache", "gc": gc}).line()
+        return self._ask({"cmd": "cache", "gc": gc})[1]
+
+
+@dataclass
+class _Batch:
+    files: List[Tuple[str, str, int, str]]  # (mirror path, local path, size, sha256)
+    dirs: List[str]
+    fresh_bytes: int  # bytes the hash memo did not know: likely new content
+
+
+class _Batches:
+    """Walks and hashes the files in a thread, at most two batches ahead of the sender
+    (hashlib and file reads release the GIL, so both cores work)."""
+
+    _END = object()
+
+    def __init__(self, stager: "Stager", project_root: str, paths: Sequence[str],
+                 exclude: Sequence[str]):
+        self._q: "queue.Queue" = queue.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cloudexec-hash", daemon=True,
+                                        args=(stager, project_root, paths, exclude))
+        self._thread.start()
+
+    def _run(self, stager: "Stager", project_root: str, paths: Sequence[str],
+             exclude: Sequence[str]) -> None:
+        try:
+            memo = HashCache(stager.hash_cache_path)
+        except BaseException as e:  # noqa: B036 - handed to the consumer
+            self._put(e)
+            return
+        try:
+            pending: List[Tuple[str, _Local]] = []
+            dirs: List[str] = []
+            size = 0
+
+            def batch() -> _Batch:
+                nonlocal size
+                size = 0
+                before = memo.hashed_bytes
+                shas = memo.get_many([(e.real, e.st) for _r, e in pending])
+                files = [(rel, e.path, e.st.st_size, sha)
+                         for (rel, e), sha in zip(pending, shas)]
+                b = _Batch(files, list(dirs), memo.hashed_bytes - before)
+                pending.clear()
+                dirs.clear()
+                return b
+
+            for rel, entry in stager.walk(project_root, paths, exclude):
+                if entry is None:
+                    dirs.append(rel)
+                    continue
+                pending.append((rel, entry))
+                size += entry.st.st_size
+                if (len(pending) >= BATCH or size >= BATCH_BYTES) and not self._put(batch()):
+                    return
+            if (pending or dirs) and not self._put(batch()):
+                return
+            self._put(self._END)
+        except BaseException as e:  # noqa: B036 - handed to the consumer
+            self._put(e)
+        finally:
+            memo.close()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[_Batch]:
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class _Local:
+    """A local file to stage: its path, its real path (the hash memo's key) and stat."""
+    path: str
+    real: str
+    st: os.stat_result
+
+
+def _walk_dir(folder: str, rel: str, exclude: Sequence[str], seen: set
+              ) -> Iterator[Tuple[str, Optional[_Local]]]:
+    """Like os.walk following links, with one stat per file and one realpath per folder;
+    a folder met again through a link cycle is skipped."""
+    if _excluded(rel, exclude):
+        return
+    real_dir = os.path.realpath(folder)
+    st = os.stat(real_dir)
+    if (st.st_dev, st.st_ino) in seen:
+        return
+    seen.add((st.st_dev, st.st_ino))
+    yield rel, None
+    subdirs = []
+    with os.scandir(folder) as it:  # streamed: a folder of 100,000 files costs no memory
+        for e in it:
+            frel = os.path.join(rel, e.name) if rel != "." else e.name
+            try:
+                if e.is_dir():
+                    subdirs.append((e.path, frel))
+                    continue
+                fst = e.stat()
+            except FileNotFoundError:
+                raise StagingError("input %s is a broken link" % e.path) from None
+            if _excluded(frel, exclude):
+                continue
+            real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_dir, e.name)
+            yield frel, _Local(e.path, real, fst)
+    subdirs.sort()
+    for path, srel in subdirs:
+        yield from _walk_dir(path, srel, exclude, seen)
 
 
 def _excluded(rel: str, prefixes: Sequence[str]) -> bool:

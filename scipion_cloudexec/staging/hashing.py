@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 BLOCK = 1 << 20
 
@@ -37,7 +37,24 @@ class HashCache:
         self.db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER,"
                         " mtime_ns INTEGER, ino INTEGER, sha256 TEXT)")
         self._pending = 0
+        self.hashed_bytes = 0  # read to hash, since opened: the memo did not know them
         self.db.execute("BEGIN")
+
+    def get_many(self, items: Sequence[Tuple[str, os.stat_result]]) -> List[str]:
+        """Hashes of many files: the memo is read in a few queries, not one per file."""
+        known: Dict[str, tuple] = {}
+        paths = [p for p, _st in items]
+        for i in range(0, len(paths), 500):  # old sqlite allows 999 parameters
+            chunk = paths[i:i + 500]
+            known.update((r[0], r[1:]) for r in self.db.execute(
+                "SELECT path, size, mtime_ns, ino, sha256 FROM hashes WHERE path IN (%s)"
+                % ",".join("?" * len(chunk)), chunk))
+        out = []
+        for path, st in items:
+            row = known.get(path)
+            out.append(row[3] if row and tuple(row[:3]) == stat_key(st)
+                       else self._hash(path, st))
+        return out
 
     def get(self, path: str, st: Optional[os.stat_result] = None) -> str:
         """The file's SHA-256, from the memo when size, mtime and inode are unchanged."""
@@ -46,7 +63,11 @@ class HashCache:
                               (path,)).fetchone()
         if row and tuple(row[:3]) == stat_key(st):
             return row[3]
+        return self._hash(path, st)
+
+    def _hash(self, path: str, st: os.stat_result) -> str:
         digest = sha256_file(path)
+        self.hashed_bytes += st.st_size
         after = os.stat(path)
         if stat_key(after) == stat_key(st):  # changed while hashed: do not remember it
             self.db.execute("INSERT OR REPLACE INTO hashes VALUES (?,?,?,?,?)",

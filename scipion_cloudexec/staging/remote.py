@@ -31,17 +31,20 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import io
 import json
 import os
+import select
 import shutil
 import sqlite3
 import sys
 import time
-from typing import BinaryIO, Dict, List, Optional, Tuple
+from typing import BinaryIO, Dict, Iterable, List, Optional, Tuple
 
 from .hashing import BLOCK, HashCache
 
 RESERVE = 0.01  # keep 1% of the disk free
+SMALL = 4 << 20  # files up to this size are received in one read, without resume
 
 
 class StageError(Exception):
@@ -71,7 +74,9 @@ class Cache:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS objects (sha256 TEXT PRIMARY KEY,"
-                        " size INTEGER, mtime_ns INTEGER)")
+                        " size INTEGER, mtime_ns INTEGER, ino INTEGER)")
+        if "ino" not in [r[1] for r in self.db.execute("PRAGMA table_info(objects)")]:
+            self.db.execute("ALTER TABLE objects ADD COLUMN ino INTEGER")  # caches of 0.1
         # what each project mirror received, for `scipion-cloudexec status`
         self.db.execute("CREATE TABLE IF NOT EXISTS mirrors (mirror TEXT PRIMARY KEY,"
                         " bytes INTEGER, files INTEGER, updated REAL)")
@@ -79,17 +84,28 @@ class Cache:
     def path(self, sha: str) -> str:
         return os.path.join(self.objects, sha[:2], sha)
 
-    def present(self, sha: str, size: int) -> Tuple[bool, bool]:
+    def records(self, shas: Iterable[str]) -> Dict[str, Tuple[int, int, Optional[int]]]:
+        """(size, mtime_ns, inode) of each object when it was verified, in few queries."""
+        shas = list(shas)
+        out: Dict[str, Tuple[int, int, Optional[int]]] = {}
+        for i in range(0, len(shas), 500):  # old sqlite allows 999 parameters
+            chunk = shas[i:i + 500]
+            out.update((r[0], tuple(r[1:])) for r in self.db.execute(
+                "SELECT sha256, size, mtime_ns, ino FROM objects WHERE sha256 IN (%s)"
+                % ",".join("?" * len(chunk)), chunk))
+        return out
+
+    def present(self, sha: str, size: int, record: Optional[tuple]) -> Tuple[bool, bool]:
         """(usable, was_corrupt): an object whose size or mtime moved since it was
-        verified is corrupt; it is deleted so that it is sent again."""
+        verified (*record*) is corrupt; it is deleted so that it is sent again."""
         path = self.path(sha)
         try:
             st = os.stat(path)
         except FileNotFoundError:
             return False, False
-        row = self.db.execute("SELECT size, mtime_ns FROM objects WHERE sha256=?",
-                              (sha,)).fetchone()
-        if row and row[0] == st.st_size == size and row[1] == st.st_mtime_ns:
+        if record and record[0] == st.st_size == size and record[1] == st.st_mtime_ns:
+            if record[2] != st.st_ino:  # verified before inodes were recorded
+                self.db.execute("UPDATE objects SET ino=? WHERE sha256=?", (st.st_ino, sha))
             return True, False
         os.unlink(path)  # mirrors keep their (bad) link; linking replaces it
         self.db.execute("DELETE FROM objects WHERE sha256=?", (sha,))
@@ -98,6 +114,8 @@ class Cache:
     def receive(self, sha: str, size: int, offset: int, stream: BinaryIO) -> Optional[str]:
         """Append ``size - offset`` bytes from *stream* to the partial file, verify, publish.
         Returns None, or why the content was refused (it is then deleted, never linked)."""
+        if offset == 0 and size <= SMALL:
+            return self._receive_small(sha, size, stream)
         part = os.path.join(self.partial, sha)
         h = hashlib.sha256()
         with open(part, "ab") as out:
@@ -122,20 +140,58 @@ class Cache:
                 left -= len(block)
         if h.hexdigest() != sha:
             os.unlink(part)
-            return "content of %s arrived with hash %s (changed during upload or corrupted)" % (
-                sha[:12], h.hexdigest()[:12])
+            return _refused(sha, h.hexdigest())
         os.chmod(part, 0o444)
-        dest = self.path(sha)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        os.replace(part, dest)
-        st = os.stat(dest)
-        self.db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?)",
-                        (sha, st.st_size, st.st_mtime_ns))
+        self._publish(part, sha)
         return None
+
+    def _receive_small(self, sha: str, size: int, stream: BinaryIO) -> Optional[str]:
+        """A small file in one read, verified in memory, then written straight to its
+        object name (no temporary name: an object counts only once the index holds its
+        size and mtime, so a write cut short is never trusted)."""
+        data = stream.read(size)
+        if len(data) != size:
+            raise StageError("stream ended %d bytes before the end of %s" % (size - len(data), sha))
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != sha:
+            return _refused(sha, digest)
+        dest = self.path(sha)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(dest, flags, 0o444)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            fd = os.open(dest, flags, 0o444)
+        except FileExistsError:  # a write cut short, or another client's copy: ours is right
+            os.unlink(dest)
+            fd = os.open(dest, flags, 0o444)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        self.db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?)",
+                        (sha, st.st_size, st.st_mtime_ns, st.st_ino))
+        return None
+
+    def _publish(self, tmp: str, sha: str) -> None:
+        dest = self.path(sha)
+        try:
+            os.replace(tmp, dest)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(tmp, dest)
+        st = os.stat(dest)
+        self.db.execute("INSERT OR REPLACE INTO objects VALUES (?,?,?,?)",
+                        (sha, st.st_size, st.st_mtime_ns, st.st_ino))
 
     def partial_size(self, sha: str, size: int) -> int:
         """Bytes of an interrupted upload, once its writer (a helper whose connection
         died) has let go of it."""
+        if size <= SMALL:
+            return 0
         try:
             with open(os.path.join(self.partial, sha), "rb") as f:
                 fcntl.flock(f, fcntl.LOCK_SH)
@@ -145,20 +201,55 @@ class Cache:
         return n if n < size else 0
 
     def link(self, sha: str, dest: str) -> bool:
-        """Hard-link the object at *dest*; False when it already is that object."""
+        """Hard-link the object at *dest*; False when it already is that object.
+        Raises FileNotFoundError when the object is not in the cache."""
         src = self.path(sha)
         try:
-            if os.stat(dest).st_ino == os.stat(src).st_ino:
+            os.link(src, dest)
+            return True
+        except FileExistsError:
+            if os.lstat(dest).st_ino == os.stat(src).st_ino:
                 return False
         except FileNotFoundError:
-            pass
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.stat(src)  # the object is missing: say so
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.link(src, dest)
+            return True
         tmp = dest + ".cloudexec-link"
         if os.path.lexists(tmp):
             os.unlink(tmp)
         os.link(src, tmp)
         os.replace(tmp, dest)
         return True
+
+
+def _refused(sha: str, digest: str) -> str:
+    return "content of %s arrived with hash %s (changed during upload or corrupted)" % (
+        sha[:12], digest[:12])
+
+
+class StallingInput(io.RawIOBase):
+    """stdin that gives up after *timeout* seconds without a byte (None: waits forever).
+    A link cut at the far side leaves sshd and this server waiting for hours; a server
+    that gives up lets go of its partial upload, which the next try then resumes."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.timeout: Optional[float] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.timeout is not None:
+            ready, _, _ = select.select([self.fd], [], [], self.timeout)
+            if not ready:
+                raise StageError("no data for %.0f s: the link or the client is gone"
+                                 % self.timeout)
+        data = os.read(self.fd, len(b))
+        b[:len(data)] = data
+        return len(data)
+
 
 
 def _reply(obj) -> None:
@@ -170,22 +261,37 @@ class StreamBroken(StageError):
     """The byte stream is out of step with the requests: the server must stop."""
 
 
-def cmd_in(cache: "Cache", request: dict) -> None:
-    stdin = sys.stdin.buffer
+def cmd_in(cache: "Cache", request: dict, stdin: io.BufferedReader) -> None:
     workdir = cache.workdir
     mirror = request["mirror"]
     mirror_root = os.path.join(workdir, safe_rel(mirror))
     files = [(safe_rel(rel), int(size), str(sha)) for rel, size, sha in request["files"]]
-    for rel in request.get("dirs", []):
-        os.makedirs(os.path.join(mirror_root, safe_rel(rel)) if rel != "." else mirror_root,
-                     exist_ok=True)
     os.makedirs(mirror_root, exist_ok=True)
+    for rel in request.get("dirs", []):
+        if rel != ".":
+            os.makedirs(os.path.join(mirror_root, safe_rel(rel)), exist_ok=True)
+    records = cache.records({sha for _r, _s, sha in files})
+    # one lstat per unchanged file: a mirror file sharing the verified object's inode,
+    # size and mtime is that object, untouched
+    todo: List[Tuple[str, int, str]] = []
+    unchanged = 0
+    for rel, size, sha in files:
+        rec = records.get(sha)
+        if rec is not None and rec[0] == size and rec[2] is not None:
+            try:
+                st = os.lstat(os.path.join(mirror_root, rel))
+                if (st.st_ino, st.st_size, st.st_mtime_ns) == (rec[2], size, rec[1]):
+                    unchanged += 1
+                    continue
+            except FileNotFoundError:
+                pass
+        todo.append((rel, size, sha))
     missing: Dict[str, Tuple[int, int]] = {}
     repaired = 0
-    for _rel, size, sha in files:
+    for _rel, size, sha in todo:
         if sha in missing:
             continue
-        ok, corrupt = cache.present(sha, size)
+        ok, corrupt = cache.present(sha, size, records.get(sha))
         repaired += corrupt
         if not ok:
             missing[sha] = (size, cache.partial_size(sha, size))
@@ -196,38 +302,49 @@ def cmd_in(cache: "Cache", request: dict) -> None:
         _reply({"error": "nospace", "needed": needed, "free": max(free, 0)})
         return
     order = sorted(missing)
-    _reply({"missing": [[sha, missing[sha][1]] for sha in order], "needed": needed,
-            "free": free})
+    answer = {"missing": [[sha, missing[sha][1]] for sha in order], "needed": needed,
+              "free": free}
+    inline_max = request.get("inline_max")
+    if inline_max is not None and needed > inline_max:
+        _reply(dict(answer, defer=True))  # the client sends this batch on a bulk channel
+        return
+    _reply(answer)
     errors: List[str] = []
     bad: List[str] = []  # arrived with another hash: changed while sent, or corrupted
     received = 0
     cache.db.execute("BEGIN")  # one commit for the batch, not one per file
-    for sha in order:
-        size, offset = missing[sha]
-        try:
-            why = cache.receive(sha, size, offset, stdin)
-        except StageError as e:
-            raise StreamBroken(str(e)) from None
-        received += size - offset
-        if why:
-            bad.append(sha)
-    added = (received, len(order) - len(bad), time.time(), mirror)
-    # no UPSERT: clusters may run an sqlite older than 3.24
-    if not cache.db.execute("UPDATE mirrors SET bytes = bytes + ?, files = files + ?,"
-                            " updated = ? WHERE mirror = ?", added).rowcount:
-        cache.db.execute("INSERT INTO mirrors (bytes, files, updated, mirror) VALUES (?,?,?,?)",
-                         added)
-    cache.db.execute("COMMIT")
-    linked = unchanged = 0
-    for rel, size, sha in files:
-        if not os.path.exists(cache.path(sha)):
-            if sha not in bad:
-                errors.append("%s: content missing on the cluster" % rel)
+    stdin.raw.timeout = float(request.get("stall", 60))
+    try:
+        for sha in order:
+            size, offset = missing[sha]
+            try:
+                why = cache.receive(sha, size, offset, stdin)
+            except StageError as e:
+                raise StreamBroken(str(e)) from None
+            received += size - offset
+            if why:
+                bad.append(sha)
+        added = (received, len(order) - len(bad), time.time(), mirror)
+        # no UPSERT: clusters may run an sqlite older than 3.24
+        if not cache.db.execute("UPDATE mirrors SET bytes = bytes + ?, files = files + ?,"
+                                " updated = ? WHERE mirror = ?", added).rowcount:
+            cache.db.execute("INSERT INTO mirrors (bytes, files, updated, mirror)"
+                             " VALUES (?,?,?,?)", added)
+    finally:
+        stdin.raw.timeout = None
+        cache.db.execute("COMMIT")  # what arrived intact stays usable
+    linked = 0
+    bad_set = set(bad)
+    for rel, size, sha in todo:
+        if sha in bad_set:
             continue
-        if cache.link(sha, os.path.join(mirror_root, rel)):
-            linked += 1
-        else:
-            unchanged += 1
+        try:
+            if cache.link(sha, os.path.join(mirror_root, rel)):
+                linked += 1
+            else:
+                unchanged += 1
+        except FileNotFoundError:
+            errors.append("%s: content missing on the cluster" % rel)
     _reply({"received": received, "linked": linked, "unchanged": unchanged,
             "repaired": repaired, "errors": errors, "bad": bad})
 
@@ -306,12 +423,13 @@ def serve(workdir: str) -> int:
     """Answer requests from stdin until it closes."""
     cache = Cache(workdir)
     hashes = HashCache(os.path.join(workdir, "cache", "hashes.sqlite"))
-    handlers = {"in": cmd_in, "send": cmd_send, "cache": cmd_cache,
+    stdin = io.BufferedReader(StallingInput(sys.stdin.fileno()), BLOCK)
+    handlers = {"in": lambda c, r: cmd_in(c, r, stdin), "send": cmd_send, "cache": cmd_cache,
                 "list": lambda c, r: cmd_list(c, hashes, r),
                 "ping": lambda c, r: _reply({"ok": True}), "mirrors": cmd_mirrors}
     try:
         while True:
-            line = sys.stdin.buffer.readline()
+            line = stdin.readline()
             if not line:
                 return 0
             try:

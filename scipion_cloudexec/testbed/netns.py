@@ -58,6 +58,7 @@ class NetnsClusters:
                 _ip("-n", ns, "addr", "add", addr + "/24", "dev", ns + "-n")
                 _ip("-n", ns, "link", "set", "lo", "up")
                 _ip("-n", ns, "link", "set", ns + "-n", "up")
+            _ip("link", "set", ns + "-h", "up")  # a run stopped mid-test may have cut it
             known.append(self._start_sshd(name, ns, addr))
         with open(self.known_hosts, "w") as f:
             f.write("".join(known))

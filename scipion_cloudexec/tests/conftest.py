@@ -142,3 +142,20 @@ def new_project(tmp_path):
 
 def with_changes(cluster: ClusterConfig, **changes) -> ClusterConfig:
     return replace(cluster, **changes)
+
+
+@pytest.fixture(scope="session")
+def hosts(testbed):
+    """Three fake cluster hosts in network namespaces, each with its own sshd, behind links
+    the tests can cut (``hosts.link(name, False)``)."""
+    from scipion_cloudexec.testbed.netns import NetnsClusters
+    if not NetnsClusters.available():
+        pytest.skip("network namespaces need root and iproute2 (ip netns)")
+    n = NetnsClusters(testbed, 3)
+    try:
+        n.up()
+    except Exception as e:
+        n.down()
+        pytest.fail("network namespaces did not come up: %s" % e)
+    yield n
+    n.down()

@@ -7,24 +7,9 @@ import pytest
 
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
-from scipion_cloudexec.testbed.netns import NetnsClusters
 from scipion_cloudexec.tests.test_executor import logs, provenance, wait_done
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def hosts(testbed):
-    if not NetnsClusters.available():
-        pytest.skip("network namespaces need root and iproute2 (ip netns)")
-    n = NetnsClusters(testbed, 3)
-    try:
-        n.up()
-    except Exception as e:
-        n.down()
-        pytest.fail("network namespaces did not come up: %s" % e)
-    yield n
-    n.down()
 
 
 @pytest.fixture

@@ -85,6 +85,27 @@ class Target:
         return self.host if self.port == 22 else "[%s]:%d" % (self.host, self.port)
 
 
+#: OpenSSH names of the ciphers to prefer for bulk data (AES-NI GCM first).
+OPENSSH_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"
+
+
+def openssh_argv(target: Target, command: str, alive_interval: float = 5.0,
+                 alive_count: int = 3, ssh: str = "ssh") -> List[str]:
+    """The system OpenSSH client running *command* on *target*, held to the same rules as
+    :class:`SSHConnection`: the key only (no password, no agent prompts), the host key
+    checked against the same known_hosts and never added, no forwarding of any kind.
+    A link silent for ``alive_interval * alive_count`` seconds ends the command."""
+    return [ssh, "-T", "-x", "-a", "-p", str(target.port), "-l", target.user,
+            "-i", target.identity_file, "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", "UserKnownHostsFile=%s" % target.known_hosts, "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "ConnectTimeout=%d" % max(1, round(target.connect_timeout)),
+            "-o", "ServerAliveInterval=%d" % max(1, round(alive_interval)),
+            "-o", "ServerAliveCountMax=%d" % alive_count, "-o", "ClearAllForwardings=yes",
+            "-o", "Ciphers=^%s" % OPENSSH_CIPHERS, "-o", "LogLevel=ERROR",
+            "-F", "/dev/null", "--", target.host, command]
+
+
 @dataclass
 class Completed:
     """Result of :meth:`SSHConnection.run`."""

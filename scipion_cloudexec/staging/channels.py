@@ -1,0 +1,250 @@
+"""What carries the byte stream between the desktop and the cluster's staging server.
+
+The server (``python agent.zip stage serve``) speaks the same line protocol on any byte
+stream; two carriers exist:
+
+- :class:`ParamikoChannel`: an exec channel on the SSH connection the client already
+  holds. Costs no new connection: used for requests and small transfers.
+- :class:`OpenSSHChannel`: the system's ``ssh`` client as a subprocess, its stdin/stdout the
+  stream. Its ciphers run in C (~330 MB/s here vs ~185 MB/s for paramiko), so large
+  uploads and downloads go this way when the cluster's ``transfer`` setting allows.
+
+Both send a ping at once and read its answer with the first request's answer, so the
+remote shell and Python start while the desktop is still walking its files.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Optional
+
+from ..agent import bundle
+from ..config import ClusterConfig
+from ..transport.ssh import SSHConnection, Target, openssh_argv
+from .hashing import BLOCK
+
+WINDOW = 16 << 20  # SSH window: keeps a long or slow link busy
+NO_BUNDLE = 97  # exit status of the start command when this version's bundle is missing
+
+
+class StagingError(RuntimeError):
+    """Staging failed; the message names the files and what to do."""
+
+
+class NoBundle(Exception):
+    """The cluster lacks this client's agent bundle: upload it, then start again."""
+
+
+def server_command(cluster: ClusterConfig) -> str:
+    """Shell command starting the staging server, or exiting NO_BUNDLE (one SSH session)."""
+    return "test -s %s || exit %d\n%s" % (
+        shlex.quote(bundle.remote_path(cluster)), NO_BUNDLE,
+        bundle.command(cluster, "stage", "serve", "--workdir", cluster.workdir))
+
+
+def dead_link_seconds(cluster: ClusterConfig) -> float:
+    """No progress for this long means a dead link (a cut link drops packets silently)."""
+    return max(10.0, 6 * cluster.heartbeat)
+
+
+class ServerChannel:
+    """One running staging server and the stream to it."""
+
+    kind = ""
+
+    def __init__(self, cluster: ClusterConfig):
+        self.cluster = cluster
+        self.out: io.BufferedIOBase
+        self._greeted = False
+
+    # -- what a carrier provides ---------------------------------------------------------
+    def sendall(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def send_file(self, f, offset: int, count: int) -> int:
+        """Send up to *count* bytes of open file *f* from *offset*; returns bytes read
+        (fewer than asked when the file shrank)."""
+        f.seek(offset)
+        block = f.read(min(BLOCK, count))
+        if block:
+            self.sendall(block)
+        return len(block)
+
+    def exit_status(self) -> Optional[int]:
+        raise NotImplementedError
+
+    def stderr(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # -- the protocol --------------------------------------------------------------------
+    def send_line(self, obj) -> None:
+        self.sendall(json.dumps(obj).encode() + b"\n")
+
+    def _readline(self) -> bytes:
+        try:
+            return self.out.readline()
+        except socket.timeout:
+            raise StagingError("no answer from %s for %.0f s: link or cluster down"
+                               % (self.cluster.name, dead_link_seconds(self.cluster))) from None
+
+    def line(self) -> dict:
+        """The next answer; the first call also reads the answer to the start-up ping."""
+        if not self._greeted:
+            if not self._readline():
+                if self.exit_status() == NO_BUNDLE:
+                    raise NoBundle()
+                raise StagingError("the staging server on %s did not start (%s): %s"
+                                   % (self.cluster.name, self.kind,
+                                      self.stderr() or "no answer"))
+            self._greeted = True
+        raw = self._readline()
+        if not raw:
+            raise StagingError("the staging server on %s stopped: %s" % (
+                self.cluster.name, self.stderr() or "connection lost"))
+        reply = json.loads(raw)
+        if isinstance(reply, dict) and reply.get("error") == "failed":
+            raise StagingError("staging on %s failed: %s" % (self.cluster.name, reply["detail"]))
+        return reply
+
+
+class ParamikoChannel(ServerChannel):
+    """The server on an exec channel of an open paramiko connection."""
+
+    kind = "paramiko"
+
+    def __init__(self, ssh: SSHConnection, cluster: ClusterConfig):
+        super().__init__(cluster)
+        self.chan = ssh._require().open_session(window_size=WINDOW, max_packet_size=32768)
+        self.chan.settimeout(dead_link_seconds(cluster))
+        self.chan.exec_command(server_command(cluster))
+        self.out = self.chan.makefile("rb", BLOCK)
+        self._sending: Optional[float] = None
+        self._closed = threading.Event()
+        threading.Thread(target=self._watch, name="cloudexec-watch", daemon=True).start()
+        self.send_line({"cmd": "ping"})
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        for i in range(0, len(view), self.PIECE):
+            self._sending = time.monotonic()
+            try:
+                self.chan.sendall(view[i:i + self.PIECE])
+            finally:
+                self._sending = None
+
+    PIECE = 256 << 10  # one send taking dead_link_seconds means the link is dead
+
+    def _watch(self) -> None:
+        """paramiko never times out a write to a dead TCP link: shut its socket down, which
+        ends the transport (the agent client on it sees the same dead link)."""
+        limit = dead_link_seconds(self.cluster)
+        while not self._closed.wait(1.0):
+            started = self._sending
+            if started is not None and time.monotonic() - started > limit:
+                transport = self.chan.get_transport()
+                try:
+                    transport.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
+
+    def exit_status(self) -> Optional[int]:
+        return self.chan.recv_exit_status()
+
+    def stderr(self) -> str:
+        if self.chan.recv_stderr_ready():
+            return self.chan.recv_stderr(65536).decode(errors="replace").strip()
+        return ""
+
+    @property
+    def alive(self) -> bool:
+        return not self.chan.closed and not self.chan.exit_status_ready()
+
+    def close(self) -> None:
+        def close() -> None:
+            try:
+                self.chan.shutdown_write()
+                self.chan.close()
+            except (OSError, EOFError):
+                pass
+        self._closed.set()
+        # on a dead link paramiko can block for minutes sending the close: don't wait
+        t = threading.Thread(target=close, name="cloudexec-close", daemon=True)
+        t.start()
+        t.join(2.0)
+
+
+class OpenSSHChannel(ServerChannel):
+    """The server behind the system's ``ssh`` client (same key, same known_hosts, host key
+    checked, never added). Starting it returns at once."""
+
+    kind = "openssh"
+
+    def __init__(self, cluster: ClusterConfig, ssh: str = "ssh"):
+        super().__init__(cluster)
+        beat = max(1.0, cluster.heartbeat)
+        argv = openssh_argv(Target.of(cluster), server_command(cluster), alive_interval=beat,
+                            alive_count=max(3, int(dead_link_seconds(cluster) / beat)), ssh=ssh)
+        self._err = tempfile.TemporaryFile()  # a pipe could fill and stall ssh
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._err, bufsize=0, start_new_session=True)
+        self._in = self.proc.stdin.fileno()
+        self.out = io.BufferedReader(self.proc.stdout, BLOCK)
+        self._sendfile = hasattr(os, "sendfile")
+        self.send_line({"cmd": "ping"})
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._in, view):]
+
+    def send_file(self, f, offset: int, count: int) -> int:
+        if self._sendfile:
+            try:  # straight from the page cache into the pipe, no copy through Python
+                return os.sendfile(self._in, f.fileno(), offset, min(count, 8 * BLOCK))
+            except OSError as e:
+                if e.errno not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not here
+                    raise
+                self._sendfile = False
+        return super().send_file(f, offset, count)
+
+    def exit_status(self) -> Optional[int]:
+        try:
+            return self.proc.wait(timeout=dead_link_seconds(self.cluster))
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stderr(self) -> str:
+        self._err.seek(0)
+        return self._err.read(65536).decode(errors="replace").strip()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()  # the server exits at end of input
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.out.close()
+        self._err.close()
