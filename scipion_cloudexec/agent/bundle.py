@@ -37,15 +37,15 @@ _INITS = ("__init__.py", "transport/__init__.py", "agent/__init__.py", "staging/
 _MAIN = b"""import sys
 if sys.version_info < (3, 9):
     sys.exit("cloudexec agent: Python 3.9 or newer is needed, this is %s" % sys.version.split()[0])
+if sys.argv[1:2] == ["stage"]:  # stdlib only: starts fast, even under python -S
+    from scipion_cloudexec.staging.remote import main
+    sys.exit(main(sys.argv[2:]))
 try:
     import zmq  # noqa: F401
 except ImportError:
     sys.exit("cloudexec agent: No module named 'zmq': install pyzmq for %s" % sys.executable)
 if sys.argv[1:2] == ["pool"]:
     from scipion_cloudexec.agent.pool import main
-    sys.exit(main(sys.argv[2:]))
-if sys.argv[1:2] == ["stage"]:
-    from scipion_cloudexec.staging.remote import main
     sys.exit(main(sys.argv[2:]))
 from scipion_cloudexec.agent.server import main
 sys.exit(main())
@@ -97,7 +97,9 @@ def ensure_uploaded(ssh: SSHConnection, cluster: ClusterConfig) -> str:
     return zpath
 
 
-def command(cluster: ClusterConfig, *args: str) -> str:
-    """Shell command running the bundle with *args* on the cluster, after env_setup."""
+def command(cluster: ClusterConfig, *args: str, flags: Tuple[str, ...] = ()) -> str:
+    """Shell command running the bundle with *args* on the cluster, after env_setup;
+    *flags* go to the Python interpreter."""
     env = cluster.env_setup.strip() + "\n" if cluster.env_setup.strip() else ""
-    return env + " ".join(shlex.quote(a) for a in (cluster.python, remote_path(cluster)) + args)
+    return env + " ".join(shlex.quote(a) for a in
+                          (cluster.python,) + tuple(flags) + (remote_path(cluster),) + args)

@@ -46,7 +46,8 @@ def server_command(cluster: ClusterConfig) -> str:
     """Shell command starting the staging server, or exiting NO_BUNDLE (one SSH session)."""
     return "test -s %s || exit %d\n%s" % (
         shlex.quote(bundle.remote_path(cluster)), NO_BUNDLE,
-        bundle.command(cluster, "stage", "serve", "--workdir", cluster.workdir))
+        # -S: the server needs the standard library only, and site-packages cost start-up time
+        bundle.command(cluster, "stage", "serve", "--workdir", cluster.workdir, flags=("-S",)))
 
 
 def dead_link_seconds(cluster: ClusterConfig) -> float:

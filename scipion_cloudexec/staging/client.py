@@ -25,6 +25,7 @@ import queue
 import shutil
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -43,7 +44,8 @@ __all__ = ["Stager", "StageReport", "StagingError", "NoSpace", "PathEscape"]
 Progress = Callable[[int, int, int, int], None]
 BATCH = 2000  # files per request: bounds memory on both sides
 BATCH_BYTES = 256 << 20  # and bytes: the next batch is hashed while this one travels
-BULK_MIN = 8 << 20  # a batch with more new bytes than this goes on the bulk stream
+BULK_MIN = 8 << 20  # a transfer with more new bytes than this goes on the bulk stream
+CHECKS_AHEAD = 2  # checks in flight: the cluster checks one batch while we walk the next
 
 
 class NoSpace(StagingError):
@@ -221,6 +223,8 @@ class Stager:
         problems: List[str] = []
         self._channel()  # the remote shell and Python start while we walk
         batches = _Batches(self, project_root, paths, exclude)
+        checking: "deque[_Batch]" = deque()  # checks sent, answers not read yet
+        to_send: Dict[str, Tuple[str, str, int, str]] = {}  # sha -> the file to send
         try:
             for batch in batches:
                 report.files += len(batch.files)
@@ -229,8 +233,27 @@ class Stager:
                     report.hashes.update((f[0], f[3]) for f in batch.files)
                 if batch.fresh_bytes >= BULK_MIN and self.bulk_available:
                     self._channel(bulk=True)  # new content ahead: start the fast stream now
-                problems.extend(self._stage_batch(project, batch.files, batch.dirs, report,
-                                                  progress))
+                self._send_check(project, batch)
+                checking.append(batch)
+                if len(checking) > CHECKS_AHEAD:
+                    problems += self._read_check(checking.popleft(), report, to_send)
+                if len(to_send) >= BATCH or sum(f[2] for f in to_send.values()) >= BATCH_BYTES:
+                    while checking:  # the control stream must be idle for a transfer
+                        problems += self._read_check(checking.popleft(), report, to_send)
+                    problems += self._transfer(project, list(to_send.values()), report, progress)
+                    to_send.clear()
+            while checking:
+                problems += self._read_check(checking.popleft(), report, to_send)
+            if to_send:
+                problems += self._transfer(project, list(to_send.values()), report, progress)
+        except (OSError, EOFError) as e:
+            self.close()
+            raise StagingError("connection to %s lost during the upload (%s); what arrived is "
+                               "kept: stage again to resume" % (self.cluster.name, e)) from None
+        except BaseException:
+            if checking:
+                self.close()  # answers left unread: the stream is out of step
+            raise
         finally:
             batches.close()
         report.seconds = time.monotonic() - t0
@@ -240,22 +263,43 @@ class Stager:
                                % (self.cluster.name, "\n  ".join(problems)))
         return report
 
-    def _stage_batch(self, project: str, entries: List[Tuple[str, str, int, str]],
-                     dirs: List[str], report: StageReport,
-                     progress: Optional[Progress]) -> List[str]:
-        """One "in" request: returns the problems (files that changed, missing content).
-        The control stream answers it when little is missing; otherwise it defers and the
-        batch goes again on the bulk stream."""
+    def _send_check(self, project: str, batch: "_Batch") -> None:
+        """Ask which of the batch's contents the cluster lacks; it links all the others
+        into the mirror at once. Answers are read later (several checks in flight)."""
+        request = {"cmd": "in", "check": True, "mirror": self.mirror(project), "dirs": batch.dirs,
+                   "files": [[rel, size, sha] for rel, _l, size, sha in batch.files]}
+        if self._chan is not None and self._chan._greeted:
+            self._chan.send_line(request)
+        else:  # first use: may need the bundle uploaded, which _ask handles
+            ch, answer = self._ask(request)
+            batch.answer = answer
+
+    def _read_check(self, batch: "_Batch", report: StageReport,
+                    to_send: Dict[str, Tuple[str, str, int, str]]) -> List[str]:
+        if batch.answer is None and self._chan is None:
+            raise StagingError("the staging server on %s went away" % self.cluster.name)
+        answer = batch.answer if batch.answer is not None else self._chan.line()
+        report.linked += answer["linked"]
+        report.unchanged += answer["unchanged"]
+        report.repaired += answer["repaired"]
+        missing = {sha for sha, _off in answer["missing"]}
+        for f in batch.files:
+            if f[3] in missing:
+                to_send.setdefault(f[3] + "\0" + f[0], f)
+        return answer["errors"]
+
+    def _transfer(self, project: str, entries: List[Tuple[str, str, int, str]],
+                  report: StageReport, progress: Optional[Progress]) -> List[str]:
+        """Send the contents of *entries* (their checks said missing), verified and linked
+        by the cluster; on the bulk stream when large. Returns the problems."""
+        total_new = sum(e[2] for e in entries)
         # the server gives up (and lets go of a partial upload) once data stops this long
-        request = {"cmd": "in", "mirror": self.mirror(project),
-                   "files": [[rel, size, sha] for rel, _l, size, sha in entries], "dirs": dirs,
+        request = {"cmd": "in", "mirror": self.mirror(project), "dirs": [],
+                   "files": [[rel, size, sha] for rel, _l, size, sha in entries],
                    "stall": max(5.0, dead_link_seconds(self.cluster) / 2)}
         ch = None
         try:
-            ch, answer = self._ask(dict(request, inline_max=BULK_MIN)
-                                   if self.bulk_available else request)
-            if answer.get("defer"):
-                ch, answer = self._ask(request, bulk=True)
+            ch, answer = self._ask(request, bulk=total_new >= BULK_MIN)
             if answer.get("error") == "nospace":
                 raise NoSpace(self.cluster.name, answer["needed"], answer["free"])
             local_of = {sha: (local, size) for _r, local, size, sha in entries}
@@ -268,11 +312,6 @@ class Stager:
             final = ch.line()
         except NoSpace:
             raise
-        except (OSError, EOFError) as e:
-            if ch is not None:
-                self._drop(ch)
-            raise StagingError("connection to %s lost during the upload (%s); what arrived is "
-                               "kept: stage again to resume" % (self.cluster.name, e)) from None
         except BaseException:
             if ch is not None:
                 self._drop(ch)  # the stream is out of step: start afresh next time
@@ -447,6 +486,7 @@ class _Batch:
     files: List[Tuple[str, str, int, str]]  # (mirror path, local path, size, sha256)
     dirs: List[str]
     fresh_bytes: int  # bytes the hash memo did not know: likely new content
+    answer: Optional[dict] = None  # the cluster's answer to its check, once read
 
 
 class _Batches:

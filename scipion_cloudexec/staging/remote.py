@@ -77,6 +77,7 @@ class Cache:
                         " size INTEGER, mtime_ns INTEGER, ino INTEGER)")
         if "ino" not in [r[1] for r in self.db.execute("PRAGMA table_info(objects)")]:
             self.db.execute("ALTER TABLE objects ADD COLUMN ino INTEGER")  # caches of 0.1
+        self._buffer = memoryview(bytearray(SMALL))
         # what each project mirror received, for `scipion-cloudexec status`
         self.db.execute("CREATE TABLE IF NOT EXISTS mirrors (mirror TEXT PRIMARY KEY,"
                         " bytes INTEGER, files INTEGER, updated REAL)")
@@ -132,12 +133,13 @@ class Cache:
                         left -= len(block)
             left = size - offset
             while left:
-                block = stream.read(min(BLOCK, left))
-                if not block:
+                block = self._buffer[:min(BLOCK, left)]
+                n = stream.readinto(block)
+                if not n:
                     raise StageError("stream ended %d bytes before the end of %s" % (left, sha))
-                out.write(block)
-                h.update(block)
-                left -= len(block)
+                out.write(block[:n])
+                h.update(block[:n])
+                left -= n
         if h.hexdigest() != sha:
             os.unlink(part)
             return _refused(sha, h.hexdigest())
@@ -146,12 +148,13 @@ class Cache:
         return None
 
     def _receive_small(self, sha: str, size: int, stream: BinaryIO) -> Optional[str]:
-        """A small file in one read, verified in memory, then written straight to its
-        object name (no temporary name: an object counts only once the index holds its
-        size and mtime, so a write cut short is never trusted)."""
-        data = stream.read(size)
-        if len(data) != size:
-            raise StageError("stream ended %d bytes before the end of %s" % (size - len(data), sha))
+        """A small file in one read into a reused buffer, verified in memory, then written
+        straight to its object name (no temporary name: an object counts only once the
+        index holds its size and mtime, so a write cut short is never trusted)."""
+        data = self._buffer[:size]
+        got = stream.readinto(data)
+        if got != size:
+            raise StageError("stream ended %d bytes before the end of %s" % (size - got, sha))
         digest = hashlib.sha256(data).hexdigest()
         if digest != sha:
             return _refused(sha, digest)
@@ -231,25 +234,27 @@ def _refused(sha: str, digest: str) -> str:
 class StallingInput(io.RawIOBase):
     """stdin that gives up after *timeout* seconds without a byte (None: waits forever).
     A link cut at the far side leaves sshd and this server waiting for hours; a server
-    that gives up lets go of its partial upload, which the next try then resumes."""
+    that gives up lets go of its partial upload, which the next try then resumes.
+    Reads go straight into the caller's buffer; select() runs only when no data waits."""
 
     def __init__(self, fd: int):
         self.fd = fd
         self.timeout: Optional[float] = None
+        os.set_blocking(fd, False)
+        self._file = io.FileIO(fd, "rb", closefd=False)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        if self.timeout is not None:
+        while True:
+            n = self._file.readinto(b)
+            if n is not None:
+                return n
             ready, _, _ = select.select([self.fd], [], [], self.timeout)
             if not ready:
                 raise StageError("no data for %.0f s: the link or the client is gone"
                                  % self.timeout)
-        data = os.read(self.fd, len(b))
-        b[:len(data)] = data
-        return len(data)
-
 
 
 def _reply(obj) -> None:
@@ -298,15 +303,17 @@ def cmd_in(cache: "Cache", request: dict, stdin: io.BufferedReader) -> None:
     needed = sum(size - off for size, off in missing.values())
     usage = shutil.disk_usage(workdir)
     free = usage.free - int(usage.total * RESERVE)
-    if needed > free:
-        _reply({"error": "nospace", "needed": needed, "free": max(free, 0)})
-        return
     order = sorted(missing)
     answer = {"missing": [[sha, missing[sha][1]] for sha in order], "needed": needed,
-              "free": free}
-    inline_max = request.get("inline_max")
-    if inline_max is not None and needed > inline_max:
-        _reply(dict(answer, defer=True))  # the client sends this batch on a bulk channel
+              "free": max(free, 0)}
+    if request.get("check"):  # link what is here; the client sends the rest in a later request
+        _count(cache, mirror, 0, 0)
+        linked, same, errors = _link_all(cache, mirror_root, todo, set(missing))
+        _reply(dict(answer, linked=linked, unchanged=unchanged + same, repaired=repaired,
+                    errors=errors))
+        return
+    if needed > free:
+        _reply({"error": "nospace", "needed": needed, "free": max(free, 0)})
         return
     _reply(answer)
     errors: List[str] = []
@@ -324,29 +331,43 @@ def cmd_in(cache: "Cache", request: dict, stdin: io.BufferedReader) -> None:
             received += size - offset
             if why:
                 bad.append(sha)
-        added = (received, len(order) - len(bad), time.time(), mirror)
-        # no UPSERT: clusters may run an sqlite older than 3.24
-        if not cache.db.execute("UPDATE mirrors SET bytes = bytes + ?, files = files + ?,"
-                                " updated = ? WHERE mirror = ?", added).rowcount:
-            cache.db.execute("INSERT INTO mirrors (bytes, files, updated, mirror)"
-                             " VALUES (?,?,?,?)", added)
+        _count(cache, mirror, received, len(order) - len(bad))
     finally:
         stdin.raw.timeout = None
         cache.db.execute("COMMIT")  # what arrived intact stays usable
-    linked = 0
-    bad_set = set(bad)
-    for rel, size, sha in todo:
-        if sha in bad_set:
+    linked, same, link_errors = _link_all(cache, mirror_root, todo, set(bad))
+    unchanged += same
+    errors += link_errors
+    _reply({"received": received, "linked": linked, "unchanged": unchanged,
+            "repaired": repaired, "errors": errors, "bad": bad})
+
+
+def _count(cache: "Cache", mirror: str, received: int, files: int) -> None:
+    """Add to what *mirror* has received (for `scipion-cloudexec status`)."""
+    added = (received, files, time.time(), mirror)
+    # no UPSERT: clusters may run an sqlite older than 3.24
+    if not cache.db.execute("UPDATE mirrors SET bytes = bytes + ?, files = files + ?,"
+                            " updated = ? WHERE mirror = ?", added).rowcount:
+        cache.db.execute("INSERT INTO mirrors (bytes, files, updated, mirror) VALUES (?,?,?,?)",
+                         added)
+
+
+def _link_all(cache: "Cache", mirror_root: str, todo: List[Tuple[str, int, str]],
+              skip: set) -> Tuple[int, int, List[str]]:
+    """Hard-link the objects of *todo* into the mirror, but those in *skip*: (linked,
+    already linked, errors)."""
+    linked, same, errors = 0, 0, []
+    for rel, _size, sha in todo:
+        if sha in skip:
             continue
         try:
             if cache.link(sha, os.path.join(mirror_root, rel)):
                 linked += 1
             else:
-                unchanged += 1
+                same += 1
         except FileNotFoundError:
             errors.append("%s: content missing on the cluster" % rel)
-    _reply({"received": received, "linked": linked, "unchanged": unchanged,
-            "repaired": repaired, "errors": errors, "bad": bad})
+    return linked, same, errors
 
 
 def cmd_list(cache: "Cache", hashes: HashCache, request: dict) -> None:
