@@ -59,13 +59,26 @@ def ours(conf, project_root, paths, project, hash_cache, warm=False):
         "print(json.dumps([dt, r.bytes_sent, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))\n"
         % (conf, hash_cache, warm, project_root, paths, project))
     settle()
+    c0 = cpu_busy()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    CPU["ours"] = cpu_busy() - c0  # includes Python start-up and imports
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def ssh_opts(c):
     return ["-o", "UserKnownHostsFile=%s" % c.known_hosts, "-o", "StrictHostKeyChecking=yes",
             "-o", "BatchMode=yes", "-i", c.identity_file]
+
+
+CPU = {}  # CPU seconds of the whole machine during the last timed run, by who ran
+
+
+def cpu_busy():
+    """Busy CPU seconds of the whole machine so far (all processes: ssh, sshd, both sides)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def settle():
@@ -76,8 +89,9 @@ def settle():
 
 def timed(argv):
     settle()
-    t0 = time.perf_counter()
+    c0, t0 = cpu_busy(), time.perf_counter()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    CPU[argv[0]] = cpu_busy() - c0
     return time.perf_counter() - t0
 
 
@@ -118,16 +132,17 @@ def main():
         t_us, sent, rss = ours(conf, data, ["big"], "p1", hc)
         mb = big_n * big_size / 1e6
         rows.append(("(1) %d files of %.0f MB" % (big_n, big_size / 1e6),
-                     "%.2f s (%.0f MB/s)" % (t_us, mb / t_us),
-                     "scp %.2f s (%.0f MB/s), rsync %.2f s (%.0f MB/s)"
-                     % (t_scp, mb / t_scp, t_rs, mb / t_rs),
+                     "%.2f s (%.0f MB/s), %.1f CPU-s" % (t_us, mb / t_us, CPU["ours"]),
+                     "scp %.2f s (%.0f MB/s), rsync %.2f s (%.0f MB/s, %.1f CPU-s)"
+                     % (t_scp, mb / t_scp, t_rs, mb / t_rs, CPU["rsync"]),
                      "%.2fx the faster" % (min(t_scp, t_rs) / t_us), ">= 0.9x"))
         # (2) many small files
         t_scp = scp(c, os.path.join(data, "small"), os.path.join(remote, "scp", "small"))
         t_rs = rsync(c, os.path.join(data, "small"), os.path.join(remote, "rsync"))
         t_us, sent, rss_small = ours(conf, data, ["small"], "p1", hc)
-        rows.append(("(2) %d files of 100 kB" % small_n, "%.2f s (peak RSS %.0f MB)"
-                     % (t_us, rss_small), "scp %.2f s, rsync %.2f s" % (t_scp, t_rs),
+        rows.append(("(2) %d files of 100 kB" % small_n, "%.2f s (peak RSS %.0f MB), %.1f CPU-s"
+                     % (t_us, rss_small, CPU["ours"]), "scp %.2f s, rsync %.2f s (%.1f CPU-s)"
+                     % (t_scp, t_rs, CPU["rsync"]),
                      "%.2fx faster than rsync" % (t_rs / t_us), ">= 1.5x rsync"))
         # (3) unchanged
         t_rs = rsync(c, os.path.join(data, "small"), os.path.join(remote, "rsync"))

@@ -268,13 +268,15 @@ def cmd_stage(cluster: ClusterConfig, args) -> int:
     project = args.project or os.path.basename(root)
     with SSHConnection(_target(cluster)) as ssh:
         bar = ProgressLine("staging to %s" % cluster.name)
+        stager = Stager(ssh, cluster)
         try:
-            r = Stager(ssh, cluster).stage_in(root, args.paths, project, progress=bar,
-                                               keep_hashes=False)
+            r = stager.stage_in(root, args.paths, project, progress=bar, keep_hashes=False)
         except StagingError as e:
             bar.end()
             _say("scipion-cloudexec: %s" % e)
             return 1
+        finally:
+            stager.close()
         bar.end()
     print("%d file(s), %s: %s sent (%s/s), %d linked, %d already in place%s; mirror %s/projects/%s"
           % (r.files, _human(r.bytes_total), _human(r.bytes_sent), _human(r.rate), r.linked,
@@ -288,10 +290,11 @@ def cmd_fetch(cluster: ClusterConfig, args) -> int:
     from .transport.ssh import SSHConnection
     code = 0
     with SSHConnection(_target(cluster)) as ssh:
+        stager = Stager(ssh, cluster)
         for path in args.remote_paths:
             bar = ProgressLine("fetching %s" % path)
             try:
-                r = Stager(ssh, cluster).fetch(path, args.to, progress=bar)
+                r = stager.fetch(path, args.to, progress=bar)
             except StagingError as e:
                 bar.end()
                 _say("scipion-cloudexec: %s" % e)
@@ -303,6 +306,7 @@ def cmd_fetch(cluster: ClusterConfig, args) -> int:
             for rel, why in r.refused:
                 _say("refused %s: %s" % (rel, why))
                 code = 1
+        stager.close()
     return code
 
 
@@ -310,7 +314,11 @@ def cmd_cache(cluster: ClusterConfig, args) -> int:
     from .staging.client import Stager
     from .transport.ssh import SSHConnection
     with SSHConnection(_target(cluster)) as ssh:
-        info = Stager(ssh, cluster).cache_info(gc=args.gc)
+        stager = Stager(ssh, cluster)
+        try:
+            info = stager.cache_info(gc=args.gc)
+        finally:
+            stager.close()
     if args.gc:
         print("dropped %d entr%s no mirror uses, %s freed" % (
             info["dropped"], "y" if info["dropped"] == 1 else "ies", _human(info["freed"])))

@@ -44,7 +44,9 @@ __all__ = ["Stager", "StageReport", "StagingError", "NoSpace", "PathEscape"]
 Progress = Callable[[int, int, int, int], None]
 BATCH = 2000  # files per request: bounds memory on both sides
 BATCH_BYTES = 256 << 20  # and bytes: the next batch is hashed while this one travels
-BULK_MIN = 8 << 20  # a transfer with more new bytes than this goes on the bulk stream
+# The bulk stream moves ~330 MB/s here vs ~185 MB/s for paramiko but costs a login (~0.5 s):
+BULK_START = 128 << 20  # start it for a staging with this much new content
+BULK_MIN = 1 << 20  # once it runs, transfers from this size use it
 CHECKS_AHEAD = 2  # checks in flight: the cluster checks one batch while we walk the next
 
 
@@ -99,7 +101,7 @@ class Stager:
     """Stage files between a local project and its mirror on one cluster.
 
     Requests and small transfers use an exec channel of *ssh*; batches of more than
-    ``BULK_MIN`` bytes go through the system's OpenSSH client when the cluster's
+    ``BULK_START`` bytes (or more than ``BULK_MIN`` once it runs) go through the system's OpenSSH client when the cluster's
     ``transfer`` setting allows (see :mod:`.channels`).
 
     Args:
@@ -131,6 +133,11 @@ class Stager:
     @property
     def bulk_available(self) -> bool:
         return not self._bulk_refused
+
+    def _wants_bulk(self, size: int) -> bool:
+        running = self._bulk_chan is not None and self._bulk_chan.alive
+        asked = self.cluster.transfer == "openssh"  # chosen by the user: worth a login
+        return size >= (BULK_MIN if running or asked else BULK_START)
 
     def _ask(self, request: dict, bulk: bool = False) -> Tuple[ServerChannel, dict]:
         """Send *request* to the server and read its first answer; uploads the agent bundle
@@ -225,14 +232,16 @@ class Stager:
         batches = _Batches(self, project_root, paths, exclude)
         checking: "deque[_Batch]" = deque()  # checks sent, answers not read yet
         to_send: Dict[str, Tuple[str, str, int, str]] = {}  # sha -> the file to send
+        fresh = 0
         try:
             for batch in batches:
                 report.files += len(batch.files)
                 report.bytes_total += sum(f[2] for f in batch.files)
                 if keep_hashes:
                     report.hashes.update((f[0], f[3]) for f in batch.files)
-                if batch.fresh_bytes >= BULK_MIN and self.bulk_available:
-                    self._channel(bulk=True)  # new content ahead: start the fast stream now
+                fresh += batch.fresh_bytes
+                if self.bulk_available and self._wants_bulk(fresh):
+                    self._channel(bulk=True)  # much new content ahead: start the fast stream
                 self._send_check(project, batch)
                 checking.append(batch)
                 if len(checking) > CHECKS_AHEAD:
@@ -299,7 +308,7 @@ class Stager:
                    "stall": max(5.0, dead_link_seconds(self.cluster) / 2)}
         ch = None
         try:
-            ch, answer = self._ask(request, bulk=total_new >= BULK_MIN)
+            ch, answer = self._ask(request, bulk=self._wants_bulk(total_new))
             if answer.get("error") == "nospace":
                 raise NoSpace(self.cluster.name, answer["needed"], answer["free"])
             local_of = {sha: (local, size) for _r, local, size, sha in entries}
@@ -434,7 +443,7 @@ class Stager:
                  report: StageReport, progress: Optional[Progress]) -> None:
         total = sum(w[2] for w in wanted)
         ch, header = self._ask({"cmd": "send", "root": remote_root,
-                                "paths": [w[0] for w in wanted]}, bulk=total >= BULK_MIN)
+                                "paths": [w[0] for w in wanted]}, bulk=self._wants_bulk(total))
         bad: List[str] = []
         try:
             for i, (rel, dest, _size, _sha) in enumerate(wanted):

@@ -79,3 +79,26 @@ def test_remote_python_without_pyzmq_is_explained(make_cluster):
         pytest.skip("the system python has pyzmq here")
     with pytest.raises(AgentStartError, match="lacks pyzmq"):
         AgentClient(c).start()
+
+
+def test_openssh_bulk_client_checks_host_keys_like_paramiko(testbed, tmp_path):
+    """The system ssh used for bulk data refuses an unknown or changed host key and never
+    writes known_hosts, as the paramiko side does."""
+    from scipion_cloudexec.transport.ssh import openssh_argv
+    good = subprocess.run(openssh_argv(target(testbed), "echo ok"), capture_output=True,
+                          text=True, timeout=30)
+    assert (good.returncode, good.stdout) == (0, "ok\n")
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    r = subprocess.run(openssh_argv(target(testbed, known_hosts=str(empty)), "echo ok"),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 255 and r.stdout == ""
+    assert "Host key verification failed" in r.stderr
+    assert empty.read_text() == "", "an unknown key must never be added silently"
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    empty.write_text("[127.0.0.1]:%d %s\n" % (testbed.sshd_port,
+                                              " ".join(open(str(other) + ".pub").read().split()[:2])))
+    r = subprocess.run(openssh_argv(target(testbed, known_hosts=str(empty)), "echo ok"),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 255 and r.stdout == "" and "HOST IDENTIFICATION HAS CHANGED" in r.stderr

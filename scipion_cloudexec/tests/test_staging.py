@@ -319,3 +319,66 @@ def test_bytes_received_are_counted_per_mirror(make_cluster, stager_for, tmp_pat
     counts = st.mirrors()
     assert counts["proj"]["bytes"] == sum(map(len, data.values()))
     assert counts["proj"]["files"] == 4 and counts["other"]["bytes"] == 0
+
+
+def _fake_ssh(folder, text):
+    """FAKE: an `ssh` that cannot log in (a broken client or refused login cannot be caused
+    here while paramiko, with the same key, still logs in)."""
+    folder.mkdir()
+    fake = folder / "ssh"
+    fake.write_text("#!/bin/sh\necho '%s' >&2\nexit 255\n" % text)
+    fake.chmod(0o755)
+    return str(folder)
+
+
+def test_auto_transfer_falls_back_to_paramiko_when_ssh_cannot_log_in(
+        make_cluster, stager_for, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PATH", _fake_ssh(tmp_path / "bin", "Permission denied (publickey)")
+                       + os.pathsep + os.environ["PATH"])
+    import scipion_cloudexec.staging.client as sc
+    monkeypatch.setattr(sc, "BULK_START", 8 << 20)  # so that 20 MB try the bulk stream first
+    c = make_cluster("local", transfer="auto")
+    proj = tmp_path / "proj"
+    big = proj / "movies" / "m.tiff"
+    big.parent.mkdir(parents=True)
+    content = os.urandom(20 << 20)
+    big.write_bytes(content)
+    st = stager_for(c)
+    r = st.stage_in(str(proj), ["movies"], "proj")
+    assert r.bytes_sent == len(content)
+    with open(mirror_file(c, "proj", "movies/m.tiff"), "rb") as f:
+        assert f.read() == content
+    assert "OpenSSH transfers to %s unavailable, using paramiko" % c.name in caplog.text
+    assert "Permission denied" in caplog.text
+
+
+def test_openssh_transfer_that_cannot_log_in_is_a_clear_error(
+        make_cluster, stager_for, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", _fake_ssh(tmp_path / "bin", "Permission denied (publickey)")
+                       + os.pathsep + os.environ["PATH"])
+    c = make_cluster("local", transfer="openssh")
+    proj = tmp_path / "proj"
+    (proj / "movies").mkdir(parents=True)
+    (proj / "movies" / "m.tiff").write_bytes(os.urandom(20 << 20))
+    with pytest.raises(StagingError, match="%s did not start \\(openssh\\): Permission denied"
+                       % c.name):
+        stager_for(c).stage_in(str(proj), ["movies"], "proj")
+
+
+def test_large_outputs_come_back_through_openssh(make_cluster, stager_for, tmp_path):
+    c = make_cluster("local", transfer="openssh")
+    st = stager_for(c)
+    run = "Runs/000009_ProtBig"
+    remote_run = os.path.join(c.workdir, "projects", "proj", run)
+    os.makedirs(os.path.join(remote_run, "extra"))
+    maps = {"extra/map %d.mrc" % i: os.urandom(6 << 20) for i in range(3)}  # 18 MB in all
+    for rel, data in maps.items():
+        with open(os.path.join(remote_run, rel), "wb") as f:
+            f.write(data)
+    proj = tmp_path / "proj"
+    (proj / run).mkdir(parents=True)
+    r = st.stage_out(str(proj), "proj", run)
+    assert st._bulk_chan is not None and st._chan is not None, "control + bulk streams"
+    assert r.bytes_sent == 18 << 20
+    for rel, data in maps.items():
+        assert (proj / run / rel).read_bytes() == data
