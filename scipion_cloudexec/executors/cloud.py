@@ -191,6 +191,7 @@ class CloudStepExecutor(ThreadStepExecutor):
         delta = datetime.timedelta(seconds=stepsCheckSecs)
         last_check = datetime.datetime.now()
         stop = False
+        ended_as = None
         try:
             while True:
                 self._ended.clear()  # before looking: an end after this wakes the wait below
@@ -201,7 +202,11 @@ class CloudStepExecutor(ThreadStepExecutor):
                     free.append(node)
                     self.freeGpusSlot(step.getObjId())
                     if not stepFinishedCallback(step):
-                        stop = True  # a step failed: launch nothing more, record every end
+                        if not stop:  # the protocol ends with the first failure's status
+                            stop, ended_as = True, self.protocol.lastStatus
+                        # a step failed: launch nothing more, record every end
+                    if stop:  # a sibling's later end must not turn the protocol "finished"
+                        self.protocol.lastStatus = ended_as
                 launched = False
                 if not stop and free:
                     with lock:

@@ -206,7 +206,10 @@ class OpenSSHChannel(ServerChannel):
         self._in = self.proc.stdin.fileno()
         self.out = io.BufferedReader(self.proc.stdout, BLOCK)
         self._sendfile = hasattr(os, "sendfile")
-        self.send_line({"cmd": "ping"})
+        try:
+            self.send_line({"cmd": "ping"})
+        except OSError:
+            pass  # ssh already exited: the first answer reports why, from its stderr
 
     def sendall(self, data: bytes) -> None:
         view = memoryview(data)

@@ -27,18 +27,19 @@ def stat_key(st: os.stat_result) -> Tuple[int, int, int]:
 
 
 class HashCache:
-    """sqlite memo of file hashes; a file whose size, mtime or inode moved is hashed again."""
+    """sqlite memo of file hashes; a file whose size, mtime or inode moved is hashed again.
+    Several processes share it (two protocols staging at once): reads run outside any
+    transaction and new hashes are written in short immediate transactions."""
 
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER,"
                         " mtime_ns INTEGER, ino INTEGER, sha256 TEXT)")
-        self._pending = 0
+        self._new: List[tuple] = []
         self.hashed_bytes = 0  # read to hash, since opened: the memo did not know them
-        self.db.execute("BEGIN")
 
     def get_many(self, items: Sequence[Tuple[str, os.stat_result]]) -> List[str]:
         """Hashes of many files: the memo is read in a few queries, not one per file."""
@@ -54,6 +55,7 @@ class HashCache:
             row = known.get(path)
             out.append(row[3] if row and tuple(row[:3]) == stat_key(st)
                        else self._hash(path, st))
+        self.flush()
         return out
 
     def get(self, path: str, st: Optional[os.stat_result] = None) -> str:
@@ -70,18 +72,24 @@ class HashCache:
         self.hashed_bytes += st.st_size
         after = os.stat(path)
         if stat_key(after) == stat_key(st):  # changed while hashed: do not remember it
-            self.db.execute("INSERT OR REPLACE INTO hashes VALUES (?,?,?,?,?)",
-                            (path, *stat_key(st), digest))
-            self._pending += 1
-            if self._pending >= 1000:
+            self._new.append((path, *stat_key(st), digest))
+            if len(self._new) >= 1000:
                 self.flush()
         return digest
 
     def flush(self) -> None:
+        """Write the new hashes (waits up to a minute for another writer)."""
+        if not self._new:
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany("INSERT OR REPLACE INTO hashes VALUES (?,?,?,?,?)", self._new)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
         self.db.execute("COMMIT")
-        self.db.execute("BEGIN")
-        self._pending = 0
+        self._new.clear()
 
     def close(self) -> None:
-        self.db.execute("COMMIT")
+        self.flush()
         self.db.close()

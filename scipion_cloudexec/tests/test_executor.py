@@ -92,6 +92,21 @@ def test_failing_step_fails_the_protocol_with_the_remote_error(make_cluster, clu
     assert len(provenance(prot)) == 2, "the step after the failure never ran"
 
 
+def test_a_sibling_ending_after_a_failure_leaves_the_protocol_failed(make_cluster, clusters_env,
+                                                                   new_project):
+    c = make_cluster("local")
+    clusters_env(c)
+    project = new_project("sibling")
+    prot = project.newProtocol(ProtCloudShellSteps, numberOfThreads=3, fanCopies=2,
+                               fan="if [ {i} = 0 ]; then exit 3; fi; sleep 2; "
+                                   "echo {i} > extra/f_{i}.txt")
+    os.makedirs(prot._getExtraPath(), exist_ok=True)
+    prot = launch(project, prot, c)
+    assert prot.isFailed(), "the slower sibling's success must not hide the failure"
+    assert "exit code 3" in prot.getErrorMessage()
+    assert os.listdir(prot._getExtraPath()) == ["f_1.txt"], "the sibling's output is kept"
+
+
 def test_protocols_not_sent_to_a_cloud_queue_run_as_before(make_cluster, clusters_env,
                                                            new_project):
     clusters_env(make_cluster("local"))

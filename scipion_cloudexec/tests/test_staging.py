@@ -79,15 +79,28 @@ def test_changed_file_is_sent_again(make_cluster, stager_for, tmp_path):
     del data
 
 
+def write_movie(proj, size):
+    big = proj / "movies" / "movie.tiff"
+    big.parent.mkdir(parents=True)
+    content = os.urandom(size)
+    big.write_bytes(content)
+    return content
+
+
+def assert_resumed(stager, proj, content):
+    """The next staging sends only what had not arrived, and the mirror has the bytes."""
+    r = stager.stage_in(str(proj), ["movies"], "proj")
+    assert 0 < r.bytes_sent <= len(content) - (4 << 20), "resumed, not restarted"
+    with open(mirror_file(stager.cluster, "proj", "movies/movie.tiff"), "rb") as f:
+        assert f.read() == content
+
+
 @pytest.mark.parametrize("transfer", ["paramiko", "openssh"])
 def test_upload_cut_mid_file_resumes_without_resending(make_cluster, stager_for, tmp_path,
                                                        transfer):
     c = make_cluster("local", transfer=transfer)
     proj = tmp_path / "proj"
-    big = proj / "movies" / "movie.tiff"
-    big.parent.mkdir(parents=True)
-    content = os.urandom(24 << 20)
-    big.write_bytes(content)
+    content = write_movie(proj, 24 << 20)
     st = stager_for(c)
 
     def cut(done, total, i, n):
@@ -98,13 +111,9 @@ def test_upload_cut_mid_file_resumes_without_resending(make_cluster, stager_for,
                 assert st._bulk_chan is not None, "a large file travels through OpenSSH"
                 st._bulk_chan.proc.kill()
 
-    with pytest.raises(Exception):
+    with pytest.raises(StagingError, match="lost|stopped"):
         st.stage_in(str(proj), ["movies"], "proj", progress=cut)
-    st2 = stager_for(c)
-    r = st2.stage_in(str(proj), ["movies"], "proj")
-    assert 0 < r.bytes_sent <= len(content) - (4 << 20), "resumed, not restarted"
-    with open(mirror_file(c, "proj", "movies/movie.tiff"), "rb") as f:
-        assert f.read() == content
+    assert_resumed(stager_for(c), proj, content)
 
 
 @pytest.mark.slow
@@ -120,10 +129,7 @@ def test_link_down_mid_file_then_up_resumes(hosts, testbed, stager_for, tmp_path
                       launcher="local", slots=1, heartbeat=0.5, connect_timeout=5.0,
                       transfer=transfer)
     proj = tmp_path / "proj"
-    big = proj / "movies" / "movie.tiff"
-    big.parent.mkdir(parents=True)
-    content = os.urandom(48 << 20)
-    big.write_bytes(content)
+    content = write_movie(proj, 48 << 20)
     st = stager_for(c)
 
     def cut(done, total, i, n):
@@ -136,10 +142,7 @@ def test_link_down_mid_file_then_up_resumes(hosts, testbed, stager_for, tmp_path
     finally:
         hosts.link(name, True)
     assert name in str(err.value)
-    r = stager_for(c).stage_in(str(proj), ["movies"], "proj")
-    assert 0 < r.bytes_sent <= len(content) - (4 << 20), "resumed, not restarted"
-    with open(mirror_file(c, "proj", "movies/movie.tiff"), "rb") as f:
-        assert f.read() == content
+    assert_resumed(stager_for(c), proj, content)
 
 
 def test_corrupted_cache_entry_is_detected_and_repaired(make_cluster, stager_for, tmp_path):
@@ -382,3 +385,30 @@ def test_large_outputs_come_back_through_openssh(make_cluster, stager_for, tmp_p
     assert r.bytes_sent == 18 << 20
     for rel, data in maps.items():
         assert (proj / run / rel).read_bytes() == data
+
+
+def test_hash_memo_is_shared_by_processes_writing_at_once(tmp_path):
+    """Two protocols stage at once: both write new hashes into the same memo."""
+    import sys
+    memo = tmp_path / "hashes.sqlite"
+    code = ("import os, sys\n"
+            "from scipion_cloudexec.staging.hashing import HashCache, sha256_file\n"
+            "d = sys.argv[1]; os.makedirs(d)\n"
+            "for round in range(30):\n"
+            "    paths = []\n"
+            "    for i in range(20):\n"
+            "        p = os.path.join(d, '%d_%d' % (round, i))\n"
+            "        open(p, 'wb').write(os.urandom(100))\n"
+            "        paths.append(p)\n"
+            "    m = HashCache(sys.argv[2])\n"
+            "    got = m.get_many([(p, os.stat(p)) for p in paths])\n"
+            "    assert got == [sha256_file(p) for p in paths]\n"
+            "    m.close()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / name), str(memo)],
+                              stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    import sqlite3
+    with sqlite3.connect(str(memo)) as db:
+        assert db.execute("SELECT count(*) FROM hashes").fetchone()[0] == 2 * 30 * 20
