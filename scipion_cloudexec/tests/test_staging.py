@@ -274,10 +274,10 @@ class LyingStager(Stager):
         super().__init__(*a, **k)
         self.listing = listing
 
-    def _ask(self, request, bulk=False):
+    def _ask(self, request, kind="control"):
         if request["cmd"] == "list":
             return None, self.listing
-        return super()._ask(request, bulk)
+        return super()._ask(request, kind)
 
 
 def test_lying_cluster_cannot_write_outside_the_run_folder(make_cluster, stager_for, tmp_path):
