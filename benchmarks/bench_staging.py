@@ -54,7 +54,7 @@ def ours(conf, project_root, paths, project, hash_cache, workdir, warm=False):
         "t0 = time.perf_counter(); ssh.connect()\n"
         "st = Stager(ssh, c, hash_cache=%r)\n"
         "if %r:\n"
-        "    for kind in ('control', 'data', 'bulk'): st._ask({'cmd': 'ping'}, kind)\n"
+        "    st._ask({'cmd': 'ping'}); st._ask({'cmd': 'ping'}, bulk=True)\n"
         "    t0 = time.perf_counter()\n"
         "r = st.stage_in(%r, %r, %r, keep_hashes=False)\n"
         "dt = time.perf_counter() - t0\n"

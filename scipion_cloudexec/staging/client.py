@@ -26,7 +26,6 @@ import shutil
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -49,7 +48,6 @@ BATCH_BYTES = 256 << 20  # and bytes: the next batch is hashed while this one tr
 BULK_START = 128 << 20  # start it for a staging with this much new content
 BULK_MIN = 1 << 20  # once it runs, transfers from this size use it
 CHECKS_AHEAD = 2  # checks in flight: the cluster checks one batch while we walk the next
-STREAMS = ("control", "data", "bulk")
 
 
 class NoSpace(StagingError):
@@ -102,10 +100,9 @@ def default_hash_cache() -> str:
 class Stager:
     """Stage files between a local project and its mirror on one cluster.
 
-    Requests and checks use an exec channel of *ssh* (control); contents travel on a
-    second one (data) while the checks go on, or through the system's OpenSSH client
-    (bulk) for ``BULK_START`` bytes or more, when the cluster's ``transfer`` setting
-    allows (see :mod:`.channels`).
+    Requests and small transfers use an exec channel of *ssh*; batches of more than
+    ``BULK_START`` bytes (or more than ``BULK_MIN`` once it runs) go through the system's OpenSSH client when the cluster's
+    ``transfer`` setting allows (see :mod:`.channels`).
 
     Args:
         ssh: a connected SSH connection to the cluster.
@@ -118,50 +115,37 @@ class Stager:
         self.ssh = ssh
         self.cluster = cluster
         self.hash_cache_path = hash_cache or default_hash_cache()
-        # control: requests and checks; data: transfers while checks go on; bulk: OpenSSH
-        self._chans: Dict[str, Optional[ServerChannel]] = dict.fromkeys(STREAMS)
-        self._lock = threading.Lock()  # the transfer thread opens streams too
+        self._chan: Optional[ServerChannel] = None
+        self._bulk_chan: Optional[ServerChannel] = None
         self._bulk_refused = cluster.transfer == "paramiko" or (
             cluster.transfer == "auto" and shutil.which("ssh") is None)
 
-    @property
-    def _chan(self) -> Optional[ServerChannel]:
-        return self._chans["control"]
-
-    @property
-    def _bulk_chan(self) -> Optional[ServerChannel]:
-        return self._chans["bulk"]
-
-    def _channel(self, kind: str = "control") -> ServerChannel:
-        """The staging server on one of the streams, started on first use."""
-        if kind == "bulk" and self._bulk_refused:
-            kind = "data"
-        with self._lock:
-            ch = self._chans[kind]
-            if ch is None or not ch.alive:
-                ch = OpenSSHChannel(self.cluster) if kind == "bulk" else \
-                    ParamikoChannel(self.ssh, self.cluster)
-                self._chans[kind] = ch
-            return ch
+    def _channel(self, bulk: bool = False) -> ServerChannel:
+        """The staging server on the control (or bulk) stream, started on first use."""
+        if bulk and not self._bulk_refused:
+            if self._bulk_chan is None or not self._bulk_chan.alive:
+                self._bulk_chan = OpenSSHChannel(self.cluster)
+            return self._bulk_chan
+        if self._chan is None or not self._chan.alive:
+            self._chan = ParamikoChannel(self.ssh, self.cluster)
+        return self._chan
 
     @property
     def bulk_available(self) -> bool:
         return not self._bulk_refused
 
     def _wants_bulk(self, size: int) -> bool:
-        if self._bulk_refused:
-            return False
         running = self._bulk_chan is not None and self._bulk_chan.alive
         asked = self.cluster.transfer == "openssh"  # chosen by the user: worth a login
         return size >= (BULK_MIN if running or asked else BULK_START)
 
-    def _ask(self, request: dict, kind: str = "control") -> Tuple[ServerChannel, dict]:
-        """Send *request* to the server on stream *kind* and read its first answer; uploads
-        the agent bundle when the cluster lacks it. In ``auto`` mode a bulk stream that
-        cannot start is reported once and replaced by a paramiko one."""
+    def _ask(self, request: dict, bulk: bool = False) -> Tuple[ServerChannel, dict]:
+        """Send *request* to the server and read its first answer; uploads the agent bundle
+        when the cluster lacks it. In ``auto`` mode a bulk stream that cannot start is
+        reported once and replaced by the control stream."""
         for attempt in range(2):
-            use_bulk = kind == "bulk" and not self._bulk_refused
-            ch = self._channel(kind)
+            use_bulk = bulk and not self._bulk_refused
+            ch = self._channel(use_bulk)
             try:
                 ch.send_line(request)
                 return ch, ch.line()
@@ -185,14 +169,14 @@ class Stager:
 
     def _drop(self, ch: ServerChannel) -> None:
         ch.close()
-        with self._lock:
-            for kind, known in self._chans.items():
-                if known is ch:
-                    self._chans[kind] = None
+        if ch is self._chan:
+            self._chan = None
+        if ch is self._bulk_chan:
+            self._bulk_chan = None
 
     def close(self) -> None:
         """Stop the staging servers on the cluster (new ones start on next use)."""
-        for ch in list(self._chans.values()):
+        for ch in (self._chan, self._bulk_chan):
             if ch is not None:
                 self._drop(ch)
 
@@ -247,16 +231,8 @@ class Stager:
         self._channel()  # the remote shell and Python start while we walk
         batches = _Batches(self, project_root, paths, exclude)
         checking: "deque[_Batch]" = deque()  # checks sent, answers not read yet
-        to_send: Dict[str, Tuple[str, str, int, str]] = {}  # sha+path -> the file to send
-        sender = ThreadPoolExecutor(1, thread_name_prefix="cloudexec-send")
-        sending: List[Future] = []  # transfers, in order; they run while checks go on
+        to_send: Dict[str, Tuple[str, str, int, str]] = {}  # sha -> the file to send
         fresh = 0
-
-        def send() -> None:
-            entries = list(to_send.values())
-            to_send.clear()
-            sending.append(sender.submit(self._transfer, project, entries, report, progress))
-
         try:
             for batch in batches:
                 report.files += len(batch.files)
@@ -264,35 +240,30 @@ class Stager:
                 if keep_hashes:
                     report.hashes.update((f[0], f[3]) for f in batch.files)
                 fresh += batch.fresh_bytes
-                if batch.fresh_bytes:  # new content ahead: its stream starts now
-                    self._channel("bulk" if self._wants_bulk(fresh) else "data")
+                if self.bulk_available and self._wants_bulk(fresh):
+                    self._channel(bulk=True)  # much new content ahead: start the fast stream
                 self._send_check(project, batch)
                 checking.append(batch)
                 if len(checking) > CHECKS_AHEAD:
                     problems += self._read_check(checking.popleft(), report, to_send)
                 if len(to_send) >= BATCH or sum(f[2] for f in to_send.values()) >= BATCH_BYTES:
-                    send()
+                    while checking:  # the control stream must be idle for a transfer
+                        problems += self._read_check(checking.popleft(), report, to_send)
+                    problems += self._transfer(project, list(to_send.values()), report, progress)
+                    to_send.clear()
             while checking:
                 problems += self._read_check(checking.popleft(), report, to_send)
             if to_send:
-                send()
-            for f in sending:
-                p, linked, unchanged, repaired = f.result()
-                problems += p
-                report.linked += linked
-                report.unchanged += unchanged
-                report.repaired += repaired
+                problems += self._transfer(project, list(to_send.values()), report, progress)
         except (OSError, EOFError) as e:
             self.close()
             raise StagingError("connection to %s lost during the upload (%s); what arrived is "
                                "kept: stage again to resume" % (self.cluster.name, e)) from None
         except BaseException:
-            self.close()  # answers left unread, transfers cut: start afresh next time
+            if checking:
+                self.close()  # answers left unread: the stream is out of step
             raise
         finally:
-            for f in sending:
-                f.cancel()
-            sender.shutdown(wait=True)
             batches.close()
         report.seconds = time.monotonic() - t0
         if problems:
@@ -327,11 +298,9 @@ class Stager:
         return answer["errors"]
 
     def _transfer(self, project: str, entries: List[Tuple[str, str, int, str]],
-                  report: StageReport, progress: Optional[Progress]
-                  ) -> Tuple[List[str], int, int, int]:
+                  report: StageReport, progress: Optional[Progress]) -> List[str]:
         """Send the contents of *entries* (their checks said missing), verified and linked
-        by the cluster, on the data stream (the bulk one when large), while the control
-        stream goes on checking. Returns (problems, linked, unchanged, repaired)."""
+        by the cluster; on the bulk stream when large. Returns the problems."""
         total_new = sum(e[2] for e in entries)
         # the server gives up (and lets go of a partial upload) once data stops this long
         request = {"cmd": "in", "mirror": self.mirror(project), "dirs": [],
@@ -339,7 +308,7 @@ class Stager:
                    "stall": max(5.0, dead_link_seconds(self.cluster) / 2)}
         ch = None
         try:
-            ch, answer = self._ask(request, "bulk" if self._wants_bulk(total_new) else "data")
+            ch, answer = self._ask(request, bulk=self._wants_bulk(total_new))
             if answer.get("error") == "nospace":
                 raise NoSpace(self.cluster.name, answer["needed"], answer["free"])
             local_of = {sha: (local, size) for _r, local, size, sha in entries}
@@ -356,10 +325,12 @@ class Stager:
             if ch is not None:
                 self._drop(ch)  # the stream is out of step: start afresh next time
             raise
+        report.linked += final["linked"]
+        report.unchanged += final["unchanged"]
+        report.repaired += final["repaired"]
         # the cluster verifies every hash; a mismatch means the file moved while it was read
         changed = sorted({local_of[sha][0] for sha in final.get("bad", [])})
-        return (["%s changed during the upload" % c for c in changed] + final["errors"],
-                final["linked"], final["unchanged"], final["repaired"])
+        return ["%s changed during the upload" % c for c in changed] + final["errors"]
 
     @staticmethod
     def _send_file(ch: ServerChannel, local: str, size: int, offset: int,
@@ -472,8 +443,7 @@ class Stager:
                  report: StageReport, progress: Optional[Progress]) -> None:
         total = sum(w[2] for w in wanted)
         ch, header = self._ask({"cmd": "send", "root": remote_root,
-                                "paths": [w[0] for w in wanted]},
-                               "bulk" if self._wants_bulk(total) else "control")
+                                "paths": [w[0] for w in wanted]}, bulk=self._wants_bulk(total))
         bad: List[str] = []
         try:
             for i, (rel, dest, _size, _sha) in enumerate(wanted):

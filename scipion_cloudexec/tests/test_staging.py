@@ -274,10 +274,10 @@ class LyingStager(Stager):
         super().__init__(*a, **k)
         self.listing = listing
 
-    def _ask(self, request, kind="control"):
+    def _ask(self, request, bulk=False):
         if request["cmd"] == "list":
             return None, self.listing
-        return super()._ask(request, kind)
+        return super()._ask(request, bulk)
 
 
 def test_lying_cluster_cannot_write_outside_the_run_folder(make_cluster, stager_for, tmp_path):
