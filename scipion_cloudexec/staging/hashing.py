@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 BLOCK = 1 << 20
@@ -22,6 +23,23 @@ def sha256_file(path: str) -> str:
             h.update(block)
 
 
+def open_wal(path: str, timeout: float = 60.0) -> sqlite3.Connection:
+    """An autocommit sqlite connection in WAL mode. Two processes creating the file at the
+    same moment race for the switch to WAL, which sqlite refuses at once ("database is
+    locked") instead of waiting: retry it."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=timeout)
+    for attempt in range(100):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError:
+            if attempt == 99:
+                raise
+            time.sleep(0.05)
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
 def stat_key(st: os.stat_result) -> Tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
@@ -33,9 +51,7 @@ class HashCache:
 
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=60)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db = open_wal(path)
         self.db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER,"
                         " mtime_ns INTEGER, ino INTEGER, sha256 TEXT)")
         self._new: List[tuple] = []

@@ -36,12 +36,11 @@ import json
 import os
 import select
 import shutil
-import sqlite3
 import sys
 import time
 from typing import BinaryIO, Dict, Iterable, List, Optional, Tuple
 
-from .hashing import BLOCK, HashCache
+from .hashing import BLOCK, HashCache, open_wal
 
 RESERVE = 0.01  # keep 1% of the disk free
 SMALL = 4 << 20  # files up to this size are received in one read, without resume
@@ -69,10 +68,7 @@ class Cache:
         self.partial = os.path.join(self.root, "partial")
         os.makedirs(self.objects, exist_ok=True)
         os.makedirs(self.partial, exist_ok=True)
-        self.db = sqlite3.connect(os.path.join(self.root, "index.sqlite"), isolation_level=None,
-                                  timeout=60)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db = open_wal(os.path.join(self.root, "index.sqlite"))
         self.db.execute("CREATE TABLE IF NOT EXISTS objects (sha256 TEXT PRIMARY KEY,"
                         " size INTEGER, mtime_ns INTEGER, ino INTEGER)")
         if "ino" not in [r[1] for r in self.db.execute("PRAGMA table_info(objects)")]:
