@@ -155,6 +155,10 @@ class Stager:
                     break
                 bundle.ensure_uploaded(self.ssh, self.cluster)
             except (OSError, EOFError, StagingError) as e:
+                if not ch._greeted and not isinstance(e, StagingError):
+                    # died before answering (ssh refused, say): its own words say why
+                    e = StagingError("the staging server on %s did not start (%s): %s" % (
+                        self.cluster.name, ch.kind, ch.stderr() or e))
                 self._drop(ch)
                 if use_bulk and self.cluster.transfer == "auto" and not ch._greeted:
                     log.warning("OpenSSH transfers to %s unavailable, using paramiko: %s",
