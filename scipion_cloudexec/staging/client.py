@@ -235,7 +235,7 @@ class Stager:
         self._channel()  # the remote shell and Python start while we walk
         batches = _Batches(self, project_root, paths, exclude)
         checking: "deque[_Batch]" = deque()  # checks sent, answers not read yet
-        to_send: Dict[str, Tuple[str, str, int, str]] = {}  # sha -> the file to send
+        to_send: List[Tuple[str, str, int, str]] = []  # files whose content the cluster lacks
         fresh = 0
         try:
             for batch in batches:
@@ -250,15 +250,15 @@ class Stager:
                 checking.append(batch)
                 if len(checking) > CHECKS_AHEAD:
                     problems += self._read_check(checking.popleft(), report, to_send)
-                if len(to_send) >= BATCH or sum(f[2] for f in to_send.values()) >= BATCH_BYTES:
+                if len(to_send) >= BATCH or sum(f[2] for f in to_send) >= BATCH_BYTES:
                     while checking:  # the control stream must be idle for a transfer
                         problems += self._read_check(checking.popleft(), report, to_send)
-                    problems += self._transfer(project, list(to_send.values()), report, progress)
-                    to_send.clear()
+                    problems += self._transfer(project, to_send, report, progress)
+                    to_send = []
             while checking:
                 problems += self._read_check(checking.popleft(), report, to_send)
             if to_send:
-                problems += self._transfer(project, list(to_send.values()), report, progress)
+                problems += self._transfer(project, to_send, report, progress)
         except (OSError, EOFError) as e:
             self.close()
             raise StagingError("connection to %s lost during the upload (%s); what arrived is "
@@ -284,11 +284,10 @@ class Stager:
         if self._chan is not None and self._chan._greeted:
             self._chan.send_line(request)
         else:  # first use: may need the bundle uploaded, which _ask handles
-            ch, answer = self._ask(request)
-            batch.answer = answer
+            batch.answer = self._ask(request)[1]
 
     def _read_check(self, batch: "_Batch", report: StageReport,
-                    to_send: Dict[str, Tuple[str, str, int, str]]) -> List[str]:
+                    to_send: List[Tuple[str, str, int, str]]) -> List[str]:
         if batch.answer is None and self._chan is None:
             raise StagingError("the staging server on %s went away" % self.cluster.name)
         answer = batch.answer if batch.answer is not None else self._chan.line()
@@ -296,9 +295,7 @@ class Stager:
         report.unchanged += answer["unchanged"]
         report.repaired += answer["repaired"]
         missing = {sha for sha, _off in answer["missing"]}
-        for f in batch.files:
-            if f[3] in missing:
-                to_send.setdefault(f[3] + "\0" + f[0], f)
+        to_send.extend(f for f in batch.files if f[3] in missing)
         return answer["errors"]
 
     def _transfer(self, project: str, entries: List[Tuple[str, str, int, str]],
@@ -607,11 +604,11 @@ def _walk_dir(folder: str, rel: str, exclude: Sequence[str], seen: set
                 if e.is_dir():
                     subdirs.append((e.path, frel))
                     continue
+                if exclude and _excluded(frel, exclude):
+                    continue
                 fst = e.stat()
             except FileNotFoundError:
                 raise StagingError("input %s is a broken link" % e.path) from None
-            if _excluded(frel, exclude):
-                continue
             real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_dir, e.name)
             yield frel, _Local(e.path, real, fst)
     subdirs.sort()

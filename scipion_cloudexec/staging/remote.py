@@ -17,6 +17,9 @@ long as the channel stays open, so a client pays the SSH session start once. Req
     ``{"error": "nospace", ...}``), then reads the missing contents back to back
     from their offsets, verifies each hash, links every file into the mirror and
     answers ``{"received": n, "linked": n, "unchanged": n, "repaired": n, "errors": [...]}``.
+    With ``"check": true`` it links what the cache holds and answers at once
+    ``{"missing": [...], "needed", "free", "linked", "unchanged", "repaired", "errors"}``
+    without reading any content, so a client can keep several checks in flight.
 ``{"cmd": "list", "root": R, "dir": D}``
     the files under R/D: ``{"files": [[rel, size, mtime_ns, sha256]], "links": [[rel, target]],
     "refused": [[rel, reason]]}``, paths relative to R.
