@@ -31,6 +31,7 @@ MODULES = (
     "agent/server.py",
     "agent/pool.py",
     "staging/hashing.py",
+    "staging/cache.py",
     "staging/remote.py",
 )
 _INITS = ("__init__.py", "transport/__init__.py", "agent/__init__.py", "staging/__init__.py")
