@@ -137,7 +137,8 @@ class JobFuture(concurrent.futures.Future):
         self.offsets = {"stdout": 0, "stderr": 0}
         self.stderr_tail = bytearray()
         self.accepted = threading.Event()
-        self.existed = False
+        self.existed = False  # the agent had the job before this submit
+        self.accepted_state = ""  # its state then (a final one: it had ended)
 
 
 def _new_job_id() -> str:
@@ -495,6 +496,7 @@ class AgentClient:
             fut = self._jobs.get(msg.job_id)
             if fut is not None:
                 fut.existed = msg.existed
+                fut.accepted_state = msg.state
                 fut.accepted.set()
                 if not fut.done():
                     fut.set_running_or_notify_cancel()

@@ -131,8 +131,10 @@ class ProcessScheduler(Scheduler):
 
     @staticmethod
     def _exit_status(returncode: int) -> Status:
-        if returncode < 0:  # the script itself was killed
-            return Status(JobState.FAILED, 128 - returncode, "killed by signal %d" % -returncode)
+        if returncode < 0:  # the job script itself was killed, not only the program: the
+            # node, the OOM killer or an administrator stopped the job (a cancel says so first)
+            return Status(JobState.LOST, None, "the job script was killed by signal %d"
+                          % -returncode)
         return Status(JobState.DONE if returncode == 0 else JobState.FAILED, returncode)
 
     def status(self, jobs: Dict[str, Tuple[str, JobFiles]]) -> Dict[str, Status]:

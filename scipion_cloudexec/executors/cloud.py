@@ -38,6 +38,12 @@ def is_infra(error: BaseException) -> bool:
     """A failure of the cluster or the link (retried elsewhere), not of the program."""
     return isinstance(error, INFRA_ERRORS)
 
+
+def cluster_down(error: BaseException) -> bool:
+    """An infrastructure failure of the whole cluster, not of one job (a SLURM TIMEOUT or
+    a lost node retries that job alone; its siblings on the cluster go on)."""
+    return not isinstance(error, JobLost)
+
 logger = logging.getLogger(__name__)
 
 
@@ -142,31 +148,47 @@ class CloudStepExecutor(ThreadStepExecutor):
         step_id = getattr(thread, "thId", 0)
         gpus = self.getGpuList() if isinstance(thread, StepThread) else (self.gpuList or [])
         say = (log or logger).info
-        job_id = self._protocol_run().job_id(step_id)
+        run = self._protocol_run()
+        base_id = run.job_id(step_id)
+        earlier = run.latest(base_id)  # Continue: the job an earlier process sent, if any
         request = JobRequest(ranks=max(1, int(numberOfMpi)), threads=max(1, int(numberOfThreads)),
                              gpus=tuple(gpus))
+        current = {"id": earlier[0] if earlier else base_id}
 
-        run = self._protocol_run()
+        def renew(name: str) -> str:
+            current["id"] = run.next_attempt(base_id)
+            run.place(current["id"], name)
+            return current["id"]
 
         def work(name: str, attempt: int) -> dict:
-            ref = "%s:%s" % (name, job_id)
-            run.place(job_id, name)
+            if attempt:  # a retry is a new job, never the lost one again
+                current["id"] = run.next_attempt(base_id)
+            run.place(current["id"], name)
+            ref = "%s:%s" % (name, current["id"])
             self._track(ref, add=True)
             try:
                 return self._runner(name).run_job(
                     programName, params, ranks=numberOfMpi, threads=numberOfThreads, gpus=gpus,
-                    env=env, cwd=cwd, step_id=step_id, job_id=job_id,
-                    label="%s step %s" % (self.protocol.getRunName(), step_id), say=say)
+                    env=env, cwd=cwd, step_id=step_id, job_id=current["id"],
+                    label="%s step %s" % (self.protocol.getRunName(), step_id), say=say,
+                    renew=renew)
             finally:
                 self._track(ref, add=False)
+                if current["id"] != ref.split(":", 1)[1]:
+                    self._track("%s:%s" % (name, current["id"]), add=False)
 
         def failover(name: str, error: BaseException) -> None:
+            if not cluster_down(error):
+                say("cloudexec: job %s was lost on cluster %s (%s): it runs again as a new job"
+                    % (current["id"], name, str(error).splitlines()[0]))
+                return
             say("cloudexec: cluster %s failed this job (%s: %s); it goes to %s"
                 % (name, type(error).__name__, str(error).splitlines()[0],
                    "another cluster" if len(self.clusters) > 1 else "the same cluster again"))
             self._drop_runner(name)
 
-        self.dispatcher.run(request, work, is_infra, failover, prefer=run.placed(job_id))
+        self.dispatcher.run(request, work, is_infra, failover,
+                            prefer=earlier[1] if earlier else None, is_down=cluster_down)
 
     def _track(self, ref: str, add: bool) -> None:
         """Keep running jobs in the protocol's job ids, so Scipion's Stop cancels them

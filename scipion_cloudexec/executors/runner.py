@@ -4,32 +4,39 @@
 
     run(step, runJob args)
       translate -> RemoteCommand                 (translate.py)
-      stage_in(inputs + run folder, minus logs)  only what the cluster lacks
-      submit(job id = project-run-step-n)        the same id on resume: attach, never rerun
+      stage_in(inputs, then the run folder)      inputs: what the cluster lacks; run folder:
+                                                 what changed here since the last sync
+      submit(job id = project-run-step-n)        the same id on resume: attach, never rerun;
+                                                 a failed, cancelled or lost one: a new attempt
       stream output into the step's log          as it comes
-      stage_out(run folder) vs. what went up     only files the job created or changed
+      gather(run folder)                         what changed there since the last sync
       provenance line in Runs/<id>/logs/cloudexec.jsonl
       non-zero exit -> raise with the remote stderr
 
 Job ids are derived from the project, the run, a token kept in the run's logs folder (a
-restart gets a new one, a resume keeps it), the step and the call's rank within the step.
+restart gets a new one, a resume keeps it), the step and the call's rank within the step;
+``.2``, ``.3``... mark later attempts. The sync model is in :mod:`..staging.sync`.
 """
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 import time
 import uuid
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..agent.client import AgentClient, JobError, JobFuture, JobLost
+from ..agent.jobs import JobState
 from ..config import ClusterConfig
 from ..staging.client import Stager, StageReport
+from ..staging.sync import SyncConflict, SyncState
 from .translate import PathMapper, RemoteCommand, translate
 
 log = logging.getLogger(__name__)
@@ -52,10 +59,12 @@ class ProtocolRun:
         self.project_root = os.path.abspath(project_root)
         self.run_dir = os.path.relpath(os.path.abspath(run_dir), self.project_root)
         self.prot_id = prot_id
-        digest = hashlib.sha256(self.project_root.encode()).hexdigest()[:6]
-        self.mirror = "%s-%s" % (_safe(project_name), digest)
+        # two desktops with the same user, path and project name must not share a mirror
+        where = "%s@%s:%s" % (getpass.getuser(), socket.gethostname(), self.project_root)
+        self.mirror = "%s-%s" % (_safe(project_name), hashlib.sha256(where.encode()).hexdigest()[:8])
         self.logs = os.path.join(self.project_root, self.run_dir, "logs")
         self._token: Optional[str] = None
+        self._sync: Optional[SyncState] = None
         self._counts: Dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -74,15 +83,34 @@ class ProtocolRun:
                     json.dump({"token": self._token}, f)
         return self._token
 
-    def placed(self, job_id: str) -> Optional[str]:
-        """The cluster a job was sent to by an earlier process of this run, if any."""
+    @property
+    def sync(self) -> SyncState:
+        """What the run folder and each cluster's mirror of it last agreed on."""
+        with self._lock:
+            if self._sync is None:
+                self._sync = SyncState(self.logs)
+            return self._sync
+
+    def _attempts(self, job_id: str) -> List[Tuple[str, str]]:
+        """(attempt id, cluster) of a job, oldest first, as earlier processes placed them."""
         try:
             with open(os.path.join(self.logs, "cloudexec-placements.jsonl")) as f:
                 found = [json.loads(line) for line in f if job_id in line]
         except OSError:
-            return None
-        mine = [p["cluster"] for p in found if p.get("job_id") == job_id]
-        return mine[-1] if mine else None
+            return []
+        return [(p["job_id"], p["cluster"]) for p in found
+                if p.get("job_id") == job_id or p.get("job_id", "").startswith(job_id + ".")]
+
+    def latest(self, job_id: str) -> Optional[Tuple[str, str]]:
+        """The newest attempt of a job and its cluster, if an earlier process placed it."""
+        found = self._attempts(job_id)
+        return found[-1] if found else None
+
+    def next_attempt(self, job_id: str) -> str:
+        """A new attempt's id: ``<job_id>.2``, ``.3``... (never one used before)."""
+        with self._lock:
+            n = len({a for a, _c in self._attempts(job_id)})
+            return "%s.%d" % (job_id, n + 1) if n else job_id
 
     def place(self, job_id: str, cluster: str) -> None:
         """Remember where a job went, so a resumed run attaches to it there."""
@@ -110,7 +138,7 @@ class ClusterRunner:
         self.inputs = inputs
         self.client = AgentClient(cluster, client_name=client_name)
         self.stager: Optional[Stager] = None
-        self.baseline: Dict[str, str] = {}  # rel path -> hash the cluster has from us
+        self._pool_nonce = uuid.uuid4().hex[:6]  # a pool restarted after a failover is new
         self.bytes_in_place = 0  # this run's data the cluster holds (sent or already cached)
         self._connect_lock = threading.Lock()
         self._stage_lock = threading.Lock()
@@ -140,7 +168,8 @@ class ClusterRunner:
     def _pool_name(self, say: Callable[[str], None]) -> str:
         """The run's worker pool, started on first use."""
         with self._connect_lock:
-            name = "%s-%d-%s" % (self.run.mirror[:40], self.run.prot_id, self.run.token)
+            name = "%s-%d-%s-%s" % (self.run.mirror[:40], self.run.prot_id, self.run.token,
+                                    self._pool_nonce)
             if self.pool is None:
                 self.pool = self.client.start_pool(name, self.pool_ranks)
                 say("cloudexec: worker pool %s of %d rank(s) started on %s (job %s)"
@@ -161,21 +190,35 @@ class ClusterRunner:
                          cluster_gpus=self.cluster.gpus)
 
     def stage_in(self, say: Callable[[str], None]) -> StageReport:
-        """Inputs of the protocol (first time) and its run folder, without logs/."""
+        """Inputs of the protocol (first time), then what changed in the run folder since the
+        last sync with this cluster. A run this cluster has not seen yet starts there from
+        an empty run folder (a Restart, or a mirror left by an earlier run of that id).
+
+        Raises:
+            SyncConflict: a path changed both here and on the cluster since the last sync.
+        """
         assert self.stager is not None
-        paths: List[str] = [self.run.run_dir]
+        run, name = self.run, self.cluster.name
+        paths: List[str] = [run.run_dir]
         if not self._inputs_staged:
             paths = sorted(set(self._relative(self.inputs()))) + paths
         with self._stage_lock:
-            report = self.stager.stage_in(self.run.project_root, paths, self.run.mirror,
-                                          progress=_Throttle(say, "staging to %s"
-                                                             % self.cluster.name),
-                                          exclude=[os.path.join(self.run.run_dir, e)
-                                                   for e in EXCLUDE])
+            if not run.sync.known(name):
+                self.stager.reset(run.mirror, run.run_dir)
+                run.sync.met(name)
+            report = self.stager.stage_in(
+                run.project_root, paths, run.mirror, exclude=self._exclude(),
+                progress=_Throttle(say, "staging to %s" % name),
+                run_dir=run.run_dir, base=run.sync.base(name))
+            run.sync.update(name, report.agreed)
             self._inputs_staged = True
-            self.baseline.update(report.hashes)
             self.bytes_in_place = max(self.bytes_in_place, report.bytes_total)
+        if report.conflicts:
+            raise SyncConflict(name, report.conflicts)
         return report
+
+    def _exclude(self) -> List[str]:
+        return [os.path.join(self.run.run_dir, e) for e in EXCLUDE]
 
     def _relative(self, files: Iterable[str]) -> List[str]:
         out = []
@@ -194,23 +237,38 @@ class ClusterRunner:
                                   job_id=job_id, label=label, on_output=to_log, pool=pool)
 
     def stage_out(self, say: Callable[[str], None]) -> StageReport:
+        """What changed in the cluster's run folder since the last sync, gathered here.
+
+        Raises:
+            SyncConflict: a path changed both here and on the cluster since the last sync.
+        """
         assert self.stager is not None
+        run, name = self.run, self.cluster.name
         with self._stage_lock:
-            report = self.stager.stage_out(self.run.project_root, self.run.mirror,
-                                           self.run.run_dir, baseline=self.baseline,
-                                           exclude=[os.path.join(self.run.run_dir, e)
-                                                    for e in EXCLUDE],
-                                           progress=_Throttle(say, "gathering from %s"
-                                                              % self.cluster.name))
-            self.baseline.update(report.hashes)
+            report = self.stager.gather(run.project_root, run.mirror, run.run_dir,
+                                        run.sync.base(name), exclude=self._exclude(),
+                                        progress=_Throttle(say, "gathering from %s" % name))
+            run.sync.update(name, report.agreed)
         for rel, why in report.refused:
-            say("cloudexec: REFUSED %s from %s: %s" % (rel, self.cluster.name, why))
+            say("cloudexec: REFUSED %s from %s: %s" % (rel, name, why))
+        for rel, kind in report.skipped:
+            say("cloudexec: WARNING: %s on %s is a %s: not gathered" % (rel, name, kind))
+        for rel in report.deferred:
+            say("cloudexec: %s changed on %s while it was gathered: it comes with the next "
+                "gather" % (rel, name))
+        if report.conflicts:
+            raise SyncConflict(name, report.conflicts)
         return report
 
     def run_job(self, program: str, params, *, ranks: int, threads: int, gpus: Sequence[int],
                 env, cwd: Optional[str], step_id: int, job_id: str, label: str,
-                say: Callable[[str], None]) -> dict:
-        """Everything for one runJob; returns its provenance record or raises RemoteStepError."""
+                say: Callable[[str], None],
+                renew: Optional[Callable[[str], str]] = None) -> dict:
+        """Everything for one runJob; returns its provenance record or raises RemoteStepError.
+
+        *job_id* attaches to the job of that id if an earlier process sent it (finished:
+        its result is reused; running: followed). If that job had failed, been cancelled or
+        been lost, ``renew(cluster)`` names a new attempt, which runs."""
         cmd = self.prepare(program, params, ranks=ranks, threads=threads, gpus=gpus, env=env,
                            cwd=cwd)
         t0 = time.time()
@@ -220,6 +278,12 @@ class ClusterRunner:
                 % (sin.files, sin.bytes_sent / 1e6, self.cluster.name, sin.seconds))
         pool = self._pool_name(say) if self.pool_ranks and cmd.ranks == 1 else ""
         fut = self.submit(cmd, job_id, label, pool)
+        if renew is not None and fut.accepted.wait(self.cluster.connect_timeout * 6) and \
+                fut.existed and fut.accepted_state in _RUN_AGAIN:
+            job_id = renew(self.cluster.name)
+            say("cloudexec: job %s had ended %s before: the step runs again as job %s"
+                % (fut.job_id, fut.accepted_state, job_id))
+            fut = self.submit(cmd, job_id, label, pool)
         say("cloudexec: job %s on cluster %s (%s, %d rank(s) x %d thread(s)%s): %s"
             % (fut.job_id, self.cluster.name, "worker pool" if pool else
                "%s launcher" % self.cluster.launcher, cmd.ranks, cmd.threads,
@@ -256,6 +320,10 @@ class ClusterRunner:
         os.makedirs(self.run.logs, exist_ok=True)
         with self._stage_lock, open(os.path.join(self.run.logs, "cloudexec.jsonl"), "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+_RUN_AGAIN = {s.value for s in (JobState.FAILED, JobState.CANCELLED, JobState.LOST,
+                                JobState.TIMEOUT)}
 
 
 class _Throttle:

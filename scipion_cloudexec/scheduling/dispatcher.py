@@ -72,11 +72,14 @@ class MultiClusterDispatcher:
     def run(self, job: JobRequest, work: Callable[[str, int], T],
             is_infra: Callable[[BaseException], bool],
             on_failover: Callable[[str, BaseException], None] = lambda name, e: None,
-            prefer: Optional[str] = None) -> T:
+            prefer: Optional[str] = None,
+            is_down: Callable[[BaseException], bool] = lambda e: True) -> T:
         """Run *job* with ``work(cluster_name, attempt)``; see the module docstring.
 
         *prefer*: the cluster that already has this job (a resumed step): it is used while
         healthy, whatever the policy would say, so the job is attached to, not run again.
+        *is_down*: whether an infrastructure failure takes its cluster out for a while
+        (else only the job is retried, by the policy's choice).
         """
         for attempt in range(self.retries + 1):
             name = self._acquire(job, prefer if attempt == 0 else None)
@@ -87,7 +90,8 @@ class MultiClusterDispatcher:
                 self._release(name, job, None)
                 if not is_infra(e):
                     raise
-                self._mark_down(name, e)
+                if is_down(e):
+                    self._mark_down(name, e)
                 on_failover(name, e)
                 last = e
                 continue

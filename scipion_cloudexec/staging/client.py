@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import shutil
+import tempfile
 import threading
 import time
 from collections import deque
@@ -36,6 +37,7 @@ from ..transport.ssh import SSHConnection
 from .channels import (NoBundle, OpenSSHChannel, ParamikoChannel, ServerChannel,
                        StagingError, dead_link_seconds)
 from .hashing import BLOCK, HashCache
+from .sync import DIR, GatherPlan, local_state, plan_gather, under
 
 log = logging.getLogger(__name__)
 __all__ = ["Stager", "StageReport", "StagingError", "NoSpace", "PathEscape"]
@@ -77,6 +79,12 @@ class StageReport:
     fetched: List[str] = field(default_factory=list)
     refused: List[Tuple[str, str]] = field(default_factory=list)
     hashes: Dict[str, str] = field(default_factory=dict)
+    #: run-folder sync (see :mod:`.sync`): states now agreed with the cluster ("" = gone),
+    #: paths changed on both sides, special files skipped, files that moved while sent
+    agreed: Dict[str, str] = field(default_factory=dict)
+    conflicts: List[Tuple[str, str]] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    deferred: List[str] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -190,6 +198,10 @@ class Stager:
             raise StagingError("project name %r cannot name a mirror folder" % project)
         return "projects/" + project
 
+    def reset(self, project: str, run_dir: str) -> None:
+        """Empty *run_dir* of the mirror (a run starting afresh on this cluster)."""
+        self._ask({"cmd": "reset", "mirror": self.mirror(project), "dir": run_dir})
+
     def mirror_root(self, project: str) -> str:
         return "%s/%s" % (self.cluster.workdir.rstrip("/"), self.mirror(project))
 
@@ -218,12 +230,19 @@ class Stager:
 
     def stage_in(self, project_root: str, paths: Sequence[str], project: str,
                  progress: Optional[Progress] = None, exclude: Sequence[str] = (),
-                 keep_hashes: bool = True) -> StageReport:
+                 keep_hashes: bool = True, run_dir: Optional[str] = None,
+                 base: Optional[Dict[str, str]] = None) -> StageReport:
         """Make *paths* present in the cluster's mirror of *project*; send only what the
         cluster's cache lacks, resuming partial uploads. Files go in batches of BATCH, so
         memory does not grow with their number (unless *keep_hashes* keeps every file's
         hash in the report, as the executor needs). A thread walks and hashes the next
         batch while this one travels.
+
+        With *run_dir* (relative to the project) and its *base* (see :mod:`.sync`), the
+        files under *run_dir* are synced instead: only those changed locally since the base
+        travel, each written only where the mirror still holds its base state, as a
+        private copy; what was deleted locally is deleted in the mirror. Paths changed on
+        both sides are left alone and listed in ``report.conflicts``.
 
         Raises:
             NoSpace: before a batch is sent; StagingError: a file changed during the upload
@@ -231,6 +250,7 @@ class Stager:
         """
         t0 = time.monotonic()
         report = StageReport()
+        sync = _InSync(run_dir, base) if run_dir is not None else None
         problems: List[str] = []
         self._channel()  # the remote shell and Python start while we walk
         batches = _Batches(self, project_root, paths, exclude)
@@ -239,6 +259,8 @@ class Stager:
         fresh = 0
         try:
             for batch in batches:
+                if sync is not None:
+                    sync.filter(batch, report)
                 report.files += len(batch.files)
                 report.bytes_total += sum(f[2] for f in batch.files)
                 if keep_hashes:
@@ -259,6 +281,8 @@ class Stager:
                 problems += self._read_check(checking.popleft(), report, to_send)
             if to_send:
                 problems += self._transfer(project, to_send, report, progress)
+            if sync is not None and sync.gone():
+                self._delete(project, sync.gone(), report)
         except (OSError, EOFError) as e:
             self.close()
             raise StagingError("connection to %s lost during the upload (%s); what arrived is "
@@ -270,6 +294,8 @@ class Stager:
         finally:
             batches.close()
         report.seconds = time.monotonic() - t0
+        if sync is not None:
+            sync.settle(report)
         if problems:
             raise StagingError("staging to %s incomplete:\n  %s\n(files that changed while being "
                                "sent were not recorded; stage again once they are written)"
@@ -280,7 +306,7 @@ class Stager:
         """Ask which of the batch's contents the cluster lacks; it links all the others
         into the mirror at once. Answers are read later (several checks in flight)."""
         request = {"cmd": "in", "check": True, "mirror": self.mirror(project), "dirs": batch.dirs,
-                   "files": [[rel, size, sha] for rel, _l, size, sha in batch.files]}
+                   "files": [_entry(f, batch.base) for f in batch.files]}
         if self._chan is not None and self._chan._greeted:
             self._chan.send_line(request)
         else:  # first use: may need the bundle uploaded, which _ask handles
@@ -294,8 +320,11 @@ class Stager:
         report.linked += answer["linked"]
         report.unchanged += answer["unchanged"]
         report.repaired += answer["repaired"]
+        report.conflicts += [(rel, "changed on %s since the last sync" % self.cluster.name)
+                             for rel, _now in answer.get("conflicts", [])]
         missing = {sha for sha, _off in answer["missing"]}
-        to_send.extend(f for f in batch.files if f[3] in missing)
+        to_send.extend(f + (batch.base.get(f[0]),) if batch.base else f
+                       for f in batch.files if f[3] in missing)
         return answer["errors"]
 
     def _transfer(self, project: str, entries: List[Tuple[str, str, int, str]],
@@ -303,16 +332,18 @@ class Stager:
         """Send the contents of *entries* (their checks said missing), verified and linked
         by the cluster; on the bulk stream when large. Returns the problems."""
         total_new = sum(e[2] for e in entries)
+        entries = list(entries)
         # the server gives up (and lets go of a partial upload) once data stops this long
         request = {"cmd": "in", "mirror": self.mirror(project), "dirs": [],
-                   "files": [[rel, size, sha] for rel, _l, size, sha in entries],
+                   "files": [_entry(e[:4], {e[0]: e[4]} if len(e) > 4 and e[4] is not None
+                                    else None) for e in entries],
                    "stall": max(5.0, dead_link_seconds(self.cluster) / 2)}
         ch = None
         try:
             ch, answer = self._ask(request, bulk=self._wants_bulk(total_new))
             if answer.get("error") == "nospace":
                 raise NoSpace(self.cluster.name, answer["needed"], answer["free"])
-            local_of = {sha: (local, size) for _r, local, size, sha in entries}
+            local_of = {e[3]: (e[1], e[2]) for e in entries}
             missing = [(sha, off) for sha, off in answer["missing"]]
             total = report.bytes_sent + sum(local_of[sha][1] - off for sha, off in missing)
             for i, (sha, offset) in enumerate(missing):
@@ -329,6 +360,8 @@ class Stager:
         report.linked += final["linked"]
         report.unchanged += final["unchanged"]
         report.repaired += final["repaired"]
+        report.conflicts += [(rel, "changed on %s since the last sync" % self.cluster.name)
+                             for rel, _now in final.get("conflicts", [])]
         # the cluster verifies every hash; a mismatch means the file moved while it was read
         changed = sorted({local_of[sha][0] for sha in final.get("bad", [])})
         return ["%s changed during the upload" % c for c in changed] + final["errors"]
@@ -346,7 +379,90 @@ class Stager:
                 offset += n
                 tick(n)
 
+    def _delete(self, project: str, paths: List[List[str]], report: StageReport) -> None:
+        """Delete ``[rel, state]`` paths in the mirror where they still hold that state."""
+        answer = self._ask({"cmd": "rm", "mirror": self.mirror(project), "paths": paths})[1]
+        report.conflicts += [(rel, "changed on %s since the last sync" % self.cluster.name)
+                             for rel, _now in answer["conflicts"]]
+
     # ---- stage out ----------------------------------------------------------------------
+
+    def gather(self, project_root: str, project: str, run_dir: str, base: Dict[str, str],
+               exclude: Sequence[str] = (), progress: Optional[Progress] = None
+               ) -> StageReport:
+        """Bring what changed in the mirror's *run_dir* since *base* into the local run
+        folder (three-way, see :mod:`.sync`): files, folders (empty ones too), links that
+        stay inside the run folder, deletions. A path that changed locally too is left
+        alone and listed in ``report.conflicts``; a file that changed while it was sent
+        is left for the next gather (``report.deferred``); FIFOs, sockets and devices are
+        listed in ``report.skipped``. ``report.agreed`` holds the new base states."""
+        t0 = time.monotonic()
+        root = os.path.realpath(project_root)
+        run_dir = os.path.normpath(run_dir)
+        guard = os.path.realpath(os.path.join(root, run_dir))
+        remote_root = self.mirror_root(project)
+        _ch, listing = self._ask({"cmd": "list", "root": remote_root, "dir": run_dir,
+                                  "exclude": [os.path.relpath(e, run_dir) for e in exclude]})
+        if not listing.get("exists", True):
+            raise StagingError("the run folder %s is gone from the mirror on %s: nothing was "
+                               "changed locally; Restart the protocol" % (run_dir, self.cluster.name))
+        report = StageReport(refused=[tuple(r) for r in listing["refused"]],
+                             skipped=[tuple(r) for r in listing.get("skipped", [])])
+        remote: Dict[str, str] = {run_dir: DIR}
+        sizes: Dict[str, int] = {}
+        for rel, size, _mtime, sha in listing["files"]:
+            remote[rel], sizes[rel] = sha, size
+        remote.update((rel, DIR) for rel in listing.get("dirs", []))
+        remote.update((rel, "l:" + target) for rel, target in listing["links"])
+        remote = {k: v for k, v in remote.items() if not _excluded(k, exclude)}
+        base = {k: v for k, v in base.items() if under(k, run_dir) and not _excluded(k, exclude)}
+        memo = HashCache(self.hash_cache_path)
+        try:
+            plan = plan_gather(remote, sizes, base,
+                               lambda rel: local_state(os.path.join(root, rel), memo),
+                               self.cluster.name)
+        finally:
+            memo.close()
+        report.files = len(sizes)
+        report.bytes_total = sum(sizes.values())
+        report.conflicts = plan.conflicts
+        report.agreed.update(plan.agreed)
+        self._apply(plan, root, guard, remote_root, remote, report, progress)
+        report.seconds = time.monotonic() - t0
+        return report
+
+    def _apply(self, plan: GatherPlan, root: str, guard: str, remote_root: str,
+               remote: Dict[str, str], report: StageReport, progress: Optional[Progress]
+               ) -> None:
+        """Carry out a gather plan: files and links out of the way, folders, contents and
+        links, then folders the cluster removed (when empty)."""
+        def dest_of(rel: str) -> Optional[str]:
+            return self._guarded(root, guard, rel, report)
+
+        for rel, here in plan.delete:
+            if here != DIR and (dest := dest_of(rel)) is not None:
+                os.unlink(dest)
+                report.agreed[rel] = remote.get(rel, "") if remote.get(rel) != DIR else ""
+        for rel in sorted(plan.mkdirs, key=lambda r: r.count("/")):
+            if (dest := dest_of(rel)) is not None:
+                os.makedirs(dest, exist_ok=True)
+                report.agreed[rel] = DIR
+        for rel, target in plan.links:
+            if self._link(root, guard, rel, target, report):
+                report.agreed[rel] = "l:" + target
+        wanted = [(rel, dest, size, sha) for rel, size, sha in plan.fetch
+                  if (dest := dest_of(rel)) is not None]
+        if wanted:
+            self._receive(remote_root, wanted, report, progress)
+            report.agreed.update((rel, sha) for rel, _d, _s, sha in wanted
+                                 if rel in set(report.fetched))
+        for rel, here in sorted(plan.delete, key=lambda x: -x[0].count("/")):
+            if here == DIR and (dest := dest_of(rel)) is not None:
+                try:
+                    os.rmdir(dest)
+                    report.agreed[rel] = ""
+                except OSError:  # holds files made here since: they go up next time
+                    pass
 
     def stage_out(self, project_root: str, project: str, run_dir: str,
                   progress: Optional[Progress] = None, baseline: Optional[Dict[str, str]] = None,
@@ -407,6 +523,10 @@ class Stager:
             self._link(local_root, guard, rel, target, report)
         if wanted:
             self._receive(remote_root, wanted, report, progress)
+        if report.deferred:
+            raise StagingError("files on %s changed while they were fetched: %s; fetch again "
+                               "once they are written" % (self.cluster.name,
+                                                          ", ".join(report.deferred)))
         report.seconds = time.monotonic() - t0
         return report
 
@@ -422,56 +542,67 @@ class Stager:
         return dest
 
     def _link(self, local_root: str, guard: str, rel: str, target: str,
-              report: StageReport) -> None:
+              report: StageReport) -> bool:
+        """Make the symbolic link *rel* -> *target*, only if it resolves inside *guard*."""
         dest = self._guarded(local_root, guard, rel, report)
         if dest is None:
-            return
+            return False
         resolved = os.path.realpath(os.path.join(os.path.dirname(dest), target))
-        if not resolved.startswith(os.path.realpath(local_root) + os.sep):
-            report.refused.append((rel, "symbolic link to %s, outside the project" % target))
-            return
+        if not resolved.startswith(guard + os.sep):
+            report.refused.append((rel, "symbolic link to %s, outside %s" % (target, guard)))
+            return False
         if os.path.islink(dest) and os.readlink(dest) == target:
-            return
-        tmp = dest + ".cloudexec-part"
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
+            return True
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        os.symlink(target, tmp)
+        tmp = _temp_name(dest)
+        os.symlink(target, tmp)  # fails rather than follow anything already there
         os.replace(tmp, dest)
         report.fetched.append(rel)
+        return True
 
     def _receive(self, remote_root: str, wanted: List[Tuple[str, str, int, str]],
                  report: StageReport, progress: Optional[Progress]) -> None:
+        """Receive files ``(rel, dest, size, sha)``, *sha* from the listing. Each lands in
+        a new temporary file beside *dest* (created exclusively, never through a link) and
+        is renamed into place only with the listing's hash; one that changed since the
+        listing goes to ``report.deferred``, a corrupted one fails the gather."""
         total = sum(w[2] for w in wanted)
         ch, header = self._ask({"cmd": "send", "root": remote_root,
                                 "paths": [w[0] for w in wanted]}, bulk=self._wants_bulk(total))
         bad: List[str] = []
         try:
-            for i, (rel, dest, _size, _sha) in enumerate(wanted):
+            for i, (rel, dest, _size, sha) in enumerate(wanted):
                 if i:
                     header = ch.line()
-                tmp = dest + ".cloudexec-part"
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 h = hashlib.sha256()
-                with open(tmp, "wb") as f:
-                    left = header["size"]
-                    while left:
-                        block = ch.out.read(min(BLOCK, left))
-                        if not block:
-                            raise StagingError("connection to %s lost while receiving %s"
-                                               % (self.cluster.name, rel))
-                        f.write(block)
-                        h.update(block)
-                        left -= len(block)
-                        _tick(progress, report, len(block), total, i, len(wanted))
-                trailer = ch.line()
-                if h.hexdigest() != trailer["sha256"]:
-                    os.unlink(tmp)
-                    bad.append(rel)
-                    continue
-                os.replace(tmp, dest)
-                report.hashes[rel] = trailer["sha256"]
-                report.fetched.append(rel)
+                fd, tmp = tempfile.mkstemp(prefix=".cloudexec-", dir=os.path.dirname(dest))
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        left = header["size"]
+                        while left:
+                            block = ch.out.read(min(BLOCK, left))
+                            if not block:
+                                raise StagingError("connection to %s lost while receiving %s"
+                                                   % (self.cluster.name, rel))
+                            f.write(block)
+                            h.update(block)
+                            left -= len(block)
+                            _tick(progress, report, len(block), total, i, len(wanted))
+                    trailer = ch.line()
+                    got = h.hexdigest()
+                    if got == sha:
+                        os.chmod(tmp, 0o666 & ~_UMASK)
+                        os.replace(tmp, dest)
+                        report.hashes[rel] = sha
+                        report.fetched.append(rel)
+                    elif got == trailer["sha256"]:
+                        report.deferred.append(rel)  # written to while sent: next time
+                    else:
+                        bad.append(rel)
+                finally:
+                    if os.path.lexists(tmp):
+                        os.unlink(tmp)
         except BaseException:
             self._drop(ch)
             raise
@@ -497,6 +628,7 @@ class _Batch:
     dirs: List[str]
     fresh_bytes: int  # bytes the hash memo did not know: likely new content
     answer: Optional[dict] = None  # the cluster's answer to its check, once read
+    base: Optional[Dict[str, str]] = None  # run-folder files: the states they replace
 
 
 class _Batches:
@@ -626,3 +758,69 @@ def _tick(progress: Optional[Progress], report: StageReport, n: int, total: int,
     report.bytes_sent += n
     if progress is not None:
         progress(report.bytes_sent, total, i, files)
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _temp_name(dest: str) -> str:
+    return os.path.join(os.path.dirname(dest), ".cloudexec-%s" % os.urandom(6).hex())
+
+
+def _entry(f: Tuple[str, str, int, str], base: Optional[Dict[str, str]]) -> list:
+    """A file of a staging request: ``[rel, size, sha]``, with the state it replaces for a
+    run-folder file (the cluster then writes it only over that state)."""
+    rel, _local, size, sha = f
+    if base is not None and rel in base:
+        return [rel, size, sha, base[rel]]
+    return [rel, size, sha]
+
+
+class _InSync:
+    """The run-folder side of one stage-in: which files travel (changed locally since the
+    base), which folders are new, what was deleted locally."""
+
+    def __init__(self, run_dir: str, base: Optional[Dict[str, str]]):
+        self.prefix = os.path.normpath(run_dir)
+        self.base = {k: v for k, v in (base or {}).items() if under(k, self.prefix)}
+        self.seen: set = set()
+        self.sent: Dict[str, str] = {}
+        self.removed: List[List[str]] = []
+
+    def filter(self, batch: "_Batch", report: StageReport) -> None:
+        dirs = []
+        for d in batch.dirs:
+            if under(d, self.prefix):
+                self.seen.add(d)
+                if self.base.get(d) == DIR:
+                    continue
+                self.sent[d] = DIR
+            dirs.append(d)
+        files, replaced = [], {}
+        for f in batch.files:
+            rel, local, _size, sha = f
+            if under(rel, self.prefix):
+                self.seen.add(rel)
+                was = self.base.get(rel, "")
+                if was.startswith("l:") and os.path.islink(local) and \
+                        "l:" + os.readlink(local) == was:
+                    continue  # a link the cluster made: it has it
+                if was == sha:
+                    report.unchanged += 1
+                    continue
+                replaced[rel] = was
+                self.sent[rel] = sha
+            files.append(f)
+        batch.dirs, batch.files, batch.base = dirs, files, replaced
+
+    def gone(self) -> List[List[str]]:
+        """Paths the base holds that the local run folder no longer has."""
+        if not self.removed:
+            self.removed = [[p, s] for p, s in self.base.items() if p not in self.seen]
+        return self.removed
+
+    def settle(self, report: StageReport) -> None:
+        clash = {rel for rel, _why in report.conflicts}
+        report.agreed.update((p, s) for p, s in self.sent.items() if p not in clash)
+        report.agreed.update((p, "") for p, _s in self.removed if p not in clash)

@@ -23,11 +23,13 @@ def sha256_file(path: str) -> str:
             h.update(block)
 
 
-def open_wal(path: str, timeout: float = 60.0) -> sqlite3.Connection:
+def open_wal(path: str, timeout: float = 60.0, threads: bool = False) -> sqlite3.Connection:
     """An autocommit sqlite connection in WAL mode. Two processes creating the file at the
     same moment race for the switch to WAL, which sqlite refuses at once ("database is
-    locked") instead of waiting: retry it."""
-    db = sqlite3.connect(path, isolation_level=None, timeout=timeout)
+    locked") instead of waiting: retry it. *threads*: usable from any thread (the caller
+    serializes its use)."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=timeout,
+                         check_same_thread=not threads)
     for attempt in range(100):
         try:
             db.execute("PRAGMA journal_mode=WAL")

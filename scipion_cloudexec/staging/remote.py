@@ -34,6 +34,7 @@ import json
 import os
 import select
 import shutil
+import stat
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
@@ -87,23 +88,62 @@ class StreamBroken(StageError):
     """The byte stream is out of step with the requests: the server must stop."""
 
 
-def cmd_in(cache: "Cache", request: dict, stdin: io.BufferedReader) -> None:
+def mirror_state(path: str, hashes: HashCache) -> str:
+    """What the mirror holds at *path*, in the sync model's terms: "" (nothing), "d" (a
+    folder), "l:TARGET" (a symbolic link), a SHA-256 (a file), "?" (a FIFO, socket...)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return ""
+    if stat.S_ISLNK(st.st_mode):
+        return "l:" + os.readlink(path)
+    if stat.S_ISDIR(st.st_mode):
+        return "d"
+    if stat.S_ISREG(st.st_mode):
+        try:
+            return hashes.get(path, st)
+        except FileNotFoundError:  # deleted by a running job meanwhile
+            return ""
+    return "?"
+
+
+def cmd_in(cache: "Cache", hashes: HashCache, request: dict, stdin: io.BufferedReader) -> None:
+    """Files of ``[rel, size, sha]`` are inputs: hard links into the cache. Files of
+    ``[rel, size, sha, base]`` belong to a run folder: written only where the mirror still
+    holds *base* (what the client last synced; "" for nothing), as private copies a job
+    may rewrite; elsewhere they are reported in ``conflicts`` and left alone."""
     workdir = cache.workdir
     mirror = request["mirror"]
     mirror_root = os.path.join(workdir, safe_rel(mirror))
-    files = [(safe_rel(rel), int(size), str(sha)) for rel, size, sha in request["files"]]
     os.makedirs(mirror_root, exist_ok=True)
     for rel in request.get("dirs", []):
         if rel != ".":
             os.makedirs(os.path.join(mirror_root, safe_rel(rel)), exist_ok=True)
+    files: List[Tuple[str, int, str]] = []
+    private: set = set()
+    conflicts: List[List[str]] = []
+    unchanged = 0
+    for entry in request["files"]:
+        rel, size, sha = safe_rel(entry[0]), int(entry[1]), str(entry[2])
+        if len(entry) > 3:  # run folder: only over what the client last saw there
+            now = mirror_state(os.path.join(mirror_root, rel), hashes)
+            if now == sha:
+                unchanged += 1
+            elif now != entry[3]:
+                conflicts.append([rel, now])
+            else:
+                files.append((rel, size, sha))
+                private.add(rel)
+            continue
+        files.append((rel, size, sha))
+    hashes.flush()
     records = cache.records({sha for _r, _s, sha in files})
-    # one lstat per unchanged file: a mirror file sharing the verified object's inode,
+    # one lstat per unchanged input: a mirror file sharing the verified object's inode,
     # size and mtime is that object, untouched
     todo: List[Tuple[str, int, str]] = []
-    unchanged = 0
     for rel, size, sha in files:
         rec = records.get(sha)
-        if rec is not None and rec[0] == size and rec[2] is not None:
+        if rec is not None and rec[0] == size and rec[2] is not None and rel not in private:
             try:
                 st = os.lstat(os.path.join(mirror_root, rel))
                 if (st.st_ino, st.st_size, st.st_mtime_ns) == (rec[2], size, rec[1]):
@@ -129,9 +169,9 @@ def cmd_in(cache: "Cache", request: dict, stdin: io.BufferedReader) -> None:
               "free": max(free, 0)}
     if request.get("check"):  # link what is here; the client sends the rest in a later request
         _count(cache, mirror, 0, 0)
-        linked, same, errors = _link_all(cache, mirror_root, todo, set(missing))
+        linked, same, errors = _link_all(cache, mirror_root, todo, set(missing), private)
         _reply(dict(answer, linked=linked, unchanged=unchanged + same, repaired=repaired,
-                    errors=errors))
+                    errors=errors, conflicts=conflicts))
         return
     if needed > free:
         _reply({"error": "nospace", "needed": needed, "free": max(free, 0)})
@@ -140,7 +180,6 @@ def cmd_in(cache: "Cache", request: dict, stdin: io.BufferedReader) -> None:
     errors: List[str] = []
     bad: List[str] = []  # arrived with another hash: changed while sent, or corrupted
     received = 0
-    cache.db.execute("BEGIN")  # one commit for the batch, not one per file
     stdin.raw.timeout = float(request.get("stall", 60))
     try:
         for sha in order:
@@ -155,12 +194,11 @@ def cmd_in(cache: "Cache", request: dict, stdin: io.BufferedReader) -> None:
         _count(cache, mirror, received, len(order) - len(bad))
     finally:
         stdin.raw.timeout = None
-        cache.db.execute("COMMIT")  # what arrived intact stays usable
-    linked, same, link_errors = _link_all(cache, mirror_root, todo, set(bad))
+    linked, same, link_errors = _link_all(cache, mirror_root, todo, set(bad), private)
     unchanged += same
     errors += link_errors
     _reply({"received": received, "linked": linked, "unchanged": unchanged,
-            "repaired": repaired, "errors": errors, "bad": bad})
+            "repaired": repaired, "errors": errors, "bad": bad, "conflicts": conflicts})
 
 
 def _count(cache: "Cache", mirror: str, received: int, files: int) -> None:
@@ -174,15 +212,18 @@ def _count(cache: "Cache", mirror: str, received: int, files: int) -> None:
 
 
 def _link_all(cache: "Cache", mirror_root: str, todo: List[Tuple[str, int, str]],
-              skip: set) -> Tuple[int, int, List[str]]:
-    """Hard-link the objects of *todo* into the mirror, but those in *skip*: (linked,
-    already linked, errors)."""
+              skip: set, private: set = frozenset()) -> Tuple[int, int, List[str]]:
+    """Put the objects of *todo* into the mirror, but those in *skip*: hard links, or
+    private copies for the paths in *private*. Returns (linked, already linked, errors)."""
     linked, same, errors = 0, 0, []
     for rel, _size, sha in todo:
         if sha in skip:
             continue
         try:
-            if cache.link(sha, os.path.join(mirror_root, rel)):
+            if rel in private:
+                _copy_private(cache.path(sha), os.path.join(mirror_root, rel))
+                linked += 1
+            elif cache.link(sha, os.path.join(mirror_root, rel)):
                 linked += 1
             else:
                 same += 1
@@ -191,36 +232,125 @@ def _link_all(cache: "Cache", mirror_root: str, todo: List[Tuple[str, int, str]]
     return linked, same, errors
 
 
+def _copy_private(src: str, dest: str) -> None:
+    """A writable copy of a cache object at *dest*, put in place by rename: a job that
+    rewrites it never touches the object (shared with other mirrors)."""
+    tmp = "%s.cloudexec-%d" % (dest, os.getpid())
+    try:
+        shutil.copyfile(src, tmp)
+    except FileNotFoundError:
+        os.stat(src)  # the object is missing: say so
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(src, tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, dest)
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def cmd_list(cache: "Cache", hashes: HashCache, request: dict) -> None:
+    """Files (with hashes), folders and links under R/D, without following links and
+    without opening anything but regular files; links must stay under R/D."""
     root = os.path.realpath(request["root"])
     sub = request.get("dir", ".")
     top = os.path.join(root, safe_rel(sub))
-    files, links, refused = [], [], []
+    skip = {os.path.join(top, safe_rel(e)) for e in request.get("exclude", [])}
+    files, links, refused, dirs, skipped = [], [], [], [], []
     for dirpath, dirnames, filenames in os.walk(top):
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+        kept = []
+        for d in sorted(dirnames):
+            path = os.path.join(dirpath, d)
+            if path in skip:
+                continue
+            if os.path.islink(path):
+                filenames.append(d)
+            else:
+                kept.append(d)
+                dirs.append(os.path.relpath(path, root))
+        dirnames[:] = kept
+        for name in filenames:
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, root)
-            if os.path.islink(path):
+            try:
+                st = os.lstat(path)
+                sha = hashes.get(path, st) if stat.S_ISREG(st.st_mode) else ""
+            except FileNotFoundError:  # a running job deleted it meanwhile
+                continue
+            if stat.S_ISLNK(st.st_mode):
                 target = os.path.realpath(path)
-                if target != root and not target.startswith(root + os.sep):
-                    refused.append([rel, "symbolic link to %s, outside the project"
-                                    % os.readlink(path)])
+                if target != top and not target.startswith(top + os.sep):
+                    refused.append([rel, "symbolic link to %s, outside %s"
+                                    % (os.readlink(path), sub)])
                 else:
                     links.append([rel, os.path.relpath(target, os.path.realpath(dirpath))])
-                continue
-            st = os.stat(path)
-            files.append([rel, st.st_size, st.st_mtime_ns, hashes.get(path, st)])
+            elif stat.S_ISREG(st.st_mode):
+                files.append([rel, st.st_size, st.st_mtime_ns, sha])
+            else:  # never opened: a FIFO would hang the listing, a socket fail it
+                skipped.append([rel, _KINDS.get(stat.S_IFMT(st.st_mode), "special file")])
     hashes.flush()
-    _reply({"files": files, "links": links, "refused": refused})
+    _reply({"files": files, "links": links, "refused": refused, "dirs": dirs,
+            "skipped": skipped, "exists": os.path.isdir(top)})
+
+
+_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
+          stat.S_IFBLK: "block device"}
+
+
+def cmd_reset(cache: "Cache", request: dict) -> None:
+    """Empty a run folder of a mirror (a restarted run starts from nothing)."""
+    mirror = safe_rel(request["mirror"])
+    if not mirror.startswith("projects/"):
+        raise StageError("%r is not a project mirror" % mirror)
+    path = os.path.join(cache.workdir, mirror, safe_rel(request["dir"]))
+    if os.path.lexists(path):
+        if os.path.islink(path) or not os.path.isdir(path):
+            os.unlink(path)
+        else:
+            shutil.rmtree(path)
+    _reply({"ok": True})
+
+
+def cmd_rm(cache: "Cache", hashes: HashCache, request: dict) -> None:
+    """Delete ``[rel, expected]`` paths of a mirror where they still hold *expected*
+    (files and links first, then folders deepest first, only when empty)."""
+    mirror_root = os.path.join(cache.workdir, safe_rel(request["mirror"]))
+    entries = sorted(((safe_rel(r), e) for r, e in request["paths"]),
+                     key=lambda x: (x[1] == "d", -x[0].count("/")))
+    deleted, conflicts = 0, []
+    for rel, expected in entries:
+        path = os.path.join(mirror_root, rel)
+        now = mirror_state(path, hashes)
+        if now == "":
+            continue
+        if now != expected:
+            conflicts.append([rel, now])
+            continue
+        try:
+            os.rmdir(path) if now == "d" else os.unlink(path)
+            deleted += 1
+        except OSError:  # a folder holding files the client does not know of
+            conflicts.append([rel, now])
+    hashes.flush()
+    _reply({"deleted": deleted, "conflicts": conflicts})
 
 
 def cmd_send(cache: "Cache", request: dict) -> None:
+    """Each path: a header, its bytes, a trailer with their hash. A file gone since the
+    listing is sent empty, one that is now a link or a FIFO likewise (never opened): the
+    client sees the hash differ from the listing's and leaves it for the next gather."""
     root = request["root"]
     out = sys.stdout.buffer
     for rel in request["paths"]:
         path = os.path.join(root, safe_rel(rel))
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            fd = -1
+        with (os.fdopen(fd, "rb") if fd >= 0 else io.BytesIO()) as f:
+            st = os.fstat(fd) if fd >= 0 else None
+            size = st.st_size if st is not None and stat.S_ISREG(st.st_mode) else 0
             out.write(json.dumps({"path": rel, "size": size}).encode() + b"\n")
             h = hashlib.sha256()
             left = size
@@ -266,8 +396,9 @@ def serve(workdir: str) -> int:
     cache = Cache(workdir)
     hashes = HashCache(os.path.join(workdir, "cache", "hashes.sqlite"))
     stdin = io.BufferedReader(StallingInput(sys.stdin.fileno()), BLOCK)
-    handlers = {"in": lambda c, r: cmd_in(c, r, stdin), "send": cmd_send, "cache": cmd_cache,
-                "list": lambda c, r: cmd_list(c, hashes, r),
+    handlers = {"in": lambda c, r: cmd_in(c, hashes, r, stdin), "send": cmd_send,
+                "cache": cmd_cache, "list": lambda c, r: cmd_list(c, hashes, r),
+                "reset": cmd_reset, "rm": lambda c, r: cmd_rm(c, hashes, r),
                 "ping": lambda c, r: _reply({"ok": True}), "mirrors": cmd_mirrors}
     try:
         while True:

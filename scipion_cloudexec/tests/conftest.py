@@ -159,3 +159,40 @@ def hosts(testbed):
         pytest.fail("network namespaces did not come up: %s" % e)
     yield n
     n.down()
+
+
+@pytest.fixture(scope="session")
+def private_host(testbed, tmp_path_factory):
+    """A cluster host (``PrivateHost``) with its own network, host name and mount namespace,
+    that sees the pytest base temporary folder, hence every test's tmp_path and project,
+    empty: what a test needs there has to travel over SSH."""
+    from scipion_cloudexec.testbed.private import PrivateHost
+    reason = PrivateHost.unavailable()
+    if reason:
+        pytest.skip(reason)
+    host = PrivateHost(testbed, "p1", hide=[str(tmp_path_factory.getbasetemp())])
+    try:
+        host.up()
+    except Exception as e:
+        host.down()
+        pytest.fail("the private host did not come up: %s" % e)
+    yield host
+    host.down()
+
+
+@pytest.fixture
+def private_cluster(private_host, testbed, tmp_path) -> Iterator[ClusterConfig]:
+    """A ``ClusterConfig`` (mpirun) on the private host, its workdir in the host's own work
+    area (named after this test's tmp_path, so unique); its agent is stopped and its workdir
+    deleted afterwards."""
+    workdir = "%s/%s" % (private_host.work, tmp_path.name)
+    yield ClusterConfig(
+        name="private", host=private_host.address, port=22, user=testbed.user,
+        identity_file=testbed.client_key, known_hosts=private_host.known_hosts,
+        workdir=workdir, python=testbed.python, launcher="mpirun", slots=4, heartbeat=0.5,
+        connect_timeout=5.0, source="<test>",
+        mpirun=("mpirun", "--oversubscribe", "--bind-to", "none"))
+    if private_host.pid is not None:  # set-up and clean-up may look inside; tests may not
+        _stop_agent(private_host.path(workdir))
+        import shutil
+        shutil.rmtree(private_host.path(workdir), ignore_errors=True)

@@ -1,0 +1,169 @@
+"""A protocol run on a cluster leaves exactly what a local run leaves: parallel steps writing
+into one folder, Restart, Continue after a failure or a Stop, several clusters. Each test runs
+the same protocol locally and through the cloud executor and compares the run folders (every
+path, type and byte, but logs/) with tests/harness.py."""
+import os
+import time
+
+import pytest
+
+from pyworkflow.protocol.constants import MODE_RESTART
+
+from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
+from scipion_cloudexec.tests.harness import assert_same_run, run_tree
+from scipion_cloudexec.tests.test_executor import launch, logs, provenance, wait_done, wait_for
+
+
+def shell(project, label, **params):
+    return project.newProtocol(ProtCloudShellSteps, objLabel=label, **params)
+
+
+def local_and_cloud(project, cluster, **params):
+    """The same shell protocol run locally, then on *cluster* (a name or a ClusterConfig)."""
+    local = launch(project, shell(project, "local", **params))
+    assert local.isFinished(), logs(local)
+    cloud = shell(project, "cloud", **params)
+    cloud._useQueue.set(True)
+    cloud.setQueueParams([getattr(cluster, "name", cluster), {"QUEUE_FOR_JOBS": "Y"}])
+    project.launchProtocol(cloud, wait=True)
+    return local, project.getProtocol(cloud.getObjId())
+
+
+# Each step makes its file empty first, writes it later, then reads it back: a stage-in of a
+# sibling step that pushed the desktop's (empty) copy over it made the read come back empty.
+SHARED_FOLDER_STEP = ("touch extra/shared/a_{i}.txt; sleep 0.3; echo {i} > extra/shared/a_{i}.txt;"
+                      " sleep 0.2; cat extra/shared/a_{i}.txt > extra/shared/b_{i}.txt;"
+                      " echo scratch > extra/shared/t_{i}.tmp; mkdir -p extra/dirs/d_{i};"
+                      " rm extra/shared/t_{i}.tmp")
+
+
+@pytest.mark.parametrize("steps", [100, pytest.param(400, marks=pytest.mark.slow)])
+def test_parallel_steps_writing_into_one_folder_match_a_local_run(make_cluster, clusters_env,
+                                                                  new_project, steps):
+    c = make_cluster("local", slots=6)
+    clusters_env(c)
+    project = new_project("parallel")
+    local, cloud = local_and_cloud(project, c, numberOfThreads=7, fanCopies=steps,
+                                   chain="mkdir -p extra/shared", fan=SHARED_FOLDER_STEP)
+    assert cloud.isFinished(), logs(cloud)
+    tree = run_tree(cloud.getWorkingDir())
+    assert sum(1 for p in tree if p.startswith("extra/shared/b_")) == steps
+    assert_same_run(local, cloud)
+    assert "staged" not in logs(cloud), "outputs of earlier steps never travel back up"
+
+
+def test_restart_with_fewer_iterations_brings_nothing_of_the_previous_run(
+        make_cluster, clusters_env, new_project):
+    c = make_cluster("local")
+    clusters_env(c)
+    project = new_project("restart")
+    iterations = "mkdir -p extra; for i in $(seq 1 %d); do echo it $i > extra/iter_$i.txt; done"
+    cloud = shell(project, "cloud", chain=iterations % 5)
+    cloud = launch(project, cloud, c)
+    assert cloud.isFinished(), logs(cloud)
+    assert os.path.exists(os.path.join(cloud._getExtraPath(), "iter_5.txt"))
+    cloud.chain.set(iterations % 2)  # the user asks for fewer iterations and restarts
+    cloud.runMode.set(MODE_RESTART)
+    cloud = launch(project, cloud, c)
+    assert cloud.isFinished(), logs(cloud)
+    local = launch(project, shell(project, "local", chain=iterations % 2))
+    assert sorted(os.listdir(cloud._getExtraPath())) == ["iter_1.txt", "iter_2.txt"]
+    assert_same_run(local, cloud)
+
+
+def test_continue_after_a_fixed_failure_runs_the_step_again(make_cluster, clusters_env,
+                                                            new_project, tmp_path):
+    c = make_cluster("local")
+    clusters_env(c)
+    project = new_project("fixed")
+    flag = tmp_path / "input-ready"
+    chain = "mkdir -p extra; echo one > extra/one.txt\n" \
+            "test -e %s || { echo 'input not ready' >&2; exit 7; }; echo two > extra/two.txt" % flag
+    cloud = launch(project, shell(project, "cloud", chain=chain), c)
+    assert cloud.isFailed()
+    error = cloud.getErrorMessage()
+    assert "exit code 7" in error and "input not ready" in error and "test -e" in error
+    flag.write_text("fixed")  # the user fixes the cause, then presses Continue
+    cloud = launch(project, cloud, c)
+    assert cloud.isFinished(), logs(cloud)
+    assert "runs again as job" in logs(cloud)
+    steps = [r["step"] for r in provenance(cloud)]
+    assert steps.count(max(steps)) == 2, "the failed step ran again, as a new job"
+    local = launch(project, shell(project, "local", chain=chain))
+    assert_same_run(local, cloud)
+
+
+@pytest.mark.slow
+def test_stop_then_continue_runs_the_cancelled_step_again(make_cluster, clusters_env,
+                                                          new_project, tmp_path):
+    c = make_cluster("local")
+    clusters_env(c)
+    project = new_project("stopcont")
+    started, go = tmp_path / "started", tmp_path / "go"
+    chain = "mkdir -p extra; echo one > extra/one.txt\n" \
+            "touch %s; test -e %s || sleep 300; echo two > extra/two.txt" % (started, go)
+    cloud = shell(project, "cloud", chain=chain)
+    cloud._useQueue.set(True)
+    cloud.setQueueParams([c.name, {"QUEUE_FOR_JOBS": "Y"}])
+    project.launchProtocol(cloud, wait=False)
+    wait_for(started)
+    project.stopProtocol(project.getProtocol(cloud.getObjId()))
+    cloud = wait_done(project, cloud)
+    assert not cloud.isFinished()
+    go.write_text("go")
+    cloud = launch(project, cloud, c)  # Continue
+    assert cloud.isFinished(), logs(cloud)
+    local = launch(project, shell(project, "local", chain=chain))
+    assert_same_run(local, cloud)
+
+
+def test_two_clusters_see_each_others_folders_and_deletions(make_cluster, clusters_env,
+                                                            new_project):
+    a, b = make_cluster("local", slots=1), make_cluster("local", slots=1)
+    clusters_env(a, b)
+    project = new_project("twofolders")
+    local, cloud = local_and_cloud(
+        project, "all", numberOfThreads=3, fanCopies=8,
+        chain="mkdir -p extra/parts extra/empty; echo x > extra/gone.txt\nrm extra/gone.txt",
+        fan="sleep 0.3; echo {i} > extra/parts/p_{i}.txt; mkdir -p extra/made_{i}")
+    assert cloud.isFinished(), logs(cloud)
+    assert {r["cluster"] for r in provenance(cloud)} == {a.name, b.name}, "both clusters ran"
+    assert_same_run(local, cloud)
+
+
+def test_a_sibling_lost_job_retries_alone(make_cluster, clusters_env, new_project, tmp_path):
+    """A job killed under the agent (its node lost) runs again as a new job; its sibling on
+    the same cluster goes on and is not run twice."""
+    import json
+    import signal
+    c = make_cluster("local", slots=2)
+    clusters_env(c)
+    project = new_project("lostone")
+    pids = tmp_path / "pids"
+    fan = ("mkdir -p extra; if [ {i} = 0 ] && [ ! -e %s ]; then echo $$ > %s; sleep 300; fi; "
+           "sleep 2; echo {i} >> extra/f_{i}.txt" % (pids, pids))
+    cloud = shell(project, "cloud", numberOfThreads=3, fanCopies=2, fan=fan)
+    cloud._useQueue.set(True)
+    cloud.setQueueParams([c.name, {"QUEUE_FOR_JOBS": "Y"}])
+    project.launchProtocol(cloud, wait=False)
+    wait_for(pids)
+    time.sleep(0.3)
+    import psutil
+    program = psutil.Process(int(pids.read_text()))
+    script = [p for p in program.parents() if p.cmdline()[-1:] and
+              p.cmdline()[-1].endswith("job.sh")][0]
+    tree = script.children(recursive=True)
+    script.send_signal(signal.SIGKILL)  # the job script first: it writes no exit code,
+    for proc in tree:  # as when the job's node is lost
+        proc.send_signal(signal.SIGKILL)
+    cloud = wait_done(project, cloud)
+    text = logs(cloud)
+    assert cloud.isFinished(), text
+    records = provenance(cloud)
+    assert sorted(r["state"] for r in records).count("done") == 2, json.dumps(records)
+    assert "runs again as a new job" in text
+    assert "failed this job" not in text, "the cluster was not dropped for one lost job"
+    local = launch(project, shell(project, "local", numberOfThreads=3, fanCopies=2,
+                                  fan=fan.replace(str(pids), str(tmp_path / "nothing"))
+                                  .replace("sleep 300", "true")))
+    assert_same_run(local, cloud)
