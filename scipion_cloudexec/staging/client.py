@@ -8,10 +8,11 @@
       the missing contents, back to back ---->   hash while writing, publish if right
       <--- report                                hard-link every file into the mirror
 
-    stage_out(run folder)
-      list ---------------------------------->   files under the run folder with hashes
-      only those that differ locally -------->   send: header, bytes, trailer hash
-      write to a temporary name, verify, rename; refuse any path leaving the run folder
+    gather(run folder, base)
+      list ---------------------------------->   files, folders, links under the run folder
+      what changed there since the base ----->   send: header, bytes, trailer hash
+      write to a new temporary file, verify against the listing, rename; refuse any path
+      or link leaving the run folder (the sync model: .sync)
 
 Local files are only read by ``stage_in``; hashes of unchanged files come from a memo in
 ``~/.cache/scipion-cloudexec/hashes.sqlite``.
@@ -414,6 +415,9 @@ class Stager:
             remote[rel], sizes[rel] = sha, size
         remote.update((rel, DIR) for rel in listing.get("dirs", []))
         remote.update((rel, "l:" + target) for rel, target in listing["links"])
+        for rel in [k for k in remote if not under(k, run_dir)]:  # no real walk says so
+            report.refused.append((rel, "outside %s" % run_dir))
+            del remote[rel]
         remote = {k: v for k, v in remote.items() if not _excluded(k, exclude)}
         base = {k: v for k, v in base.items() if under(k, run_dir) and not _excluded(k, exclude)}
         memo = HashCache(self.hash_cache_path)
@@ -464,21 +468,6 @@ class Stager:
                 except OSError:  # holds files made here since: they go up next time
                     pass
 
-    def stage_out(self, project_root: str, project: str, run_dir: str,
-                  progress: Optional[Progress] = None, baseline: Optional[Dict[str, str]] = None,
-                  exclude: Sequence[str] = ()) -> StageReport:
-        """Bring back what changed under *run_dir* (relative to the project) in the mirror.
-
-        Files whose hash on the cluster is the one *baseline* says we sent are left alone
-        (the job did not touch them; the local copy may be newer). Each file is written to a
-        temporary name, verified and renamed into place. A path that would land outside the
-        local run folder is refused and reported, never written.
-        """
-        root = os.path.realpath(project_root)
-        guard = os.path.realpath(os.path.join(root, run_dir))
-        return self._fetch(self.mirror_root(project), run_dir, root, guard, progress,
-                           baseline or {}, exclude)
-
     def fetch(self, remote_path: str, to: str, progress: Optional[Progress] = None) -> StageReport:
         """Copy a file or folder under the workdir (path relative to it) into folder *to*."""
         rel = os.path.normpath(remote_path.strip("/"))
@@ -490,8 +479,7 @@ class Stager:
         return self._fetch(remote_root, name, dest, dest, progress)
 
     def _fetch(self, remote_root: str, sub: str, local_root: str, guard: str,
-               progress: Optional[Progress], baseline: Optional[Dict[str, str]] = None,
-               exclude: Sequence[str] = ()) -> StageReport:
+               progress: Optional[Progress]) -> StageReport:
         t0 = time.monotonic()
         _ch, listing = self._ask({"cmd": "list", "root": remote_root, "dir": sub})
         report = StageReport(refused=[(r, why) for r, why in listing["refused"]])
@@ -499,14 +487,9 @@ class Stager:
         memo = HashCache(self.hash_cache_path)
         try:
             for rel, size, _mtime, sha in listing["files"]:
-                if _excluded(rel, exclude):
-                    continue
                 report.files += 1
                 report.bytes_total += size
                 report.hashes[rel] = sha
-                if baseline and baseline.get(rel) == sha:
-                    report.unchanged += 1  # what we sent, untouched by the job
-                    continue
                 dest = self._guarded(local_root, guard, rel, report)
                 if dest is None:
                     continue
@@ -518,8 +501,6 @@ class Stager:
         finally:
             memo.close()
         for rel, target in listing["links"]:
-            if _excluded(rel, exclude):
-                continue
             self._link(local_root, guard, rel, target, report)
         if wanted:
             self._receive(remote_root, wanted, report, progress)

@@ -258,6 +258,10 @@ def cmd_list(cache: "Cache", hashes: HashCache, request: dict) -> None:
     top = os.path.join(root, safe_rel(sub))
     skip = {os.path.join(top, safe_rel(e)) for e in request.get("exclude", [])}
     files, links, refused, dirs, skipped = [], [], [], [], []
+    if os.path.isfile(top) and not os.path.islink(top):  # one file (``fetch FILE``)
+        st = os.stat(top)
+        files.append([os.path.relpath(top, root), st.st_size, st.st_mtime_ns,
+                      hashes.get(top, st)])
     for dirpath, dirnames, filenames in os.walk(top):
         kept = []
         for d in sorted(dirnames):

@@ -86,7 +86,7 @@ def test_staging_round_trip_carries_identical_bytes(private_cluster, tmp_path, t
         run = "Runs/000003_ProtCloud"
         sh(ssh, "mkdir -p {r}/extra && cp {m} {r}/extra/back.mrc".format(
             r=shlex.quote("%s/projects/proj/%s" % (c.workdir, run)), m=shlex.quote(mirror)))
-        back = st.stage_out(str(proj), "proj", run)
+        back = st.gather(str(proj), "proj", run, base={})
         assert back.fetched == [run + "/extra/back.mrc"]
         assert (proj / run / "extra" / "back.mrc").read_bytes() == content
         got = st.fetch("projects/proj/" + os.path.dirname(rel), str(tmp_path / "fetched"))

@@ -233,19 +233,24 @@ def test_stage_out_gathers_changes_and_refuses_escapes(make_cluster, stager_for,
     local_run.mkdir(parents=True)
     (local_run / "logs").mkdir()
     (local_run / "logs" / "run.stdout").write_text("local log, not on the cluster")
-    r = st.stage_out(str(proj), "proj", run)
+    os.symlink("psd 1.mrc", os.path.join(remote_run, "extra", "same.mrc"))
+    r = st.gather(str(proj), "proj", run, base={}, exclude=[run + "/logs"])
     assert sorted(r.fetched) == sorted([run + "/extra/psd 1.mrc", run + "/extra/zero.txt",
-                                        run + "/extra/input.mrc"])
+                                        run + "/extra/same.mrc"])
     assert (local_run / "extra" / "psd 1.mrc").read_bytes() == b"psd" * 1000
     assert (local_run / "extra" / "zero.txt").read_bytes() == b""
-    assert os.readlink(local_run / "extra" / "input.mrc") == \
-        "../../000002_ProtImportMicrographs/extra/big.mrc"
-    assert {rel for rel, _ in r.refused} == {run + "/extra/evil", run + "/evildir"}
-    assert not (local_run / "extra" / "evil").exists() and not (local_run / "evildir").exists()
+    assert os.readlink(local_run / "extra" / "same.mrc") == "psd 1.mrc"
+    # links are checked against the run folder, not the project: another run's files are
+    # out of reach (a planted link once made a gather overwrite another run's set)
+    assert {rel for rel, _ in r.refused} == {run + "/extra/evil", run + "/evildir",
+                                             run + "/extra/input.mrc"}
+    assert not os.path.lexists(local_run / "extra" / "evil")
+    assert not os.path.lexists(local_run / "evildir")
+    assert not os.path.lexists(local_run / "extra" / "input.mrc")
     assert (local_run / "logs" / "run.stdout").read_text() == "local log, not on the cluster"
-    again = st.stage_out(str(proj), "proj", run)
-    assert again.bytes_sent == 0 and again.unchanged == 2
-    assert not list(local_run.rglob("*.cloudexec-part"))
+    again = st.gather(str(proj), "proj", run, base=r.agreed, exclude=[run + "/logs"])
+    assert again.bytes_sent == 0 and again.fetched == [] and not again.agreed
+    assert sorted(os.listdir(local_run / "extra")) == ["psd 1.mrc", "same.mrc", "zero.txt"]
 
 
 def test_stage_out_never_writes_through_a_local_symlink(make_cluster, stager_for, tmp_path):
@@ -262,8 +267,8 @@ def test_stage_out_never_writes_through_a_local_symlink(make_cluster, stager_for
     elsewhere.mkdir()
     (proj / run).mkdir()
     os.symlink(str(elsewhere), proj / run / "sub")  # planted locally, points outside
-    r = st.stage_out(str(proj), "proj", run)
-    assert r.fetched == [] and [rel for rel, _ in r.refused] == [run + "/sub/f.txt"]
+    r = st.gather(str(proj), "proj", run, base={})
+    assert r.fetched == [] and run + "/sub/f.txt" in [rel for rel, _ in r.refused]
     assert not list(elsewhere.iterdir())
 
 
@@ -290,7 +295,7 @@ def test_lying_cluster_cannot_write_outside_the_run_folder(make_cluster, stager_
                       ["Runs/000008_Other/evil3", 4, 0, "0" * 64]],
             "links": [["Runs/000007_X/l", "../../../../../../etc"]], "refused": []}
     lying = LyingStager(st.ssh, c, hash_cache=st.hash_cache_path, listing=evil)
-    r = lying.stage_out(str(proj), "proj", "Runs/000007_X")
+    r = lying.gather(str(proj), "proj", "Runs/000007_X", base={})
     assert len(r.refused) == 4 and r.fetched == []
     assert not (tmp_path / "evil1").exists() and not os.path.exists("/tmp/evil2")
     assert not (proj / "Runs" / "000008_Other").exists()
@@ -380,7 +385,7 @@ def test_large_outputs_come_back_through_openssh(make_cluster, stager_for, tmp_p
             f.write(data)
     proj = tmp_path / "proj"
     (proj / run).mkdir(parents=True)
-    r = st.stage_out(str(proj), "proj", run)
+    r = st.gather(str(proj), "proj", run, base={})
     assert st._bulk_chan is not None and st._chan is not None, "control + bulk streams"
     assert r.bytes_sent == 18 << 20
     for rel, data in maps.items():

@@ -167,3 +167,29 @@ def test_a_sibling_lost_job_retries_alone(make_cluster, clusters_env, new_projec
                                   fan=fan.replace(str(pids), str(tmp_path / "nothing"))
                                   .replace("sleep 300", "true")))
     assert_same_run(local, cloud)
+
+
+def test_on_a_host_that_cannot_see_the_project_runs_match_local_runs(private_cluster,
+                                                                     clusters_env, new_project,
+                                                                     tmp_path):
+    """Everything a job reads and writes has to travel: the host sees the desktop's project
+    folder (the whole pytest temporary folder) empty."""
+    from scipion_cloudexec.protocols import ProtCloudPowerSpectra
+    from scipion_cloudexec.tests.test_executor import import_micrographs
+    clusters_env(private_cluster)
+    project = new_project("private")
+    local, cloud = local_and_cloud(project, private_cluster, numberOfThreads=4, fanCopies=20,
+                                   chain="mkdir -p extra/shared", fan=SHARED_FOLDER_STEP)
+    assert cloud.isFinished(), logs(cloud)
+    assert_same_run(local, cloud)
+    # inputs are links to originals outside the project, which the host cannot see either
+    imported = import_micrographs(project, tmp_path / "microscope", copy=False)
+    runs = []
+    for cluster in (None, private_cluster):
+        prot = project.newProtocol(ProtCloudPowerSpectra, downsample=2, boxSize=128,
+                                   numberOfThreads=3)
+        prot.inputMicrographs.set(imported.outputMicrographs)
+        runs.append(launch(project, prot, cluster))
+    assert runs[1].isFinished(), logs(runs[1])
+    assert {r["host"] for r in provenance(runs[1])} == {private_cluster.host}
+    assert_same_run(*runs)

@@ -1,0 +1,155 @@
+"""The sync model between a run folder and its mirror, through the real sshd: what changed on
+one side since the last sync goes to the other, deletions and empty folders included; what
+changed on both is a conflict, never overwritten; run-folder files in the mirror are private
+copies a job may rewrite without touching the shared cache."""
+import hashlib
+import os
+import socket
+import stat
+
+import pytest
+
+from scipion_cloudexec.staging.client import Stager
+from scipion_cloudexec.tests.test_staging import stager_for  # noqa: F401  (fixture)
+
+RUN = "Runs/000010_ProtX"
+
+
+def mirror(cluster, rel=""):
+    return os.path.join(cluster.workdir, "projects", "proj", RUN, rel)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def run_folder(tmp_path):
+    proj = tmp_path / "proj"
+    extra = proj / RUN / "extra"
+    (extra / "empty").mkdir(parents=True)
+    (extra / "a.txt").write_bytes(b"a from the desktop\n")
+    (extra / "b.txt").write_bytes(b"b from the desktop\n")
+    return proj
+
+
+def sync_in(st, proj, base):
+    r = st.stage_in(str(proj), [RUN], "proj", run_dir=RUN, base=base)
+    base.update(r.agreed)
+    for k in [k for k, v in base.items() if not v]:
+        del base[k]
+    return r
+
+
+def gather(st, proj, base):
+    r = st.gather(str(proj), "proj", RUN, base)
+    base.update(r.agreed)
+    for k in [k for k, v in base.items() if not v]:
+        del base[k]
+    return r
+
+
+def test_changes_travel_both_ways_and_conflicts_are_never_overwritten(
+        make_cluster, stager_for, run_folder):  # noqa: F811
+    c = make_cluster("local")
+    st = stager_for(c)
+    proj, base = run_folder, {}
+    first = sync_in(st, proj, base)
+    assert not first.conflicts
+    assert os.path.isdir(mirror(c, "extra/empty")), "empty folders travel"
+    a = mirror(c, "extra/a.txt")
+    assert os.stat(a).st_nlink == 1 and os.stat(a).st_mode & stat.S_IWUSR, \
+        "a private, writable copy: not a hard link into the cache"
+    # a job on the cluster rewrites a file in place, deletes one, makes folders and a file
+    with open(a, "r+b") as f:
+        f.write(b"A")
+    os.unlink(mirror(c, "extra/b.txt"))
+    os.makedirs(mirror(c, "extra/new/empty"))
+    with open(mirror(c, "extra/new/c.txt"), "wb") as f:
+        f.write(b"c from a job\n")
+    obj = os.path.join(c.workdir, "cache", "objects", sha(b"a from the desktop\n")[:2],
+                       sha(b"a from the desktop\n"))
+    with open(obj, "rb") as f:
+        assert f.read() == b"a from the desktop\n", "the cache object is untouched"
+    (proj / RUN / "extra" / "d.txt").write_bytes(b"d from a local step\n")
+    back = gather(st, proj, base)
+    assert not back.conflicts
+    extra = proj / RUN / "extra"
+    assert (extra / "a.txt").read_bytes() == b"A from the desktop\n"
+    assert not (extra / "b.txt").exists(), "what a job deleted is deleted here"
+    assert (extra / "new" / "empty").is_dir() and (extra / "new" / "c.txt").exists()
+    assert (extra / "d.txt").read_bytes() == b"d from a local step\n", "local change kept"
+    up = sync_in(st, proj, base)
+    assert up.bytes_sent == len(b"d from a local step\n"), "only the local change travels"
+    # both sides change c.txt: neither side is overwritten, the path is named
+    (extra / "new" / "c.txt").write_bytes(b"c changed on the desktop\n")
+    with open(mirror(c, "extra/new/c.txt"), "wb") as f:
+        f.write(b"c changed by a job\n")
+    clash = gather(st, proj, base)
+    assert [p for p, _why in clash.conflicts] == [RUN + "/extra/new/c.txt"]
+    assert (extra / "new" / "c.txt").read_bytes() == b"c changed on the desktop\n"
+    clash = sync_in(st, proj, base)
+    assert [p for p, _why in clash.conflicts] == [RUN + "/extra/new/c.txt"]
+    with open(mirror(c, "extra/new/c.txt"), "rb") as f:
+        assert f.read() == b"c changed by a job\n"
+    # what a local step deleted is deleted in the mirror before the next job
+    (extra / "a.txt").unlink()
+    (extra / "empty").rmdir()
+    sync_in(st, proj, base)
+    assert not os.path.lexists(a) and not os.path.exists(mirror(c, "extra/empty"))
+
+
+def test_special_files_are_skipped_with_their_kind(make_cluster, stager_for,  # noqa: F811
+                                                   run_folder):
+    c = make_cluster("local")
+    st = stager_for(c)
+    base = {}
+    sync_in(st, run_folder, base)
+    os.mkfifo(mirror(c, "extra/pipe"))  # opening it would hang the listing
+    sock = socket.socket(socket.AF_UNIX)
+    here = os.getcwd()
+    os.chdir(mirror(c, "extra"))  # a socket path must be short
+    try:
+        sock.bind("sock")
+    finally:
+        os.chdir(here)
+    try:
+        with open(mirror(c, "extra/out.txt"), "wb") as f:
+            f.write(b"out")
+        r = gather(st, run_folder, base)
+    finally:
+        sock.close()
+    assert sorted(r.skipped) == [(RUN + "/extra/pipe", "FIFO"), (RUN + "/extra/sock", "socket")]
+    assert (run_folder / RUN / "extra" / "out.txt").read_bytes() == b"out"
+    assert not os.path.lexists(run_folder / RUN / "extra" / "pipe")
+
+
+class WriterDuringSend(Stager):
+    """A job still writing: the file grows between the listing and its sending."""
+
+    def _receive(self, remote_root, wanted, report, progress):
+        for rel, _dest, _size, _sha in wanted:
+            with open(os.path.join(remote_root, rel), "ab") as f:
+                f.write(b" and more")
+        return super()._receive(remote_root, wanted, report, progress)
+
+
+def test_a_file_changed_while_sent_waits_for_the_next_gather(make_cluster, stager_for,  # noqa
+                                                             run_folder, tmp_path):
+    c = make_cluster("local")
+    st = stager_for(c)
+    base = {}
+    sync_in(st, run_folder, base)
+    with open(mirror(c, "extra/growing.txt"), "wb") as f:
+        f.write(b"half")
+    writer = WriterDuringSend(st.ssh, c, hash_cache=str(tmp_path / "h2.sqlite"))
+    try:
+        r = gather(writer, run_folder, base)
+    finally:
+        writer.close()
+    assert r.deferred == [RUN + "/extra/growing.txt"] and not r.fetched
+    assert not (run_folder / RUN / "extra" / "growing.txt").exists(), "never half-written"
+    assert RUN + "/extra/growing.txt" not in base
+    r = gather(st, run_folder, base)  # the writer's job ended: the next gather brings it
+    assert (run_folder / RUN / "extra" / "growing.txt").read_bytes() == b"half and more"
+    assert not [n for n in os.listdir(run_folder / RUN / "extra") if n.startswith(".cloudexec")]
