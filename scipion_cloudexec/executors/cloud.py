@@ -145,7 +145,8 @@ class CloudStepExecutor(ThreadStepExecutor):
     def runJob(self, log, programName, params, numberOfMpi=1, numberOfThreads=1, env=None,
                cwd=None, executable=None):
         thread = threading.current_thread()
-        step_id = getattr(thread, "thId", 0)
+        step = getattr(thread, "step", None)  # its index: a streaming step has no id yet
+        step_id = (step.getIndex() if step is not None else None) or getattr(thread, "thId", 0) or 0
         gpus = self.getGpuList() if isinstance(thread, StepThread) else (self.gpuList or [])
         say = (log or logger).info
         run = self._protocol_run()

@@ -3,7 +3,9 @@ protocol leaves when run locally.
 
 ``run_tree(prot)`` describes a run folder (every path but ``logs/``, which holds each
 executor's own bookkeeping and the run's own logs): its type, and the bytes of a file or
-the target of a link. ``output_summary(prot)`` describes the outputs registered in the
+the target of a link. A set's ``.sqlite`` (written on the desktop by the protocol's own
+steps) is compared by its rows, with the run folder's name and creation times masked: the
+only things that differ between two runs of one protocol anywhere. ``output_summary(prot)`` describes the outputs registered in the
 project database. ``assert_same_run(local, cloud)`` compares both and names every
 difference.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import sqlite3
 import stat
 from typing import Dict, List, Tuple
 
@@ -35,12 +39,25 @@ def run_tree(run_dir: str) -> Dict[str, Tuple[str, str]]:
                 out[rel] = ("link", os.readlink(path))
             elif stat.S_ISDIR(st.st_mode):
                 out[rel] = ("dir", "")
+            elif stat.S_ISREG(st.st_mode) and name.endswith(".sqlite"):
+                out[rel] = ("sqlite", _rows_digest(path, os.path.basename(run_dir)))
             elif stat.S_ISREG(st.st_mode):
                 with open(path, "rb") as f:
                     out[rel] = ("file", hashlib.sha256(f.read()).hexdigest())
             else:
                 out[rel] = ("special", oct(stat.S_IFMT(st.st_mode)))
     return out
+
+
+def _rows_digest(path: str, run_name: str) -> str:
+    db = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        dump = "\n".join(db.iterdump())
+    finally:
+        db.close()
+    dump = re.sub(r"'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)?'", "'<time>'",
+                  dump.replace(run_name, "<run>"))
+    return hashlib.sha256(dump.encode()).hexdigest()
 
 
 def output_summary(prot) -> Dict[str, Tuple]:

@@ -193,3 +193,41 @@ def test_on_a_host_that_cannot_see_the_project_runs_match_local_runs(private_clu
     assert runs[1].isFinished(), logs(runs[1])
     assert {r["host"] for r in provenance(runs[1])} == {private_cluster.host}
     assert_same_run(*runs)
+
+
+def test_streaming_protocol_with_steps_inserted_as_files_arrive(make_cluster, clusters_env,
+                                                                new_project, tmp_path):
+    import threading
+    from scipion_cloudexec.protocols import ProtCloudShellStream
+    c = make_cluster("local", slots=3)
+    clusters_env(c)
+    project = new_project("stream")
+    runs = []
+    for cluster in (None, c):
+        watch = tmp_path / ("watch-%d" % len(runs))
+        watch.mkdir()
+        prot = project.newProtocol(ProtCloudShellStream, watch=str(watch), numberOfThreads=4,
+                                   command="sleep 0.2; tr a-z A-Z < extra/in/{name} > "
+                                           "extra/out/{name}; wc -c < extra/in/{name} "
+                                           ">> extra/out/{name}")
+        if cluster is not None:
+            prot._useQueue.set(True)
+            prot.setQueueParams([cluster.name, {"QUEUE_FOR_JOBS": "Y"}])
+
+        def feed(folder=watch):
+            for i in range(8):  # files arrive while the protocol runs
+                (folder / ("movie_%d.txt" % i)).write_text("frame %d\n" % i * (i + 1))
+                time.sleep(0.4)
+            (folder / "END").write_text("")
+        feeder = threading.Thread(target=feed)
+        project.launchProtocol(prot, wait=False)
+        feeder.start()
+        feeder.join()
+        runs.append(wait_done(project, prot, timeout=240))
+    local, cloud = runs
+    assert local.isFinished(), logs(local)
+    assert cloud.isFinished(), logs(cloud)
+    assert len(provenance(cloud)) == 8
+    merged = open(os.path.join(cloud._getExtraPath(), "merged.txt")).read()
+    assert merged.count("FRAME") == sum(range(1, 9))
+    assert_same_run(local, cloud)
