@@ -101,7 +101,7 @@ class JobSpec:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        if not JOB_ID_RE.match(self.job_id or ""):
+        if not isinstance(self.job_id, str) or not JOB_ID_RE.fullmatch(self.job_id):
             raise ValueError("job_id %r: use 1-128 letters, digits, '.', '_' or '-'" % self.job_id)
         if not self.argv or not all(isinstance(a, str) for a in self.argv):
             raise ValueError("argv must be a non-empty list of strings")
@@ -110,8 +110,12 @@ class JobSpec:
         if self.launcher.kind not in ("local", "mpirun", "slurm", "pool"):
             raise ValueError("launcher %r: use local, mpirun, slurm or pool" % self.launcher.kind)
         for k in list(self.env) + list(self.env_prepend):
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+            if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
                 raise ValueError("environment variable name %r is not valid" % k)
+        for k, v in list(self.env.items()) + list(self.env_prepend.items()):
+            if not isinstance(v, str) or "\0" in v:
+                raise ValueError("environment variable %s: its value %r must be a string "
+                                 "(without NUL)" % (k, v))
 
 
 class JobFiles:

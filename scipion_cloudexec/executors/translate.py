@@ -51,7 +51,8 @@ class PathMapper:
             pairs.append((real, mirror_root))
         pairs += list(path_map)
         self.pairs = sorted(pairs, key=lambda p: -len(p[0]))
-        self._re = re.compile("|".join("(%s)(?=[/\\s\"':;]|$)" % re.escape(local)
+        # a path only where one starts (not inside another path) and up to a separator
+        self._re = re.compile("|".join("(?<![\\w./-])(%s)(?=[/\\s\"':;,]|$)" % re.escape(local)
                                        for local, _ in self.pairs))
 
     def __call__(self, text: str) -> str:

@@ -30,13 +30,25 @@ def testbed() -> Iterator[LocalTestbed]:
     root = os.environ.get("CLOUDEXEC_TESTBED") or "/tmp/cloudexec-testbed"
     tb = LocalTestbed(root, python=PYTHON)
     want_slurm = os.environ.get("CLOUDEXEC_TEST_SLURM", "1") != "0"
+    users = os.path.join(root, "users")  # pytest sessions sharing this test bed
+    os.makedirs(users, exist_ok=True)
+    me = os.path.join(users, str(os.getpid()))
+    with open(me, "w"):
+        pass
     was_running = tb.sshd_running()
     try:
         tb.up(slurm=want_slurm and tb.slurm_available())
     except TestbedError as e:
         pytest.fail("the test bed did not start (run scripts/setup.sh first): %s" % e)
+    started = os.path.join(users, "started-by-tests")
+    if not was_running:
+        with open(started, "w"):
+            pass
     yield tb
-    if not was_running:  # leave a test bed someone else started as it was
+    os.unlink(me)
+    others = [p for p in os.listdir(users) if p.isdigit() and os.path.exists("/proc/" + p)]
+    if not others and os.path.exists(started):  # the last session out stops what tests started;
+        os.unlink(started)  # a test bed started by hand (the demo) is left as it was
         tb.down()
 
 

@@ -37,9 +37,11 @@ SHARED_FOLDER_STEP = ("touch extra/shared/a_{i}.txt; sleep 0.3; echo {i} > extra
                       " rm extra/shared/t_{i}.tmp")
 
 
-@pytest.mark.parametrize("steps", [100, pytest.param(400, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("steps,repeat", [(100, 0), pytest.param(100, 1, marks=pytest.mark.slow),
+                                          pytest.param(100, 2, marks=pytest.mark.slow),
+                                          pytest.param(400, 0, marks=pytest.mark.slow)])
 def test_parallel_steps_writing_into_one_folder_match_a_local_run(make_cluster, clusters_env,
-                                                                  new_project, steps):
+                                                                  new_project, steps, repeat):
     c = make_cluster("local", slots=6)
     clusters_env(c)
     project = new_project("parallel")
@@ -231,3 +233,41 @@ def test_streaming_protocol_with_steps_inserted_as_files_arrive(make_cluster, cl
     merged = open(os.path.join(cloud._getExtraPath(), "merged.txt")).read()
     assert merged.count("FRAME") == sum(range(1, 9))
     assert_same_run(local, cloud)
+
+
+def test_two_protocols_staging_the_same_inputs_at_once(make_cluster, clusters_env, new_project,
+                                                       tmp_path):
+    from scipion_cloudexec.protocols import ProtCloudPowerSpectra
+    from scipion_cloudexec.tests.test_executor import import_micrographs
+    c = make_cluster("local", slots=4)
+    clusters_env(c)
+    project = new_project("sameinputs")
+    imported = import_micrographs(project, tmp_path / "mics", n=6, copy=True)
+
+    def spectra(label):
+        prot = project.newProtocol(ProtCloudPowerSpectra, objLabel=label, downsample=2,
+                                   boxSize=128, numberOfThreads=3)
+        prot.inputMicrographs.set(imported.outputMicrographs)
+        return prot
+    local = launch(project, spectra("local"))
+    clouds = []
+    for label in ("first", "second"):  # both stage the same micrographs at the same time
+        prot = spectra(label)
+        prot._useQueue.set(True)
+        prot.setQueueParams([c.name, {"QUEUE_FOR_JOBS": "Y"}])
+        project.launchProtocol(prot, wait=False)
+        clouds.append(prot)
+    for prot in clouds:
+        prot = wait_done(project, prot)
+        assert prot.isFinished(), logs(prot)
+        assert_same_run(local, prot)
+
+
+def test_mirror_names_tell_desktops_apart(monkeypatch, tmp_path):
+    import socket
+    from scipion_cloudexec.executors.runner import ProtocolRun
+    run = tmp_path / "proj" / "Runs" / "000002_X"
+    one = ProtocolRun(str(tmp_path / "proj"), "proj", str(run), 2).mirror
+    monkeypatch.setattr(socket, "gethostname", lambda: "another-workstation")
+    other = ProtocolRun(str(tmp_path / "proj"), "proj", str(run), 2).mirror
+    assert one != other and one.startswith("proj-") and other.startswith("proj-")
