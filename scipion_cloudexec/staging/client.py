@@ -609,7 +609,8 @@ class _Batch:
     dirs: List[str]
     fresh_bytes: int  # bytes the hash memo did not know: likely new content
     answer: Optional[dict] = None  # the cluster's answer to its check, once read
-    base: Optional[Dict[str, str]] = None  # run-folder files: the states they replace
+    base: Optional[Dict[str, Tuple[str, bool]]] = None  # run-folder files: (state they
+    # replace, shared from the cache)
 
 
 class _Batches:
@@ -749,12 +750,14 @@ def _temp_name(dest: str) -> str:
     return os.path.join(os.path.dirname(dest), ".cloudexec-%s" % os.urandom(6).hex())
 
 
-def _entry(f: Tuple[str, str, int, str], base: Optional[Dict[str, str]]) -> list:
-    """A file of a staging request: ``[rel, size, sha]``, with the state it replaces for a
-    run-folder file (the cluster then writes it only over that state)."""
+def _entry(f: Tuple[str, str, int, str], base: Optional[Dict[str, Tuple[str, bool]]]) -> list:
+    """A file of a staging request: ``[rel, size, sha]``; for a run-folder file, also the
+    state it replaces (the cluster writes it only over that state) and whether it may be
+    shared from the cache instead of copied."""
     rel, _local, size, sha = f
     if base is not None and rel in base:
-        return [rel, size, sha, base[rel]]
+        was, shared = base[rel]
+        return [rel, size, sha, was, 1 if shared else 0]
     return [rel, size, sha]
 
 
@@ -790,7 +793,9 @@ class _InSync:
                 if was == sha:
                     report.unchanged += 1
                     continue
-                replaced[rel] = was
+                # a link here (an input linked into the run folder, often large) is shared
+                # from the cache like any input; a file is the run's own: a private copy
+                replaced[rel] = (was, os.path.islink(local))
                 self.sent[rel] = sha
             files.append(f)
         batch.dirs, batch.files, batch.base = dirs, files, replaced

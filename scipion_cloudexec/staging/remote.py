@@ -109,9 +109,10 @@ def mirror_state(path: str, hashes: HashCache) -> str:
 
 def cmd_in(cache: "Cache", hashes: HashCache, request: dict, stdin: io.BufferedReader) -> None:
     """Files of ``[rel, size, sha]`` are inputs: hard links into the cache. Files of
-    ``[rel, size, sha, base]`` belong to a run folder: written only where the mirror still
-    holds *base* (what the client last synced; "" for nothing), as private copies a job
-    may rewrite; elsewhere they are reported in ``conflicts`` and left alone."""
+    ``[rel, size, sha, base, shared]`` belong to a run folder: written only where the
+    mirror still holds *base* (what the client last synced; "" for nothing), as private
+    copies a job may rewrite (hard links when *shared*: inputs linked into the run folder);
+    elsewhere they are reported in ``conflicts`` and left alone."""
     workdir = cache.workdir
     mirror = request["mirror"]
     mirror_root = os.path.join(workdir, safe_rel(mirror))
@@ -133,7 +134,8 @@ def cmd_in(cache: "Cache", hashes: HashCache, request: dict, stdin: io.BufferedR
                 conflicts.append([rel, now])
             else:
                 files.append((rel, size, sha))
-                private.add(rel)
+                if not (len(entry) > 4 and entry[4]):
+                    private.add(rel)
             continue
         files.append((rel, size, sha))
     hashes.flush()

@@ -30,6 +30,10 @@ def run_folder(tmp_path):
     (extra / "empty").mkdir(parents=True)
     (extra / "a.txt").write_bytes(b"a from the desktop\n")
     (extra / "b.txt").write_bytes(b"b from the desktop\n")
+    other = proj / "Runs" / "000002_Import" / "extra"
+    other.mkdir(parents=True)
+    (other / "stack.mrcs").write_bytes(b"particles" * 1000)
+    os.symlink("../../000002_Import/extra/stack.mrcs", extra / "input.mrcs")
     return proj
 
 
@@ -60,6 +64,8 @@ def test_changes_travel_both_ways_and_conflicts_are_never_overwritten(
     a = mirror(c, "extra/a.txt")
     assert os.stat(a).st_nlink == 1 and os.stat(a).st_mode & stat.S_IWUSR, \
         "a private, writable copy: not a hard link into the cache"
+    assert os.stat(mirror(c, "extra/input.mrcs")).st_nlink >= 2, \
+        "an input linked into the run folder is shared from the cache, not copied"
     # a job on the cluster rewrites a file in place, deletes one, makes folders and a file
     with open(a, "r+b") as f:
         f.write(b"A")
