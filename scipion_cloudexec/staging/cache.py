@@ -9,18 +9,13 @@ Layout under the workdir::
     cache/index.sqlite           size, mtime and inode of each object when it was verified
     cache/publish.lock           flock held while an object enters or leaves objects/
 
-Rules that make concurrent servers safe:
-
-* a published object is never written to, truncated or replaced while it matches its
-  record: content is written to a file in partial/ and renamed into objects/ only once
-  verified, and only if no good copy is there yet;
-* an object counts only once the index holds its record (size, mtime, inode): publishing
-  inserts the record, then renames, both under ``publish.lock``; so an object file seen
-  without its record is not trusted, and present() deletes one only after checking again
-  under that lock;
-* every index write is one short autocommit statement: no transaction spans a transfer;
-* ``partial/<sha>`` has one writer at a time (flock LOCK_EX, never waited for); others
-  write a private file, and a resume that finds it taken drains its bytes and is refused.
+Several servers at once are safe because: a published object is never written to,
+truncated or replaced while it matches its record (content is written in partial/ and
+renamed into objects/ once verified, unless a good copy got there first); an object
+counts only once its record (size, mtime, inode) is in the index, inserted before the
+rename under ``publish.lock``, under which present() also checks again before deleting;
+each index write is one autocommit statement (none spans a transfer); ``partial/<sha>``
+has one writer at a time, never waited for while it makes progress.
 """
 from __future__ import annotations
 
@@ -36,6 +31,8 @@ from .hashing import BLOCK, open_wal
 
 SMALL = 4 << 20  # files up to this size are received in one read, without resume
 STALE = 3600.0  # a private upload file unlocked and untouched this long was left by a crash
+GRACE = 2.0  # a partial file another server still writes after this long: a live upload
+WAIT = 300.0  # partial_size() waits at most this long for a stalled writer to give up
 
 Record = Tuple[int, int, Optional[int]]  # size, mtime_ns, inode (None: cache of 0.1)
 
@@ -86,11 +83,10 @@ class Cache:
         return out
 
     def present(self, sha: str, size: int, record: Optional[tuple]) -> Tuple[bool, bool]:
-        """(usable, was_corrupt): whether the object of *sha* is there as verified.
-        *record* (from records(), possibly older than another server's publish) decides
-        only the usual case; anything else is checked again under the publish lock, and an
-        object whose size or mtime moved since it was verified, or that has no record, is
-        deleted there so that it is sent again."""
+        """(usable, was_corrupt): the object of *sha* is there as verified. *record* (from
+        records(): maybe older than another server's publish) decides the usual case; else
+        checked again under the publish lock, where an object whose size or mtime moved
+        since it was verified, or that has no record, is deleted, to be sent again."""
         path = self.path(sha)
         st = _stat(path)
         if st is None:
@@ -133,7 +129,9 @@ class Cache:
                 fd = None
         if fd is None and offset:  # the bytes to resume from are gone or in other hands
             self._drain(sha, size - offset, stream)
-            return None if self._trusted(sha) else _not_resumed(sha)
+            return None if self._trusted(sha) else (
+                "upload of %s could not resume: its partial file went to another upload "
+                "meanwhile (send it again)" % sha[:12])
         part = shared
         if fd is None:  # another server writes partial/<sha>: send ours alongside
             fd, part = self._private(sha)
@@ -211,8 +209,10 @@ class Cache:
                 os.replace(tmp, dest)
 
     def partial_size(self, sha: str, size: int) -> int:
-        """Bytes of an interrupted upload that a new one can resume from: 0 when there is
-        none, or while another server writes it (never waits for that writer)."""
+        """Bytes of an interrupted upload that a new one can resume from (0: none). While
+        another server has the file: wait for it (a server whose client died drains its
+        stream and goes; one whose link was cut gives up within its ``stall`` seconds),
+        unless the file still grows after GRACE seconds: a live upload, not waited for."""
         if size <= SMALL:
             return 0
         path = os.path.join(self.partial, sha)
@@ -221,9 +221,16 @@ class Cache:
         except OSError:
             return 0
         try:
-            if not _try_lock(fd, fcntl.LOCK_SH) or not _same(path, fd):
-                return 0
-            n = os.fstat(fd).st_size
+            t0 = moved = time.monotonic()
+            seen = _state(fd)
+            while not _try_lock(fd, fcntl.LOCK_SH):
+                now = time.monotonic()
+                if _state(fd) != seen:
+                    seen, moved = _state(fd), now
+                if now - t0 > WAIT or (now - t0 > GRACE and now - moved < GRACE):
+                    return 0
+                time.sleep(0.05)
+            n = os.fstat(fd).st_size if _same(path, fd) else 0
         finally:
             os.close(fd)
         return n if n < size else 0
@@ -252,8 +259,6 @@ class Cache:
             _unlink_quiet(tmp)
             raise
         return True
-
-    # -- helpers
 
     @contextmanager
     def _publishing(self) -> Iterator[None]:
@@ -301,8 +306,8 @@ class Cache:
     def _private(self, sha: str) -> Tuple[int, str]:
         """A new file in partial/ that no other server knows of, locked against _sweep."""
         while True:
-            path = os.path.join(self.partial, "%s.%d.%s" % (sha, os.getpid(),
-                                                            os.urandom(4).hex()))
+            name = "%s.%d.%s" % (sha, os.getpid(), os.urandom(4).hex())
+            path = os.path.join(self.partial, name)
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
@@ -312,7 +317,9 @@ class Cache:
 
     def _next(self, sha: str, left: int, stream: BinaryIO) -> memoryview:
         """The next block (at most *left* bytes) of *stream*, in the reused buffer."""
-        n = stream.readinto(self._buffer[:min(BLOCK, left)])  # type: ignore[attr-defined]
+        # what has arrived, not a full block: a live upload's file grows as data comes
+        read = getattr(stream, "readinto1", None) or stream.readinto  # type: ignore
+        n = read(self._buffer[:min(BLOCK, left)])
         if not n:
             raise StageError("stream ended %d bytes before the end of %s" % (left, sha))
         return self._buffer[:n]
@@ -361,6 +368,11 @@ def _same(path: str, fd: int) -> bool:
     return st is not None and (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
+def _state(fd: int) -> Tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_size, st.st_mtime_ns
+
+
 def _try_lock(fd: int, how: int) -> bool:
     try:
         fcntl.flock(fd, how | fcntl.LOCK_NB)
@@ -384,8 +396,3 @@ def _unlink_quiet(path: str) -> None:
 def _refused(sha: str, digest: str) -> str:
     return "content of %s arrived with hash %s (changed during upload or corrupted)" % (
         sha[:12], digest[:12])
-
-
-def _not_resumed(sha: str) -> str:
-    return ("upload of %s could not resume: its partial file went to another upload "
-            "meanwhile (send it again)" % sha[:12])

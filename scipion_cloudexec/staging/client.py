@@ -598,9 +598,11 @@ class Stager:
         rows = self._ask({"cmd": "mirrors"})[1]["mirrors"]
         return {r["mirror"].split("/", 1)[-1]: r for r in rows}
 
-    def cache_info(self, gc: bool = False) -> dict:
-        """Entries and bytes in the cluster's cache; with *gc*, drop unlinked entries first."""
-        return self._ask({"cmd": "cache", "gc": gc})[1]
+    def cache_info(self, gc: bool = False, min_age: float = 3600.0) -> dict:
+        """Entries and bytes in the cluster's cache; with *gc*, first drop entries no mirror
+        links to that are at least *min_age* seconds old (younger ones may be on their way
+        into a mirror of a staging under way)."""
+        return self._ask({"cmd": "cache", "gc": gc, "min_age": min_age})[1]
 
 
 @dataclass

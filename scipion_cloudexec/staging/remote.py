@@ -206,11 +206,12 @@ def cmd_in(cache: "Cache", hashes: HashCache, request: dict, stdin: io.BufferedR
 def _count(cache: "Cache", mirror: str, received: int, files: int) -> None:
     """Add to what *mirror* has received (for `scipion-cloudexec status`)."""
     added = (received, files, time.time(), mirror)
-    # no UPSERT: clusters may run an sqlite older than 3.24
-    if not cache.db.execute("UPDATE mirrors SET bytes = bytes + ?, files = files + ?,"
-                            " updated = ? WHERE mirror = ?", added).rowcount:
-        cache.db.execute("INSERT INTO mirrors (bytes, files, updated, mirror) VALUES (?,?,?,?)",
-                         added)
+    # no UPSERT (clusters may run an sqlite older than 3.24); insert first, so two servers
+    # counting a new mirror at once do not both insert
+    cache.db.execute("INSERT OR IGNORE INTO mirrors (bytes, files, updated, mirror)"
+                     " VALUES (0, 0, 0, ?)", (mirror,))
+    cache.db.execute("UPDATE mirrors SET bytes = bytes + ?, files = files + ?, updated = ?"
+                     " WHERE mirror = ?", added)
 
 
 def _link_all(cache: "Cache", mirror_root: str, todo: List[Tuple[str, int, str]],
@@ -371,23 +372,39 @@ def cmd_send(cache: "Cache", request: dict) -> None:
     out.flush()
 
 
+GC_AGE = 3600.0  # an unlinked object younger than this may be one a staging is linking
+
+
 def cmd_cache(cache: "Cache", request: dict) -> None:
+    """Entries and bytes of the cache; with gc, drop objects no mirror links to (under the
+    publish lock, and only those old enough not to be on their way into a mirror)."""
     workdir, gc = cache.workdir, bool(request.get("gc"))
     entries = size = dropped = freed = 0
+    now, min_age = time.time(), float(request.get("min_age", GC_AGE))
     for dirpath, _dirs, names in os.walk(cache.objects):
         for name in names:
             path = os.path.join(dirpath, name)
-            st = os.stat(path)
-            if gc and st.st_nlink == 1:  # no mirror links to it
-                os.unlink(path)
-                cache.db.execute("DELETE FROM objects WHERE sha256=?", (name,))
-                dropped += 1
-                freed += st.st_size
+            try:
+                st = os.stat(path)
+                if gc and st.st_nlink == 1 and now - st.st_ctime >= min_age:
+                    with cache._publishing():
+                        st = os.stat(path)
+                        if st.st_nlink == 1:  # still no mirror links to it
+                            cache.db.execute("DELETE FROM objects WHERE sha256=?", (name,))
+                            os.unlink(path)
+                            dropped += 1
+                            freed += st.st_size
+                            continue
+            except FileNotFoundError:  # dropped as corrupt by another server meanwhile
                 continue
             entries += 1
             size += st.st_size
-    partial = sum(os.path.getsize(os.path.join(cache.partial, n))
-                  for n in os.listdir(cache.partial))
+    partial = 0
+    for n in os.listdir(cache.partial):
+        try:
+            partial += os.path.getsize(os.path.join(cache.partial, n))
+        except FileNotFoundError:  # published or cleaned up meanwhile
+            pass
     _reply({"entries": entries, "bytes": size, "partial_bytes": partial, "dropped": dropped,
             "freed": freed, "free": shutil.disk_usage(workdir).free})
 

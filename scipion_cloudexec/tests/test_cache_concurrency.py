@@ -22,14 +22,21 @@ class Paced(io.RawIOBase):
     """Bytes in memory handed out in pieces, a pause before each, as from a network:
     uploads started together overlap instead of running one after the other."""
 
-    def __init__(self, data: bytes, piece: int = 256 << 10, pause: float = 0.002):
+    def __init__(self, data: bytes, piece: int = 256 << 10, pause: float = 0.002,
+                 cut: int = -1, hang: float = 0.0):
         self.data, self.pos, self.piece, self.pause = memoryview(data), 0, piece, pause
+        self.cut, self.hang = cut, hang  # at *cut* bytes, nothing for *hang* s, then the end
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        n = min(len(b), self.piece, len(self.data) - self.pos)
+        if self.pos == self.cut:  # a cut link: the server gives up after its stall time
+            time.sleep(self.hang)
+            self.hang = 0
+            return 0
+        end = len(self.data) if self.cut < 0 else self.cut
+        n = min(len(b), self.piece, end - self.pos)
         if n:
             time.sleep(self.pause)
             b[:n] = self.data[self.pos:self.pos + n]
@@ -86,14 +93,20 @@ def run(*workers, stop=None, timeout: float = 60.0) -> dict:
     got = {}
     deadline = time.monotonic() + timeout
     uploads = sum(f is upload for f, *_ in workers)
-    while len(got) < len(procs):
-        item = results.get(timeout=max(0.1, deadline - time.monotonic()))
-        got[item[0]] = item[1:]
-        if stop is not None and sum(n.startswith("up") for n in got) == uploads:
-            stop.set()
-    for p in procs:
-        p.join(timeout=10)
-        assert p.exitcode == 0, "a process died"
+    try:
+        while len(got) < len(procs):
+            item = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            got[item[0]] = item[1:]
+            if stop is not None and sum(n.startswith("up") for n in got) == uploads:
+                stop.set()
+        for p in procs:
+            p.join(timeout=10)
+            assert p.exitcode == 0, "a process died"
+    finally:
+        for p in procs:  # a hung one: stopped, so that the test fails instead of hanging
+            if p.is_alive():
+                p.terminate()
+                p.join()
     return got
 
 
@@ -159,7 +172,6 @@ def test_resumed_upload_racing_a_fresh_one(tmp_path):
     later, or once they are done. A resume that finds the partial file in other hands
     drains its bytes and is refused, unless the object is there by then."""
     size, cut = 6 * MB, 2 * MB
-    slow = {"pause": 0.01}  # 24 or 16 pieces, 10 ms apart
     outcomes = {}
     for rep in range(REPEATS):
         data = os.urandom(size)
@@ -170,9 +182,10 @@ def test_resumed_upload_racing_a_fresh_one(tmp_path):
             cache.receive(sha, size, 0, io.BufferedReader(io.BytesIO(data[:cut])))
         assert cache.partial_size(sha, size) == cut
         cache.db.close()
-        workers = [(upload, "up-resumed", workdir, sha, size, cut, data[cut:], slow),
-                   (upload, "up-fresh", workdir, sha, size, 0, data, slow)]
-        later = (None, 0.05, 0.6)[rep % 3]
+        workers = [(upload, "up-resumed", workdir, sha, size, cut, data[cut:],
+                    {"pause": 0.03}),  # 16 pieces 30 ms apart: 0.5 s
+                   (upload, "up-fresh", workdir, sha, size, 0, data, {"pause": 0.01})]
+        later = (None, 0.1, 0.8)[rep % 3]
         if later is not None:
             workers.append((upload, "up-resumed-again", workdir, sha, size, cut, data[cut:],
                             None, later))
@@ -189,28 +202,47 @@ def test_resumed_upload_racing_a_fresh_one(tmp_path):
     print("resumes: %s" % sorted(outcomes.items(), key=str))
 
 
-def test_partial_size_does_not_wait_for_a_writer(tmp_path):
-    size = 6 * MB
+def test_partial_size_waits_for_a_writer_only_while_it_may_give_up(tmp_path):
+    """A check (partial_size) while another server has the partial file: a live upload is
+    not waited for beyond GRACE (0: not resumable now); a server whose client died (it
+    writes what was on the way, then finds the stream's end) and one whose link was cut
+    (nothing comes; it gives up after its stall time) are waited for, and the bytes they
+    leave are offered for resume."""
+    size, grace = 6 * MB, cachemod.GRACE
     data = os.urandom(size)
     sha = hashlib.sha256(data).hexdigest()
-    workdir = str(tmp_path / "w")
-    cache = Cache(workdir)
-    start, results = CTX.Barrier(1), CTX.Queue()
-    writer = CTX.Process(target=upload, args=("up", start, results, workdir, sha, size, 0, data,
-                                              {"piece": 256 << 10, "pause": 0.05}))
-    writer.start()  # 24 pieces, 50 ms apart: about 1.2 s
-    part = os.path.join(cache.partial, sha)
-    deadline = time.monotonic() + 10
-    while not (os.path.exists(part) and os.path.getsize(part)) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    t0 = time.monotonic()
-    assert cache.partial_size(sha, size) == 0  # in another's hands: not resumable now
-    waited = time.monotonic() - t0
-    _name, why, rest, _secs = results.get(timeout=30)
-    writer.join(timeout=10)
-    assert why is None and rest == TRAILER
-    assert waited < 0.3, "partial_size() waited %.2f s for the writer" % waited
-    assert_sound(workdir, sha, size)
+    waited = {}
+    cases = [("live", {"pause": 0.2}, 0),  # 24 pieces 200 ms apart: 4.8 s
+             ("client died", {"pause": 0.05, "cut": 3 * MB}, 3 * MB),
+             ("link cut", {"pause": 0, "cut": 2 * MB, "hang": grace + 1}, 2 * MB)]
+    for case, pace, expected in cases:
+        workdir = str(tmp_path / case.replace(" ", "-"))
+        cache = Cache(workdir)
+        start, results = CTX.Barrier(1), CTX.Queue()
+        writer = CTX.Process(target=upload, args=("up", start, results, workdir, sha, size, 0,
+                                                  data, pace))
+        writer.start()
+        part = os.path.join(cache.partial, sha)
+        want = 2 * MB if "hang" in pace else 1  # the writer has begun (or stalled)
+        deadline = time.monotonic() + 10
+        while not (os.path.exists(part) and os.path.getsize(part) >= want):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        offset = cache.partial_size(sha, size)
+        waited[case] = round(time.monotonic() - t0, 2)
+        _name, why, rest, _secs = results.get(timeout=30)
+        writer.join(timeout=10)
+        assert offset == expected, case
+        if case == "live":
+            assert why is None and rest == TRAILER
+            assert waited[case] < grace + 1, "waited %.2f s for a live upload" % waited[case]
+        else:
+            assert why.startswith("raised StageError")  # the stream ended: gave up
+            assert waited[case] < grace + 3
+            assert cache.receive(sha, size, offset, stream(data[offset:])) is None
+        assert_sound(workdir, sha, size)
+    print("partial_size() took %s" % waited)
 
 
 def test_leftovers_of_dead_servers_are_swept(tmp_path):
