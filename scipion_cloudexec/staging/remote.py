@@ -181,6 +181,7 @@ def cmd_in(cache: "Cache", hashes: HashCache, request: dict, stdin: io.BufferedR
     _reply(answer)
     errors: List[str] = []
     bad: List[str] = []  # arrived with another hash: changed while sent, or corrupted
+    refused: set = set()  # could not resume: another upload took the partial file
     received = 0
     stdin.raw.timeout = float(request.get("stall", 60))
     try:
@@ -191,12 +192,16 @@ def cmd_in(cache: "Cache", hashes: HashCache, request: dict, stdin: io.BufferedR
             except StageError as e:
                 raise StreamBroken(str(e)) from None
             received += size - offset
-            if why:
+            if why and why.startswith("upload of"):  # raced with another upload: not the
+                errors.append(why + "; stage again")  # file's fault
+                refused.add(sha)
+            elif why:
                 bad.append(sha)
-        _count(cache, mirror, received, len(order) - len(bad))
+        _count(cache, mirror, received, len(order) - len(bad) - len(refused))
     finally:
         stdin.raw.timeout = None
-    linked, same, link_errors = _link_all(cache, mirror_root, todo, set(bad), private)
+    linked, same, link_errors = _link_all(cache, mirror_root, todo, set(bad) | refused,
+                                          private)
     unchanged += same
     errors += link_errors
     _reply({"received": received, "linked": linked, "unchanged": unchanged,
