@@ -81,12 +81,23 @@ def remote_path(cluster: ClusterConfig) -> str:
                                                build()[1].split("+")[1])
 
 
+def intact(cluster: ClusterConfig) -> str:
+    """Shell test: the cluster's bundle is there with this client's exact bytes (a damaged
+    or altered zip is never run; without sha256sum, presence alone is checked)."""
+    z = shlex.quote(remote_path(cluster))
+    return ('{ test -s %s && { ! command -v sha256sum >/dev/null || '
+            '[ "$(sha256sum < %s | cut -c1-64)" = %s ]; }; }'
+            % (z, z, hashlib.sha256(build()[0]).hexdigest()))
+
+
 def ensure_uploaded(ssh: SSHConnection, cluster: ClusterConfig) -> str:
-    """Upload the bundle unless the cluster has it; return its remote path."""
+    """Upload the bundle unless the cluster has it intact; return its remote path. The
+    workdir is created private (0700): it holds the agent's secret and the jobs' files."""
     zpath = remote_path(cluster)
     q = shlex.quote
-    res = ssh.run("mkdir -p %s && test -s %s" % (q(os.path.dirname(zpath)), q(zpath)),
-                  timeout=cluster.connect_timeout * 2)
+    res = ssh.run("(umask 077 && mkdir -p %s %s) && %s" % (
+        q(cluster.workdir), q(os.path.dirname(zpath)), intact(cluster)),
+        timeout=cluster.connect_timeout * 2)
     if res.exit_status != 0:
         if res.stderr.strip():
             raise BundleError("cannot create %s on %s: %s" % (

@@ -27,7 +27,8 @@ from ..config import ClusterConfig
 from ..scheduling.dispatcher import MultiClusterDispatcher
 from ..scheduling.policy import JobRequest, Policy
 from ..staging.client import StagingError
-from ..transport.ssh import SSHError
+from ..transport.ssh import (AuthRefused, HostKeyChanged, HostUnreachable, SSHError,
+                             UnknownHostKey)
 from .runner import ClusterRunner, ProtocolRun
 
 INFRA_ERRORS = (SSHError, StagingError, JobLost, AgentLost, AgentStartError, VersionMismatch,
@@ -37,6 +38,13 @@ INFRA_ERRORS = (SSHError, StagingError, JobLost, AgentLost, AgentStartError, Ver
 def is_infra(error: BaseException) -> bool:
     """A failure of the cluster or the link (retried elsewhere), not of the program."""
     return isinstance(error, INFRA_ERRORS)
+
+
+def cannot_use(error: BaseException) -> bool:
+    """A failure that retrying soon will not cure: no SSH server there, a host key unknown
+    or changed, a refused key, an agent that cannot start (no python, no pyzmq)."""
+    return isinstance(error, (HostUnreachable, UnknownHostKey, HostKeyChanged, AuthRefused,
+                              AgentStartError, VersionMismatch))
 
 
 def cluster_down(error: BaseException) -> bool:
@@ -183,13 +191,16 @@ class CloudStepExecutor(ThreadStepExecutor):
                 say("cloudexec: job %s was lost on cluster %s (%s): it runs again as a new job"
                     % (current["id"], name, str(error).splitlines()[0]))
                 return
-            say("cloudexec: cluster %s failed this job (%s: %s); it goes to %s"
+            say("cloudexec: cluster %s failed this job (%s: %s); %s"
                 % (name, type(error).__name__, str(error).splitlines()[0],
-                   "another cluster" if len(self.clusters) > 1 else "the same cluster again"))
+                   "it goes to another cluster" if len(self.clusters) > 1 else
+                   "it is tried there again once the cluster is back (in %.0f s at most)"
+                   % self.dispatcher.down_for))
             self._drop_runner(name)
 
         self.dispatcher.run(request, work, is_infra, failover,
-                            prefer=earlier[1] if earlier else None, is_down=cluster_down)
+                            prefer=earlier[1] if earlier else None, is_down=cluster_down,
+                            is_permanent=cannot_use)
 
     def _track(self, ref: str, add: bool) -> None:
         """Keep running jobs in the protocol's job ids, so Scipion's Stop cancels them

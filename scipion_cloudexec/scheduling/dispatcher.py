@@ -73,13 +73,16 @@ class MultiClusterDispatcher:
             is_infra: Callable[[BaseException], bool],
             on_failover: Callable[[str, BaseException], None] = lambda name, e: None,
             prefer: Optional[str] = None,
-            is_down: Callable[[BaseException], bool] = lambda e: True) -> T:
+            is_down: Callable[[BaseException], bool] = lambda e: True,
+            is_permanent: Callable[[BaseException], bool] = lambda e: False) -> T:
         """Run *job* with ``work(cluster_name, attempt)``; see the module docstring.
 
         *prefer*: the cluster that already has this job (a resumed step): it is used while
         healthy, whatever the policy would say, so the job is attached to, not run again.
         *is_down*: whether an infrastructure failure takes its cluster out for a while
-        (else only the job is retried, by the policy's choice).
+        (else only the job is retried, by the policy's choice). *is_permanent*: a failure
+        that waiting will not cure (a refused key, a changed host key, a refused
+        connection): with no other cluster up, the job gives up at once.
         """
         for attempt in range(self.retries + 1):
             name = self._acquire(job, prefer if attempt == 0 else None)
@@ -92,13 +95,21 @@ class MultiClusterDispatcher:
                     raise
                 if is_down(e):
                     self._mark_down(name, e)
+                if is_permanent(e) and not self._others_up(name):
+                    raise NoClusterLeft("giving up: cluster %s cannot be used and no other "
+                                        "cluster is up: %s" % (name, e)) from e
                 on_failover(name, e)
                 last = e
                 continue
             self._release(name, job, time.monotonic() - t0)
             return result
-        raise NoClusterLeft("job failed on %d cluster attempt(s) for infrastructure reasons; "
-                            "last: %s" % (self.retries + 1, last)) from last
+        raise NoClusterLeft("giving up after %d attempt(s) that failed for infrastructure "
+                            "reasons; the last: %s" % (self.retries + 1, last)) from last
+
+    def _others_up(self, name: str) -> bool:
+        now = time.monotonic()
+        with self._cond:
+            return any(c.down_until <= now for n, c in self.clusters.items() if n != name)
 
     def _need(self, job: JobRequest) -> int:
         return max(1, job.ranks * job.threads)

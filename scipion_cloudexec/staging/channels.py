@@ -44,8 +44,8 @@ class NoBundle(Exception):
 
 def server_command(cluster: ClusterConfig) -> str:
     """Shell command starting the staging server, or exiting NO_BUNDLE (one SSH session)."""
-    return "test -s %s || exit %d\n%s" % (
-        shlex.quote(bundle.remote_path(cluster)), NO_BUNDLE,
+    return "%s || exit %d\n%s" % (
+        bundle.intact(cluster), NO_BUNDLE,
         # -S: the server needs the standard library only, and site-packages cost start-up time
         bundle.command(cluster, "stage", "serve", "--workdir", cluster.workdir, flags=("-S",)))
 

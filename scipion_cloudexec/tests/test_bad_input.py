@@ -34,3 +34,69 @@ def test_desktop_paths_are_rewritten_only_where_a_path_starts():
     assert m("a:/apps/x/bin,/mnt/data/proj/b") == "a:/opt/x/bin,/scratch/mirror/b"
     assert m("/mnt/data/projX/a") == "/mnt/data/projX/a", "another folder with that prefix"
     assert m("/backup/mnt/data/proj/a") == "/backup/mnt/data/proj/a", "inside another path"
+
+
+def test_bulk_transfers_with_a_known_hosts_path_holding_spaces(make_cluster, testbed, tmp_path):
+    import os
+    import shutil
+    from scipion_cloudexec.staging.client import Stager
+    from scipion_cloudexec.transport.ssh import SSHConnection, Target
+    keys = tmp_path / "my keys"
+    keys.mkdir()
+    known = keys / "known hosts"
+    shutil.copy(testbed.known_hosts, known)
+    before = known.read_bytes()
+    c = make_cluster("local", transfer="openssh", known_hosts=str(known))
+    proj = tmp_path / "proj"
+    (proj / "movies").mkdir(parents=True)
+    (proj / "movies" / "m.tiff").write_bytes(os.urandom(2 << 20))
+    ssh = SSHConnection(Target.of(c))
+    ssh.connect()
+    st = Stager(ssh, c, hash_cache=str(tmp_path / "h.sqlite"))
+    try:
+        r = st.stage_in(str(proj), ["movies"], "proj")
+        assert r.bytes_sent == 2 << 20 and st._bulk_chan is not None
+    finally:
+        st.close()
+        ssh.close()
+    assert known.read_bytes() == before, "known_hosts is never written"
+
+
+def test_a_damaged_bundle_on_the_cluster_is_replaced_not_run(make_cluster, tmp_path):
+    import os
+    import stat
+    from scipion_cloudexec.agent import bundle
+    from scipion_cloudexec.agent.client import AgentClient
+    c = make_cluster("local")
+    with AgentClient(c) as client:
+        client.submit(["true"]).result()
+    assert stat.S_IMODE(os.stat(c.workdir).st_mode) == 0o700, "the workdir is private"
+    zpath = bundle.remote_path(c)
+    from scipion_cloudexec.tests.conftest import _stop_agent
+    _stop_agent(c.workdir)
+    with open(zpath, "r+b") as f:  # damaged (or altered) on the cluster
+        f.seek(100)
+        f.write(b"XXXX")
+    with AgentClient(c) as client:
+        assert client.submit(["echo", "fine"]).result().exit_code == 0
+    with open(zpath, "rb") as f:
+        assert f.read() == bundle.build()[0], "uploaded again"
+
+
+def test_an_unreachable_cluster_fails_the_step_at_once_with_its_name_and_the_fix(
+        make_cluster, clusters_env, new_project):
+    import socket
+    from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
+    from scipion_cloudexec.tests.test_executor import launch, logs
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there: connection refused
+    c = make_cluster("local", port=port, name="nowhere")
+    clusters_env(c)
+    project = new_project("unreachable")
+    prot = launch(project, project.newProtocol(ProtCloudShellSteps, chain="true"), c)
+    assert prot.isFailed()
+    error = prot.getErrorMessage()
+    assert "giving up" in error and "nowhere" in error and "refused" in error.lower()
+    assert "tried there again" not in logs(prot), "no retry of a cluster that refuses"

@@ -70,8 +70,29 @@ def test_all_clusters_failing_gives_up_after_the_retries():
 
     def work(name, attempt):
         raise Infra("down")
-    with pytest.raises(NoClusterLeft, match="2 cluster attempt"):
+    with pytest.raises(NoClusterLeft, match="giving up after 2 attempt"):
         d.run(JobRequest(), work, lambda e: isinstance(e, Infra))
+
+
+def test_a_failure_waiting_will_not_cure_gives_up_at_once_when_no_other_cluster_is_up():
+    d = MultiClusterDispatcher([("only", 1, ())], retries=2, down_for=30.0)
+    tries = []
+
+    def work(name, attempt):
+        tries.append(name)
+        raise Infra("Connection refused")
+    with pytest.raises(NoClusterLeft, match="giving up: cluster only cannot be used.*refused"):
+        d.run(JobRequest(), work, lambda e: isinstance(e, Infra), is_permanent=lambda e: True)
+    assert tries == ["only"], "no 30 s waits for a cluster that refuses connections"
+    d = MultiClusterDispatcher([("bad", 1, ()), ("good", 1, ())], retries=2, down_for=30.0)
+
+    def one_bad(name, attempt):
+        if name == "bad":
+            raise Infra("Connection refused")
+        return name
+    got = [d.run(JobRequest(), one_bad, lambda e: isinstance(e, Infra), prefer="bad",
+                 is_permanent=lambda e: True)]
+    assert got == ["good"], "with another cluster up, the job moves there"
 
 
 def test_a_lost_cluster_takes_work_again_after_its_pause():

@@ -98,7 +98,11 @@ def openssh_argv(target: Target, command: str, alive_interval: float = 5.0,
     return [ssh, "-T", "-x", "-a", "-p", str(target.port), "-l", target.user,
             "-i", target.identity_file, "-o", "IdentitiesOnly=yes",
             "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-            "-o", "UserKnownHostsFile=%s" % target.known_hosts, "-o", "GlobalKnownHostsFile=/dev/null",
+            # quoted: a path with spaces would be read as several files
+            "-o", 'UserKnownHostsFile="%s"' % target.known_hosts,
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            # older clients append IP entries or rotated keys to known_hosts on their own
+            "-o", "CheckHostIP=no", "-o", "UpdateHostKeys=no",
             "-o", "ConnectTimeout=%d" % max(1, round(target.connect_timeout)),
             "-o", "ServerAliveInterval=%d" % max(1, round(alive_interval)),
             "-o", "ServerAliveCountMax=%d" % alive_count, "-o", "ClearAllForwardings=yes",
