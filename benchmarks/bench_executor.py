@@ -61,6 +61,8 @@ def main():
     p.add_argument("--mics", type=int, default=50)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--threads", type=int, default=5, help="Scipion threads (workers + 1)")
+    p.add_argument("--cloud-only", action="store_true",
+                   help="skip the local runs (to compare two versions of the executor)")
     a = p.parse_args()
     shutil.rmtree(a.root, ignore_errors=True)
     setup_scipion(a.root)
@@ -75,8 +77,9 @@ def main():
         os.environ["SCIPION_CLOUDEXEC_CONFIG"] = tb.up(slurm=False)
         project = Manager().createProject("bench", location=a.root)
         os.chdir(project.path)
-        times = {}
-        for where in ("local", "cloud"):
+        wheres = ("cloud",) if a.cloud_only else ("local", "cloud")
+        times = {"local": float("nan")}
+        for where in wheres:
             prot = project.newProtocol(ProtCloudShellSteps, objLabel="steps " + where,
                                        chain="\n".join(["true"] * 20), fan="true",
                                        fanCopies=100, numberOfThreads=a.threads)
@@ -97,8 +100,8 @@ def main():
                                   samplingRate=1.0, voltage=300.0, sphericalAberration=2.7,
                                   amplitudeContrast=0.1, magnification=50000, copyFiles=False)
         run(project, imp, None)
-        ps = {}
-        for where in ("local", "cloud"):
+        ps = {"local": float("nan")}
+        for where in wheres:
             prot = project.newProtocol(ProtCloudPowerSpectra, objLabel="psd " + where,
                                        downsample=2, boxSize=256, numberOfThreads=a.threads)
             prot.inputMicrographs.set(imp.outputMicrographs)
