@@ -14,6 +14,12 @@ from scipion_cloudexec.tests.harness import assert_same_run, run_tree
 from scipion_cloudexec.tests.test_executor import launch, logs, provenance, wait_done, wait_for
 
 
+# every scenario once in the quick run, twice more among the slow tests: races show up
+# over repetitions, not once
+REPEAT = pytest.mark.parametrize("repeat", [0, pytest.param(1, marks=pytest.mark.slow),
+                                            pytest.param(2, marks=pytest.mark.slow)])
+
+
 def shell(project, label, **params):
     return project.newProtocol(ProtCloudShellSteps, objLabel=label, **params)
 
@@ -54,8 +60,9 @@ def test_parallel_steps_writing_into_one_folder_match_a_local_run(make_cluster, 
     assert "staged" not in logs(cloud), "outputs of earlier steps never travel back up"
 
 
+@REPEAT
 def test_restart_with_fewer_iterations_brings_nothing_of_the_previous_run(
-        make_cluster, clusters_env, new_project):
+        make_cluster, clusters_env, new_project, repeat):
     c = make_cluster("local")
     clusters_env(c)
     project = new_project("restart")
@@ -73,8 +80,9 @@ def test_restart_with_fewer_iterations_brings_nothing_of_the_previous_run(
     assert_same_run(local, cloud)
 
 
+@REPEAT
 def test_continue_after_a_fixed_failure_runs_the_step_again(make_cluster, clusters_env,
-                                                            new_project, tmp_path):
+                                                            new_project, tmp_path, repeat):
     c = make_cluster("local")
     clusters_env(c)
     project = new_project("fixed")
@@ -119,8 +127,9 @@ def test_stop_then_continue_runs_the_cancelled_step_again(make_cluster, clusters
     assert_same_run(local, cloud)
 
 
+@REPEAT
 def test_two_clusters_see_each_others_folders_and_deletions(make_cluster, clusters_env,
-                                                            new_project):
+                                                            new_project, repeat):
     a, b = make_cluster("local", slots=1), make_cluster("local", slots=1)
     clusters_env(a, b)
     project = new_project("twofolders")
@@ -133,7 +142,9 @@ def test_two_clusters_see_each_others_folders_and_deletions(make_cluster, cluste
     assert_same_run(local, cloud)
 
 
-def test_a_sibling_lost_job_retries_alone(make_cluster, clusters_env, new_project, tmp_path):
+@REPEAT
+def test_a_sibling_lost_job_retries_alone(make_cluster, clusters_env, new_project, tmp_path,
+                                          repeat):
     """A job killed under the agent (its node lost) runs again as a new job; its sibling on
     the same cluster goes on and is not run twice."""
     import json
@@ -197,8 +208,9 @@ def test_on_a_host_that_cannot_see_the_project_runs_match_local_runs(private_clu
     assert_same_run(*runs)
 
 
+@REPEAT
 def test_streaming_protocol_with_steps_inserted_as_files_arrive(make_cluster, clusters_env,
-                                                                new_project, tmp_path):
+                                                                new_project, tmp_path, repeat):
     import threading
     from scipion_cloudexec.protocols import ProtCloudShellStream
     c = make_cluster("local", slots=3)
@@ -235,8 +247,9 @@ def test_streaming_protocol_with_steps_inserted_as_files_arrive(make_cluster, cl
     assert_same_run(local, cloud)
 
 
+@REPEAT
 def test_two_protocols_staging_the_same_inputs_at_once(make_cluster, clusters_env, new_project,
-                                                       tmp_path):
+                                                       tmp_path, repeat):
     from scipion_cloudexec.protocols import ProtCloudPowerSpectra
     from scipion_cloudexec.tests.test_executor import import_micrographs
     c = make_cluster("local", slots=4)
