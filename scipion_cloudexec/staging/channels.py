@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shlex
 import socket
 import subprocess
 import tempfile

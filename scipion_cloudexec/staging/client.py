@@ -37,8 +37,8 @@ from ..config import ClusterConfig
 from ..transport.ssh import SSHConnection
 from .channels import (NoBundle, OpenSSHChannel, ParamikoChannel, ServerChannel,
                        StagingError, dead_link_seconds)
-from .hashing import BLOCK, HashCache
-from .sync import DIR, GatherPlan, local_state, plan_gather, under
+from .hashing import BLOCK, HashCache, path_state
+from .sync import DIR, GatherPlan, plan_gather, under
 
 log = logging.getLogger(__name__)
 __all__ = ["Stager", "StageReport", "StagingError", "NoSpace", "PathEscape"]
@@ -423,7 +423,7 @@ class Stager:
         memo = HashCache(self.hash_cache_path)
         try:
             plan = plan_gather(remote, sizes, base,
-                               lambda rel: local_state(os.path.join(root, rel), memo),
+                               lambda rel: path_state(os.path.join(root, rel), memo),
                                self.cluster.name)
         finally:
             memo.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import stat
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -111,3 +112,23 @@ class HashCache:
     def close(self) -> None:
         self.flush()
         self.db.close()
+
+
+def path_state(path: str, memo: "HashCache") -> str:
+    """A path's state in the run-folder sync model (see ``staging/sync.py``), the same on
+    both sides: "" (nothing), "d" (a folder), "l:TARGET" (a symbolic link), the SHA-256 of
+    a file, "?" (a FIFO, socket or device: never opened)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return ""
+    if stat.S_ISLNK(st.st_mode):
+        return "l:" + os.readlink(path)
+    if stat.S_ISDIR(st.st_mode):
+        return "d"
+    if stat.S_ISREG(st.st_mode):
+        try:
+            return memo.get(path, st)
+        except FileNotFoundError:  # deleted meanwhile (by a running job, say)
+            return ""
+    return "?"

@@ -40,7 +40,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from .cache import Cache, StageError
-from .hashing import BLOCK, HashCache
+from .hashing import BLOCK, HashCache, path_state
 
 RESERVE = 0.01  # keep 1% of the disk free
 
@@ -88,25 +88,6 @@ class StreamBroken(StageError):
     """The byte stream is out of step with the requests: the server must stop."""
 
 
-def mirror_state(path: str, hashes: HashCache) -> str:
-    """What the mirror holds at *path*, in the sync model's terms: "" (nothing), "d" (a
-    folder), "l:TARGET" (a symbolic link), a SHA-256 (a file), "?" (a FIFO, socket...)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return ""
-    if stat.S_ISLNK(st.st_mode):
-        return "l:" + os.readlink(path)
-    if stat.S_ISDIR(st.st_mode):
-        return "d"
-    if stat.S_ISREG(st.st_mode):
-        try:
-            return hashes.get(path, st)
-        except FileNotFoundError:  # deleted by a running job meanwhile
-            return ""
-    return "?"
-
-
 def cmd_in(cache: "Cache", hashes: HashCache, request: dict, stdin: io.BufferedReader) -> None:
     """Files of ``[rel, size, sha]`` are inputs: hard links into the cache. Files of
     ``[rel, size, sha, base, shared]`` belong to a run folder: written only where the
@@ -127,7 +108,7 @@ def cmd_in(cache: "Cache", hashes: HashCache, request: dict, stdin: io.BufferedR
     for entry in request["files"]:
         rel, size, sha = safe_rel(entry[0]), int(entry[1]), str(entry[2])
         if len(entry) > 3:  # run folder: only over what the client last saw there
-            now = mirror_state(os.path.join(mirror_root, rel), hashes)
+            now = path_state(os.path.join(mirror_root, rel), hashes)
             if now == sha:
                 unchanged += 1
             elif now != entry[3]:
@@ -333,7 +314,7 @@ def cmd_rm(cache: "Cache", hashes: HashCache, request: dict) -> None:
     deleted, conflicts = 0, []
     for rel, expected in entries:
         path = os.path.join(mirror_root, rel)
-        now = mirror_state(path, hashes)
+        now = path_state(path, hashes)
         if now == "":
             continue
         if now != expected:

@@ -19,12 +19,11 @@ says more.
 from __future__ import annotations
 
 import os
-import stat
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from .hashing import HashCache, open_wal
+from .hashing import open_wal
 
 DIR = "d"
 
@@ -40,24 +39,6 @@ class SyncConflict(RuntimeError):
             "step and a local change) wrote the same file: fix the protocol or its inputs, "
             "then Restart the run." % (len(self.paths), cluster, "\n  ".join(
                 "%s (%s)" % (p, why) for p, why in self.paths)))
-
-
-def local_state(path: str, memo: HashCache) -> str:
-    """The state of a local path, as :func:`..remote.mirror_state` tells a mirror's."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return ""
-    if stat.S_ISLNK(st.st_mode):
-        return "l:" + os.readlink(path)
-    if stat.S_ISDIR(st.st_mode):
-        return DIR
-    if stat.S_ISREG(st.st_mode):
-        try:
-            return memo.get(path, st)
-        except FileNotFoundError:
-            return ""
-    return "?"
 
 
 class SyncState:
