@@ -703,14 +703,24 @@ class _Local:
 def _walk_dir(folder: str, rel: str, exclude: Sequence[str], seen: set
               ) -> Iterator[Tuple[str, Optional[_Local]]]:
     """Like os.walk following links, with one stat per file and one realpath per folder;
-    a folder met again through a link cycle is skipped."""
+    a folder that is its own ancestor (a link cycle) is skipped, a second link to a
+    folder already walked elsewhere is walked again (its files have other paths)."""
     if _excluded(rel, exclude):
         return
     real_dir = os.path.realpath(folder)
     st = os.stat(real_dir)
-    if (st.st_dev, st.st_ino) in seen:
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
         return
-    seen.add((st.st_dev, st.st_ino))
+    seen.add(key)  # *seen*: the folders above this one
+    try:
+        yield from _walk_entries(folder, rel, real_dir, exclude, seen)
+    finally:
+        seen.discard(key)
+
+
+def _walk_entries(folder: str, rel: str, real_dir: str, exclude: Sequence[str], seen: set
+                  ) -> Iterator[Tuple[str, Optional[_Local]]]:
     yield rel, None
     subdirs = []
     with os.scandir(folder) as it:  # streamed: a folder of 100,000 files costs no memory

@@ -11,6 +11,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 BLOCK = 1 << 20
+RACY_SECONDS = 2.0  # files changed this recently are hashed again next time
 
 
 def sha256_file(path: str) -> str:
@@ -52,13 +53,14 @@ class HashCache:
     Several processes share it (two protocols staging at once): reads run outside any
     transaction and new hashes are written in short immediate transactions."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, racy_seconds: float = RACY_SECONDS):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.db = open_wal(path)
         self.db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER,"
                         " mtime_ns INTEGER, ino INTEGER, sha256 TEXT)")
         self._new: List[tuple] = []
         self.hashed_bytes = 0  # read to hash, since opened: the memo did not know them
+        self.racy_seconds = racy_seconds
 
     def get_many(self, items: Sequence[Tuple[str, os.stat_result]]) -> List[str]:
         """Hashes of many files: the memo is read in a few queries, not one per file."""
@@ -90,7 +92,10 @@ class HashCache:
         digest = sha256_file(path)
         self.hashed_bytes += st.st_size
         after = os.stat(path)
-        if stat_key(after) == stat_key(st):  # changed while hashed: do not remember it
+        # not remembered: a file changed while hashed, or changed so recently that a
+        # same-size rewrite within the filesystem's mtime granularity (1 s, 2 s on some)
+        # would look unchanged (git's "racily clean" files); ctime cannot be set back
+        if stat_key(after) == stat_key(st) and time.time() - after.st_ctime > self.racy_seconds:
             self._new.append((path, *stat_key(st), digest))
             if len(self._new) >= 1000:
                 self.flush()

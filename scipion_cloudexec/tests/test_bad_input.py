@@ -100,3 +100,40 @@ def test_an_unreachable_cluster_fails_the_step_at_once_with_its_name_and_the_fix
     error = prot.getErrorMessage()
     assert "giving up" in error and "nowhere" in error and "refused" in error.lower()
     assert "tried there again" not in logs(prot), "no retry of a cluster that refuses"
+
+
+def test_a_same_size_rewrite_within_the_mtime_granularity_is_hashed_again(tmp_path):
+    """Filesystems with 1 s mtimes: a rewrite of the same size in the same second looks
+    unchanged by size, mtime and inode; the memo must not keep the old hash."""
+    import hashlib
+    import os
+    from scipion_cloudexec.staging.hashing import HashCache
+    path = tmp_path / "star.txt"
+    path.write_bytes(b"iteration 1\n")
+    st = os.stat(path)
+    second = st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000
+    os.utime(path, ns=(second, second))
+    memo = HashCache(str(tmp_path / "memo.sqlite"))
+    assert memo.get(str(path)) == hashlib.sha256(b"iteration 1\n").hexdigest()
+    memo.flush()
+    with open(path, "r+b") as f:  # same size, same inode, within the same second
+        f.write(b"iteration 2\n")
+    os.utime(path, ns=(second, second))
+    assert memo.get(str(path)) == hashlib.sha256(b"iteration 2\n").hexdigest()
+    memo.close()
+
+
+def test_two_links_to_one_folder_are_both_walked(tmp_path):
+    import os
+    from scipion_cloudexec.staging.client import _walk_dir
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "m.mrc").write_bytes(b"x")
+    run = tmp_path / "Runs" / "000003_X"
+    run.mkdir(parents=True)
+    os.symlink(str(data), run / "first")
+    os.symlink(str(data), run / "second")
+    os.symlink("..", run / "first" / "sub" / "loop")  # a cycle is still cut
+    files = sorted(rel for rel, entry in _walk_dir(str(run), "Runs/000003_X", (), set())
+                   if entry is not None)
+    assert files == ["Runs/000003_X/first/sub/m.mrc", "Runs/000003_X/second/sub/m.mrc"]

@@ -407,7 +407,7 @@ def test_hash_memo_is_shared_by_processes_writing_at_once(tmp_path):
             "        p = os.path.join(d, '%d_%d' % (round, i))\n"
             "        open(p, 'wb').write(os.urandom(100))\n"
             "        paths.append(p)\n"
-            "    m = HashCache(sys.argv[2])\n"
+            "    m = HashCache(sys.argv[2], racy_seconds=-1)  # remember even new files\n"
             "    got = m.get_many([(p, os.stat(p)) for p in paths])\n"
             "    assert got == [sha256_file(p) for p in paths]\n"
             "    m.close()\n")

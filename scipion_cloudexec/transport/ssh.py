@@ -362,6 +362,10 @@ class PortForward:
             except (OSError, EOFError, paramiko.SSHException):
                 pass  # the SSH connection is already gone
             conn.close()
+            try:  # a long session reconnects many times: forget the closed pair
+                self._pairs.remove((conn, chan))
+            except ValueError:
+                pass
 
     def close(self) -> None:
         self._closed.set()
@@ -373,7 +377,7 @@ class PortForward:
             self.listener.close()
         except OSError:
             pass
-        for conn, chan in self._pairs:
+        for conn, chan in list(self._pairs):
             chan.close()
             try:
                 conn.shutdown(socket.SHUT_RDWR)
