@@ -19,6 +19,7 @@ Local files are only read by ``stage_in``; hashes of unchanged files come from a
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -41,7 +42,7 @@ from .hashing import BLOCK, HashCache, path_state
 from .sync import DIR, GatherPlan, plan_gather, under
 
 log = logging.getLogger(__name__)
-__all__ = ["Stager", "StageReport", "StagingError", "NoSpace", "PathEscape"]
+__all__ = ["Stager", "StageReport", "StagingError", "NoSpace", "DesktopFull"]
 
 #: progress(done_bytes, total_bytes, done_files, total_files)
 Progress = Callable[[int, int, int, int], None]
@@ -63,8 +64,15 @@ class NoSpace(StagingError):
         self.needed, self.free = needed, free
 
 
-class PathEscape(StagingError):
-    """The cluster named a path that would land outside the run folder."""
+class DesktopFull(RuntimeError):
+    """The desktop's disk filled up during a gather (not the cluster's fault: no retry
+    elsewhere). What arrived complete is in place; nothing half-written is left."""
+
+    def __init__(self, cluster: str, folder: str, needed: int):
+        super().__init__("no space left on the desktop in %s while gathering %s from %s: free "
+                         "some space there, then Continue the protocol (the cluster keeps the "
+                         "job's outputs; they are gathered then)" % (folder, _size(needed),
+                                                                      cluster))
 
 
 @dataclass
@@ -584,6 +592,12 @@ class Stager:
                 finally:
                     if os.path.lexists(tmp):
                         os.unlink(tmp)
+        except OSError as e:
+            self._drop(ch)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DesktopFull(self.cluster.name, os.path.dirname(wanted[0][1]),
+                                  sum(w[2] for w in wanted)) from None
+            raise
         except BaseException:
             self._drop(ch)
             raise

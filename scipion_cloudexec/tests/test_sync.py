@@ -159,3 +159,36 @@ def test_a_file_changed_while_sent_waits_for_the_next_gather(make_cluster, stage
     r = gather(st, run_folder, base)  # the writer's job ended: the next gather brings it
     assert (run_folder / RUN / "extra" / "growing.txt").read_bytes() == b"half and more"
     assert not [n for n in os.listdir(run_folder / RUN / "extra") if n.startswith(".cloudexec")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_desktop_disk_full_during_a_gather_loses_nothing(make_cluster, stager_for,  # noqa
+                                                         tmp_path):
+    import subprocess
+    from scipion_cloudexec.staging.client import DesktopFull
+    c = make_cluster("local")
+    st = stager_for(c)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(proj)], check=True)
+    try:
+        (proj / RUN / "extra").mkdir(parents=True)
+        base = {}
+        sync_in(st, proj, base)
+        outputs = {"extra/a.mrc": os.urandom(1 << 20), "extra/b.mrc": os.urandom(5 << 20)}
+        for rel, data in outputs.items():
+            with open(mirror(c, rel), "wb") as f:
+                f.write(data)
+        with pytest.raises(DesktopFull, match="no space left on the desktop.*Continue"):
+            gather(st, proj, base)
+        names = os.listdir(proj / RUN / "extra")
+        assert not [n for n in names if n.startswith(".cloudexec")], "no partial file left"
+        assert RUN + "/extra/b.mrc" not in base and "b.mrc" not in names
+        with open(mirror(c, "extra/b.mrc"), "rb") as f:
+            assert f.read() == outputs["extra/b.mrc"], "the cluster keeps the output"
+        subprocess.run(["mount", "-o", "remount,size=16m", str(proj)], check=True)
+        gather(st, proj, base)  # space freed: the next gather brings everything
+        for rel, data in outputs.items():
+            assert (proj / RUN / rel).read_bytes() == data
+    finally:
+        subprocess.run(["umount", "-l", str(proj)], check=False)
