@@ -111,11 +111,14 @@ class ServerChannel:
                                    % (self.cluster.name, self.kind,
                                       self.stderr() or "no answer"))
             self._greeted = True
-        raw = self._readline()
-        if not raw:
-            raise StagingError("the staging server on %s stopped: %s" % (
-                self.cluster.name, self.stderr() or "connection lost"))
-        reply = json.loads(raw)
+        while True:
+            raw = self._readline()
+            if not raw:
+                raise StagingError("the staging server on %s stopped: %s" % (
+                    self.cluster.name, self.stderr() or "connection lost"))
+            reply = json.loads(raw)
+            if not (isinstance(reply, dict) and reply.keys() == {"alive"}):
+                break  # else: the server is working (hashing, copying), the link is up
         if isinstance(reply, dict) and reply.get("error") == "failed":
             raise StagingError("staging on %s failed: %s" % (self.cluster.name, reply["detail"]))
         return reply

@@ -36,6 +36,7 @@ import select
 import shutil
 import stat
 import sys
+import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -79,9 +80,34 @@ class StallingInput(io.RawIOBase):
                                  % self.timeout)
 
 
+ALIVE = 1.0  # seconds between keep-alive lines while a request is worked on
+_OUT = threading.Lock()  # one writer of lines at a time: answers and keep-alives
+
+
 def _reply(obj) -> None:
-    sys.stdout.buffer.write(json.dumps(obj).encode() + b"\n")
-    sys.stdout.buffer.flush()
+    with _OUT:
+        sys.stdout.buffer.write(json.dumps(obj).encode() + b"\n")
+        sys.stdout.buffer.flush()
+
+
+class _KeepAlive:
+    """While a request is worked on (hashing a large output, copying a large file), a
+    ``{"alive": 1}`` line every ALIVE seconds: the client's dead-link timer measures the
+    link, not the server's work. Not used while raw bytes are being sent."""
+
+    def __enter__(self) -> "_KeepAlive":
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(ALIVE):
+            _reply({"alive": 1})
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class StreamBroken(StageError):
@@ -416,7 +442,11 @@ def serve(workdir: str) -> int:
                 return 0
             try:
                 request = json.loads(line)
-                handlers[request["cmd"]](cache, request)
+                if request["cmd"] == "send":  # raw bytes: nothing may come between them
+                    cmd_send(cache, request)
+                    continue
+                with _KeepAlive():
+                    handlers[request["cmd"]](cache, request)
             except StreamBroken as e:
                 _reply({"error": "failed", "detail": str(e)})
                 return 2

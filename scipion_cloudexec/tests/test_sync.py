@@ -192,3 +192,27 @@ def test_desktop_disk_full_during_a_gather_loses_nothing(make_cluster, stager_fo
             assert (proj / RUN / rel).read_bytes() == data
     finally:
         subprocess.run(["umount", "-l", str(proj)], check=False)
+
+
+def test_long_work_on_the_cluster_is_not_taken_for_a_dead_link(make_cluster, stager_for,  # noqa
+                                                               monkeypatch):
+    """Hashing a large new output takes the cluster longer than the dead-link timer: keep-
+    alive lines from the staging server tell the client the link is up."""
+    import time
+    from scipion_cloudexec.staging import channels
+    monkeypatch.setattr(channels, "dead_link_seconds", lambda cluster: 1.5)
+    c = make_cluster("local", transfer="paramiko")
+    st = stager_for(c)
+    os.makedirs(mirror(c, "extra"))
+    with open(mirror(c, "extra/big.mrc"), "wb") as f:
+        f.truncate(3 << 29)  # 1.5 GB, sparse: hashing it takes a few seconds here
+    t0 = time.monotonic()
+    _ch, listing = st._ask({"cmd": "list", "root": st.mirror_root("proj"), "dir": RUN})
+    took = time.monotonic() - t0
+    zeros = hashlib.sha256()
+    block = bytes(1 << 20)
+    for _ in range(3 << 9):
+        zeros.update(block)
+    assert listing["files"] == [[RUN + "/extra/big.mrc", 3 << 29, listing["files"][0][2],
+                                 zeros.hexdigest()]]
+    assert took > 1.5, "the test means something only if the work outlasts the timer"
