@@ -26,18 +26,23 @@ from ..agent.client import AgentLost, AgentStartError, JobLost, VersionMismatch
 from ..config import ClusterConfig
 from ..scheduling.dispatcher import MultiClusterDispatcher
 from ..scheduling.policy import JobRequest, Policy
-from ..staging.client import StagingError
+from ..staging.client import InputMissing, LinkLost, StagingError
 from ..transport.ssh import (AuthRefused, HostKeyChanged, HostUnreachable, SSHError,
                              UnknownHostKey)
 from .runner import ClusterRunner, ProtocolRun
 
 INFRA_ERRORS = (SSHError, StagingError, JobLost, AgentLost, AgentStartError, VersionMismatch,
                 EOFError, ConnectionError, TimeoutError)
+#: failures of the cluster or its link as a whole: it gets no work for a while and its
+#: connection is dropped (the others only retry the job; its sibling jobs go on)
+CLUSTER_DOWN = (SSHError, LinkLost, AgentLost, AgentStartError, VersionMismatch, EOFError,
+                ConnectionError, TimeoutError)
 
 
 def is_infra(error: BaseException) -> bool:
-    """A failure of the cluster or the link (retried elsewhere), not of the program."""
-    return isinstance(error, INFRA_ERRORS)
+    """A failure of the cluster or the link (retried elsewhere), not of the program or of
+    the desktop's own input."""
+    return isinstance(error, INFRA_ERRORS) and not isinstance(error, InputMissing)
 
 
 def cannot_use(error: BaseException) -> bool:
@@ -49,8 +54,8 @@ def cannot_use(error: BaseException) -> bool:
 
 def cluster_down(error: BaseException) -> bool:
     """An infrastructure failure of the whole cluster, not of one job (a SLURM TIMEOUT or
-    a lost node retries that job alone; its siblings on the cluster go on)."""
-    return not isinstance(error, JobLost)
+    a lost node, a file that changed while it was staged: that job alone is retried)."""
+    return isinstance(error, CLUSTER_DOWN)
 
 logger = logging.getLogger(__name__)
 
@@ -188,8 +193,10 @@ class CloudStepExecutor(ThreadStepExecutor):
 
         def failover(name: str, error: BaseException) -> None:
             if not cluster_down(error):
-                say("cloudexec: job %s was lost on cluster %s (%s): it runs again as a new job"
-                    % (current["id"], name, str(error).splitlines()[0]))
+                say("cloudexec: job %s on cluster %s failed for a reason outside the program "
+                    "(%s: %s): it runs again as a new job" % (current["id"], name,
+                                                             type(error).__name__,
+                                                             str(error).splitlines()[0]))
                 return
             say("cloudexec: cluster %s failed this job (%s: %s); %s"
                 % (name, type(error).__name__, str(error).splitlines()[0],

@@ -37,6 +37,15 @@ class StagingError(RuntimeError):
     """Staging failed; the message names the files and what to do."""
 
 
+class LinkLost(StagingError):
+    """The link or the staging server went away (the cluster may be down): what arrived is
+    kept, and staging again resumes."""
+
+
+class InputMissing(StagingError):
+    """A file to stage does not exist on the desktop: not the cluster's fault."""
+
+
 class NoBundle(Exception):
     """The cluster lacks this client's agent bundle: upload it, then start again."""
 
@@ -98,7 +107,7 @@ class ServerChannel:
         try:
             return self.out.readline()
         except socket.timeout:
-            raise StagingError("no answer from %s for %.0f s: link or cluster down"
+            raise LinkLost("no answer from %s for %.0f s: link or cluster down"
                                % (self.cluster.name, dead_link_seconds(self.cluster))) from None
 
     def line(self) -> dict:
@@ -107,14 +116,14 @@ class ServerChannel:
             if not self._readline():
                 if self.exit_status() == NO_BUNDLE:
                     raise NoBundle()
-                raise StagingError("the staging server on %s did not start (%s): %s"
+                raise LinkLost("the staging server on %s did not start (%s): %s"
                                    % (self.cluster.name, self.kind,
                                       self.stderr() or "no answer"))
             self._greeted = True
         while True:
             raw = self._readline()
             if not raw:
-                raise StagingError("the staging server on %s stopped: %s" % (
+                raise LinkLost("the staging server on %s stopped: %s" % (
                     self.cluster.name, self.stderr() or "connection lost"))
             reply = json.loads(raw)
             if not (isinstance(reply, dict) and reply.keys() == {"alive"}):

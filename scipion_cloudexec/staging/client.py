@@ -36,13 +36,14 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 from ..agent import bundle
 from ..config import ClusterConfig
 from ..transport.ssh import SSHConnection
-from .channels import (NoBundle, OpenSSHChannel, ParamikoChannel, ServerChannel,
-                       StagingError, dead_link_seconds)
+from .channels import (InputMissing, LinkLost, NoBundle, OpenSSHChannel, ParamikoChannel,
+                       ServerChannel, StagingError, dead_link_seconds)
 from .hashing import BLOCK, HashCache, path_state
 from .sync import DIR, GatherPlan, plan_gather, under
 
 log = logging.getLogger(__name__)
-__all__ = ["Stager", "StageReport", "StagingError", "NoSpace", "DesktopFull"]
+__all__ = ["Stager", "StageReport", "StagingError", "LinkLost", "InputMissing", "NoSpace",
+           "DesktopFull"]
 
 #: progress(done_bytes, total_bytes, done_files, total_files)
 Progress = Callable[[int, int, int, int], None]
@@ -174,7 +175,7 @@ class Stager:
             except (OSError, EOFError, StagingError) as e:
                 if not ch._greeted and not isinstance(e, StagingError):
                     # died before answering (ssh refused, say): its own words say why
-                    e = StagingError("the staging server on %s did not start (%s): %s" % (
+                    e = LinkLost("the staging server on %s did not start (%s): %s" % (
                         self.cluster.name, ch.kind, ch.stderr() or e))
                 self._drop(ch)
                 if use_bulk and self.cluster.transfer == "auto" and not ch._greeted:
@@ -184,8 +185,8 @@ class Stager:
                     continue
                 if isinstance(e, StagingError):
                     raise
-                raise StagingError("connection to %s lost: %s" % (self.cluster.name, e)) from None
-        raise StagingError("the staging server on %s cannot start: the agent bundle is "
+                raise LinkLost("connection to %s lost: %s" % (self.cluster.name, e)) from None
+        raise LinkLost("the staging server on %s cannot start: the agent bundle is "
                            "missing after upload" % self.cluster.name)
 
     def _drop(self, ch: ServerChannel) -> None:
@@ -235,7 +236,7 @@ class Stager:
                 if not _excluded(rel, exclude):
                     yield rel, _Local(local, os.path.realpath(local), os.stat(local))
             else:
-                raise StagingError("input %s does not exist (or is a broken link)" % local)
+                raise InputMissing("input %s does not exist (or is a broken link)" % local)
 
     def stage_in(self, project_root: str, paths: Sequence[str], project: str,
                  progress: Optional[Progress] = None, exclude: Sequence[str] = (),
@@ -294,7 +295,7 @@ class Stager:
                 self._delete(project, sync.gone(), report)
         except (OSError, EOFError) as e:
             self.close()
-            raise StagingError("connection to %s lost during the upload (%s); what arrived is "
+            raise LinkLost("connection to %s lost during the upload (%s); what arrived is "
                                "kept: stage again to resume" % (self.cluster.name, e)) from None
         except BaseException:
             if checking:
@@ -324,7 +325,7 @@ class Stager:
     def _read_check(self, batch: "_Batch", report: StageReport,
                     to_send: List[Tuple[str, str, int, str]]) -> List[str]:
         if batch.answer is None and self._chan is None:
-            raise StagingError("the staging server on %s went away" % self.cluster.name)
+            raise LinkLost("the staging server on %s went away" % self.cluster.name)
         answer = batch.answer if batch.answer is not None else self._chan.line()
         report.linked += answer["linked"]
         report.unchanged += answer["unchanged"]
@@ -572,7 +573,7 @@ class Stager:
                         while left:
                             block = ch.out.read(min(BLOCK, left))
                             if not block:
-                                raise StagingError("connection to %s lost while receiving %s"
+                                raise LinkLost("connection to %s lost while receiving %s"
                                                    % (self.cluster.name, rel))
                             f.write(block)
                             h.update(block)
@@ -748,7 +749,7 @@ def _walk_entries(folder: str, rel: str, real_dir: str, exclude: Sequence[str], 
                     continue
                 fst = e.stat()
             except FileNotFoundError:
-                raise StagingError("input %s is a broken link" % e.path) from None
+                raise InputMissing("input %s is a broken link" % e.path) from None
             real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_dir, e.name)
             yield frel, _Local(e.path, real, fst)
     subdirs.sort()
