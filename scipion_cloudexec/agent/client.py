@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import zmq
@@ -34,7 +34,7 @@ import zmq
 from ..config import ClusterConfig
 from ..transport import messages as m
 from ..transport.ssh import SSHConnection, Target
-from ..version import PROTOCOL_VERSION, __version__
+from ..version import PROTOCOL_VERSION
 from . import bundle
 from .jobs import JobSpec, JobState, LauncherSpec
 
@@ -139,6 +139,7 @@ class JobFuture(concurrent.futures.Future):
         self.accepted = threading.Event()
         self.existed = False  # the agent had the job before this submit
         self.accepted_state = ""  # its state then (a final one: it had ended)
+        self.submit_rid = 0  # the Submit's request id: an Error to it fails this future
 
 
 def _new_job_id() -> str:
@@ -328,6 +329,7 @@ class AgentClient:
         fut = self._register(spec.job_id, on_output)
         rid = next(self._rids)
         self._submits[rid] = spec.job_id
+        fut.submit_rid = rid
         self._send(m.Submit(rid=rid, spec=spec.to_dict(), watch=True))
         return fut
 
@@ -436,7 +438,13 @@ class AgentClient:
                         msg = self._outbox.get_nowait()
                     except queue.Empty:
                         break
-                    sock.send_multipart(m.encode(msg, self._secret))
+                    try:
+                        frames = m.encode(msg, self._secret)
+                    except (TypeError, ValueError) as e:  # one bad message fails its own
+                        self._refuse(msg.rid, ValueError(  # future, not the IO thread
+                            "%s cannot be sent: %s" % (msg.TYPE, e)))
+                        continue
+                    sock.send_multipart(frames)
                 if sock in events:
                     self._receive(sock)
                 now = time.monotonic()
@@ -486,12 +494,10 @@ class AgentClient:
         if isinstance(msg, m.Ended):
             self._end_job(msg)
             return
-        job_id = self._submits.pop(msg.rid, None)
-        if job_id is not None and isinstance(msg, m.Error):
-            fut = self._jobs.pop(job_id, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(RequestRefused(msg.kind, msg.detail))
+        if isinstance(msg, m.Error) and self._refuse(msg.rid,
+                                                     RequestRefused(msg.kind, msg.detail)):
             return
+        self._submits.pop(msg.rid, None)
         if isinstance(msg, m.Accepted):
             fut = self._jobs.get(msg.job_id)
             if fut is not None:
@@ -507,6 +513,22 @@ class AgentClient:
             req.set_exception(RequestRefused(msg.kind, msg.detail))
         elif not req.done():
             req.set_result(msg)
+
+    def _refuse(self, rid: int, error: Exception) -> bool:
+        """Fail whatever waits on request *rid* (a submitted job, even after its Accepted,
+        or a request); True if something did."""
+        job_id = self._submits.pop(rid, None)
+        futs = [f for f in self._jobs.values() if f.submit_rid == rid]
+        if job_id is not None and job_id in self._jobs:
+            futs.append(self._jobs[job_id])
+        for fut in futs:
+            self._jobs.pop(fut.job_id, None)
+            if not fut.done():
+                fut.set_exception(error)
+        req = self._requests.pop(rid, None)
+        if req is not None and not req.done():
+            req.set_exception(error)
+        return bool(futs) or req is not None
 
     def _end_job(self, msg: m.Ended) -> None:
         fut = self._jobs.pop(msg.job_id, None)

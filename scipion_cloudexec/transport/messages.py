@@ -199,9 +199,11 @@ def decode(frames: Sequence[bytes], secret: bytes) -> Message:
         raise BadMessage("authentication failed (wrong or missing secret)")
     try:
         fields = json.loads(body)
-        kind, version = fields.pop("t"), fields.pop("v")
-    except (ValueError, KeyError, AttributeError):
+    except ValueError:
         raise BadMessage("malformed body") from None
+    if not isinstance(fields, dict) or "t" not in fields or "v" not in fields:
+        raise BadMessage("body is not a message object")
+    kind, version = fields.pop("t"), fields.pop("v")
     if version != PROTOCOL_VERSION:
         raise BadMessage("protocol version %s, expected %s" % (version, PROTOCOL_VERSION))
     cls = _TYPES.get(kind)
