@@ -4,13 +4,16 @@ another on each rank, so that each pays a process start and not an ``mpirun`` st
 Started by the client as an ordinary job (``python agent.zip pool --dir D`` under the
 cluster's launcher, N ranks). The agent's ``PoolScheduler`` hands it jobs through files::
 
-    D/queue/<job_id>     a job to run: its job script and output files (JSON)
-    D/running/<job_id>   the pid of its process group while it runs
-    D/heartbeat          touched every second by rank 0
+    D/queue/<job_id>     a job to run: its job script, output and rc files (JSON)
+    D/running/<job_id>   the pid of its process group while it runs (written atomically)
+    D/cancel/<job_id>    the agent wants the job cancelled (see request_cancel)
+    D/heartbeat          touched every second by rank 0, also while it runs a job itself
     D/stop               the pool exits once it has nothing left to run
 
-Each job script writes its own ``rc`` file, which is how the agent learns the end.
-Rank 0 hands out work and, when alone, runs it too. Shipped with the agent (stdlib + mpi4py).
+Each job ends with an ``rc`` file, which is how the agent learns the end: the job script
+writes it, or the pool does when the script was killed (128 + signal, as a shell would).
+Rank 0 hands out work and, when alone, runs it too, without blocking: its loop goes on
+beating. Shipped with the agent (stdlib + mpi4py).
 """
 from __future__ import annotations
 
@@ -20,14 +23,62 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 POLL = 0.02  # seconds between looks at the queue when idle
 _STOP = threading.Event()
 
 
-def run_task(task: dict, pool_dir: str, rank: int) -> int:
-    """Run one job script in its own session; its pid is visible for cancelling."""
+def write_rc(path: str, code: int) -> None:
+    """Write an exit code file atomically (the agent must never read half of it)."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        f.write("%d\n" % code)
+    os.replace(tmp, path)
+
+
+def _rc_path(task: dict) -> str:
+    return task.get("rc") or os.path.join(os.path.dirname(task["script"]), "rc")
+
+
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def request_cancel(pool_dir: str, job_id: str, rc_path: str) -> None:
+    """The agent's half of a cancel. With :func:`start_task`'s half, a job is stopped at
+    any moment: the agent leaves a note, then looks for the job queued or running; the
+    pool writes the running marker, then looks for the note. One of them sees the other's
+    write, so a job taken from the queue in between is stopped all the same."""
+    cancel_dir = os.path.join(pool_dir, "cancel")
+    os.makedirs(cancel_dir, exist_ok=True)
+    open(os.path.join(cancel_dir, job_id), "w").close()
+    try:
+        os.unlink(os.path.join(pool_dir, "queue", job_id))  # not taken yet: never will be
+        write_rc(rc_path, 143)
+        return
+    except FileNotFoundError:
+        pass
+    try:
+        with open(os.path.join(pool_dir, "running", job_id)) as f:
+            _killpg(int(f.read().strip()))
+    except (OSError, ValueError):
+        pass  # not started yet (start_task sees the note) or already ended
+
+
+def _cancelled(pool_dir: str, task: dict) -> bool:
+    return os.path.exists(os.path.join(pool_dir, "cancel", task["job_id"]))
+
+
+def start_task(task: dict, pool_dir: str, rank: int) -> Optional[subprocess.Popen]:
+    """Start one job script in its own session, its pid visible for cancelling; None when
+    it was cancelled before it started (its rc says so)."""
+    if _cancelled(pool_dir, task):
+        end_task(task, pool_dir, -signal.SIGTERM)
+        return None
     env = dict(os.environ, CLOUDEXEC_POOL_RANK=str(rank))
     for k in [k for k in env if k.startswith(("OMPI_", "PMIX_", "PMI_"))]:
         del env[k]  # the job is not part of the pool's MPI world
@@ -35,12 +86,31 @@ def run_task(task: dict, pool_dir: str, rank: int) -> int:
         proc = subprocess.Popen(["/bin/sh", task["script"]], stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err, env=env, start_new_session=True)
     marker = os.path.join(pool_dir, "running", task["job_id"])
-    with open(marker, "w") as f:
+    with open(marker + ".tmp", "w") as f:
         f.write("%d\n" % proc.pid)
-    try:
-        return proc.wait()
-    finally:
-        os.unlink(marker)
+    os.replace(marker + ".tmp", marker)
+    if _cancelled(pool_dir, task):  # the cancel came while it started: the agent may
+        _killpg(proc.pid)           # have missed the marker
+    return proc
+
+
+def end_task(task: dict, pool_dir: str, returncode: int) -> int:
+    """Clear a job's marker and make sure its rc file exists; return its exit code."""
+    for sub in ("running", "cancel"):
+        try:
+            os.unlink(os.path.join(pool_dir, sub, task["job_id"]))
+        except FileNotFoundError:
+            pass
+    code = 128 - returncode if returncode < 0 else returncode
+    if not os.path.exists(_rc_path(task)):  # killed before the script could write it
+        write_rc(_rc_path(task), code)
+    return code
+
+
+def run_task(task: dict, pool_dir: str, rank: int) -> int:
+    """Run one job to its end (worker ranks)."""
+    proc = start_task(task, pool_dir, rank)
+    return 143 if proc is None else end_task(task, pool_dir, proc.wait())
 
 
 def take_next(pool_dir: str) -> Optional[dict]:
@@ -70,10 +140,11 @@ def serve(pool_dir: str) -> int:
             if task is None:
                 return 0
             comm.send(run_task(task, pool_dir, rank), dest=0)
-    for sub in ("queue", "running"):
+    for sub in ("queue", "running", "cancel"):
         os.makedirs(os.path.join(pool_dir, sub), exist_ok=True)
     idle: List[int] = list(range(1, size))
     busy: Dict[int, str] = {}
+    local: Optional[Tuple[dict, subprocess.Popen]] = None  # the job rank 0 runs when alone
     beat = 0.0
     while True:
         now = time.monotonic()
@@ -86,16 +157,22 @@ def serve(pool_dir: str) -> int:
             comm.recv(source=MPI.ANY_SOURCE, status=status)
             busy.pop(status.Get_source(), None)
             idle.append(status.Get_source())
-        task = take_next(pool_dir) if (idle or size == 1) else None
+        if local is not None and local[1].poll() is not None:
+            end_task(local[0], pool_dir, local[1].returncode)
+            local = None
+        can_take = idle if size > 1 else local is None
+        task = take_next(pool_dir) if can_take and not _STOP.is_set() else None
         if task is not None:
             if size == 1:
-                run_task(task, pool_dir, 0)
+                proc = start_task(task, pool_dir, 0)
+                local = (task, proc) if proc is not None else None
             else:
                 worker = idle.pop(0)
                 busy[worker] = task["job_id"]
                 comm.send(task, dest=worker)
             continue
-        if _STOP.is_set() or (not busy and os.path.exists(os.path.join(pool_dir, "stop"))):
+        if local is None and (_STOP.is_set() or
+                              (not busy and os.path.exists(os.path.join(pool_dir, "stop")))):
             break
         time.sleep(POLL)
     for worker in range(1, size):

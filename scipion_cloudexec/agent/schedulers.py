@@ -1,9 +1,14 @@
 """Schedulers: where a job script runs and how its state is learnt.
 
 ``ProcessScheduler`` runs the script as a process on the head node (launchers
-``local`` and ``mpirun``); ``SlurmScheduler`` hands it to ``sbatch``. Each maps its
-own states to :class:`JobState` in one table, and raises :class:`SubmitError`
-(never returns a false id) when the job cannot start.
+``local`` and ``mpirun``); ``SlurmScheduler`` (slurm.py) hands it to ``sbatch``;
+``PoolScheduler`` queues it on a worker pool (pool.py). Each maps its own states to
+:class:`JobState` in one table, and raises :class:`SubmitError` (never returns a false
+id) when the job cannot start.
+
+The agent runs each scheduler's ``submit``, ``status`` and ``cancel`` on a thread of its
+own (supervisor.py), one call at a time, so they may block; ``exit_fds``/``reap`` run on
+the agent's loop and must not.
 
 Shipped to the cluster with the agent: standard library only.
 """
@@ -12,21 +17,27 @@ from __future__ import annotations
 import abc
 import json
 import os
-import re
 import signal
 import subprocess
+import threading
 import time
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 from .jobs import JobFiles, JobSpec, JobState
+from .pool import request_cancel
 
 
 class SubmitError(RuntimeError):
-    """The job could not be started; keeps what the launch command printed."""
+    """The job could not be started; keeps what the launch command printed.
 
-    def __init__(self, message: str, output: str = ""):
+    ``transient``: the scheduler itself did not answer (timeout, controller down), so a
+    later try may work, and the job may even have been created.
+    """
+
+    def __init__(self, message: str, output: str = "", transient: bool = False):
         super().__init__(message + ("\n" + output.strip() if output.strip() else ""))
         self.output = output
+        self.transient = transient
 
 
 class Status(NamedTuple):
@@ -41,6 +52,8 @@ class Scheduler(abc.ABC):
 
     #: seconds between two :meth:`status` calls for this scheduler's jobs
     poll_interval = 1.0
+    #: seconds a transient :class:`SubmitError` is retried before the job is given up
+    submit_for = 0.0
 
     @abc.abstractmethod
     def submit(self, spec: JobSpec, files: JobFiles) -> Tuple[str, JobState]:
@@ -58,12 +71,25 @@ class Scheduler(abc.ABC):
     def cancel(self, launcher_id: str, files: JobFiles) -> None:
         """Ask the job to stop; its end is then seen through :meth:`status`."""
 
+    def next_poll(self) -> float:
+        """Seconds from now to the next :meth:`status` call."""
+        return self.poll_interval
+
+    def pending_work(self) -> bool:
+        """True while the scheduler has chores of its own (e.g. a cancel to retry), for which
+        :meth:`status` must keep being called even with no job."""
+        return False
+
+    def abandon(self, job_id: str) -> None:
+        """A submit whose outcome is unknown was given up: make sure nothing of it runs."""
+
     def exit_fds(self) -> Dict[int, str]:
-        """File descriptors readable when a job ends ({fd: job_id}), for event-driven reaping."""
+        """File descriptors readable when a job ends ({fd: job_id}), for event-driven reaping.
+        Called on the agent's loop."""
         return {}
 
     def reap(self, job_id: str) -> Optional[Status]:
-        """Collect a job whose exit fd became readable."""
+        """Collect a job whose exit fd became readable (on the agent's loop)."""
         return None
 
 
@@ -76,7 +102,7 @@ def _proc_start_time(pid: int) -> Optional[str]:
         return None
 
 
-def _final_from_rc(rc: Optional[int]) -> Optional[Status]:
+def final_from_rc(rc: Optional[int]) -> Optional[Status]:
     if rc is None:
         return None
     return Status(JobState.DONE if rc == 0 else JobState.FAILED, rc)
@@ -86,7 +112,9 @@ class ProcessScheduler(Scheduler):
     """The job script as a process in its own session on the head node.
 
     Launcher id: ``<pid>:<start time>``. The script outlives the agent; its exit
-    code then comes from the ``rc`` file it writes.
+    code then comes from the ``rc`` file it writes. Its own children are reaped on the
+    agent's loop as soon as their pidfd becomes readable; ``submit`` runs on the
+    scheduler's thread, hence the lock.
     """
 
     poll_interval = 1.0
@@ -95,6 +123,7 @@ class ProcessScheduler(Scheduler):
     def __init__(self) -> None:
         self._procs: Dict[str, subprocess.Popen] = {}
         self._fds: Dict[int, str] = {}
+        self._lock = threading.Lock()
 
     def submit(self, spec: JobSpec, files: JobFiles) -> Tuple[str, JobState]:
         try:
@@ -104,30 +133,29 @@ class ProcessScheduler(Scheduler):
                                         start_new_session=True)
         except OSError as e:
             raise SubmitError("cannot start the job script %s: %s" % (files.script, e)) from None
-        self._procs[spec.job_id] = proc
-        try:
-            fd = os.pidfd_open(proc.pid)
-            self._fds[fd] = spec.job_id
-        except (AttributeError, OSError):
-            pass  # no pidfd: status() polls instead
+        with self._lock:
+            self._procs[spec.job_id] = proc
+            try:
+                self._fds[os.pidfd_open(proc.pid)] = spec.job_id
+            except (AttributeError, OSError):
+                pass  # no pidfd: status() polls instead
         return "%d:%s" % (proc.pid, _proc_start_time(proc.pid) or "?"), JobState.RUNNING
 
     def exit_fds(self) -> Dict[int, str]:
-        return self._fds
+        with self._lock:
+            return dict(self._fds)
 
     def reap(self, job_id: str) -> Optional[Status]:
-        proc = self._procs.get(job_id)
-        if proc is None or proc.poll() is None:
-            return None
-        self._forget(job_id)
+        with self._lock:
+            proc = self._procs.get(job_id)
+            if proc is None or proc.poll() is None:
+                return None
+            self._procs.pop(job_id, None)
+            for fd, jid in list(self._fds.items()):
+                if jid == job_id:
+                    os.close(fd)
+                    del self._fds[fd]
         return self._exit_status(proc.returncode)
-
-    def _forget(self, job_id: str) -> None:
-        self._procs.pop(job_id, None)
-        for fd, jid in list(self._fds.items()):
-            if jid == job_id:
-                os.close(fd)
-                del self._fds[fd]
 
     @staticmethod
     def _exit_status(returncode: int) -> Status:
@@ -139,9 +167,13 @@ class ProcessScheduler(Scheduler):
 
     def status(self, jobs: Dict[str, Tuple[str, JobFiles]]) -> Dict[str, Status]:
         result = {}
+        with self._lock:
+            watched = set(self._fds.values())
+            ours = set(self._procs)
         for job_id, (launcher_id, files) in jobs.items():
-            proc = self._procs.get(job_id)
-            if proc is not None:
+            if job_id in watched:
+                continue  # its pidfd tells the loop; closing it here would race the poll
+            if job_id in ours:
                 st = self.reap(job_id)
                 if st is not None:
                     result[job_id] = st
@@ -151,7 +183,7 @@ class ProcessScheduler(Scheduler):
             alive = pid.isdigit() and _proc_start_time(int(pid)) == started
             rc = files.read_rc()
             if rc is not None:
-                result[job_id] = _final_from_rc(rc)  # type: ignore[assignment]
+                result[job_id] = final_from_rc(rc)  # type: ignore[assignment]
             elif not alive:
                 result[job_id] = Status(JobState.LOST, None,
                                         "the job's process is gone and left no exit code")
@@ -190,88 +222,6 @@ SLURM_STATES = {
 }
 
 
-class SlurmScheduler(Scheduler):
-    """``sbatch`` the job script; states from ``squeue``, then ``scontrol``/``sacct``."""
-
-    poll_interval = 0.5
-
-    def __init__(self, timeout: float = 60.0):
-        self.timeout = timeout
-
-    def _run(self, argv: List[str]) -> subprocess.CompletedProcess:
-        try:
-            return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                                  text=True, timeout=self.timeout)
-        except FileNotFoundError:
-            raise SubmitError("%s not found on the cluster: is SLURM installed, or does "
-                              "env_setup need a 'module load slurm'?" % argv[0]) from None
-        except subprocess.TimeoutExpired:
-            raise SubmitError("%s did not answer within %.0f s" % (argv[0], self.timeout)) from None
-
-    def submit(self, spec: JobSpec, files: JobFiles) -> Tuple[str, JobState]:
-        argv = ["sbatch", "--parsable", "-J", "cx-" + spec.job_id, "-o", files.stdout,
-                "-e", files.stderr, "-n", str(spec.ranks), "-c", str(spec.threads),
-                "-D", files.dir]
-        for opt, value in (("-p", spec.launcher.partition), ("-A", spec.launcher.account),
-                           ("-t", spec.launcher.time)):
-            if value:
-                argv += [opt, value]
-        p = self._run(argv + [files.script])
-        m = re.match(r"^(\d+)", p.stdout.strip())
-        if p.returncode != 0 or not m:
-            raise SubmitError("sbatch refused the job (exit %d)" % p.returncode,
-                              p.stderr + p.stdout)
-        return m.group(1), JobState.QUEUED
-
-    def status(self, jobs: Dict[str, Tuple[str, JobFiles]]) -> Dict[str, Status]:
-        if not jobs:
-            return {}
-        ids = ",".join(lid for lid, _ in jobs.values())
-        p = self._run(["squeue", "-h", "-t", "all", "-j", ids, "-o", "%i|%T|%r"])
-        queued: Dict[str, Tuple[str, str]] = {}
-        for line in p.stdout.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) == 3:
-                queued[parts[0]] = (parts[1], parts[2])
-        result = {}
-        for job_id, (lid, files) in jobs.items():
-            state, reason = queued.get(lid, ("", ""))
-            ours = SLURM_STATES.get(state, JobState.RUNNING) if state else None
-            if ours is not None and not ours.final:
-                result[job_id] = Status(ours, None, "" if reason in ("None", "") else reason)
-                continue
-            final = self._final(lid, files, ours)
-            if final is not None:
-                result[job_id] = final
-        return result
-
-    def _final(self, lid: str, files: JobFiles, squeue_state: Optional[JobState]) -> Optional[Status]:
-        rc = files.read_rc()
-        if rc is not None:
-            return _final_from_rc(rc)
-        p = self._run(["scontrol", "-o", "show", "job", lid])
-        m = re.search(r"JobState=(\S+)", p.stdout)
-        state = m.group(1) if m else ""
-        if not state:
-            p = self._run(["sacct", "-n", "-X", "-P", "-j", lid, "-o", "State,ExitCode"])
-            line = p.stdout.strip().splitlines()[0] if p.stdout.strip() else ""
-            state = line.split("|")[0].split()[0] if line else ""
-        ours = SLURM_STATES.get(state) if state else squeue_state
-        if ours is None:
-            if squeue_state is None and not state:
-                return Status(JobState.LOST, None, "SLURM job %s is unknown to squeue, "
-                              "scontrol and sacct and left no exit code" % lid)
-            return None
-        if not ours.final:
-            return Status(ours)
-        m = re.search(r"ExitCode=(\d+):(\d+)", p.stdout)
-        code = int(m.group(1)) if m else None
-        return Status(ours, code, "SLURM state %s" % state if ours != JobState.DONE else "")
-
-    def cancel(self, launcher_id: str, files: JobFiles) -> None:
-        self._run(["scancel", launcher_id])
-
-
 class PoolScheduler(Scheduler):
     """Hands single-rank jobs to a running worker pool (see pool.py) through its queue folder.
 
@@ -301,7 +251,8 @@ class PoolScheduler(Scheduler):
         tmp = os.path.join(pool, ".%s.tmp" % spec.job_id)
         with open(tmp, "w") as f:
             f.write(json.dumps({"job_id": spec.job_id, "script": files.script,
-                                "stdout": files.stdout, "stderr": files.stderr}))
+                                "stdout": files.stdout, "stderr": files.stderr,
+                                "rc": files.rc}))
         os.replace(tmp, os.path.join(queue, spec.job_id))
         return "pool:%s" % spec.launcher.pool, JobState.QUEUED
 
@@ -310,7 +261,7 @@ class PoolScheduler(Scheduler):
         for job_id, (lid, files) in jobs.items():
             rc = files.read_rc()
             if rc is not None:
-                result[job_id] = _final_from_rc(rc)  # type: ignore[assignment]
+                result[job_id] = final_from_rc(rc)  # type: ignore[assignment]
                 continue
             pool = self.pool_dir(lid.split(":", 1)[1])
             if os.path.exists(os.path.join(pool, "running", job_id)):
@@ -325,20 +276,9 @@ class PoolScheduler(Scheduler):
         return result
 
     def cancel(self, launcher_id: str, files: JobFiles) -> None:
-        pool = self.pool_dir(launcher_id.split(":", 1)[1])
-        job_id = os.path.basename(files.dir)
-        try:
-            os.unlink(os.path.join(pool, "queue", job_id))  # not started: never will
-            with open(files.rc, "w") as f:
-                f.write("143\n")
-            return
-        except FileNotFoundError:
-            pass
-        try:
-            with open(os.path.join(pool, "running", job_id)) as f:
-                os.killpg(int(f.read().strip()), signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
+        # queued, being taken or running: see pool.request_cancel for the handshake
+        request_cancel(self.pool_dir(launcher_id.split(":", 1)[1]), os.path.basename(files.dir),
+                       files.rc)
 
 
 def scheduler_kind(launcher_kind: str) -> str:

@@ -12,16 +12,17 @@ and each job in ``<workdir>/jobs/<job_id>/`` (script, stdout, stderr, rc). Jobs
 run in their own sessions with their output in files, so they outlive the agent
 and the client; a new agent adopts them from the journal.
 
-Main loop: poll the socket and the jobs' exit fds, then run named phases:
-``process_messages``, ``reap_exits``, ``poll_schedulers``, ``stream_outputs``,
-``expire_clients``, ``check_idle``.
+Main loop: poll the socket, the jobs' exit fds and the scheduler threads' pipe, then run
+named phases: ``process_messages``, ``collect_results``, ``reap_exits``,
+``poll_schedulers``, ``stream_outputs``, ``expire_clients``, ``check_idle``. Scheduler
+calls (sbatch, squeue, scancel...) never run on the loop (supervisor.py), so heartbeats
+and requests are answered whatever SLURM does.
 
 Shipped to the cluster: standard library and pyzmq only.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import logging
@@ -32,17 +33,18 @@ import signal
 import socket
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import zmq
 
 from ..transport import messages as m
 from ..version import PROTOCOL_VERSION, __version__
-from .jobs import JobFiles, JobSpec, JobState, job_script
+from .daemon import AgentPaths, start_daemon
+from .jobs import JobFiles, JobSpec, JobState
 from .journal import Journal
-from .launchers import launcher_for
-from .schedulers import PoolScheduler, ProcessScheduler, Scheduler, SlurmScheduler, Status, \
-    SubmitError, scheduler_kind
+from .schedulers import PoolScheduler, ProcessScheduler, Scheduler, scheduler_kind
+from .slurm import SlurmScheduler
+from .supervisor import Supervisor
 
 log = logging.getLogger("cloudexec.agent")
 
@@ -60,19 +62,6 @@ def agent_version() -> str:
     return "%s+src" % __version__
 
 
-class AgentPaths:
-    """Where the agent keeps its files under a workdir."""
-
-    def __init__(self, workdir: str):
-        self.workdir = workdir
-        self.dir = os.path.join(workdir, "agent")
-        self.state = os.path.join(self.dir, "agent.json")
-        self.log = os.path.join(self.dir, "agent.log")
-        self.journal = os.path.join(self.dir, "journal.sqlite")
-        self.lock = os.path.join(self.dir, "start.lock")
-        self.jobs = os.path.join(workdir, "jobs")
-
-
 class Agent:
     """Serves clients and runs jobs until idle for ``idle_timeout`` seconds."""
 
@@ -87,8 +76,7 @@ class Agent:
             "pool": PoolScheduler(os.path.join(workdir, "pools"))}
         self.clients: Dict[bytes, float] = {}            # identity -> last message (monotonic)
         self.watchers: Dict[str, Dict[bytes, List[int]]] = {}  # job -> identity -> [out, err]
-        self.active: Dict[str, Tuple[str, str, JobFiles]] = {}  # job -> (scheduler, lid, files)
-        self.next_poll: Dict[str, float] = {}
+        self.jobs: Optional[Supervisor] = None  # with the journal, in bind()
         self.idle_since = time.monotonic()
         self.running = True
         self.journal: Optional[Journal] = None
@@ -102,6 +90,7 @@ class Agent:
         os.makedirs(self.paths.dir, exist_ok=True)
         os.makedirs(self.paths.jobs, exist_ok=True)
         self.journal = Journal(self.paths.journal)
+        self.jobs = Supervisor(self.journal, self.paths.jobs, self.schedulers, self._job_ended)
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -124,25 +113,29 @@ class Agent:
         """Run the main loop until shut down or idle."""
         if self.sock is None:
             self.bind()
-        self.adopt_jobs()
+        assert self.jobs is not None
+        self.jobs.adopt()
         self.write_state()
         signal.signal(signal.SIGTERM, self._on_sigterm)
         log.info("agent %s pid %d listening on 127.0.0.1:%d", self.version, os.getpid(), self.port)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.jobs.workers.fileno(), zmq.POLLIN)
         registered: Dict[int, str] = {}
         try:
             while self.running:
-                fds = self.schedulers["process"].exit_fds()
+                fds = self.jobs.exit_fds()
                 for fd in set(fds) - set(registered):
                     poller.register(fd, zmq.POLLIN)
                 for fd in set(registered) - set(fds):
                     poller.unregister(fd)
-                registered = dict(fds)
+                registered = fds
                 timeout = STREAM_EVERY if self.watched_running() else min(self.heartbeat, 1.0)
+                timeout = min(timeout, self.jobs.due_in(time.monotonic()))
                 events = dict(poller.poll(int(timeout * 1000)))
                 if self.sock in events:
                     self.process_messages()
+                self.collect_results()  # before reaping: a new job's pidfd may be ready
                 ready = [registered[fd] for fd in registered if fd in events]
                 if ready:
                     self.reap_exits(ready)
@@ -164,23 +157,13 @@ class Agent:
                     os.unlink(self.paths.state)
         except (OSError, ValueError):
             pass
+        if self.jobs is not None:
+            self.jobs.stop()
         if self.sock is not None:
             self.sock.close(0)
         if self.journal is not None:
             self.journal.close()
         log.info("agent %d stopped", os.getpid())
-
-    def adopt_jobs(self) -> None:
-        """Take over the journal's unfinished jobs from an earlier agent."""
-        assert self.journal is not None
-        for row in self.journal.active():
-            files = JobFiles(self.paths.jobs, row["job_id"])
-            if row["state"] == JobState.SUBMITTED.value or not row["launcher_id"]:
-                self.finish(row["job_id"], Status(JobState.LOST, None,
-                                                  "the agent stopped before the job started"))
-                continue
-            self.active[row["job_id"]] = (row["scheduler"], row["launcher_id"], files)
-            log.info("adopted job %s (%s %s)", row["job_id"], row["scheduler"], row["launcher_id"])
 
     # ---- phases -----------------------------------------------------------------------
 
@@ -206,36 +189,19 @@ class Agent:
                 log.exception("request %s failed", msg.TYPE)
                 self.send(identity, m.Error(rid=msg.rid, kind="internal", detail=str(e)))
 
+    def collect_results(self) -> None:
+        """Apply what the scheduler threads finished (submits, states, cancels)."""
+        assert self.jobs is not None
+        self.jobs.collect()
+
     def reap_exits(self, job_ids: List[str]) -> None:
-        sched = self.schedulers["process"]
-        for job_id in job_ids:
-            st = sched.reap(job_id)
-            if st is not None and job_id in self.active:
-                self.finish(job_id, st)
+        assert self.jobs is not None
+        self.jobs.reap(job_ids)
 
     def poll_schedulers(self) -> None:
-        now = time.monotonic()
-        for name, sched in self.schedulers.items():
-            if now < self.next_poll.get(name, 0):
-                continue
-            self.next_poll[name] = now + sched.poll_interval
-            jobs = {j: (lid, files) for j, (s, lid, files) in self.active.items() if s == name}
-            if not jobs:
-                continue
-            try:
-                states = sched.status(jobs)
-            except SubmitError as e:
-                log.warning("cannot poll %s: %s", name, e)
-                continue
-            for job_id, st in states.items():
-                if st.state.final:
-                    self.finish(job_id, st)
-                else:
-                    row = self.journal.get(job_id) if self.journal else None
-                    if row and row["state"] != st.state.value:
-                        self.journal.update(job_id, state=st.state,  # type: ignore[union-attr]
-                                            started=time.time() if st.state == JobState.RUNNING
-                                            else row["started"])
+        """Hand due status calls and submit retries to the scheduler threads."""
+        assert self.jobs is not None
+        self.jobs.tick(time.monotonic())
 
     def stream_outputs(self, job_ids: Optional[List[str]] = None, final: bool = False) -> None:
         """Send each watcher the bytes its job wrote since its last offsets."""
@@ -280,7 +246,7 @@ class Agent:
 
     def check_idle(self) -> None:
         now = time.monotonic()
-        if self.clients or self.active:
+        if self.clients or (self.jobs is not None and self.jobs.busy()):
             self.idle_since = now
         elif now - self.idle_since > self.idle_timeout:
             log.info("idle for %.0f s with no client and no job: exiting", self.idle_timeout)
@@ -289,49 +255,19 @@ class Agent:
     # ---- job life ----------------------------------------------------------------------
 
     def watched_running(self) -> bool:
-        return any(self.watchers.get(j) for j in self.active)
+        return self.jobs is not None and any(self.watchers.get(j) for j in self.jobs.active)
 
-    def finish(self, job_id: str, st: Status) -> None:
-        """Record a final state, flush output to watchers, then tell them the end."""
-        assert self.journal is not None
-        row = self.journal.get(job_id)
-        state = st.state
-        if row and row["cancelled"] and state in (JobState.FAILED, JobState.LOST):
-            state = JobState.CANCELLED
-        self.journal.update(job_id, state=state, exit_code=st.exit_code, reason=st.reason,
-                            ended=time.time())
-        self.active.pop(job_id, None)
+    def _job_ended(self, job_id: str, row: Dict) -> None:
+        """The supervisor recorded a job's end: flush its output to watchers, then the end."""
         self.stream_outputs([job_id], final=True)
-        row = self.journal.get(job_id)
         for identity in self.watchers.pop(job_id, {}):
-            self.send(identity, self._ended(row))  # type: ignore[arg-type]
-        log.info("job %s %s (exit %s) %s", job_id, state.value, st.exit_code, st.reason)
+            self.send(identity, self._ended(row))
 
     @staticmethod
     def _ended(row: Dict) -> m.Ended:
         return m.Ended(job_id=row["job_id"], state=row["state"], exit_code=row["exit_code"],
                        reason=row["reason"], launcher_id=row["launcher_id"],
                        started=row["started"], ended=row["ended"])
-
-    def start_job(self, spec: JobSpec) -> None:
-        assert self.journal is not None
-        files = JobFiles(self.paths.jobs, spec.job_id)
-        os.makedirs(files.dir, exist_ok=True)
-        sched_name = scheduler_kind(spec.launcher.kind)
-        try:
-            command = launcher_for(spec.launcher.kind).command(spec, files)
-            with open(files.script, "w") as f:
-                f.write(job_script(spec, files, command))
-            lid, state = self.schedulers[sched_name].submit(spec, files)
-        except (SubmitError, OSError, ValueError) as e:
-            with open(files.stderr, "a") as f:
-                f.write("cloudexec: %s\n" % e)
-            self.finish(spec.job_id, Status(JobState.LOST if isinstance(e, OSError)
-                                            else JobState.FAILED, None, str(e)))
-            return
-        self.journal.update(spec.job_id, launcher_id=lid, state=state,
-                            started=time.time() if state == JobState.RUNNING else 0)
-        self.active[spec.job_id] = (sched_name, lid, files)
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -350,10 +286,11 @@ class Agent:
             rid=msg.rid, version=self.version, protocol=PROTOCOL_VERSION, pid=os.getpid(),
             host=socket.gethostname(), python=sys.version.split()[0],
             workdir=self.paths.workdir, disk_free=shutil.disk_usage(self.paths.workdir).free,
-            active_jobs=len(self.active)))
+            active_jobs=self.jobs.count() if self.jobs else 0))
 
     def on_Ping(self, identity: bytes, msg: m.Ping) -> None:
-        self.send(identity, m.Pong(rid=msg.rid, seq=msg.seq, active_jobs=len(self.active)))
+        self.send(identity, m.Pong(rid=msg.rid, seq=msg.seq,
+                                   active_jobs=self.jobs.count() if self.jobs else 0))
 
     def on_Submit(self, identity: bytes, msg: m.Submit) -> None:
         assert self.journal is not None
@@ -370,7 +307,7 @@ class Agent:
         if msg.watch:
             self.on_Watch(identity, m.Watch(rid=msg.rid, job_id=spec.job_id))
         if new:
-            self.start_job(spec)
+            self.jobs.start(spec)  # type: ignore[union-attr]
 
     def _known_job(self, identity: bytes, msg) -> Optional[Dict]:
         """The journal row of ``msg.job_id``, or None after telling the client it is unknown."""
@@ -392,19 +329,13 @@ class Agent:
             self.send(identity, self._ended(row))
 
     def on_Cancel(self, identity: bytes, msg: m.Cancel) -> None:
-        assert self.journal is not None
+        """Recorded at once; the scheduler is asked on its thread and the end follows."""
+        assert self.jobs is not None
         row = self._known_job(identity, msg)
         if row is None:
             return
-        if msg.job_id in self.active:
-            sched, lid, files = self.active[msg.job_id]
-            self.journal.update(msg.job_id, cancelled=1)
-            try:
-                self.schedulers[sched].cancel(lid, files)
-            except SubmitError as e:
-                self.send(identity, m.Error(rid=msg.rid, kind="cancel_failed", detail=str(e)))
-                return
-            self.next_poll[sched] = 0
+        if msg.job_id in self.jobs.active or msg.job_id in self.jobs.starting:
+            self.jobs.cancel(msg.job_id)
         self.send(identity, m.Done(rid=msg.rid, ok=True, detail=row["state"]))
 
     def on_ListJobs(self, identity: bytes, msg: m.ListJobs) -> None:
@@ -412,106 +343,13 @@ class Agent:
         self.send(identity, m.Jobs(rid=msg.rid, jobs=self.journal.recent(msg.limit)))
 
     def on_Shutdown(self, identity: bytes, msg: m.Shutdown) -> None:
-        if msg.only_if_idle and self.active:
+        active = self.jobs.count() if self.jobs else 0
+        if msg.only_if_idle and active:
             self.send(identity, m.Done(rid=msg.rid, ok=False,
-                                       detail="%d job(s) still active" % len(self.active)))
+                                       detail="%d job(s) still active" % active))
             return
         self.send(identity, m.Done(rid=msg.rid, ok=True, detail="shutting down"))
         self.running = False
-
-
-# ---- starting as a daemon -------------------------------------------------------------
-
-def _alive(pid: int) -> bool:
-    """True for a running process (a zombie, common in containers without init, is not)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        return True
-    except OSError:
-        return False
-
-
-def _running_agent(path: str) -> Optional[dict]:
-    """The state of the agent that runs and listens, or None (no file, or a stale one)."""
-    state = _read_state(path)
-    if state and _alive(int(state.get("pid", 0))) and _answers(int(state.get("port", 0))):
-        return state
-    return None
-
-
-def _read_state(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def start_daemon(workdir: str, idle_timeout: float, heartbeat: float, wait: float = 20.0) -> int:
-    """Start the agent in the background unless one runs; print its state line.
-
-    Prints ``READY <agent.json>`` (with the secret, for the client at the other end
-    of the SSH channel) and returns 0, or prints the
-    reason on stderr and returns 1. Holds ``start.lock`` so that concurrent
-    starters make a single agent.
-    """
-    paths = AgentPaths(workdir)
-    os.makedirs(paths.dir, exist_ok=True)
-    with open(paths.lock, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        state = _running_agent(paths.state)
-        if state is None:
-            if os.fork() == 0:  # first child: new session, then the daemon forks off
-                os.setsid()
-                if os.fork() == 0:
-                    os.close(lock.fileno())  # else the daemon would hold start.lock forever
-                    _run_daemon(paths, idle_timeout, heartbeat)
-                os._exit(0)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                state = _running_agent(paths.state)
-                if state is not None:
-                    break
-                time.sleep(0.02)
-            else:
-                tail = ""
-                try:
-                    with open(paths.log) as f:
-                        tail = "".join(f.readlines()[-20:])
-                except OSError:
-                    pass
-                sys.stderr.write("the agent did not start within %.0f s; %s:\n%s"
-                                 % (wait, paths.log, tail))
-                return 1
-    # stdout is the SSH channel back to the client: the secret never touches a command line
-    sys.stdout.write("READY %s\n" % json.dumps(state))
-    return 0
-
-
-def _run_daemon(paths: AgentPaths, idle_timeout: float, heartbeat: float) -> None:
-    code = 0
-    try:
-        fd = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(fd, 0)
-        logfd = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(logfd, 1)
-        os.dup2(logfd, 2)
-        logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(message)s")
-        Agent(paths.workdir, idle_timeout, heartbeat).serve()
-    except BaseException:
-        log.exception("agent crashed")
-        code = 1
-    finally:
-        os._exit(code)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -527,7 +365,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not a.workdir.startswith("/"):
         p.error("--workdir must be an absolute path")
     if a.command == "start":
-        return start_daemon(a.workdir, a.idle_timeout, a.heartbeat)
+        return start_daemon(a.workdir, lambda paths: Agent(paths.workdir, a.idle_timeout,
+                                                           a.heartbeat).serve())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     Agent(a.workdir, a.idle_timeout, a.heartbeat).serve()
     return 0

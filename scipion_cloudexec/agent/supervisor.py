@@ -1,0 +1,337 @@
+"""Jobs between the agent's loop and its schedulers: start, follow, cancel, end.
+
+Every scheduler call (``submit``, ``status``, ``cancel``, ``abandon``) runs on that
+scheduler's own thread (:class:`Workers`), one at a time, with a deadline; results come
+back through a pipe the loop polls. So the loop, which answers heartbeats and requests,
+never waits on SLURM. A process job's exit is still seen at once: its pidfd is polled by
+the loop and reaped there (``reap``).
+
+A submit that fails for the scheduler's sake (``SubmitError.transient``: SLURM down or
+timing out) is tried again with backoff for ``Scheduler.submit_for`` seconds, the job
+staying SUBMITTED; then it is LOST, and whatever the failed tries may have created is
+cancelled (``abandon``).
+
+Shipped to the cluster with the agent: standard library only.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+
+from .jobs import JobFiles, JobSpec, JobState, job_script
+from .journal import Journal
+from .launchers import launcher_for
+from .schedulers import Scheduler, Status, SubmitError, scheduler_kind
+
+log = logging.getLogger("cloudexec.agent")
+
+#: deadline of one call on a scheduler's thread; the scheduler's own commands time out first
+TIMEOUTS = {"submit": 240.0, "status": 150.0, "cancel": 150.0, "abandon": 150.0}
+
+
+class Call:
+    """One scheduler call handed to a worker thread, and its outcome."""
+
+    def __init__(self, sched: str, op: str, job_id: str, fn: Callable[[], Any], timeout: float):
+        self.sched, self.op, self.job_id, self.fn = sched, op, job_id, fn
+        self.deadline = time.monotonic() + timeout
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.overdue = False
+
+
+class Workers:
+    """One thread per scheduler, running its calls in order; finished calls wake the loop
+    through a pipe (:meth:`fileno`)."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._queues: Dict[str, "queue.Queue[Optional[Call]]"] = {}
+        self._done: Deque[Call] = collections.deque()
+        self._pending: Set[Call] = set()
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self._r
+
+    def call(self, sched: str, op: str, job_id: str, fn: Callable[[], Any]) -> Call:
+        c = Call(sched, op, job_id, fn, TIMEOUTS[op])
+        if sched not in self._queues:  # threads only for the schedulers in use
+            self._queues[sched] = queue.Queue()
+            threading.Thread(target=self._serve, args=(self._queues[sched],), daemon=True,
+                             name="cloudexec-%s" % sched).start()
+        with self._lock:
+            self._pending.add(c)
+        self._queues[sched].put(c)
+        return c
+
+    def _serve(self, q: "queue.Queue[Optional[Call]]") -> None:
+        while True:
+            c = q.get()
+            if c is None:
+                return
+            try:
+                c.result = c.fn()
+            except BaseException as e:  # handed to the loop, which decides
+                c.error = e
+            with self._lock:
+                self._pending.discard(c)
+                self._done.append(c)
+            try:
+                os.write(self._w, b"x")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full: the loop wakes anyway
+
+    def finished(self) -> List[Call]:
+        """Calls that returned since the last look (drains the wake-up pipe)."""
+        try:
+            while os.read(self._r, 65536):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        with self._lock:
+            done = list(self._done)
+            self._done.clear()
+        return done
+
+    def overdue(self, now: float) -> List[Call]:
+        """Calls past their deadline, each reported once."""
+        with self._lock:
+            late = [c for c in self._pending if not c.overdue and now > c.deadline]
+        for c in late:
+            c.overdue = True
+        return late
+
+    def stop(self) -> None:
+        # the pipe stays open: a thread stuck in a command may still write to it
+        for q in self._queues.values():
+            q.put(None)
+
+
+class Starting:
+    """A job handed to its scheduler, not started yet."""
+
+    def __init__(self, spec: JobSpec, sched: str, files: JobFiles):
+        self.spec, self.sched, self.files = spec, sched, files
+        self.first = time.monotonic()
+        self.tries = 0
+        self.retry_at = 0.0  # 0: a submit is in flight
+
+
+class Supervisor:
+    """The agent's jobs: ``starting`` (submit in flight or to retry) and ``active``."""
+
+    def __init__(self, journal: Journal, jobs_root: str, schedulers: Dict[str, Scheduler],
+                 on_end: Callable[[str, Dict], None]):
+        self.journal = journal
+        self.jobs_root = jobs_root
+        self.schedulers = schedulers
+        self.on_end = on_end  # (job_id, journal row) once the job's end is recorded
+        self.workers = Workers()
+        self.active: Dict[str, Tuple[str, str, JobFiles]] = {}  # job -> (scheduler, lid, files)
+        self.starting: Dict[str, Starting] = {}
+        self.next_poll: Dict[str, float] = {}
+        self.polling: Set[str] = set()  # schedulers with a status call in flight
+
+    def count(self) -> int:
+        return len(self.active) + len(self.starting)
+
+    def busy(self) -> bool:
+        """Jobs to follow, or scheduler chores left (a cancel to retry)."""
+        return bool(self.count()) or any(s.pending_work() for s in self.schedulers.values())
+
+    def exit_fds(self) -> Dict[int, str]:
+        return self.schedulers["process"].exit_fds()
+
+    def _call(self, sched: str, op: str, job_id: str, fn: Callable[[], Any]) -> None:
+        self.workers.call(sched, op, job_id, fn)
+
+    # ---- life -----------------------------------------------------------------------------
+
+    def adopt(self) -> None:
+        """Take over the journal's unfinished jobs from an earlier agent."""
+        for row in self.journal.active():
+            job_id, sched = row["job_id"], row["scheduler"]
+            if row["state"] == JobState.SUBMITTED.value or not row["launcher_id"]:
+                self.finish(job_id, Status(JobState.LOST, None,
+                                           "the agent stopped before the job started"))
+                if sched in self.schedulers:  # its submit may have gone through all the same
+                    self._call(sched, "abandon", job_id,
+                               lambda s=self.schedulers[sched], j=job_id: s.abandon(j))
+                continue
+            self.active[job_id] = (sched, row["launcher_id"], JobFiles(self.jobs_root, job_id))
+            log.info("adopted job %s (%s %s)", job_id, sched, row["launcher_id"])
+
+    def start(self, spec: JobSpec) -> None:
+        """Write the job's script and hand it to its scheduler's thread."""
+        files = JobFiles(self.jobs_root, spec.job_id)
+        sched = scheduler_kind(spec.launcher.kind)
+        try:
+            os.makedirs(files.dir, exist_ok=True)
+            command = launcher_for(spec.launcher.kind).command(spec, files)
+            with open(files.script, "w") as f:
+                f.write(job_script(spec, files, command))
+        except (OSError, ValueError) as e:
+            self._not_started(spec.job_id, files, e)
+            return
+        self.starting[spec.job_id] = Starting(spec, sched, files)
+        self._submit(spec.job_id)
+
+    def _submit(self, job_id: str) -> None:
+        st = self.starting[job_id]
+        st.retry_at = 0.0
+        sched = self.schedulers[st.sched]
+        self._call(st.sched, "submit", job_id, lambda: sched.submit(st.spec, st.files))
+
+    def _submitted(self, c: Call) -> None:
+        st = self.starting.get(c.job_id)
+        if st is None:  # given up (deadline) while the call ran: nothing of it may run
+            if c.error is None:
+                self._cancel_lid(c.sched, c.job_id, c.result[0], JobFiles(self.jobs_root, c.job_id))
+            elif isinstance(c.error, SubmitError) and c.error.transient:
+                s = self.schedulers[c.sched]
+                self._call(c.sched, "abandon", c.job_id, lambda: s.abandon(c.job_id))
+            return
+        sched = self.schedulers[st.sched]
+        e = c.error
+        if e is not None:
+            transient = isinstance(e, SubmitError) and e.transient
+            cancelled = bool((self.journal.get(c.job_id) or {}).get("cancelled"))
+            if transient and not cancelled and time.monotonic() - st.first < sched.submit_for:
+                st.tries += 1
+                st.retry_at = time.monotonic() + min(30.0, 2.0 ** st.tries)
+                log.warning("job %s: %s; trying again in %.0f s", c.job_id,
+                            str(e).replace("\n", " "), st.retry_at - time.monotonic())
+                return
+            if transient:
+                self._call(st.sched, "abandon", c.job_id, lambda: sched.abandon(c.job_id))
+            self._not_started(c.job_id, st.files, e)
+            return
+        del self.starting[c.job_id]
+        lid, state = c.result
+        self.journal.update(c.job_id, launcher_id=lid, state=state,
+                            started=time.time() if state == JobState.RUNNING else 0)
+        self.active[c.job_id] = (st.sched, lid, st.files)
+        if (self.journal.get(c.job_id) or {}).get("cancelled"):  # cancelled while starting
+            self._cancel_lid(st.sched, c.job_id, lid, st.files)
+
+    def _not_started(self, job_id: str, files: JobFiles, e: BaseException) -> None:
+        try:
+            with open(files.stderr, "a") as f:
+                f.write("cloudexec: %s\n" % e)
+        except OSError:
+            pass
+        permanent = isinstance(e, ValueError) or (isinstance(e, SubmitError) and not e.transient)
+        self.finish(job_id, Status(JobState.FAILED if permanent else JobState.LOST, None, str(e)))
+
+    def cancel(self, job_id: str) -> None:
+        """Record the cancel and ask the scheduler (on its thread); the end comes later."""
+        self.journal.update(job_id, cancelled=1)
+        if job_id in self.active:
+            sched, lid, files = self.active[job_id]
+            self._cancel_lid(sched, job_id, lid, files)
+        elif job_id in self.starting and self.starting[job_id].retry_at:
+            st = self.starting[job_id]  # waiting to retry a submit: stop here
+            sched = self.schedulers[st.sched]
+            self._call(st.sched, "abandon", job_id, lambda: sched.abandon(job_id))
+            self.finish(job_id, Status(JobState.CANCELLED, None, "cancelled before the "
+                                       "scheduler took the job"))
+        # a submit in flight: _submitted cancels the job once it has an id
+
+    def _cancel_lid(self, sched: str, job_id: str, lid: str, files: JobFiles) -> None:
+        s = self.schedulers[sched]
+        self._call(sched, "cancel", job_id, lambda: s.cancel(lid, files))
+        self.next_poll[sched] = 0.0
+
+    def reap(self, job_ids: List[str]) -> None:
+        """Process jobs whose pidfd became readable (on the loop: seen at once)."""
+        sched = self.schedulers["process"]
+        for job_id in job_ids:
+            if job_id in self.starting:
+                continue  # its submit result is still in the pipe: reaped next round
+            st = sched.reap(job_id)  # also a job given up meanwhile: its fd must go
+            if st is not None and job_id in self.active:
+                self.finish(job_id, st)
+
+    def finish(self, job_id: str, st: Status) -> None:
+        """Record a final state, then let the agent tell the watchers."""
+        row = self.journal.get(job_id)
+        state = st.state
+        if row and row["cancelled"] and state in (JobState.FAILED, JobState.LOST):
+            state = JobState.CANCELLED
+        self.journal.update(job_id, state=state, exit_code=st.exit_code, reason=st.reason,
+                            ended=time.time())
+        self.active.pop(job_id, None)
+        self.starting.pop(job_id, None)
+        log.info("job %s %s (exit %s) %s", job_id, state.value, st.exit_code, st.reason)
+        self.on_end(job_id, self.journal.get(job_id))  # type: ignore[arg-type]
+
+    # ---- the loop's phases --------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Start what is due: submit retries, status calls; give up overdue submits."""
+        for job_id, st in list(self.starting.items()):
+            if st.retry_at and now >= st.retry_at:
+                self._submit(job_id)
+        for name, sched in self.schedulers.items():
+            if name in self.polling or now < self.next_poll.get(name, 0.0):
+                continue
+            jobs = {j: (lid, f) for j, (s, lid, f) in self.active.items() if s == name}
+            if not jobs and not sched.pending_work():
+                continue
+            self.polling.add(name)
+            self._call(name, "status", "", lambda s=sched, j=jobs: s.status(j))
+        for c in self.workers.overdue(now):
+            log.warning("%s %s %s has not returned for %.0f s; the agent goes on", c.sched,
+                        c.op, c.job_id, now - c.deadline + TIMEOUTS[c.op])
+            if c.op == "submit" and c.job_id in self.starting:
+                self.finish(c.job_id, Status(JobState.LOST, None, "the %s scheduler did not "
+                                             "start the job within %.0f s"
+                                             % (c.sched, TIMEOUTS["submit"])))
+
+    def collect(self) -> None:
+        """Apply the results of the calls that returned."""
+        for c in self.workers.finished():
+            if c.op == "submit":
+                self._submitted(c)
+            elif c.op == "status":
+                self._polled(c)
+            elif c.error is not None:
+                log.warning("%s %s of job %s failed: %s", c.sched, c.op, c.job_id, c.error)
+
+    def _polled(self, c: Call) -> None:
+        sched = self.schedulers[c.sched]
+        self.polling.discard(c.sched)
+        self.next_poll[c.sched] = time.monotonic() + sched.next_poll()
+        if c.error is not None:
+            log.warning("cannot poll %s: %s", c.sched, c.error)
+            return
+        for job_id, st in c.result.items():
+            if job_id not in self.active:
+                continue  # ended meanwhile (pidfd, cancel)
+            if st.state.final:
+                self.finish(job_id, st)
+                continue
+            row = self.journal.get(job_id)
+            if row and row["state"] != st.state.value:
+                self.journal.update(job_id, state=st.state, reason=st.reason,
+                                    started=time.time() if st.state == JobState.RUNNING
+                                    else row["started"])
+
+    def due_in(self, now: float) -> float:
+        """Seconds until :meth:`tick` has something to start (for the loop's poll timeout)."""
+        due = [st.retry_at for st in self.starting.values() if st.retry_at]
+        due += [self.next_poll.get(n, 0.0) for n, s in self.schedulers.items()
+                if n not in self.polling and (s.pending_work() or
+                                              any(v[0] == n for v in self.active.values()))]
+        return max(0.0, min(due) - now) if due else 3600.0
+
+    def stop(self) -> None:
+        self.workers.stop()
