@@ -22,21 +22,13 @@ import pytest
 
 from scipion_cloudexec.agent.client import AgentClient, JobCancelled, JobLost
 from scipion_cloudexec.agent.jobs import JobState
+from scipion_cloudexec.tests.test_agent import wait_until
 
 PY = sys.executable
 
 
 def collect(out: Dict[str, bytearray]) -> Callable[[str, bytes], None]:
     return lambda stream, data: out.setdefault(stream, bytearray()).extend(data)
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("%s not reached within %.0f s" % (what, timeout))
 
 
 def alive(pid: int) -> bool:
