@@ -14,10 +14,11 @@ from scipion_cloudexec.tests.harness import assert_same_run, run_tree
 from scipion_cloudexec.tests.test_executor import launch, logs, provenance, wait_done, wait_for
 
 
-# every scenario once in the quick run, twice more among the slow tests: races show up
-# over repetitions, not once
-REPEAT = pytest.mark.parametrize("repeat", [0, pytest.param(1, marks=pytest.mark.slow),
-                                            pytest.param(2, marks=pytest.mark.slow)])
+# every scenario once in every run, twice more with -m repeat: races show up over
+# repetitions, not once (the repetitions would take the default run past 20 minutes)
+AGAIN = (pytest.mark.slow, pytest.mark.repeat)
+REPEAT = pytest.mark.parametrize("repeat", [0, pytest.param(1, marks=AGAIN),
+                                            pytest.param(2, marks=AGAIN)])
 
 
 def shell(project, label, **params):
@@ -43,9 +44,9 @@ SHARED_FOLDER_STEP = ("touch extra/shared/a_{i}.txt; sleep 0.3; echo {i} > extra
                       " rm extra/shared/t_{i}.tmp")
 
 
-@pytest.mark.parametrize("steps,repeat", [(100, 0), pytest.param(100, 1, marks=pytest.mark.slow),
-                                          pytest.param(100, 2, marks=pytest.mark.slow),
-                                          pytest.param(400, 0, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("steps,repeat", [(100, 0), pytest.param(100, 1, marks=AGAIN),
+                                          pytest.param(100, 2, marks=AGAIN),
+                                          pytest.param(400, 0, marks=AGAIN)])
 def test_parallel_steps_writing_into_one_folder_match_a_local_run(make_cluster, clusters_env,
                                                                   new_project, steps, repeat):
     c = make_cluster("local", slots=6)
