@@ -440,13 +440,12 @@ class Stager:
         report.bytes_total = sum(sizes.values())
         report.conflicts = plan.conflicts
         report.agreed.update(plan.agreed)
-        self._apply(plan, root, guard, remote_root, remote, report, progress)
+        self._apply(plan, root, guard, remote_root, report, progress)
         report.seconds = time.monotonic() - t0
         return report
 
     def _apply(self, plan: GatherPlan, root: str, guard: str, remote_root: str,
-               remote: Dict[str, str], report: StageReport, progress: Optional[Progress]
-               ) -> None:
+               report: StageReport, progress: Optional[Progress]) -> None:
         """Carry out a gather plan: files and links out of the way, folders, contents and
         links, then folders the cluster removed (when empty)."""
         def dest_of(rel: str) -> Optional[str]:
@@ -455,7 +454,7 @@ class Stager:
         for rel, here in plan.delete:
             if here != DIR and (dest := dest_of(rel)) is not None:
                 os.unlink(dest)
-                report.agreed[rel] = remote.get(rel, "") if remote.get(rel) != DIR else ""
+                report.agreed[rel] = ""  # a folder made in its place below says so
         for rel in sorted(plan.mkdirs, key=lambda r: r.count("/")):
             if (dest := dest_of(rel)) is not None:
                 os.makedirs(dest, exist_ok=True)
@@ -467,8 +466,8 @@ class Stager:
                   if (dest := dest_of(rel)) is not None]
         if wanted:
             self._receive(remote_root, wanted, report, progress)
-            report.agreed.update((rel, sha) for rel, _d, _s, sha in wanted
-                                 if rel in set(report.fetched))
+            fetched = set(report.fetched)
+            report.agreed.update((rel, sha) for rel, _d, _s, sha in wanted if rel in fetched)
         for rel, here in sorted(plan.delete, key=lambda x: -x[0].count("/")):
             if here == DIR and (dest := dest_of(rel)) is not None:
                 try:
