@@ -172,6 +172,7 @@ class CloudStepExecutor(ThreadStepExecutor):
         def renew(name: str) -> str:
             current["id"] = run.next_attempt(base_id)
             run.place(current["id"], name)
+            self._track("%s:%s" % (name, current["id"]), add=True)  # Stop cancels it too
             return current["id"]
 
         def work(name: str, attempt: int) -> dict:
