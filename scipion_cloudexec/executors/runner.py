@@ -35,8 +35,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from ..agent.client import AgentClient, JobError, JobFuture, JobLost
 from ..agent.jobs import JobState
 from ..config import ClusterConfig
-from ..staging.client import Stager, StageReport
-from ..staging.sync import SyncConflict, SyncState
+from ..staging.client import EXTERNAL, Stager, StageReport, mirror_path
+from ..staging.sync import SyncConflict, SyncState, under
 from .translate import PathMapper, RemoteCommand, translate
 
 log = logging.getLogger(__name__)
@@ -151,9 +151,14 @@ class ClusterRunner:
                 return
             self.client.start()
             self.stager = Stager(self.client.ssh, self.cluster)
-            self.mapper = PathMapper(self.run.project_root,
-                                     self.stager.mirror_root(self.run.mirror),
-                                     self.cluster.python, self.cluster.path_map)
+            root = self.stager.mirror_root(self.run.mirror)
+            staged = []  # inputs outside the project: the command names their staged copy
+            for path in self._relative(self.inputs()):
+                rel = mirror_path(self.run.project_root, path)
+                if rel.split(os.sep, 1)[0] == EXTERNAL:
+                    staged.append((path, "%s/%s" % (root, rel)))
+            self.mapper = PathMapper(self.run.project_root, root, self.cluster.python,
+                                     self.cluster.path_map, staged=staged)
 
     def close(self) -> None:
         if self.pool is not None and not self.pool.done():
@@ -221,10 +226,15 @@ class ClusterRunner:
         return [os.path.join(self.run.run_dir, e) for e in EXCLUDE]
 
     def _relative(self, files: Iterable[str]) -> List[str]:
+        """Input files as absolute paths, but those the cluster sees through ``path_map``
+        (they are not staged: the command names their twin there)."""
+        mapped = [os.path.abspath(local) for local, _ in self.cluster.path_map]
         out = []
         for f in files:
             if f and os.path.exists(f):
-                out.append(f if os.path.isabs(f) else os.path.join(self.run.project_root, f))
+                path = f if os.path.isabs(f) else os.path.join(self.run.project_root, f)
+                if not any(under(os.path.abspath(path), m) for m in mapped):
+                    out.append(path)
         return out
 
     def submit(self, cmd: RemoteCommand, job_id: str, label: str, pool: str = "") -> JobFuture:

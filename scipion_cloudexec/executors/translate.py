@@ -6,7 +6,8 @@ Pure functions, no I/O: what runs where is decided here and tested alone.
   run by ``/bin/sh -c`` on the cluster; the launcher puts ``mpirun -np N`` (or ``srun``) in
   front, exactly as a local MPI run puts its ``PARALLEL_COMMAND``.
 * Local absolute paths are rewritten: the project folder becomes the cluster's mirror, the
-  desktop's Python becomes the cluster's ``python``, ``path_map`` prefixes their remote twins.
+  desktop's Python becomes the cluster's ``python``, ``path_map`` prefixes their remote twins,
+  and an input outside the project its staged copy in the mirror's ``_external/``.
 * Only the environment the plugin *added* travels (``Plugin.getEnviron()`` minus the desktop's
   own variables); PATH-like variables travel as prefixes of the cluster's own value.
 """
@@ -44,8 +45,12 @@ class PathMapper:
     """Rewrites desktop absolute paths into their cluster twins, longest prefix first."""
 
     def __init__(self, project_root: str, mirror_root: str, python: str,
-                 path_map: Sequence[Tuple[str, str]] = (), local_python: str = sys.executable):
+                 path_map: Sequence[Tuple[str, str]] = (), local_python: str = sys.executable,
+                 staged: Sequence[Tuple[str, str]] = ()):
+        """*staged*: (local path, remote path) of inputs outside the project that were
+        staged into the mirror (under ``_external/``)."""
         pairs = [(os.path.abspath(project_root), mirror_root), (local_python, python)]
+        pairs += [(os.path.abspath(local), remote) for local, remote in staged]
         real = os.path.realpath(project_root)
         if real != os.path.abspath(project_root):
             pairs.append((real, mirror_root))

@@ -53,6 +53,7 @@ BATCH_BYTES = 256 << 20  # and bytes: the next batch is hashed while this one tr
 BULK_START = 128 << 20  # start it for a staging with this much new content
 BULK_MIN = 1 << 20  # once it runs, transfers from this size use it
 CHECKS_AHEAD = 2  # checks in flight: the cluster checks one batch while we walk the next
+EXTERNAL = "_external"  # inputs outside the project, under their absolute path
 
 
 class NoSpace(StagingError):
@@ -114,6 +115,18 @@ def default_hash_cache() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return os.path.join(base, "scipion-cloudexec", "hashes.sqlite")
 
+
+
+def mirror_path(project_root: str, local: str) -> str:
+    """Where *local* (absolute, or relative to the project) lives in the project's mirror,
+    relative to the mirror: its project-relative path, or ``_external/<absolute path>`` for
+    a path outside the project."""
+    root = os.path.abspath(project_root)
+    path = os.path.abspath(os.path.join(root, local))
+    rel = os.path.relpath(path, root)
+    if rel == ".." or rel.startswith(".." + os.sep):
+        rel = os.path.join(EXTERNAL, path.lstrip("/"))
+    return os.path.normpath(rel)
 
 class Stager:
     """Stage files between a local project and its mirror on one cluster.
@@ -226,10 +239,7 @@ class Stager:
         root = os.path.abspath(project_root)
         for p in paths:
             local = p if os.path.isabs(p) else os.path.join(root, p)
-            rel = os.path.relpath(os.path.abspath(local), root)
-            if rel.startswith(".."):
-                rel = os.path.join("_external", os.path.abspath(local).lstrip("/"))
-            rel = os.path.normpath(rel)
+            rel = mirror_path(root, local)
             if os.path.isdir(local):
                 yield from _walk_dir(local, rel, exclude, set())
             elif os.path.exists(local):

@@ -163,3 +163,52 @@ def test_a_message_that_cannot_be_encoded_fails_its_future_not_the_connection(cl
             broken.result(timeout=30)
         assert bad.result(timeout=30).exit_code == 0
         assert client.submit(["echo", "still here"]).result(timeout=30).exit_code == 0
+
+
+def test_inputs_outside_the_project_are_named_by_their_staged_copy(private_cluster, private_host,
+                                                                   tmp_path):
+    """An input outside the project travels under ``_external/`` in the mirror, and the
+    command names that copy: the host cannot see the desktop's path. An input under a
+    ``path_map`` folder does not travel: the command names its twin on the cluster."""
+    import os
+    import shlex
+    from dataclasses import replace
+    from scipion_cloudexec.executors.runner import ClusterRunner, ProtocolRun
+    from scipion_cloudexec.transport.ssh import SSHConnection, Target
+    ext = tmp_path / "microscope"
+    (ext / "stack").mkdir(parents=True)
+    (ext / "gain.mrc").write_bytes(b"GAIN" * 1000)
+    (ext / "stack" / "b.txt").write_text("frames\n")
+    shared = tmp_path / "beegfs"  # the cluster sees it as <work>/beegfs
+    shared.mkdir()
+    (shared / "ref.txt").write_text("desktop copy: must not travel\n")
+    twin = "%s/%s-beegfs" % (private_host.work, tmp_path.name)
+    ssh = SSHConnection(Target.of(private_cluster))
+    ssh.connect()
+    try:
+        assert ssh.run("mkdir -p %s && echo cluster copy > %s/ref.txt"
+                       % (twin, twin)).exit_status == 0
+        cluster = replace(private_cluster, path_map=((str(shared), twin),))
+        project = tmp_path / "proj"
+        run_dir = project / "Runs" / "000002_ProtX"
+        (run_dir / "extra").mkdir(parents=True)
+        run = ProtocolRun(str(project), "proj", str(run_dir), 2)
+        inputs = [str(ext / "gain.mrc"), str(ext / "stack"), str(shared / "ref.txt")]
+        runner = ClusterRunner(cluster, run, inputs=lambda: inputs)
+        try:
+            line = "cat %s %s/b.txt %s > extra/out.txt" % tuple(
+                shlex.quote(p) for p in (str(ext / "gain.mrc"), str(ext / "stack"),
+                                         str(shared / "ref.txt")))
+            record = runner.run_job("/bin/sh", "-c %s" % shlex.quote(line), ranks=1, threads=1,
+                                    gpus=[], env=None, cwd=str(run_dir), step_id=1,
+                                    job_id=run.job_id(1), label="external", say=lambda s: None)
+        finally:
+            runner.close()
+        assert record["state"] == "done", record
+        assert (run_dir / "extra" / "out.txt").read_bytes() == \
+            b"GAIN" * 1000 + b"frames\ncluster copy\n"
+        assert not any("beegfs" in p for p in record["inputs"]), record["inputs"]
+        assert os.path.join("_external", str(ext / "gain.mrc").lstrip("/")) in record["inputs"]
+    finally:
+        ssh.run("rm -rf %s" % twin)
+        ssh.close()
