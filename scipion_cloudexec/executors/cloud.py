@@ -167,7 +167,8 @@ class CloudStepExecutor(ThreadStepExecutor):
         earlier = run.latest(base_id)  # Continue: the job an earlier process sent, if any
         request = JobRequest(ranks=max(1, int(numberOfMpi)), threads=max(1, int(numberOfThreads)),
                              gpus=tuple(gpus))
-        current = {"id": earlier[0] if earlier else base_id}
+        current = {"id": earlier[0] if earlier else base_id,
+                   "cluster": earlier[1] if earlier else None}
 
         def renew(name: str) -> str:
             current["id"] = run.next_attempt(base_id)
@@ -176,8 +177,11 @@ class CloudStepExecutor(ThreadStepExecutor):
             return current["id"]
 
         def work(name: str, attempt: int) -> dict:
-            if attempt:  # a retry is a new job, never the lost one again
+            # Again on the same cluster: the same job, attached to if it still runs there
+            # (renewed if it ended badly); elsewhere: a new job.
+            if current["cluster"] not in (None, name):
                 current["id"] = run.next_attempt(base_id)
+            current["cluster"] = name
             run.place(current["id"], name)
             ref = "%s:%s" % (name, current["id"])
             self._track(ref, add=True)
@@ -195,14 +199,18 @@ class CloudStepExecutor(ThreadStepExecutor):
         def failover(name: str, error: BaseException) -> None:
             if not cluster_down(error):
                 say("cloudexec: job %s on cluster %s failed for a reason outside the program "
-                    "(%s: %s): it runs again as a new job" % (current["id"], name,
+                    "(%s: %s): it is tried again" % (current["id"], name,
                                                              type(error).__name__,
                                                              str(error).splitlines()[0]))
                 return
+            if len(self.clusters) > 1:
+                # its jobs there may run on unseen: stopped, and the mirror emptied, before
+                # this run uses that cluster again
+                self._protocol_run().sync.abandon(name)
             say("cloudexec: cluster %s failed this job (%s: %s); %s"
                 % (name, type(error).__name__, str(error).splitlines()[0],
                    "it goes to another cluster" if len(self.clusters) > 1 else
-                   "it is tried there again once the cluster is back (in %.0f s at most)"
+                   "it is tried there again in %.0f s, attached to if it still runs"
                    % self.dispatcher.down_for))
             self._drop_runner(name)
 

@@ -19,6 +19,7 @@ restart gets a new one, a resume keeps it), the step and the call's rank within 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import getpass
 import hashlib
 import json
@@ -32,7 +33,7 @@ import time
 import uuid
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..agent.client import AgentClient, JobError, JobFuture, JobLost
+from ..agent.client import AgentClient, JobError, JobFuture, JobLost, RequestRefused
 from ..agent.jobs import JobState
 from ..config import ClusterConfig
 from ..staging.client import EXTERNAL, Stager, StageReport, mirror_path
@@ -41,7 +42,8 @@ from .translate import PathMapper, RemoteCommand, translate
 
 log = logging.getLogger(__name__)
 LOG_EVERY = 10.0  # seconds between progress lines in the protocol log
-EXCLUDE = ("logs/",)  # pyworkflow writes these locally while the protocol runs
+EXCLUDE = ("logs/",)
+ABANDONED_STOP = 120  # seconds a job left on a lost cluster may take to stop when it is back  # pyworkflow writes these locally while the protocol runs
 
 
 class RemoteStepError(RuntimeError):
@@ -100,6 +102,15 @@ class ProtocolRun:
             return []
         return [(p["job_id"], p["cluster"]) for p in found
                 if p.get("job_id") == job_id or p.get("job_id", "").startswith(job_id + ".")]
+
+    def placed_on(self, cluster: str) -> List[str]:
+        """Every job id this run sent to *cluster*, oldest first."""
+        try:
+            with open(os.path.join(self.logs, "cloudexec-placements.jsonl")) as f:
+                found = [json.loads(line) for line in f]
+        except OSError:
+            return []
+        return list(dict.fromkeys(p["job_id"] for p in found if p.get("cluster") == cluster))
 
     def latest(self, job_id: str) -> Optional[Tuple[str, str]]:
         """The newest attempt of a job and its cluster, if an earlier process placed it."""
@@ -209,6 +220,8 @@ class ClusterRunner:
             paths = sorted(set(self._relative(self.inputs()))) + paths
         with self._stage_lock:
             if not run.sync.known(name):
+                if run.sync.abandoned(name):
+                    self._stop_abandoned(say)
                 self.stager.reset(run.mirror, run.run_dir)
                 run.sync.met(name)
             report = self.stager.stage_in(
@@ -221,6 +234,33 @@ class ClusterRunner:
         if report.conflicts:
             raise SyncConflict(name, report.conflicts)
         return report
+
+    def _stop_abandoned(self, say: Callable[[str], None]) -> None:
+        """This run's work left this cluster while jobs ran there, unobserved: stop them
+        before the mirror is emptied, so none writes into it afterwards (their steps ran
+        again elsewhere, or run again here)."""
+        stopping = []
+        for job_id in self.run.placed_on(self.cluster.name):
+            try:
+                state = self.client.cancel(job_id)
+            except RequestRefused:  # never reached the cluster
+                continue
+            if not JobState(state).final:
+                stopping.append(job_id)
+        for job_id in stopping:
+            try:
+                self.client.attach(job_id, out_offset=1 << 62, err_offset=1 << 62).result(
+                    ABANDONED_STOP)
+            except JobError:
+                pass
+            except concurrent.futures.TimeoutError:
+                raise RemoteStepError(
+                    "job %s, left on cluster %s when it was lost, did not stop within %d s; "
+                    "stop it (scipion-cloudexec cancel %s:%s), then Continue"
+                    % (job_id, self.cluster.name, ABANDONED_STOP, self.cluster.name, job_id))
+        if stopping:
+            say("cloudexec: %d job(s) of this run left on %s when it was lost were stopped: "
+                "their steps run again" % (len(stopping), self.cluster.name))
 
     def _exclude(self) -> List[str]:
         return [os.path.join(self.run.run_dir, e) for e in EXCLUDE]

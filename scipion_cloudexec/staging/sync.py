@@ -51,6 +51,7 @@ class SyncState:
         self._db.execute("CREATE TABLE IF NOT EXISTS base (cluster TEXT, path TEXT, state TEXT,"
                          " PRIMARY KEY (cluster, path))")
         self._db.execute("CREATE TABLE IF NOT EXISTS clusters (cluster TEXT PRIMARY KEY)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS abandoned (cluster TEXT PRIMARY KEY)")
         self._lock = threading.Lock()
 
     def known(self, cluster: str) -> bool:
@@ -60,8 +61,22 @@ class SyncState:
                                     (cluster,)).fetchone() is not None
 
     def met(self, cluster: str) -> None:
+        """*cluster*'s mirror of the run was reset: in step from now on."""
+        self._write([("INSERT OR IGNORE INTO clusters VALUES (?)", [(cluster,)]),
+                     ("DELETE FROM abandoned WHERE cluster=?", [(cluster,)])])
+
+    def abandon(self, cluster: str) -> None:
+        """The run's work left *cluster* (lost, its jobs moved elsewhere): forget its base,
+        so the next contact stops the run's jobs still there and empties its mirror."""
+        self._write([("DELETE FROM base WHERE cluster=?", [(cluster,)]),
+                     ("DELETE FROM clusters WHERE cluster=?", [(cluster,)]),
+                     ("INSERT OR IGNORE INTO abandoned VALUES (?)", [(cluster,)])])
+
+    def abandoned(self, cluster: str) -> bool:
+        """Whether jobs of this run may still run on *cluster*, unobserved."""
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO clusters VALUES (?)", (cluster,))
+            return self._db.execute("SELECT 1 FROM abandoned WHERE cluster=?",
+                                    (cluster,)).fetchone() is not None
 
     def base(self, cluster: str) -> Dict[str, str]:
         with self._lock:
@@ -72,13 +87,18 @@ class SyncState:
         """Record agreed states; "" drops a path."""
         if not states:
             return
+        self._write([("DELETE FROM base WHERE cluster=? AND path=?",
+                      [(cluster, p) for p, s in states.items() if not s]),
+                     ("INSERT OR REPLACE INTO base VALUES (?,?,?)",
+                      [(cluster, p, s) for p, s in states.items() if s])])
+
+    def _write(self, statements: List[Tuple[str, List[tuple]]]) -> None:
+        """Run (sql, rows) statements as one transaction."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("DELETE FROM base WHERE cluster=? AND path=?",
-                                     [(cluster, p) for p, s in states.items() if not s])
-                self._db.executemany("INSERT OR REPLACE INTO base VALUES (?,?,?)",
-                                     [(cluster, p, s) for p, s in states.items() if s])
+                for sql, rows in statements:
+                    self._db.executemany(sql, rows)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise

@@ -208,3 +208,19 @@ def private_cluster(private_host, testbed, tmp_path) -> Iterator[ClusterConfig]:
         _stop_agent(private_host.path(workdir))
         import shutil
         shutil.rmtree(private_host.path(workdir), ignore_errors=True)
+
+
+@pytest.fixture
+def reliability(request):
+    """``reliability(fault=..., when=..., seen=..., recover_s=..., lost=0, twice=0)``: a
+    measured row of docs/RELIABILITY.md. Written (JSON lines, with the test's id) to
+    ``$CLOUDEXEC_RELIABILITY_OUT`` when set (benchmarks/reliability.py sets it), else
+    dropped: the test's assertions are what it checks."""
+    out = os.environ.get("CLOUDEXEC_RELIABILITY_OUT")
+
+    def record(**row) -> None:
+        if out:
+            row["test"] = request.node.nodeid
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return record

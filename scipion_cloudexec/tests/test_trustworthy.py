@@ -146,7 +146,7 @@ def test_two_clusters_see_each_others_folders_and_deletions(make_cluster, cluste
 @REPEAT
 def test_a_sibling_lost_job_retries_alone(make_cluster, clusters_env, new_project, tmp_path,
                                           repeat):
-    """A job killed under the agent (its node lost) runs again as a new job; its sibling on
+    """A job killed under the agent (its node lost) runs again as a new attempt; its sibling on
     the same cluster goes on and is not run twice."""
     import json
     import signal
@@ -175,7 +175,7 @@ def test_a_sibling_lost_job_retries_alone(make_cluster, clusters_env, new_projec
     assert cloud.isFinished(), text
     records = provenance(cloud)
     assert sorted(r["state"] for r in records).count("done") == 2, json.dumps(records)
-    assert "runs again as a new job" in text
+    assert "it is tried again" in text and "the step runs again as job" in text
     assert "failed this job" not in text, "the cluster was not dropped for one lost job"
     local = launch(project, shell(project, "local", numberOfThreads=3, fanCopies=2,
                                   fan=fan.replace(str(pids), str(tmp_path / "nothing"))
