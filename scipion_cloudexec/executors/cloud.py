@@ -17,6 +17,7 @@ import datetime
 import logging
 import os
 import threading
+import time
 from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -37,6 +38,11 @@ INFRA_ERRORS = (SSHError, StagingError, JobLost, AgentLost, AgentStartError, Ver
 #: connection is dropped (the others only retry the job; its sibling jobs go on)
 CLUSTER_DOWN = (SSHError, LinkLost, AgentLost, AgentStartError, VersionMismatch, EOFError,
                 ConnectionError, TimeoutError)
+
+
+#: contact lost for good: no point trying the same cluster again at once
+_NEVER_CURED = (UnknownHostKey, HostKeyChanged, AuthRefused, AgentStartError, VersionMismatch)
+RECONNECT_PAUSE = 2.0  # seconds between attempts to reach a cluster contact was lost with
 
 
 def is_infra(error: BaseException) -> bool:
@@ -86,12 +92,17 @@ class CloudStepExecutor(ThreadStepExecutor):
         wall_time: SLURM wall time for the jobs, overriding the cluster's ``time``.
         pool_ranks: if > 0, single-rank jobs run on an mpi4py worker pool of that many ranks,
             held on the cluster for the protocol's duration (no ``mpirun`` per step).
+        retries: tries of a job after infrastructure failures.
+        down_for: seconds a cluster found down gets no work.
+        reconnect_for: seconds a job tries to reach its cluster again after losing contact
+            (its job goes on there) before it is failed over.
     """
 
     def __init__(self, hostConfig, nThreads: int,
                  cluster: Union[ClusterConfig, Sequence[ClusterConfig]],
                  gpuList: Optional[List[int]] = None, wall_time: str = "", pool_ranks: int = 0,
-                 policy: Optional[Policy] = None, retries: int = 2, down_for: float = 30.0):
+                 policy: Optional[Policy] = None, retries: int = 2, down_for: float = 30.0,
+                 reconnect_for: float = 30.0):
         super().__init__(hostConfig, max(1, nThreads), gpuList=gpuList)
         clusters = [cluster] if isinstance(cluster, ClusterConfig) else list(cluster)
         if wall_time:
@@ -100,6 +111,7 @@ class CloudStepExecutor(ThreadStepExecutor):
         self.dispatcher = MultiClusterDispatcher([(c.name, c.slots, c.gpus) for c in clusters],
                                                  policy, retries, down_for, self._bytes_in_place)
         self.pool_ranks = pool_ranks
+        self.reconnect_for = reconnect_for
         self.runners: Dict[str, ClusterRunner] = {}
         self._run: Optional[ProtocolRun] = None
         self._runner_lock = threading.Lock()
@@ -136,9 +148,12 @@ class CloudStepExecutor(ThreadStepExecutor):
         runner = self.runners.get(name)  # a plain read: called under the dispatcher's lock
         return runner.bytes_in_place if runner is not None else 0
 
-    def _drop_runner(self, name: str) -> None:
-        """Forget a lost cluster's connection: the next job there reconnects afresh."""
+    def _drop_runner(self, name: str, only: Optional[ClusterRunner] = None) -> None:
+        """Forget a lost cluster's connection: the next job there reconnects afresh.
+        With *only*, just that connection (not a newer one another thread made)."""
         with self._runner_lock:
+            if only is not None and self.runners.get(name) is not only:
+                return
             runner = self.runners.pop(name, None)
         if runner is not None:
             try:
@@ -185,12 +200,25 @@ class CloudStepExecutor(ThreadStepExecutor):
             run.place(current["id"], name)
             ref = "%s:%s" % (name, current["id"])
             self._track(ref, add=True)
+            lost_at = 0.0
             try:
-                return self._runner(name).run_job(
-                    programName, params, ranks=numberOfMpi, threads=numberOfThreads, gpus=gpus,
-                    env=env, cwd=cwd, step_id=step_id, job_id=current["id"],
-                    label="%s step %s" % (self.protocol.getRunName(), step_id), say=say,
-                    renew=renew)
+                while True:
+                    runner = self._runner(name)
+                    try:
+                        record = runner.run_job(
+                            programName, params, ranks=numberOfMpi, threads=numberOfThreads,
+                            gpus=gpus, env=env, cwd=cwd, step_id=step_id, job_id=current["id"],
+                            label="%s step %s" % (self.protocol.getRunName(), step_id),
+                            say=say, renew=renew)
+                    except BaseException as e:
+                        if not self._reconnect(name, runner, e, lost_at, say):
+                            raise
+                        lost_at = lost_at or time.monotonic()
+                        continue
+                    if lost_at:
+                        say("cloudexec: in contact with %s again after %.1f s"
+                            % (name, time.monotonic() - lost_at))
+                    return record
             finally:
                 self._track(ref, add=False)
                 if current["id"] != ref.split(":", 1)[1]:
@@ -217,6 +245,26 @@ class CloudStepExecutor(ThreadStepExecutor):
         self.dispatcher.run(request, work, is_infra, failover,
                             prefer=earlier[1] if earlier else None, is_down=cluster_down,
                             is_permanent=cannot_use)
+
+    def _reconnect(self, name: str, runner: ClusterRunner, error: BaseException,
+                   lost_at: float, say) -> bool:
+        """After losing contact with cluster *name*: whether to try it again (its job may
+        well go on there: attaching to it again beats running it twice). True, after a
+        pause, while within ``reconnect_for`` seconds of the first loss."""
+        if not (is_infra(error) and cluster_down(error)) or isinstance(error, _NEVER_CURED):
+            return False
+        if not lost_at and not runner.connected:  # never reached: fail fast, as before
+            return False
+        now = time.monotonic()
+        if now - (lost_at or now) >= self.reconnect_for:
+            return False
+        if not lost_at:
+            say("cloudexec: lost contact with cluster %s (%s: %s); trying to reach it again "
+                "for up to %.0f s: its job goes on there meanwhile"
+                % (name, type(error).__name__, str(error).splitlines()[0], self.reconnect_for))
+        self._drop_runner(name, only=runner)
+        time.sleep(RECONNECT_PAUSE)
+        return True
 
     def _track(self, ref: str, add: bool) -> None:
         """Keep running jobs in the protocol's job ids, so Scipion's Stop cancels them

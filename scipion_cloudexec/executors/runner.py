@@ -171,6 +171,11 @@ class ClusterRunner:
             self.mapper = PathMapper(self.run.project_root, root, self.cluster.python,
                                      self.cluster.path_map, staged=staged)
 
+    @property
+    def connected(self) -> bool:
+        """Whether this runner reached its cluster."""
+        return self.stager is not None
+
     def close(self) -> None:
         if self.pool is not None and not self.pool.done():
             try:  # the protocol is over: its pool goes too

@@ -14,6 +14,8 @@ protocol itself runs on the desktop and only its jobs go out):
     QUEUE_FOR_JOBS = Y     CLOUD_TIME = 04:00:00 (SLURM wall time per job)
     CLOUD_POOL = 8         single-rank steps go to an mpi4py worker pool of 8 ranks
     CLOUD_RETRIES = 2      tries after an infrastructure failure (lost cluster, node, agent)
+    CLOUD_RECONNECT = 30   seconds a step tries to reach its cluster again after losing
+                           contact (its job goes on there) before it moves elsewhere
 
 The queue name is a cluster of the clusters file, a ``[group NAME]`` of it, several cluster
 names joined by commas, or ``all``: a
@@ -65,6 +67,7 @@ def make_executor(protocol, stock, queue: str, params: Dict[str, Any]):
                               % (queue, next(iter(clusters.values())).source,
                                  ", ".join(clusters)))
         retries = int(params.get("CLOUD_RETRIES") or 2)
+        reconnect = float(params.get("CLOUD_RECONNECT") or 30)
     except (ConfigError, ValueError) as e:
         return _Refusing(host, str(e))
     try:
@@ -74,7 +77,7 @@ def make_executor(protocol, stock, queue: str, params: Dict[str, Any]):
                          % params.get("CLOUD_POOL"))
     return CloudStepExecutor(host, threads, [clusters[n] for n in names], gpuList=gpus,
                              wall_time=str(params.get("CLOUD_TIME", "") or ""), pool_ranks=pool,
-                             retries=retries)
+                             retries=retries, reconnect_for=reconnect)
 
 
 def install() -> None:

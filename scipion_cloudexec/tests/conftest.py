@@ -164,13 +164,19 @@ def hosts(testbed):
     if not NetnsClusters.available():
         pytest.skip("network namespaces need root and iproute2 (ip netns)")
     n = NetnsClusters(testbed, 3)
+    users = os.path.join(n.root, "users")  # pytest sessions using them at once
+    os.makedirs(users, exist_ok=True)
+    me = os.path.join(users, str(os.getpid()))
+    open(me, "w").close()
     try:
         n.up()
     except Exception as e:
         n.down()
         pytest.fail("network namespaces did not come up: %s" % e)
     yield n
-    n.down()
+    os.unlink(me)
+    if not [p for p in os.listdir(users) if p.isdigit() and os.path.exists("/proc/" + p)]:
+        n.down()  # the last session out
 
 
 @pytest.fixture(scope="session")

@@ -63,38 +63,86 @@ def wait_started(ledger, n, timeout=120):
     raise AssertionError("the jobs never started")
 
 
-def test_link_cut_mid_job_on_the_only_cluster_runs_no_step_twice(netns_cluster, hosts,
-                                                                 clusters_env, new_project,
-                                                                 tmp_path, reliability):
-    """The link to the only cluster drops for 5 s while its jobs run. The jobs go on
-    there; when the link is back the protocol attaches to them again: each command
-    completes once, and the run folder is what a local run leaves."""
-    c = netns_cluster(hosts.names()[0])
-    clusters_env(c)
-    project = new_project("cutjob")
-    local_ledger, ledger = str(tmp_path / "local.log"), str(tmp_path / "cloud.log")
-    local = launch(project, shell(project, "local", logged_step(local_ledger, 0), 4, 4))
-    assert local.isFinished(), logs(local)
-    prot = shell(project, "cloud", logged_step(ledger, 8), 4, 4)
+def run_with_cut(project, queue, ledger, copies, seconds, cut_s, hosts, cut, wait_for_starts,
+                 **queue_params):
+    """Launch the logged fan on *queue*, cut *cut*'s link for *cut_s* seconds once
+    *wait_for_starts* commands started; returns (protocol, seconds from restore to end,
+    seconds in all)."""
+    prot = shell(project, "cloud", logged_step(ledger, seconds), copies, 5)
     prot._useQueue.set(True)
-    prot.setQueueParams([c.name, {"QUEUE_FOR_JOBS": "Y"}])
+    prot.setQueueParams([queue, dict(QUEUE_FOR_JOBS="Y", **queue_params)])
     t0 = time.monotonic()
     project.launchProtocol(prot, wait=False)
-    wait_started(ledger, 4)
-    hosts.link(c.name, False)
-    cut = time.monotonic()
-    time.sleep(5)  # > 3 heartbeats: the desktop takes the cluster for lost
-    hosts.link(c.name, True)
+    wait_started(ledger, wait_for_starts)
+    hosts.link(cut, False)
+    time.sleep(cut_s)
+    hosts.link(cut, True)
     back = time.monotonic()
-    prot = wait_done(project, prot, timeout=240)
+    prot = wait_done(project, prot, timeout=400)
     done = time.monotonic()
-    assert prot.isFinished(), logs(prot)
-    assert "failed this job (AgentLost" in logs(prot)
+    return prot, round(done - back, 1), round(done - t0, 1)
+
+
+def local_run(project, tmp_path, copies):
+    local = launch(project, shell(project, "local", logged_step(str(tmp_path / "local.log"), 0),
+                                  copies, 5))
+    assert local.isFinished(), logs(local)
+    return local
+
+
+@pytest.mark.parametrize("n_clusters", [1, 2])
+def test_a_short_link_cut_mid_job_runs_no_step_twice(netns_cluster, hosts, clusters_env,
+                                                     new_project, tmp_path, reliability,
+                                                     n_clusters):
+    """The link to a cluster drops for 5 s while its jobs run. They go on there; the
+    desktop reaches the cluster again and attaches to them: no job moves, each command
+    completes once, and the run folder is what a local run leaves."""
+    clusters = [netns_cluster(n, slots=2) for n in hosts.names()[:n_clusters]]
+    clusters_env(*clusters)
+    cut = clusters[-1].name
+    project = new_project("cutjob")
+    local = local_run(project, tmp_path, 4)
+    ledger = str(tmp_path / "cloud.log")
+    prot, recover, total = run_with_cut(project, "all", ledger, 4, 8, 5, hosts, cut, 3)
+    text = logs(prot)
+    assert prot.isFinished(), text
+    assert "lost contact with cluster %s" % cut in text
+    assert "in contact with %s again" % cut in text
+    assert "failed this job" not in text, "nothing moved"
     assert ends(ledger) == {i: 1 for i in range(4)}, "a step's command completed twice"
     assert_same_run(local, prot)
-    assert {r["cluster"] for r in provenance(prot)} == {c.name}
-    reliability(fault="link to the only cluster cut for 5 s", when="mid-job",
-                seen="'cluster %s failed this job (AgentLost ...); it is tried there again'; "
-                     "the protocol then attaches to the running jobs and finishes" % c.name,
-                recover_s=round(done - back, 1), total_s=round(done - t0, 1),
-                cut_s=round(back - cut, 1), lost=0, twice=0)
+    reliability(fault="link to %s cut for 5 s" % ("the only cluster" if n_clusters == 1 else
+                                                   "one of two clusters"),
+                when="mid-job", seen="'lost contact with cluster %s (AgentLost ...); trying to "
+                "reach it again for up to 30 s: its job goes on there meanwhile', then 'in "
+                "contact with %s again after N s'" % (cut, cut),
+                recover_s=recover, total_s=total, lost=0, twice=0)
+
+
+def test_a_long_link_cut_moves_the_jobs_and_stops_those_left(netns_cluster, hosts,
+                                                            clusters_env, new_project,
+                                                            tmp_path, reliability):
+    """The link to one of two clusters stays down longer than CLOUD_RECONNECT: its jobs run
+    again on the other. When the lost cluster takes work of this run again (after 30 s),
+    the jobs left running there are stopped first and its mirror emptied: nothing of them
+    reaches the project and no step's command completes twice."""
+    names = hosts.names()
+    c1, c2 = netns_cluster(names[0], slots=2), netns_cluster(names[1], slots=2)
+    clusters_env(c1, c2)
+    project = new_project("cuttwo")
+    local = local_run(project, tmp_path, 6)
+    ledger = str(tmp_path / "cloud.log")
+    prot, recover, total = run_with_cut(project, "all", ledger, 6, 60, 12, hosts, c2.name, 3,
+                                        CLOUD_RECONNECT="4")
+    text = logs(prot)
+    assert prot.isFinished(), text
+    assert "cluster %s failed this job (AgentLost" % c2.name in text
+    assert "left on %s when it was lost were stopped" % c2.name in text
+    assert ends(ledger) == {i: 1 for i in range(6)}, "a step's command completed twice"
+    assert_same_run(local, prot)
+    reliability(fault="link to one of two clusters cut for 12 s (> CLOUD_RECONNECT=4 s)",
+                when="mid-job", seen="'cluster %s failed this job (AgentLost ...); it goes to "
+                "another cluster'; when %s takes work again: 'N job(s) of this run left on %s "
+                "when it was lost were stopped: their steps run again'"
+                % (c2.name, c2.name, c2.name),
+                recover_s=recover, total_s=total, lost=0, twice=0)
