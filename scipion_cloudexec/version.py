@@ -3,4 +3,4 @@
 __version__ = "0.1.0"
 
 #: Bumped whenever a message changes shape; client and agent must agree on it.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
