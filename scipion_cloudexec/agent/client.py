@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 OutputCallback = Callable[[str, bytes], None]
 STDERR_TAIL = 64 * 1024
+RECEIVE_BATCH = 200  # most messages handled per IO loop turn
 
 
 class AgentError(RuntimeError):
@@ -422,6 +423,7 @@ class AgentClient:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.SNDHWM, 100000)
         sock.setsockopt(zmq.RCVHWM, 100000)
+        sock.setsockopt(zmq.MAXMSGSIZE, m.MAX_REPLY_FRAME)
         sock.connect(address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -444,6 +446,12 @@ class AgentClient:
                         self._refuse(msg.rid, ValueError(  # future, not the IO thread
                             "%s cannot be sent: %s" % (msg.TYPE, e)))
                         continue
+                    size = max(len(f) for f in frames)
+                    if size > m.MAX_REQUEST_FRAME:  # the agent would drop the connection
+                        self._refuse(msg.rid, ValueError(
+                            "%s cannot be sent: %d bytes, the agent takes at most %d (a huge "
+                            "argv or environment?)" % (msg.TYPE, size, m.MAX_REQUEST_FRAME)))
+                        continue
                     sock.send_multipart(frames)
                 if sock in events:
                     self._receive(sock)
@@ -461,7 +469,9 @@ class AgentClient:
             sock.close(0)
 
     def _receive(self, sock: zmq.Socket) -> None:
-        while True:
+        """Handle at most :data:`RECEIVE_BATCH` messages: pings and the heartbeat check run
+        between batches whatever the agent sends."""
+        for _ in range(RECEIVE_BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

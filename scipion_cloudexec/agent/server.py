@@ -51,6 +51,10 @@ log = logging.getLogger("cloudexec.agent")
 CHUNK = 256 * 1024        # largest output chunk per message
 STREAM_EVERY = 0.05       # seconds between output reads while someone watches
 MISSED_BEATS = 3          # a client silent for this many heartbeats is gone
+BATCH = 200               # most messages handled per loop turn
+DROP_LOG_EVERY = 60.0     # seconds between two warnings about one peer's dropped messages
+DROP_PEERS = 64           # peers counted apart; beyond, drops are counted together
+RECV_QUEUE = 1000         # messages queued per connection before ZMQ stops reading it
 
 
 def agent_version() -> str:
@@ -75,6 +79,7 @@ class Agent:
             "process": ProcessScheduler(), "slurm": SlurmScheduler(),
             "pool": PoolScheduler(os.path.join(workdir, "pools"))}
         self.clients: Dict[bytes, float] = {}            # identity -> last message (monotonic)
+        self._drops: Dict[bytes, list] = {}  # peer -> [last warning, dropped since, reason]
         self.watchers: Dict[str, Dict[bytes, List[int]]] = {}  # job -> identity -> [out, err]
         self.jobs: Optional[Supervisor] = None  # with the journal, in bind()
         self.idle_since = time.monotonic()
@@ -95,7 +100,10 @@ class Agent:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100000)
-        self.sock.setsockopt(zmq.RCVHWM, 100000)
+        # bounded intake: a frame over the limit closes its sender's connection unread, and a
+        # flooding connection is back-pressured after RECV_QUEUE messages
+        self.sock.setsockopt(zmq.RCVHWM, RECV_QUEUE)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, m.MAX_REQUEST_FRAME)
         self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         return self.port
 
@@ -151,6 +159,7 @@ class Agent:
         self.running = False
 
     def cleanup(self) -> None:
+        self._flush_drops(time.monotonic(), final=True)
         try:
             with open(self.paths.state) as f:
                 if json.load(f).get("pid") == os.getpid():
@@ -168,14 +177,20 @@ class Agent:
     # ---- phases -----------------------------------------------------------------------
 
     def process_messages(self) -> None:
+        """Handle at most :data:`BATCH` waiting messages, so that a flood cannot hold off
+        heartbeats, reaping and streaming (the rest wait for the next loop turn)."""
         assert self.sock is not None
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than catching Again
+        now = time.monotonic()
+        self._flush_drops(now)
+        for _ in range(BATCH):
+            if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than catching Again
+                break
             frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
             identity, body = m.split_identity(frames)
             try:
                 msg = m.decode(body, self.secret)
             except m.BadMessage as e:
-                log.warning("dropped a message from peer %s: %s", identity.hex(), e)
+                self._dropped(identity, str(e), now)
                 continue
             self.clients[identity] = time.monotonic()
             handler = getattr(self, "on_" + msg.TYPE, None)
@@ -188,6 +203,37 @@ class Agent:
             except Exception as e:  # a bad request must not kill the agent
                 log.exception("request %s failed", msg.TYPE)
                 self.send(identity, m.Error(rid=msg.rid, kind="internal", detail=str(e)))
+
+    def _dropped(self, identity: bytes, reason: str, now: float) -> None:
+        """Count a dropped message; warn at once for a peer's first, then at most once per
+        :data:`DROP_LOG_EVERY` seconds per peer with the count since (a flood must not
+        fill the disk through the log)."""
+        key = identity if identity in self._drops or len(self._drops) < DROP_PEERS else b""
+        entry = self._drops.get(key)
+        if entry is None:
+            self._drops[key] = [now, 0, reason]
+            log.warning("dropped a message from %s: %s", _peer(key), reason)
+            return
+        entry[1] += 1
+        entry[2] = reason
+        if now - entry[0] >= DROP_LOG_EVERY:
+            self._flush_drops(now, [key])
+
+    def _flush_drops(self, now: float, keys: Optional[List[bytes]] = None,
+                     final: bool = False) -> None:
+        """Log the drops counted since each peer's last warning once that is
+        :data:`DROP_LOG_EVERY` seconds old (all of them when *final*); forget peers quiet
+        for as long."""
+        for key in keys if keys is not None else list(self._drops):
+            since, count, reason = self._drops[key]
+            if now - since < DROP_LOG_EVERY and not final:
+                continue
+            if count:
+                log.warning("dropped %d more message(s) from %s in the last %.0f s; last "
+                            "reason: %s", count, _peer(key), now - since, reason)
+                self._drops[key] = [now, 0, reason]
+            else:
+                del self._drops[key]
 
     def collect_results(self) -> None:
         """Apply what the scheduler threads finished (submits, states, cancels)."""
@@ -350,6 +396,10 @@ class Agent:
             return
         self.send(identity, m.Done(rid=msg.rid, ok=True, detail="shutting down"))
         self.running = False
+
+
+def _peer(key: bytes) -> str:
+    return "peer %s" % key.hex() if key else "other peers"
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,136 @@
+"""Faults on the wire, caused for real against a real agent through the real sshd: a peer
+on the head node (a plain ZeroMQ DEALER on the agent's loopback port, as another local user
+could open) flooding forged messages or sending an oversized one, replayed authentic
+frames, and an agent of another protocol version left running on the cluster."""
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import zmq
+
+from scipion_cloudexec.agent import bundle
+from scipion_cloudexec.agent.client import AgentClient, JobCancelled, VersionMismatch
+from scipion_cloudexec.agent.server import Agent
+from scipion_cloudexec.tests.test_agent import agent_state, alive, collect, wait_until
+from scipion_cloudexec.transport import messages as m
+from scipion_cloudexec.version import PROTOCOL_VERSION
+
+PY = sys.executable
+
+
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+def peer(port):
+    """A DEALER on the agent's port from the head node, without the secret."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect("tcp://127.0.0.1:%d" % port)
+    return sock
+
+
+def agent_log(cluster):
+    with open(os.path.join(cluster.workdir, "agent", "agent.log")) as f:
+        return f.read()
+
+
+def test_flood_and_oversized_message_from_a_head_node_peer(make_cluster):
+    """200 MB in one frame and 100,000 forged messages, while an honest client's job runs:
+    the agent's memory stays bounded, the client loses nothing, the log shows the drops
+    once (rate limited)."""
+    c = make_cluster("local", heartbeat=0.5)
+    lines = 4000
+    expected = "".join("line %d\n" % i for i in range(lines))
+    with AgentClient(c) as client:
+        pid, port = client.welcome.pid, int(client.agent_state["port"])
+        before = rss_kib(pid)
+        out = {}
+        gate = os.path.join(c.workdir, "gate")
+        fut = client.submit(["/bin/sh", "-c", "i=0; while [ $i -lt %d ]; do echo line $i; "
+                             "i=$((i+1)); [ $((i %% 500)) = 0 ] && sleep 0.2; done; "
+                             "while [ ! -e %s ]; do sleep 0.05; done" % (lines, gate)],
+                            on_output=collect(out))
+        wait_until(lambda: fut.running(), 10, "job running")
+        stop = threading.Event()
+        worst = {"rss": before, "gap": 0.0}
+
+        def watch():  # agent memory and the client's silence, sampled during the faults
+            while not stop.is_set():
+                worst["rss"] = max(worst["rss"], rss_kib(pid))
+                worst["gap"] = max(worst["gap"], time.monotonic() - client.last_heard)
+                time.sleep(0.02)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            big = peer(port)
+            big.send_multipart([m.header(PROTOCOL_VERSION), b"\0" * 32, b"x" * (200 << 20)])
+            flood = peer(port)
+            forged = m.encode(m.Submit(spec={"job_id": "evil", "argv": ["true"]}), b"n" * 32)
+            t0 = time.monotonic()
+            for _ in range(100000):
+                flood.send_multipart(forged)  # blocks while the agent's queue is full
+            sent = time.monotonic() - t0
+            # one connection's messages are read in order: the agent has read every forged
+            # one when it answers an authentic ping queued behind them (the test knows the
+            # secret; the flooding peer would not)
+            flood.send_multipart(m.encode(m.Ping(seq=1), client._secret))
+            assert flood.poll(60000), "the agent answers after the flood"
+            assert isinstance(m.decode(flood.recv_multipart(), client._secret), m.Pong)
+            drained = time.monotonic() - t0
+            big.close()
+            flood.close()
+        finally:
+            stop.set()
+            watcher.join()
+        open(gate, "w").close()
+        result = fut.result(60)
+        assert client.submit(["echo", "after"]).result(30).exit_code == 0
+        names = [r["job_id"] for r in client.jobs()]
+    print("flood: 100000 forged messages sent in %.2f s, drained in %.2f s; agent RSS %d KiB "
+          "before, %d KiB at most; longest client silence %.2f s (heartbeat %.1f s, lost "
+          "after %.1f s)" % (sent, drained, before, worst["rss"], worst["gap"], c.heartbeat,
+                            3 * c.heartbeat))
+    assert result.exit_code == 0 and out["stdout"].decode() == expected, "all output, in order"
+    assert "evil" not in names
+    assert worst["rss"] - before < 64 << 10, "the 200 MB frame is never buffered"
+    os.kill(pid, signal.SIGTERM)  # a stopping agent logs the drops it still counts
+    wait_until(lambda: not alive(pid), 30, "agent stopped")
+    log = agent_log(c)
+    warnings = [line for line in log.splitlines() if "dropped" in line]
+    assert len(warnings) == 2, warnings[:5]
+    assert "dropped a message from peer" in warnings[0] and "authentication failed" in warnings[0]
+    assert "dropped 99999 more message(s) from peer" in warnings[1], "every one read, dropped"
+
+
+def test_drop_warnings_are_rate_limited_per_peer(tmp_path, caplog):
+    """One warning at once, then one per peer per minute with the count and the reason
+    (the clock is the loop's, passed in: no waiting a minute)."""
+    agent = Agent(str(tmp_path))
+    caplog.set_level(logging.WARNING, logger="cloudexec.agent")
+    for i in range(1000):
+        agent._dropped(b"\x01", "authentication failed", 100.0 + i * 0.01)
+    agent._dropped(b"\x02", "not a cloudexec message", 105.0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "dropped a message from peer 01: authentication failed",
+        "dropped a message from peer 02: not a cloudexec message"]
+    caplog.clear()
+    agent._dropped(b"\x01", "malformed body", 161.0)  # a minute after peer 01's warning
+    agent._flush_drops(170.0)  # peer 02 had nothing more: forgotten
+    assert [r.getMessage() for r in caplog.records] == [
+        "dropped 1000 more message(s) from peer 01 in the last 61 s; last reason: "
+        "malformed body"]
+    caplog.clear()
+    agent._flush_drops(300.0)
+    agent._dropped(b"\x01", "authentication failed", 301.0)  # quiet since: at once again
+    for i in range(500):  # many peers (one connection each): bounded bookkeeping and log
+        agent._dropped(bytes([3]) + i.to_bytes(2, "big"), "authentication failed", 302.0)
+    assert len(caplog.records) == 1 + 64 and len(agent._drops) <= 65
+    assert caplog.records[-1].getMessage().startswith("dropped a message from other peers")
