@@ -15,13 +15,15 @@ import pytest
 import zmq
 
 from scipion_cloudexec.agent import bundle
-from scipion_cloudexec.agent.client import AgentClient, JobCancelled, VersionMismatch
+from scipion_cloudexec.agent.client import AgentClient, VersionMismatch
 from scipion_cloudexec.agent.server import Agent
 from scipion_cloudexec.tests.test_agent import agent_state, alive, collect, wait_until
 from scipion_cloudexec.transport import messages as m
 from scipion_cloudexec.version import PROTOCOL_VERSION
 
 PY = sys.executable
+#: the other release's protocol: 1, the one before this (2 when run on protocol-1 code)
+OTHER = 1 if PROTOCOL_VERSION != 1 else 2
 
 
 def rss_kib(pid):
@@ -134,3 +136,98 @@ def test_drop_warnings_are_rate_limited_per_peer(tmp_path, caplog):
         agent._dropped(bytes([3]) + i.to_bytes(2, "big"), "authentication failed", 302.0)
     assert len(caplog.records) == 1 + 64 and len(agent._drops) <= 65
     assert caplog.records[-1].getMessage().startswith("dropped a message from other peers")
+
+
+def test_agent_answers_a_hello_of_another_protocol_so_that_its_client_can_read_it(
+        make_cluster):
+    """A client of protocol 1 (the envelope without frame lengths) or of a later version
+    gets an explicit Error(kind="protocol") in its own envelope, not silence."""
+    import hashlib
+    import hmac
+    c = make_cluster("local")
+    with AgentClient(c) as client:
+        secret = client._secret
+        sock = peer(int(client.agent_state["port"]))
+        body = (b'{"rid":5,"client":"old desktop","version":"0.0.9+abc","protocol":1,'
+                b'"t":"Hello","v":1}')
+        sock.send_multipart([b"CX", hmac.new(secret, body, hashlib.sha256).digest(), body])
+        assert sock.poll(10000), "the agent answers a protocol-1 Hello"
+        head, mac, answer = sock.recv_multipart()
+        # what a protocol-1 client checks before it reads an Error
+        assert head == b"CX" and hmac.compare_digest(
+            mac, hmac.new(secret, answer, hashlib.sha256).digest())
+        assert b'"t":"Error"' in answer and b'"kind":"protocol"' in answer
+        assert b'"rid":5' in answer and b"speaks protocol 2 and this client protocol 1" in answer
+        later = m.encode(m.Hello(rid=6, client="new desktop"), secret, protocol=3)
+        sock.send_multipart(later)
+        assert sock.poll(10000), "and a protocol-3 Hello"
+        error = m.decode(sock.recv_multipart(), secret, protocol=3)
+        assert (error.kind, error.rid) == ("protocol", 6) and "protocol 3" in error.detail
+        sock.close()
+        assert client.ping() >= 0
+    log = agent_log(c)
+    assert "speaks protocol 1, this agent 2: refused" in log
+    assert "speaks protocol 3, this agent 2: refused" in log
+
+
+@pytest.fixture
+def other_protocol_release(tmp_path):
+    """A copy of this package whose version.py says protocol OTHER: another release's client
+    (its cli) and agent bundle (which its cli uploads and starts on the cluster)."""
+    root = tmp_path / "other-release"
+    here = os.path.dirname(os.path.dirname(os.path.abspath(bundle.__file__)))
+    shutil.copytree(here, str(root / "scipion_cloudexec"),
+                    ignore=shutil.ignore_patterns("__pycache__", "tests"))
+    version = root / "scipion_cloudexec" / "version.py"
+    text = version.read_text()
+    assert "PROTOCOL_VERSION = %d" % PROTOCOL_VERSION in text
+    version.write_text(text.replace("PROTOCOL_VERSION = %d" % PROTOCOL_VERSION,
+                                    "PROTOCOL_VERSION = %d" % OTHER))
+    return str(root)
+
+
+def test_agent_of_another_protocol_busy_is_refused_clearly_then_replaced_once_idle(
+        make_cluster, other_protocol_release, tmp_path):
+    c = make_cluster("local")
+    conf = tmp_path / "clusters.conf"
+    conf.write_text("[cluster t]\nhost = 127.0.0.1\nport = %d\nuser = %s\nidentity_file = %s\n"
+                    "known_hosts = %s\nworkdir = %s\npython = %s\nlauncher = local\nslots = 4\n"
+                    "heartbeat = 0.5\n" % (c.port, c.user, c.identity_file, c.known_hosts,
+                                           c.workdir, PY))
+    gate = tmp_path / "gate"
+    env = dict(os.environ, PYTHONPATH=other_protocol_release)
+    old = subprocess.Popen([PY, "-m", "scipion_cloudexec.cli", "--config", str(conf), "run",
+                            "t", "--job-id", "old-step", "--", "/bin/sh", "-c",
+                            "echo started; while [ ! -e %s ]; do sleep 0.05; done; echo finished"
+                            % gate], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                           cwd=str(tmp_path))  # not this tree: python -m looks in cwd first
+    try:
+        assert old.stdout.readline() == b"started\n", old.stderr.read() if old.poll() else ""
+        old_agent = agent_state(c)
+        assert old_agent["protocol"] == OTHER
+        with pytest.raises(VersionMismatch) as e:
+            AgentClient(c).start()
+        text = str(e.value)
+        print(text)
+        for part in ("cluster %s" % c.name, "protocol %d" % OTHER,
+                     "protocol %d" % PROTOCOL_VERSION, "old-step",
+                     "pid %d" % old_agent["pid"], "let them end", old_agent["version"]):
+            assert part in text, part
+        assert alive(old_agent["pid"]), "the busy agent is left alone"
+        gate.write_text("go")
+        rest, err = old.communicate(timeout=60)
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
+    assert old.returncode == 0 and rest == b"finished\n", err
+    assert agent_state(c)["pid"] == old_agent["pid"], "still there, idle"
+    with AgentClient(c) as client:  # idle: replaced by this release's agent
+        assert client.welcome.protocol == PROTOCOL_VERSION
+        assert client.welcome.pid != old_agent["pid"]
+        out = {}
+        assert client.submit(["echo", "new"], on_output=collect(out)).result(30).exit_code == 0
+        rows = {r["job_id"]: r["state"] for r in client.jobs()}
+    assert out["stdout"] == b"new\n" and rows["old-step"] == "done"
+    assert not alive(old_agent["pid"])
+    assert "stopping idle agent pid %d (protocol %d" % (old_agent["pid"], OTHER) in agent_log(c)
