@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from scipion_cloudexec.agent import bundle
-from scipion_cloudexec.agent.client import AgentClient, VersionMismatch
+from scipion_cloudexec.agent.client import AgentClient, JobCancelled, VersionMismatch
 from scipion_cloudexec.agent.server import Agent
 from scipion_cloudexec.tests.test_agent import agent_state, alive, collect, wait_until
 from scipion_cloudexec.transport import messages as m
@@ -136,6 +136,62 @@ def test_drop_warnings_are_rate_limited_per_peer(tmp_path, caplog):
         agent._dropped(bytes([3]) + i.to_bytes(2, "big"), "authentication failed", 302.0)
     assert len(caplog.records) == 1 + 64 and len(agent._drops) <= 65
     assert caplog.records[-1].getMessage().startswith("dropped a message from other peers")
+
+
+def test_replayed_messages_run_nothing_twice_and_do_no_harm(make_cluster, tmp_path,
+                                                            monkeypatch):
+    """Authentic frames captured from the client (as root could) and sent again verbatim by
+    another peer: Submit attaches (existed), Cancel and Shutdown(only_if_idle) change
+    nothing for the jobs that run."""
+    c = make_cluster("local")
+    sent = []
+    encode = m.encode
+    monkeypatch.setattr(m, "encode", lambda msg, *a, **k: sent.append(
+        (msg.TYPE, encode(msg, *a, **k))) or sent[-1][1])
+    captured = lambda kind: [f for t, f in sent if t == kind][-1]  # noqa: E731
+    marker = tmp_path / "runs"
+    gate = tmp_path / "gate"
+    with AgentClient(c) as client:
+        secret = client._secret
+        assert client.submit(["/bin/sh", "-c", "echo run >> %s" % marker],
+                             job_id="once").result(30).exit_code == 0
+        victim = client.submit(["sleep", "60"], job_id="victim")
+        wait_until(lambda: victim.running(), 10, "job running")
+        client.cancel("victim")
+        with pytest.raises(JobCancelled):
+            victim.result(30)
+        out = {}
+        busy = client.submit(["/bin/sh", "-c", "echo start; while [ ! -e %s ]; do sleep 0.05; "
+                              "done; echo end" % gate], job_id="busy", on_output=collect(out))
+        wait_until(lambda: busy.running(), 10, "job running")
+        assert client.shutdown_agent(only_if_idle=True) is False
+        pid = client.welcome.pid
+
+        sock = peer(int(client.agent_state["port"]))
+
+        def replay(frames, want):
+            sock.send_multipart(frames)
+            while True:  # read as root would (with the secret) what the agent answers
+                assert sock.poll(10000), "no answer to the replayed %s" % want.__name__
+                reply = m.decode(sock.recv_multipart(), secret)
+                if isinstance(reply, want):  # (the watched job's output comes too)
+                    return reply
+        submits = [f for t, f in sent if t == "Submit"]
+        for frames, job_id in ((submits[0], "once"), (submits[-1], "busy")):
+            accepted = replay(frames, m.Accepted)
+            assert accepted.job_id == job_id and accepted.existed is True
+        assert replay(captured("Cancel"), m.Done).detail == "cancelled", "its own job only"
+        assert replay(captured("Shutdown"), m.Done).ok is False, "refused: a job is active"
+        sock.close()
+        gate.write_text("go")
+        result = busy.result(30)
+        rows = {r["job_id"]: r for r in client.jobs()}
+        assert client.ping() >= 0 and client.welcome.pid == pid == agent_state(c)["pid"]
+    assert marker.read_text() == "run\n", "the replayed Submit did not run the job again"
+    assert result.exit_code == 0 and out["stdout"] == b"start\nend\n"
+    assert [rows[j]["state"] for j in ("once", "victim", "busy")] == [
+        "done", "cancelled", "done"]
+    assert len(rows) == 3
 
 
 def test_agent_answers_a_hello_of_another_protocol_so_that_its_client_can_read_it(
