@@ -287,3 +287,15 @@ def test_agent_of_another_protocol_busy_is_refused_clearly_then_replaced_once_id
     assert out["stdout"] == b"new\n" and rows["old-step"] == "done"
     assert not alive(old_agent["pid"])
     assert "stopping idle agent pid %d (protocol %d" % (old_agent["pid"], OTHER) in agent_log(c)
+
+
+def test_a_request_over_the_agents_size_limit_fails_its_own_future_with_the_size(cluster):
+    """The agent would close the connection of a frame over its limit, unread: the client
+    refuses to send it, so that job fails at once and the connection serves the next."""
+    with AgentClient(cluster) as client:
+        huge = client.submit(["true"], env={"HUGE": "x" * (m.MAX_REQUEST_FRAME + 1)})
+        with pytest.raises(ValueError, match="Submit cannot be sent: .* at most %d"
+                           % m.MAX_REQUEST_FRAME):
+            huge.result(30)
+        assert client.submit(["echo", "next"]).result(30).exit_code == 0
+        assert huge.job_id not in [r["job_id"] for r in client.jobs()]
