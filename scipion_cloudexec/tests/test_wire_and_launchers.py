@@ -59,6 +59,12 @@ def test_frames_cut_differently_are_refused(change):
         m.decode(changed, SECRET)
 
 
+def test_more_frames_than_a_message_has_are_refused_before_hashing():
+    frames = m.encode(m.Output(job_id="j", blob=b"data"), SECRET) + [b"x"] * 1000
+    with pytest.raises(m.BadMessage, match="1004 frames, at most 4"):
+        m.decode(frames, SECRET)
+
+
 def test_a_message_of_another_protocol_version_is_named_as_such():
     import hashlib
     import hmac

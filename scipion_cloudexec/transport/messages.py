@@ -273,6 +273,8 @@ def decode(frames: Sequence[bytes], secret: bytes, protocol: int = PROTOCOL_VERS
     claimed = envelope_protocol(frames)
     if claimed != protocol:
         raise OtherProtocol(claimed, protocol)
+    if len(frames) > 4:  # before the MAC: no hashing of a forged pile of frames
+        raise BadMessage("%d frames, at most 4 expected" % len(frames))
     mac, body = bytes(frames[1]), bytes(frames[2])
     blobs = [bytes(b) for b in frames[3:]]
     expected = (_legacy_mac(secret, body, blobs) if claimed == LEGACY_PROTOCOL else
@@ -288,8 +290,6 @@ def decode(frames: Sequence[bytes], secret: bytes, protocol: int = PROTOCOL_VERS
     kind, version = fields.pop("t"), fields.pop("v")
     if version != claimed:  # authentic, so only a bug of the sender's
         raise BadMessage("body says protocol %s, envelope %s" % (version, claimed))
-    if len(blobs) > 1:
-        raise BadMessage("%d blobs, at most 1 expected" % len(blobs))
     cls = _TYPES.get(kind)
     if cls is None:
         raise BadMessage("unknown message type %r" % kind)
