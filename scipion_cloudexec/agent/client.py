@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 OutputCallback = Callable[[str, bytes], None]
 STDERR_TAIL = 64 * 1024
+RECEIVE_BATCH = 200  # most messages handled per IO loop turn
 
 
 class AgentError(RuntimeError):
@@ -188,11 +189,22 @@ class AgentClient:
         self.ssh.connect()
         for _attempt in range(2):
             state = self._start_agent()
+            if state.get("protocol") != PROTOCOL_VERSION:
+                continue  # an agent of another protocol started in between: ours retires it
             welcome = self._connect(state)
             if welcome.version == self._version:
                 self.welcome = welcome
                 return welcome
             self._replace_agent(welcome)
+        if state.get("protocol") != PROTOCOL_VERSION:
+            raise VersionMismatch(
+                "cluster %s still runs an agent of protocol %s (version %s, pid %s) after "
+                "trying to replace it; this client speaks protocol %d (version %s). Another "
+                "client of that release keeps starting it: use one scipion-cloudexec release "
+                "for all clients of %s:%s" % (
+                    self.cluster.name, state.get("protocol"), state.get("version"),
+                    state.get("pid"), PROTOCOL_VERSION, self._version, self.cluster.host,
+                    self.cluster.workdir))
         raise VersionMismatch("agent on %s still runs version %s after a restart; expected %s"
                               % (self.cluster.name, welcome.version, self._version))
 
@@ -212,9 +224,26 @@ class AgentClient:
         res = self.ssh.run(cmd, timeout=60)
         out = res.stdout.decode(errors="replace")
         err = res.stderr.decode(errors="replace").strip()
+        if "BUSY " in out:  # a busy agent of another protocol: left alone (server.py)
+            raise self._busy_other_protocol(json.loads(out.split("BUSY ", 1)[1].splitlines()[0]))
         if res.exit_status != 0 or "READY " not in out:
             raise AgentStartError(self._explain_start_failure(res.exit_status, err or out))
         return json.loads(out.split("READY ", 1)[1].splitlines()[0])
+
+    def _busy_other_protocol(self, state: Dict) -> VersionMismatch:
+        c = self.cluster
+        jobs = state.get("jobs", [])
+        listed = "; ".join("%s (%s%s)" % (j.get("job_id"), j.get("state"),
+                                          ", " + j["label"] if j.get("label") else "")
+                           for j in jobs[:10]) + ("; ..." if len(jobs) > 10 else "")
+        return VersionMismatch(
+            "cluster %s runs the cloudexec agent of protocol %s (version %s, pid %s) with %d "
+            "active job(s): %s. This client speaks protocol %d (version %s) and cannot talk to "
+            "it. Those jobs are left running: let them end, following them with the "
+            "scipion-cloudexec release that started them (scipion-cloudexec jobs %s), then "
+            "run again: an idle agent of another protocol is replaced automatically."
+            % (c.name, state.get("protocol"), state.get("version"), state.get("pid"),
+               len(jobs), listed, PROTOCOL_VERSION, self._version, c.name))
 
     def _explain_start_failure(self, status: int, text: str) -> str:
         c = self.cluster
@@ -242,6 +271,10 @@ class AgentClient:
         hello = m.Hello(client=self.client_name, version=self._version, protocol=PROTOCOL_VERSION)
         try:
             welcome = self.request(hello, timeout=self.cluster.connect_timeout)
+        except RequestRefused as e:
+            if e.kind != "protocol":
+                raise
+            raise VersionMismatch("cluster %s: %s" % (self.cluster.name, e)) from None
         except (AgentLost, concurrent.futures.TimeoutError):
             raise AgentStartError("the agent on %s (pid %s, port %s) does not answer; see %s/agent/"
                                   "agent.log on the cluster" % (self.cluster.name, state.get("pid"),
@@ -422,6 +455,7 @@ class AgentClient:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.SNDHWM, 100000)
         sock.setsockopt(zmq.RCVHWM, 100000)
+        sock.setsockopt(zmq.MAXMSGSIZE, m.MAX_REPLY_FRAME)
         sock.connect(address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -444,6 +478,12 @@ class AgentClient:
                         self._refuse(msg.rid, ValueError(  # future, not the IO thread
                             "%s cannot be sent: %s" % (msg.TYPE, e)))
                         continue
+                    size = max(len(f) for f in frames)
+                    if size > m.MAX_REQUEST_FRAME:  # the agent would drop the connection
+                        self._refuse(msg.rid, ValueError(
+                            "%s cannot be sent: %d bytes, the agent takes at most %d (a huge "
+                            "argv or environment?)" % (msg.TYPE, size, m.MAX_REQUEST_FRAME)))
+                        continue
                     sock.send_multipart(frames)
                 if sock in events:
                     self._receive(sock)
@@ -461,13 +501,19 @@ class AgentClient:
             sock.close(0)
 
     def _receive(self, sock: zmq.Socket) -> None:
-        while True:
+        """Handle at most :data:`RECEIVE_BATCH` messages: pings and the heartbeat check run
+        between batches whatever the agent sends."""
+        for _ in range(RECEIVE_BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
                 msg = m.decode(frames, self._secret)
+            except m.OtherProtocol as e:
+                log.warning("dropped a message from the agent on %s: it speaks %s (this "
+                            "client %d)", self.cluster.name, e, PROTOCOL_VERSION)
+                continue
             except m.BadMessage as e:
                 log.warning("dropped a message from the agent on %s: %s", self.cluster.name, e)
                 continue

@@ -23,6 +23,7 @@ Shipped to the cluster: standard library and pyzmq only.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import logging
@@ -51,6 +52,10 @@ log = logging.getLogger("cloudexec.agent")
 CHUNK = 256 * 1024        # largest output chunk per message
 STREAM_EVERY = 0.05       # seconds between output reads while someone watches
 MISSED_BEATS = 3          # a client silent for this many heartbeats is gone
+BATCH = 200               # most messages handled per loop turn
+DROP_LOG_EVERY = 60.0     # seconds between two warnings about one peer's dropped messages
+DROP_PEERS = 64           # peers counted apart; beyond, drops are counted together
+RECV_QUEUE = 1000         # messages queued per connection before ZMQ stops reading it
 
 
 def agent_version() -> str:
@@ -75,6 +80,7 @@ class Agent:
             "process": ProcessScheduler(), "slurm": SlurmScheduler(),
             "pool": PoolScheduler(os.path.join(workdir, "pools"))}
         self.clients: Dict[bytes, float] = {}            # identity -> last message (monotonic)
+        self._drops: Dict[bytes, list] = {}  # peer -> [last warning, dropped since, reason]
         self.watchers: Dict[str, Dict[bytes, List[int]]] = {}  # job -> identity -> [out, err]
         self.jobs: Optional[Supervisor] = None  # with the journal, in bind()
         self.idle_since = time.monotonic()
@@ -95,7 +101,10 @@ class Agent:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100000)
-        self.sock.setsockopt(zmq.RCVHWM, 100000)
+        # bounded intake: a frame over the limit closes its sender's connection unread, and a
+        # flooding connection is back-pressured after RECV_QUEUE messages
+        self.sock.setsockopt(zmq.RCVHWM, RECV_QUEUE)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, m.MAX_REQUEST_FRAME)
         self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         return self.port
 
@@ -151,6 +160,7 @@ class Agent:
         self.running = False
 
     def cleanup(self) -> None:
+        self._flush_drops(time.monotonic(), final=True)
         try:
             with open(self.paths.state) as f:
                 if json.load(f).get("pid") == os.getpid():
@@ -168,14 +178,24 @@ class Agent:
     # ---- phases -----------------------------------------------------------------------
 
     def process_messages(self) -> None:
+        """Handle at most :data:`BATCH` waiting messages, so that a flood cannot hold off
+        heartbeats, reaping and streaming (the rest wait for the next loop turn)."""
         assert self.sock is not None
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than catching Again
+        now = time.monotonic()
+        self._flush_drops(now)
+        for _ in range(BATCH):
+            if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than catching Again
+                break
             frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
             identity, body = m.split_identity(frames)
             try:
                 msg = m.decode(body, self.secret)
+            except m.OtherProtocol as e:
+                if not self._refuse_other_protocol(identity, body):
+                    self._dropped(identity, str(e), now)
+                continue
             except m.BadMessage as e:
-                log.warning("dropped a message from peer %s: %s", identity.hex(), e)
+                self._dropped(identity, str(e), now)
                 continue
             self.clients[identity] = time.monotonic()
             handler = getattr(self, "on_" + msg.TYPE, None)
@@ -188,6 +208,57 @@ class Agent:
             except Exception as e:  # a bad request must not kill the agent
                 log.exception("request %s failed", msg.TYPE)
                 self.send(identity, m.Error(rid=msg.rid, kind="internal", detail=str(e)))
+
+    def _dropped(self, identity: bytes, reason: str, now: float) -> None:
+        """Count a dropped message; warn at once for a peer's first, then at most once per
+        :data:`DROP_LOG_EVERY` seconds per peer with the count since (a flood must not
+        fill the disk through the log)."""
+        key = identity if identity in self._drops or len(self._drops) < DROP_PEERS else b""
+        entry = self._drops.get(key)
+        if entry is None:
+            self._drops[key] = [now, 0, reason]
+            log.warning("dropped a message from %s: %s", _peer(key), reason)
+            return
+        entry[1] += 1
+        entry[2] = reason
+        if now - entry[0] >= DROP_LOG_EVERY:
+            self._flush_drops(now, [key])
+
+    def _flush_drops(self, now: float, keys: Optional[List[bytes]] = None,
+                     final: bool = False) -> None:
+        """Log the drops counted since each peer's last warning once that is
+        :data:`DROP_LOG_EVERY` seconds old (all of them when *final*); forget peers quiet
+        for as long."""
+        for key in keys if keys is not None else list(self._drops):
+            since, count, reason = self._drops[key]
+            if now - since < DROP_LOG_EVERY and not final:
+                continue
+            if count:
+                log.warning("dropped %d more message(s) from %s in the last %.0f s; last "
+                            "reason: %s", count, _peer(key), now - since, reason)
+                self._drops[key] = [now, 0, reason]
+            else:
+                del self._drops[key]
+
+    def _refuse_other_protocol(self, identity: bytes, frames: List[bytes]) -> bool:
+        """Answer an authentic Hello of another protocol version with an Error the sender
+        can read (in its own envelope); True if it was one."""
+        found = m.decode_hello(frames, self.secret)
+        if found is None:
+            return False
+        hello, protocol = found
+        log.warning("client %s (%s, %s) speaks protocol %d, this agent %d: refused",
+                    identity.hex(), hello.client, hello.version, protocol, PROTOCOL_VERSION)
+        detail = ("the cloudexec agent on this cluster (version %s, pid %d) speaks protocol %d "
+                  "and this client protocol %d: use the same scipion-cloudexec release on "
+                  "both sides (a client of protocol %d replaces this agent once it is idle)"
+                  % (self.version, os.getpid(), PROTOCOL_VERSION, protocol, PROTOCOL_VERSION))
+        try:
+            self.sock.send_multipart([identity] + m.refusal(hello.rid, protocol, self.secret,
+                                                            detail))
+        except zmq.ZMQError as e:
+            log.warning("cannot answer %s: %s", identity.hex(), e)
+        return True
 
     def collect_results(self) -> None:
         """Apply what the scheduler threads finished (submits, states, cancels)."""
@@ -352,6 +423,101 @@ class Agent:
         self.running = False
 
 
+def retire_other_protocol(workdir: str, wait: float = 20.0) -> Optional[Dict]:
+    """Run by ``start`` before it starts or reuses an agent: an agent of another protocol
+    version in this workdir cannot talk to this bundle's clients, so stop it (SIGTERM) if no
+    job is active in its journal; this bundle's agent then takes its place. Busy, it is left
+    alone and its state (no secret) with its active jobs (``jobs``) is returned; None when
+    the way is clear.
+
+    Jobs survive an agent's SIGTERM and the next agent adopts them, which is safe across
+    protocol versions only while the journal's rows still parse as this code's job specs:
+    checked once the old agent is gone (a job it accepted between the check and the
+    signal); if one does not, it is reported as busy too.
+    """
+    paths = AgentPaths(workdir)
+    if not os.path.exists(paths.state):
+        return None
+    os.makedirs(paths.dir, exist_ok=True)
+    with open(paths.lock, "w") as lock:  # the lock start_daemon takes: one starter at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(paths.state) as f:
+                state = json.load(f)
+            pid = int(state["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if state.get("protocol") == PROTOCOL_VERSION or not _agent_process(pid, workdir):
+            return None
+        public = {k: v for k, v in state.items() if k != "secret"}
+        jobs = _active_jobs(paths.journal)
+        if jobs:
+            return dict(public, jobs=jobs)
+        _note(paths, "stopping idle agent pid %d (protocol %s, version %s): a starter of "
+              "protocol %d takes its place" % (pid, state.get("protocol"), state.get("version"),
+                                                PROTOCOL_VERSION))
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        while _agent_process(pid, workdir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _agent_process(pid, workdir):  # no job to lose: it only holds the port
+            os.kill(pid, signal.SIGKILL)
+        unsafe = [j for j in _active_jobs(paths.journal) if not j.get("adoptable")]
+        if unsafe:
+            return dict(public, jobs=unsafe)
+    return None
+
+
+def _agent_process(pid: int, workdir: str) -> bool:
+    """*pid* runs (not a zombie) and is an agent of *workdir*: a stale agent.json's pid may
+    belong to another process by now."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+        return os.path.normpath(workdir) in [os.path.normpath(a) for a in argv if a]
+    except (OSError, IndexError):
+        return False
+
+
+def _active_jobs(journal: str) -> List[Dict]:
+    """Active jobs of a journal (maybe another version's), each marked ``adoptable`` when
+    its spec parses as this code's JobSpec."""
+    if not os.path.exists(journal):
+        return []
+    import sqlite3
+    db = sqlite3.connect(journal, timeout=30)
+    try:
+        finals = [s.value for s in JobState if s.final]
+        rows = db.execute("SELECT job_id, label, client, state, spec FROM jobs WHERE state "
+                          "NOT IN (%s)" % ",".join("?" * len(finals)), finals).fetchall()
+    except sqlite3.Error as e:
+        return [{"job_id": "?", "label": "unreadable journal: %s" % e, "adoptable": False}]
+    finally:
+        db.close()
+    out = []
+    for job_id, label, client, state, spec in rows:
+        try:
+            JobSpec.from_dict(json.loads(spec)).validate()
+            ok = True
+        except (TypeError, ValueError, KeyError):
+            ok = False
+        out.append({"job_id": job_id, "label": label, "client": client, "state": state,
+                    "adoptable": ok})
+    return out
+
+
+def _note(paths: AgentPaths, text: str) -> None:
+    with open(paths.log, "a") as f:
+        f.write("%s INFO %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), text))
+
+
+def _peer(key: bytes) -> str:
+    return "peer %s" % key.hex() if key else "other peers"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="cloudexec-agent", description=__doc__.split("\n")[0])
     p.add_argument("command", choices=["start", "serve", "version"])
@@ -365,6 +531,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not a.workdir.startswith("/"):
         p.error("--workdir must be an absolute path")
     if a.command == "start":
+        busy = retire_other_protocol(a.workdir)
+        if busy is not None:  # the client turns this into VersionMismatch
+            sys.stdout.write("BUSY %s\n" % json.dumps(busy))
+            return 3
         return start_daemon(a.workdir, lambda paths: Agent(paths.workdir, a.idle_timeout,
                                                            a.heartbeat).serve())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

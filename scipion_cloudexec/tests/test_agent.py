@@ -180,7 +180,8 @@ def test_forged_message_is_dropped_and_logged(make_cluster):
         assert client.submit(["true"]).result(30).exit_code == 0, "real clients still served"
     with open(os.path.join(c.workdir, "agent", "agent.log")) as f:
         log = f.read()
-    assert log.count("dropped a message") >= 2 and "authentication failed" in log
+    # the first drop from a peer is logged at once, the next ones counted (rate limit)
+    assert log.count("dropped a message") == 1 and "authentication failed" in log
 
 
 def test_agent_listens_on_loopback_only(make_cluster):

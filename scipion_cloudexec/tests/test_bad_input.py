@@ -143,7 +143,8 @@ def test_two_links_to_one_folder_are_both_walked(tmp_path):
 def test_an_authenticated_body_that_is_not_a_message_is_a_bad_message(body):
     from scipion_cloudexec.transport import messages as m
     secret = b"s" * 32
-    frames = [m.MAGIC, m._mac(secret, body, []), body]
+    head = m.header(m.PROTOCOL_VERSION)
+    frames = [head, m._mac(secret, head, body, []), body]
     with pytest.raises(m.BadMessage):
         m.decode(frames, secret)
 

@@ -33,13 +33,61 @@ def test_tampered_or_forged_messages_are_refused(tamper):
         frames[3] = b"DATA"
     elif tamper == "magic":
         frames[0] = b"XX"
-    elif tamper == "version":
-        import hashlib
-        import hmac
-        frames[2] = frames[2].replace(b'"v":1', b'"v":99')
-        frames[1] = hmac.new(SECRET, frames[2] + frames[3], hashlib.sha256).digest()
+    elif tamper == "version":  # re-stamped as another version, the MAC left as it was
+        frames = m.encode(m.Output(job_id="j", blob=b"data"), SECRET)
+        frames[0] = m.header(m.PROTOCOL_VERSION + 1)
+        with pytest.raises(m.BadMessage):
+            m.decode(frames, secret, protocol=m.PROTOCOL_VERSION + 1)
     with pytest.raises(m.BadMessage):
         m.decode(frames, secret)
+
+
+@pytest.mark.parametrize("change", ["blob re-split", "blob split off the body",
+                                    "body and blob merged", "empty frame added"])
+def test_frames_cut_differently_are_refused(change):
+    """The MAC binds the frame count and each frame's length: without the secret, frames
+    cannot be re-split or merged (before protocol 2, a blob split in two decoded as a
+    truncated chunk with a valid MAC)."""
+    frames = m.encode(m.Output(job_id="j", offset=0, blob=b"0123456789"), SECRET)
+    head, mac, body, blob = frames
+    changed = {"blob re-split": [head, mac, body, blob[:4], blob[4:]],
+               "blob split off the body": [head, mac, body[:-1], body[-1:] + blob],
+               "body and blob merged": [head, mac, body + blob],
+               "empty frame added": [head, mac, body, blob, b""]}[change]
+    assert b"".join(changed[2:]) == b"".join(frames[2:]), "the same bytes, cut otherwise"
+    with pytest.raises(m.BadMessage):
+        m.decode(changed, SECRET)
+
+
+def test_more_frames_than_a_message_has_are_refused_before_hashing():
+    frames = m.encode(m.Output(job_id="j", blob=b"data"), SECRET) + [b"x"] * 1000
+    with pytest.raises(m.BadMessage, match="1004 frames, at most 4"):
+        m.decode(frames, SECRET)
+
+
+def test_a_message_of_another_protocol_version_is_named_as_such():
+    import hashlib
+    import hmac
+    body = b'{"rid":3,"client":"old","version":"0.0.9+abc","protocol":1,"t":"Hello","v":1}'
+    legacy = [b"CX", hmac.new(SECRET, body, hashlib.sha256).digest(), body]  # protocol 1
+    future = m.encode(m.Hello(rid=4, client="new"), SECRET, protocol=m.PROTOCOL_VERSION + 1)
+    for frames, version in ((legacy, 1), (future, m.PROTOCOL_VERSION + 1)):
+        with pytest.raises(m.OtherProtocol, match="protocol version %d, expected %d"
+                           % (version, m.PROTOCOL_VERSION)) as e:
+            m.decode(frames, SECRET)
+        assert e.value.protocol == version
+        hello, claimed = m.decode_hello(frames, SECRET)  # authentic: it can be answered
+        assert claimed == version and hello.rid in (3, 4)
+        answer = m.refusal(hello.rid, claimed, SECRET, "speak %d" % m.PROTOCOL_VERSION)
+        if version == 1:  # what a protocol-1 client checks: b"CX", HMAC(body), v == 1
+            assert answer[0] == b"CX" and hmac.compare_digest(
+                answer[1], hmac.new(SECRET, answer[2], hashlib.sha256).digest())
+            assert b'"v":1' in answer[2] and b'"t":"Error"' in answer[2]
+        else:  # a later client decodes it with its own version
+            error = m.decode(answer, SECRET, protocol=claimed)
+            assert (error.kind, error.rid, error.detail) == ("protocol", 4, "speak 2")
+    assert m.decode_hello(m.encode(m.Hello(), b"x" * 32, protocol=9), SECRET) is None, \
+        "a forged Hello of another version is not answered"
 
 
 def spec(**kw):
