@@ -139,7 +139,8 @@ def test_killed_client_reattaches_and_gets_the_result(make_cluster, tmp_path, te
 
 @pytest.mark.slow
 def test_killed_agent_is_reported_within_the_heartbeat_bound_and_jobs_survive(make_cluster,
-                                                                              tmp_path):
+                                                                              tmp_path,
+                                                                              reliability):
     c = make_cluster("local", heartbeat=0.5)
     gate = tmp_path / "gate"
     with AgentClient(c) as client:
@@ -161,6 +162,10 @@ def test_killed_agent_is_reported_within_the_heartbeat_bound_and_jobs_survive(ma
         assert client.welcome.pid != pid
         result = client.attach("long", on_output=collect(out)).result(30)
     assert result.exit_code == 0 and out["stdout"] == b"done\n"
+    reliability(fault="agent SIGKILL (client level)", when="mid-job",
+                seen="AgentLost naming the cluster; a new client's agent adopts the job and "
+                "its output and exit code arrive", recover_s="noticed after %.2f s (bound %.1f "
+                "s)" % (waited, 3 * c.heartbeat), lost=0, twice=0)
 
 
 def test_forged_message_is_dropped_and_logged(make_cluster):

@@ -12,7 +12,7 @@ import pytest
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
 from scipion_cloudexec.tests.harness import assert_same_run
-from scipion_cloudexec.tests.test_executor import launch, logs, provenance, wait_done
+from scipion_cloudexec.tests.test_executor import launch, logs, wait_done
 
 pytestmark = pytest.mark.slow
 
@@ -145,4 +145,184 @@ def test_a_long_link_cut_moves_the_jobs_and_stops_those_left(netns_cluster, host
                 "another cluster'; when %s takes work again: 'N job(s) of this run left on %s "
                 "when it was lost were stopped: their steps run again'"
                 % (c2.name, c2.name, c2.name),
+                recover_s=recover, total_s=total, lost=0, twice=0)
+
+
+def namespace_pids(hosts, name):
+    """Processes running in a namespaced host, but its sshd listener."""
+    import subprocess
+    sshd = open(os.path.join(hosts.root, name, "sshd.pid")).read().strip()
+    pids = subprocess.run(["ip", "netns", "pids", "cx-" + name], capture_output=True,
+                          text=True).stdout.split()
+    return [int(p) for p in pids if p != sshd]
+
+
+def one_cluster_run(netns_cluster, hosts, clusters_env, new_project, tmp_path, label, fan,
+                    copies, fault, wait_for, prepare=lambda prot: None):
+    """Run *fan* locally, then on one namespaced cluster calling ``fault(cluster)`` once
+    ``wait_for()`` is true; ``prepare(prot)`` readies each protocol's run folder. Returns
+    (local, cloud, seconds from the fault's end to the protocol's end, seconds in all)."""
+    c = netns_cluster(hosts.names()[0], slots=2)
+    clusters_env(c)
+    project = new_project(label)
+    local = shell(project, "local", fan(str(tmp_path / "local.log")), copies, 3)
+    prepare(local)
+    local = launch(project, local)
+    assert local.isFinished(), logs(local)
+    prot = shell(project, "cloud", fan(str(tmp_path / "cloud.log")), copies, 3)
+    prepare(prot)
+    prot._useQueue.set(True)
+    prot.setQueueParams([c.name, {"QUEUE_FOR_JOBS": "Y"}])
+    t0 = time.monotonic()
+    project.launchProtocol(prot, wait=False)
+    deadline = time.monotonic() + 120
+    while not wait_for():
+        assert time.monotonic() < deadline, "the fault's moment never came"
+        time.sleep(0.1)
+    fault(c)
+    back = time.monotonic()
+    prot = wait_done(project, prot, timeout=300)
+    done = time.monotonic()
+    assert prot.isFinished(), logs(prot)
+    return local, prot, round(done - back, 1), round(done - t0, 1)
+
+
+def test_link_cut_mid_gather_brings_every_byte_once(netns_cluster, hosts, clusters_env,
+                                                    new_project, tmp_path, reliability):
+    """Each step writes 24 MB that come back through a 40 Mbit/s link; the link drops for
+    5 s while they travel. The gather starts again once the cluster is reached again: the
+    bytes are the local run's, and no command runs twice."""
+    import subprocess
+    ledger = str(tmp_path / "cloud.log")
+    fan = lambda log: (  # noqa: E731
+        "echo start {i} >> %s; python3 -c 'import random, sys; random.seed({i}); "
+        "sys.stdout.buffer.write(random.randbytes(24 << 20))' > extra/big_{i}.bin; "
+        "echo end {i} >> %s" % (log, log))
+    ns, dev = "cx-" + hosts.names()[0], "cx-%s-n" % hosts.names()[0]
+    subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                    "rate", "40mbit", "burst", "64kbit", "latency", "400ms"], check=True)
+
+    def cut(c):
+        hosts.link(c.name, False)
+        time.sleep(5)
+        hosts.link(c.name, True)
+    try:
+        local, cloud, recover, total = one_cluster_run(
+            netns_cluster, hosts, clusters_env, new_project, tmp_path, "cutgather", fan, 2,
+            cut, lambda: os.path.exists(ledger) and open(ledger).read().count("end") >= 1
+            and not time.sleep(1.5))
+    finally:
+        subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"],
+                       check=False)
+    text = logs(cloud)
+    assert "lost contact with cluster" in text, text
+    assert ends(ledger) == {0: 1, 1: 1}, "a step's command completed twice"
+    assert_same_run(local, cloud)
+    reliability(fault="link cut for 5 s", when="mid-gather (2 x 24 MB at 40 Mbit/s)",
+                seen="'lost contact with cluster ...; trying to reach it again', then the job's "
+                "result is reused and its outputs gathered again", recover_s=recover,
+                total_s=total, lost=0, twice=0)
+
+
+def test_head_node_reboot_runs_the_killed_steps_again_once(netns_cluster, hosts,
+                                                           clusters_env, new_project, tmp_path,
+                                                           reliability):
+    """Everything on the head node is killed (SIGKILL: the agent and its jobs, as a reboot
+    does; the workdir stays). A new agent finds the jobs gone; each step runs again once."""
+    import signal
+    ledger = str(tmp_path / "cloud.log")
+
+    def reboot(c):
+        for pid in namespace_pids(hosts, c.name):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    local, cloud, recover, total = one_cluster_run(
+        netns_cluster, hosts, clusters_env, new_project, tmp_path, "reboot",
+        lambda log: logged_step(log, 6), 2, reboot,
+        lambda: os.path.exists(ledger) and open(ledger).read().count("start") >= 2)
+    text = logs(cloud)
+    assert "lost contact with cluster" in text, text
+    assert ends(ledger) == {0: 1, 1: 1}, "a step's command completed twice (or never)"
+    assert_same_run(local, cloud)
+    reliability(fault="head node 'reboot' (agent and jobs SIGKILLed)", when="mid-job",
+                seen="'lost contact with cluster ...', then 'job ... had ended lost before: the "
+                "step runs again as job ....2'", recover_s=recover, total_s=total, lost=0,
+                twice=0)
+
+
+def test_sshd_restart_mid_job_reattaches(netns_cluster, hosts, clusters_env, new_project,
+                                         tmp_path, reliability):
+    """The head node's sshd and every SSH session are killed and sshd starts again 2 s
+    later; the agent and jobs go on: the desktop reconnects and attaches to them."""
+    import signal
+    import subprocess
+    ledger = str(tmp_path / "cloud.log")
+
+    def restart_sshd(c):
+        for pid in subprocess.run(["ip", "netns", "pids", "cx-" + c.name], capture_output=True,
+                                  text=True).stdout.split():
+            try:
+                if open("/proc/%s/comm" % pid).read().strip() == "sshd":
+                    os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+        time.sleep(2)
+        os.unlink(os.path.join(hosts.root, c.name, "sshd.pid"))
+        hosts._start_sshd(c.name, "cx-" + c.name, hosts.address(c.name))
+    local, cloud, recover, total = one_cluster_run(
+        netns_cluster, hosts, clusters_env, new_project, tmp_path, "sshd",
+        lambda log: logged_step(log, 6), 2, restart_sshd,
+        lambda: os.path.exists(ledger) and open(ledger).read().count("start") >= 2)
+    text = logs(cloud)
+    assert "lost contact with cluster" in text and "again after" in text, text
+    assert ends(ledger) == {0: 1, 1: 1}, "a step's command completed twice"
+    assert_same_run(local, cloud)
+    reliability(fault="sshd restarted, every SSH session killed", when="mid-job",
+                seen="'lost contact with cluster ...', then 'in contact with ... again after "
+                "N s'", recover_s=recover, total_s=total, lost=0, twice=0)
+
+
+def test_link_cut_mid_upload_resumes_and_sends_the_rest_once(netns_cluster, hosts,
+                                                             clusters_env, new_project,
+                                                             tmp_path, reliability):
+    """40 MB in the run folder travel to the cluster through a 40 Mbit/s link, which drops
+    for 5 s in the middle: the staging resumes where it stopped and the run is the local
+    run's."""
+    import subprocess
+    name = hosts.names()[0]
+    dev = "cx-%s-h" % name
+    subprocess.run(["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "40mbit", "burst",
+                    "64kbit", "latency", "400ms"], check=True)
+    data = os.urandom(40 << 20)
+    ledger = str(tmp_path / "cloud.log")
+    fan = lambda log: ("echo start {i} >> %s; sha256sum input.bin > extra/sum_{i}.txt; "  # noqa
+                       "echo end {i} >> %s" % (log, log))
+    agent_state = str(tmp_path / ("remote-" + name) / "agent" / "agent.json")
+
+    def with_input(prot):
+        os.makedirs(prot._getPath(), exist_ok=True)
+        with open(prot._getPath("input.bin"), "wb") as f:
+            f.write(data)
+
+    def cut(c):
+        time.sleep(3)  # the staging is under way
+        hosts.link(c.name, False)
+        time.sleep(5)
+        hosts.link(c.name, True)
+    try:
+        local, cloud, recover, total = one_cluster_run(
+            netns_cluster, hosts, clusters_env, new_project, tmp_path, "cutupload", fan, 2,
+            cut, lambda: os.path.exists(agent_state), prepare=with_input)
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", dev, "root"], check=False)
+    text = logs(cloud)
+    assert "lost contact with cluster" in text, text
+    assert ends(ledger) == {0: 1, 1: 1}
+    assert_same_run(local, cloud)
+    sent = [float(m) for m in re.findall(r"([\d.]+) MB sent to", text)]
+    reliability(fault="link cut for 5 s", when="mid-upload (40 MB at 40 Mbit/s)",
+                seen="'lost contact with cluster ...; trying to reach it again', then the "
+                "staging goes on; %.1f MB sent in all for 41.9 MB" % sum(sent),
                 recover_s=recover, total_s=total, lost=0, twice=0)

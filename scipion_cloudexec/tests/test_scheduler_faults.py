@@ -73,7 +73,7 @@ def stop_agent(workdir: str) -> None:
 
 @pytest.mark.slurm
 def test_slurmctld_stall_loses_no_job_and_heartbeats_keep_flowing(make_cluster, testbed,
-                                                                  tmp_path):
+                                                                  tmp_path, reliability):
     c = make_cluster("slurm")
     runs = tmp_path / "late-runs"
     outs: List[Dict[str, bytearray]] = [{} for _ in range(4)]
@@ -104,6 +104,65 @@ def test_slurmctld_stall_loses_no_job_and_heartbeats_keep_flowing(make_cluster, 
     assert [o["stdout"].decode() for o in outs] == ["out-%d\n" % i for i in range(4)]
     assert runs.read_text() == "run\n", "the submit made during the stall ran exactly once"
     assert worst < 3 * c.heartbeat
+    reliability(fault="slurmctld stopped (SIGSTOP) 20 s: every squeue/sbatch hangs",
+                when="mid-job, and a submit during it", seen="nothing: heartbeats flow, the "
+                "jobs end DONE, the submit made during the stall runs once after it",
+                recover_s="none needed", worst_ping_ms=round(worst * 1000, 1), lost=0, twice=0)
+
+
+@contextlib.contextmanager
+def slurmctld_down(testbed) -> Iterator[None]:
+    """slurmctld stopped (SIGTERM, its state saved): squeue, sbatch, scancel fail at once
+    ("Unable to contact slurm controller"); jobs go on under slurmd. Then restarted, as an
+    administrator would, recovering its state."""
+    pidfile = os.path.join(testbed.slurm_dir, "slurmctld.pid")
+    with open(pidfile) as f:
+        pid = int(f.read())
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not alive(pid), 30, "slurmctld stopped")
+    try:
+        yield
+    finally:  # the test bed is shared: slurmctld always comes back
+        subprocess.run(["slurmctld", "-f", testbed.slurm_conf], check=True, timeout=60,
+                       env=dict(os.environ, SLURM_CONF=testbed.slurm_conf))
+        wait_until(lambda: slurm(testbed, "squeue", "-h").returncode == 0, 60,
+                   "slurmctld answers again")
+
+
+@pytest.mark.slurm
+def test_slurmctld_down_30s_fails_every_query_yet_no_job_is_lost(make_cluster, testbed,
+                                                                 tmp_path, reliability):
+    """With slurmctld down, every squeue fails at once for 30 s: a failed query is not a
+    job gone. The jobs, running or ending meanwhile, end DONE with their output, once."""
+    c = make_cluster("slurm")
+    runs = tmp_path / "runs"
+    outs: List[Dict[str, bytearray]] = [{} for _ in range(3)]
+    with AgentClient(c) as client:
+        futs = [client.submit(["/bin/sh", "-c", "echo %d >> %s; sleep %d; echo out-%d"
+                               % (i, runs, d, i)], job_id="down-%d" % i,
+                              on_output=collect(outs[i]))
+                for i, d in enumerate((5, 15, 45))]
+        wait_until(lambda: all(jobs_by_id(client)[f.job_id]["state"] == "running"
+                               for f in futs), 60, "3 SLURM jobs running")
+        worst = 0.0
+        t0 = time.monotonic()
+        with slurmctld_down(testbed):
+            while time.monotonic() - t0 < 30:
+                worst = max(worst, client.ping(timeout=10))
+                time.sleep(0.2)
+            failing = slurm(testbed, "squeue", "-h")
+        back = time.monotonic()
+        results = [f.result(240) for f in futs]
+        done = time.monotonic()
+    assert failing.returncode != 0, "squeue really failed while slurmctld was down"
+    assert [r.state for r in results] == [JobState.DONE] * 3, [r.reason for r in results]
+    assert [o["stdout"].decode() for o in outs] == ["out-%d\n" % i for i in range(3)]
+    assert sorted(runs.read_text().split()) == ["0", "1", "2"], "each job ran once"
+    assert worst < 3 * c.heartbeat
+    reliability(fault="slurmctld down 30 s (every squeue/sacct fails at once)",
+                when="mid-job", seen="nothing: jobs stay running, then end DONE with their "
+                "output; agent.log notes the failed queries", recover_s=round(done - back, 1),
+                worst_ping_ms=round(worst * 1000, 1), lost=0, twice=0)
 
 
 @pytest.mark.slurm

@@ -22,7 +22,7 @@ def test_known_host_and_key_connect_and_run(testbed):
     assert (r.exit_status, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
 
 
-def test_unknown_host_key_is_refused_with_fingerprint_and_line(testbed, tmp_path):
+def test_unknown_host_key_is_refused_with_fingerprint_and_line(testbed, tmp_path, reliability):
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     with pytest.raises(UnknownHostKey) as e:
@@ -34,9 +34,12 @@ def test_unknown_host_key_is_refused_with_fingerprint_and_line(testbed, tmp_path
     assert fp in text, "the fingerprint OpenSSH shows must be in the message"
     assert "[127.0.0.1]:%d ssh-ed25519 %s" % (testbed.sshd_port, hostkey) in text
     assert empty.read_text() == "", "an unknown key must never be added silently"
+    reliability(fault="unknown host key", when="first connection", seen="UnknownHostKey with "
+                "the fingerprint OpenSSH shows and the known_hosts line to add after checking",
+                recover_s="refused at once; nothing is sent", lost=0, twice=0)
 
 
-def test_changed_host_key_is_refused(testbed, tmp_path):
+def test_changed_host_key_is_refused(testbed, tmp_path, reliability):
     other = tmp_path / "other"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
     kh = tmp_path / "known_hosts"
@@ -44,6 +47,9 @@ def test_changed_host_key_is_refused(testbed, tmp_path):
                                            " ".join(open(str(other) + ".pub").read().split()[:2])))
     with pytest.raises(HostKeyChanged, match="HOST KEY CHANGED.*ssh-keygen -f .* -R"):
         SSHConnection(target(testbed, known_hosts=str(kh))).connect()
+    reliability(fault="changed host key", when="any connection", seen="HostKeyChanged: 'HOST "
+                "KEY CHANGED ... Someone may be intercepting ...' with the ssh-keygen -R command",
+                recover_s="refused at once; nothing is sent", lost=0, twice=0)
 
 
 def test_wrong_user_key_is_refused(testbed, tmp_path):

@@ -1,5 +1,6 @@
 """Staging through the real sshd: missing-only, dedupe, resume, verify, disk full, path guards."""
 import os
+import time
 import subprocess
 
 import pytest
@@ -118,7 +119,8 @@ def test_upload_cut_mid_file_resumes_without_resending(make_cluster, stager_for,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("transfer", ["paramiko", "openssh"])
-def test_link_down_mid_file_then_up_resumes(hosts, testbed, stager_for, tmp_path, transfer):
+def test_link_down_mid_file_then_up_resumes(hosts, testbed, stager_for, tmp_path, transfer,
+                                            reliability):
     """The cluster's network link goes down (its namespace's interface, so sshd on the
     cluster sees nothing): the upload fails with a clear error; with the link back, the
     next staging sends only what had not arrived."""
@@ -142,10 +144,16 @@ def test_link_down_mid_file_then_up_resumes(hosts, testbed, stager_for, tmp_path
     finally:
         hosts.link(name, True)
     assert name in str(err.value)
+    t0 = time.monotonic()
     assert_resumed(stager_for(c), proj, content)
+    reliability(fault="link down mid-file (staging API, %s)" % transfer, when="mid-upload",
+                seen="StagingError naming the cluster: '%s'" % str(err.value).splitlines()[0],
+                recover_s="the next staging sends only the rest: %.1f s"
+                % (time.monotonic() - t0), lost=0, twice=0)
 
 
-def test_corrupted_cache_entry_is_detected_and_repaired(make_cluster, stager_for, tmp_path):
+def test_corrupted_cache_entry_is_detected_and_repaired(make_cluster, stager_for, tmp_path,
+                                                        reliability):
     c = make_cluster("local")
     proj = tmp_path / "proj"
     data = make_project(proj)
@@ -161,6 +169,9 @@ def test_corrupted_cache_entry_is_detected_and_repaired(make_cluster, stager_for
     assert r.repaired == 1 and r.bytes_sent == len(data[rel])
     with open(path, "rb") as f:
         assert f.read() == data[rel]
+    reliability(fault="corrupted cache object on the cluster", when="between two stagings",
+                seen="nothing: the next staging finds the hash wrong and sends the file again",
+                recover_s="within that staging (%.2f s)" % r.seconds, lost=0, twice=0)
 
 
 def test_file_changing_during_upload_is_not_recorded(make_cluster, stager_for, tmp_path):
@@ -189,7 +200,7 @@ def test_file_changing_during_upload_is_not_recorded(make_cluster, stager_for, t
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-def test_full_disk_is_refused_before_sending(make_cluster, stager_for, tmp_path):
+def test_full_disk_is_refused_before_sending(make_cluster, stager_for, tmp_path, reliability):
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
@@ -207,6 +218,10 @@ def test_full_disk_is_refused_before_sending(make_cluster, stager_for, tmp_path)
         partial = os.path.join(c.workdir, "cache", "partial")
         assert not any(files for _, _, files in os.walk(objects))
         assert not os.listdir(partial)
+        reliability(fault="cluster disk full (8 MB tmpfs workdir)", when="before an upload",
+                    seen="NoSpace: 'needs 12.6 MB ...' naming the cluster and its free space; "
+                    "nothing half-written in its cache", recover_s="refused before sending",
+                    lost=0, twice=0)
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
 

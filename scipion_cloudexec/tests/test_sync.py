@@ -4,6 +4,7 @@ changed on both is a conflict, never overwritten; run-folder files in the mirror
 copies a job may rewrite without touching the shared cache."""
 import hashlib
 import os
+import time
 import socket
 import stat
 
@@ -163,7 +164,7 @@ def test_a_file_changed_while_sent_waits_for_the_next_gather(make_cluster, stage
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_desktop_disk_full_during_a_gather_loses_nothing(make_cluster, stager_for,  # noqa
-                                                         tmp_path):
+                                                         tmp_path, reliability):
     import subprocess
     from scipion_cloudexec.staging.client import DesktopFull
     c = make_cluster("local")
@@ -187,9 +188,14 @@ def test_desktop_disk_full_during_a_gather_loses_nothing(make_cluster, stager_fo
         with open(mirror(c, "extra/b.mrc"), "rb") as f:
             assert f.read() == outputs["extra/b.mrc"], "the cluster keeps the output"
         subprocess.run(["mount", "-o", "remount,size=16m", str(proj)], check=True)
+        t0 = time.monotonic()
         gather(st, proj, base)  # space freed: the next gather brings everything
         for rel, data in outputs.items():
             assert (proj / RUN / rel).read_bytes() == data
+        reliability(fault="desktop disk full (4 MB tmpfs)", when="mid-gather",
+                    seen="DesktopFull: 'no space left on the desktop ... Continue'; no partial "
+                    "file left, the cluster keeps the output", recover_s="the next gather "
+                    "after space is freed: %.2f s" % (time.monotonic() - t0), lost=0, twice=0)
     finally:
         subprocess.run(["umount", "-l", str(proj)], check=False)
 
