@@ -33,19 +33,25 @@ _MARK = "_cloudexec_wrapped"
 
 
 def cloud_choice(protocol) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """(queue name, queue params) when *protocol* was sent to a cloudexec queue, else None."""
-    try:
-        if not protocol.useQueue():
-            return None
-        host = protocol.getHostConfig()
-        qs = host.getQueueSystem() if host is not None else None
-        if qs is None or not qs.hasName() or qs.getName() != QUEUE_SYSTEM:
-            return None
-        queue, params = protocol.getQueueParams()
-    except Exception as e:  # a protocol without host config: not ours
-        logger.debug("no cloudexec choice for %s: %s", protocol, e)
+    """(queue name, queue params) when *protocol* was sent to a cloudexec queue, else None.
+
+    Raises:
+        ValueError: it was sent to a cloudexec queue but its choice cannot be read: such a
+            protocol must fail, never quietly run on the desktop.
+    """
+    if not protocol.useQueue():
         return None
-    return queue, dict(params or {})
+    host = protocol.getHostConfig()
+    qs = host.getQueueSystem() if host is not None else None
+    if qs is None or not qs.hasName() or qs.getName() != QUEUE_SYSTEM:
+        return None
+    try:
+        queue, params = protocol.getQueueParams()
+        return str(queue), dict(params or {})
+    except Exception as e:
+        raise ValueError("the protocol was sent to a cloudexec queue of host %s, but its queue "
+                         "choice cannot be read (%s: %s): choose the queue again in the form's "
+                         "queue dialog" % (host.getLabel(), type(e).__name__, e)) from e
 
 
 def make_executor(protocol, stock, queue: str, params: Dict[str, Any]):
@@ -88,7 +94,11 @@ def install() -> None:
         return
 
     def setStepsExecutor(self, executor=None):
-        choice = cloud_choice(self) if executor is not None else None
+        try:
+            choice = cloud_choice(self) if executor is not None else None
+        except ValueError as e:
+            executor = _Refusing(getattr(executor, "hostConfig", None), str(e))
+            choice = None
         if choice is not None:
             executor = make_executor(self, executor, *choice)
             logger.info("scipion-cloudexec: steps of %s go to %s", self.getRunName(), executor)

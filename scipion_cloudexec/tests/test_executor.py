@@ -405,3 +405,25 @@ def test_a_queue_naming_no_cluster_fails_the_step_with_the_fix(make_cluster, clu
     prot = project.getProtocol(prot.getObjId())
     assert prot.isFailed()
     assert "queue 'no-such-cluster' of hosts.conf names no cluster" in prot.getErrorMessage()
+
+
+def test_a_cloud_queue_choice_that_cannot_be_read_fails_never_runs_locally(make_cluster,
+                                                                          clusters_env,
+                                                                          new_project):
+    """A protocol sent to a cloudexec queue whose queue choice cannot be read gets an
+    executor that fails each step with the reason: it never quietly runs on the desktop
+    (before, any error there meant "not ours": pyworkflow's own executor ran it locally)."""
+    from pyworkflow.protocol.executor import ThreadStepExecutor
+    from scipion_cloudexec.executors.seam import cloud_choice
+    clusters_env(make_cluster("local"))
+    project = new_project("unreadable")
+    prot = project.newProtocol(ProtCloudShellSteps, chain="true")
+    project._setHostConfig(prot)  # as the protocol process does before it runs
+    prot._useQueue.set(True)
+    prot._queueParams.set("{not json")  # e.g. a damaged project database
+    with pytest.raises(ValueError, match="queue choice cannot be read"):
+        cloud_choice(prot)
+    prot.setStepsExecutor(ThreadStepExecutor(prot.getHostConfig(), 2))
+    with pytest.raises(RuntimeError, match="queue choice cannot be read"):
+        prot._stepsExecutor.runJob(None, "touch", "ran-on-the-desktop")
+    assert type(prot._stepsExecutor).__name__ == "Refusing"

@@ -326,3 +326,90 @@ def test_link_cut_mid_upload_resumes_and_sends_the_rest_once(netns_cluster, host
                 seen="'lost contact with cluster ...; trying to reach it again', then the "
                 "staging goes on; %.1f MB sent in all for 41.9 MB" % sum(sent),
                 recover_s=recover, total_s=total, lost=0, twice=0)
+
+
+def test_agent_sigkill_mid_job_reattaches(netns_cluster, hosts, clusters_env, new_project,
+                                          tmp_path, reliability):
+    """The agent is killed (SIGKILL) while a protocol's jobs run: its jobs go on, a new
+    agent adopts them and the desktop attaches to them again."""
+    import json
+    import signal
+    ledger = str(tmp_path / "cloud.log")
+    state = str(tmp_path / ("remote-" + hosts.names()[0]) / "agent" / "agent.json")
+
+    def kill_agent(c):
+        with open(state) as f:
+            os.kill(int(json.load(f)["pid"]), signal.SIGKILL)
+    local, cloud, recover, total = one_cluster_run(
+        netns_cluster, hosts, clusters_env, new_project, tmp_path, "agentkill",
+        lambda log: logged_step(log, 6), 2, kill_agent,
+        lambda: os.path.exists(ledger) and open(ledger).read().count("start") >= 2)
+    text = logs(cloud)
+    assert "lost contact with cluster" in text and "again after" in text, text
+    assert ends(ledger) == {0: 1, 1: 1}, "a step's command completed twice"
+    assert_same_run(local, cloud)
+    reliability(fault="agent SIGKILL", when="mid-job", seen="'lost contact with cluster ...', "
+                "then 'in contact with ... again after N s'", recover_s=recover,
+                total_s=total, lost=0, twice=0)
+
+
+def test_desktop_killed_mid_upload_continues_without_resending(netns_cluster, hosts,
+                                                               clusters_env, new_project,
+                                                               tmp_path, reliability):
+    """The desktop's protocol process is killed (SIGKILL) while 40 MB of its run folder
+    travel through a 40 Mbit/s link; Continue resumes the upload and finishes the run,
+    which is the local run's."""
+    import signal
+    import subprocess
+    import psutil
+    name = hosts.names()[0]
+    dev = "cx-%s-h" % name
+    c = netns_cluster(name, slots=2)
+    clusters_env(c)
+    project = new_project("deskkill")
+    data = os.urandom(40 << 20)
+    ledgers = str(tmp_path / "local.log"), str(tmp_path / "cloud.log")
+    fan = lambda log: ("echo start {i} >> %s; sha256sum input.bin > extra/sum_{i}.txt; "  # noqa
+                       "echo end {i} >> %s" % (log, log))
+    prots = []
+    for label, ledger in zip(("local", "cloud"), ledgers):
+        prot = shell(project, label, fan(ledger), 2, 3)
+        os.makedirs(prot._getPath(), exist_ok=True)
+        with open(prot._getPath("input.bin"), "wb") as f:
+            f.write(data)
+        prots.append(prot)
+    local = launch(project, prots[0])
+    prot = prots[1]
+    prot._useQueue.set(True)
+    prot.setQueueParams([c.name, {"QUEUE_FOR_JOBS": "Y"}])
+    subprocess.run(["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "40mbit", "burst",
+                    "64kbit", "latency", "400ms"], check=True)
+    try:
+        project.launchProtocol(prot, wait=False)
+        state = str(tmp_path / ("remote-" + name) / "agent" / "agent.json")
+        deadline = time.monotonic() + 60
+        while not os.path.exists(state):
+            assert time.monotonic() < deadline, "the agent never started"
+            time.sleep(0.1)
+        time.sleep(4)  # the upload is under way
+        tree = psutil.Process(prot.getPid())
+        for proc in tree.children(recursive=True) + [tree]:
+            proc.send_signal(signal.SIGKILL)
+        assert not os.path.exists(ledgers[1]), "killed before any job started"
+        t0 = time.monotonic()
+        prot = project.getProtocol(prot.getObjId())
+        project.launchProtocol(prot, wait=True)  # Continue
+        prot = project.getProtocol(prot.getObjId())
+        done = time.monotonic()
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", dev, "root"], check=False)
+    text = logs(prot)
+    assert prot.isFinished(), text
+    assert ends(ledgers[1]) == {0: 1, 1: 1}
+    assert_same_run(local, prot)
+    sent = [float(m) for m in re.findall(r"([\d.]+) MB sent to", text)]
+    assert sent and sum(sent) < 41.9, "Continue sent the whole input again: %s" % sent
+    reliability(fault="desktop protocol process SIGKILL", when="mid-upload (40 MB at 40 Mbit/s)",
+                seen="the protocol shows failed/aborted; Continue resumes the upload (%.1f MB "
+                "of 41.9 MB sent after it) and finishes" % sum(sent),
+                recover_s="Continue to finished: %.1f s" % (done - t0), lost=0, twice=0)
