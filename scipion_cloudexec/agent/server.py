@@ -3,7 +3,7 @@
 It binds one ZeroMQ ROUTER socket on the remote loopback only; clients reach it
 through an SSH tunnel. Its state lives in ``<workdir>/agent/``::
 
-    agent.json     pid, port, version and the message secret (mode 0600)
+    agent.json     pid, port, version, the message secret (mode 0600), host and lease
     agent.log      what it did, including dropped (unauthenticated) messages
     journal.sqlite every job and its state (see journal.py)
     start.lock     held while an agent starts, so two clients start one agent
@@ -39,7 +39,7 @@ import zmq
 
 from ..transport import messages as m
 from ..version import PROTOCOL_VERSION, __version__
-from .daemon import AgentPaths, start_daemon
+from .daemon import AgentPaths, _read_state, lease_term, other_node, start_daemon, write_private
 from .jobs import JobFiles, JobSpec, JobState
 from .journal import Journal
 from .schedulers import PoolScheduler, ProcessScheduler, Scheduler, scheduler_kind
@@ -82,6 +82,11 @@ class Agent:
         self.journal: Optional[Journal] = None
         self.sock: Optional[zmq.Socket] = None
         self.port = 0
+        self.host = socket.gethostname()
+        self.lease = lease_term()
+        self.lease_every = min(5 * heartbeat, self.lease / 4)  # renewals per lease: >= 4
+        self.renewed = 0.0
+        self.started = 0.0
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -100,20 +105,50 @@ class Agent:
         return self.port
 
     def write_state(self) -> None:
+        """Write agent.json (it holds the secret: mode 0600, never through a planted link),
+        with the lease renewed from now."""
+        now = time.time()
+        if not self.renewed:
+            self.started = now
         state = {"pid": os.getpid(), "port": self.port, "version": self.version,
                  "protocol": PROTOCOL_VERSION, "secret": self.secret.hex(),
-                 "host": socket.gethostname(), "started": time.time()}
-        tmp = self.paths.state + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, self.paths.state)
+                 "host": self.host, "started": self.started, "lease": self.lease,
+                 "lease_until": now + self.lease}
+        write_private(self.paths.state, json.dumps(state))
+        self.renewed = time.monotonic()
+
+    def _owns_state(self, state: Optional[Dict]) -> bool:
+        return bool(state) and state.get("pid") == os.getpid() and \
+            state.get("host", self.host) == self.host  # type: ignore[union-attr]
+
+    def renew_lease(self) -> None:
+        """Renew the lease on the workdir, unless an agent on another node took it over
+        (this one was taken for dead): then stop, leaving the jobs to that agent."""
+        if time.monotonic() - self.renewed < self.lease_every:
+            return
+        state = _read_state(self.paths.state)
+        if state and not self._owns_state(state):
+            log.error("agent %s (pid %s) on %s took this workdir over (this agent's lease had "
+                      "run out): stopping here, its jobs are followed there",
+                      state.get("version"), state.get("pid"), state.get("host"))
+            self.running = False
+            return
+        try:
+            self.write_state()
+        except OSError as e:  # e.g. NFS away for a moment: try again next turn
+            log.warning("cannot renew the lease in %s: %s", self.paths.state, e)
 
     def serve(self) -> None:
         """Run the main loop until shut down or idle."""
         if self.sock is None:
             self.bind()
         assert self.jobs is not None
+        previous = _read_state(self.paths.state)
+        if other_node(previous):
+            log.warning("taking workdir %s over from login node %s (agent pid %s), whose lease "
+                        "ran out %.0f s ago", self.paths.workdir, previous.get("host"),  # type: ignore
+                        previous.get("pid"),  # type: ignore[union-attr]
+                        time.time() - float(previous.get("lease_until", 0)))  # type: ignore
         self.jobs.adopt()
         self.write_state()
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -142,6 +177,7 @@ class Agent:
                 self.poll_schedulers()
                 self.stream_outputs()
                 self.expire_clients()
+                self.renew_lease()
                 self.check_idle()
         finally:
             self.cleanup()
@@ -151,12 +187,11 @@ class Agent:
         self.running = False
 
     def cleanup(self) -> None:
-        try:
-            with open(self.paths.state) as f:
-                if json.load(f).get("pid") == os.getpid():
-                    os.unlink(self.paths.state)
-        except (OSError, ValueError):
-            pass
+        if self._owns_state(_read_state(self.paths.state)):  # not another node's
+            try:
+                os.unlink(self.paths.state)
+            except OSError:
+                pass
         if self.jobs is not None:
             self.jobs.stop()
         if self.sock is not None:

@@ -1,0 +1,179 @@
+"""Faults and bad input on the agent's side (issue 10), made for real where they can be:
+two login nodes sharing one workdir (network, UTS and mount namespaces), a planted symlink,
+a job writing a gigabyte at its end, SLURM stalled while a cancel is pending. A fork that
+fails with EAGAIN cannot be caused without starving the whole machine, so that one is a
+named fake (``_FORK_FAULT``) inside a real agent process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List, Optional
+
+import pytest
+
+from scipion_cloudexec.agent.client import AgentClient, AgentStartError, JobCancelled, JobLost
+from scipion_cloudexec.agent.jobs import JobState
+from scipion_cloudexec.config import ClusterConfig
+from scipion_cloudexec.tests.test_agent import alive, collect, wait_until
+
+PY = sys.executable
+
+
+def agent_json(workdir: str) -> dict:
+    with open(os.path.join(workdir, "agent", "agent.json")) as f:
+        return json.load(f)
+
+
+def agent_log(workdir: str) -> str:
+    with open(os.path.join(workdir, "agent", "agent.log")) as f:
+        return f.read()
+
+
+def stop_agent_pid(pid: int) -> None:
+    """SIGTERM, then SIGKILL after 5 s: an agent this test started, by its pid."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    for _ in range(100):
+        if not alive(pid):
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+# ---- secrets: agent.json through a fresh O_EXCL|O_NOFOLLOW name --------------------------
+
+def test_state_file_never_follows_a_planted_symlink(make_cluster, tmp_path):
+    """Before: agent.json.tmp was opened O_CREAT|O_TRUNC, so a symlink planted there got the
+    secret written through it (and agent.json became that symlink)."""
+    c = make_cluster("local")
+    agent_dir = os.path.join(c.workdir, "agent")
+    os.makedirs(agent_dir)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    planted = os.path.join(agent_dir, "agent.json.tmp")
+    os.symlink(str(victim), planted)
+    old_umask = os.umask(0o022)
+    try:
+        with AgentClient(c) as client:
+            assert client.submit(["true"]).result(30).exit_code == 0
+            st = os.lstat(os.path.join(agent_dir, "agent.json"))
+            secret = agent_json(c.workdir)["secret"]
+    finally:
+        os.umask(old_umask)
+    assert victim.read_text() == "precious\n", "the secret went through the planted link"
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert os.readlink(planted) == str(victim), "the planted link is left alone"
+    assert len(secret) == 64
+    leftovers = [n for n in os.listdir(agent_dir) if n.endswith(".tmp") and
+                 os.path.join(agent_dir, n) != planted]
+    assert not leftovers, leftovers
+
+
+# ---- several login nodes behind one name ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def login_nodes(testbed):
+    """Two login nodes (own network, host name and mount namespace, sshd each) that share
+    the desktop's file system, as login nodes share an NFS home. Names n7/n8: addresses
+    10.79.0.17/18, apart from the private_host fixture's p1 (10.79.0.11)."""
+    from scipion_cloudexec.testbed.private import PrivateHost
+    reason = PrivateHost.unavailable()
+    if reason:
+        pytest.skip(reason)
+    nodes = [PrivateHost(testbed, name) for name in ("n7", "n8")]
+    try:
+        for n in nodes:
+            n.up()
+    except Exception as e:  # noqa: BLE001
+        for n in nodes:
+            n.down()
+        pytest.fail("the login nodes did not come up: %s" % e)
+    yield nodes
+    for n in nodes:
+        n.down()
+
+
+def node_cluster(node, testbed, workdir: str, lease: float) -> ClusterConfig:
+    return ClusterConfig(
+        name="login-" + node.name, host=node.address, port=22, user=testbed.user,
+        identity_file=testbed.client_key, known_hosts=node.known_hosts, workdir=workdir,
+        python=testbed.python, launcher="local", slots=4, heartbeat=0.5, connect_timeout=5.0,
+        source="<test>", env_setup="export CLOUDEXEC_AGENT_LEASE=%g" % lease)
+
+
+@pytest.mark.slow
+def test_second_login_node_refuses_clearly_then_takes_over_a_dead_node(login_nodes, testbed,
+                                                                       tmp_path):
+    """Before: `start` on node B saw the recorded pid/port not answering there and started a
+    second agent on the same journal."""
+    a, b = login_nodes
+    workdir = str(tmp_path / "nfs-home" / "cloudexec")  # seen by both nodes
+    ca, cb = node_cluster(a, testbed, workdir, 4), node_cluster(b, testbed, workdir, 4)
+    gate, runs = tmp_path / "gate", tmp_path / "runs"
+    out: Dict[str, bytearray] = {}
+    with AgentClient(ca) as client_a:
+        assert client_a.welcome.host == a.hostname
+        pid_a = client_a.welcome.pid
+        fut = client_a.submit(["/bin/sh", "-c", "while [ ! -e %s ]; do sleep 0.05; done; "
+                               "echo $(hostname) >> %s; echo finished" % (gate, runs)],
+                              job_id="on-a", on_output=collect(out))
+        wait_until(fut.running, 20, "job running on node A")
+        other = AgentClient(cb)
+        try:
+            with pytest.raises(AgentStartError) as refused:
+                other.start()
+        finally:
+            other.close()
+        gate.write_text("go")
+        result = fut.result(60)
+    text = str(refused.value)
+    print("\nnode B's start refused:\n" + text)
+    assert "runs on login node %s (pid %d)" % (a.hostname, pid_a) in text
+    assert "reached login node %s" % b.hostname in text
+    assert "'host ='" in text and "workdir of its own" in text
+    assert result.state == JobState.DONE and out["stdout"] == b"finished\n"
+    assert runs.read_text() == a.hostname + "\n", "the job ran once, on node A"
+    assert agent_log(workdir).count("listening on") == 1, "no second agent was started"
+
+    # node A dies (agent and job SIGKILLed, nothing cleaned up): once its lease has run
+    # out, node B takes the workdir over and declares A's job lost
+    client_a = AgentClient(ca)
+    client_a.start()
+    try:
+        doomed = client_a.submit(["sleep", "300"], job_id="dies-with-a")
+        wait_until(doomed.running, 20, "second job running on node A")
+        row = [r for r in client_a.jobs() if r["job_id"] == "dies-with-a"][0]
+        job_pid = int(row["launcher_id"].split(":")[0])
+        agent_pid = client_a.welcome.pid
+        os.kill(agent_pid, signal.SIGKILL)
+        os.killpg(job_pid, signal.SIGKILL)
+        t_dead = time.monotonic()
+    finally:
+        client_a.close()
+    wait_until(lambda: agent_json(workdir)["lease_until"] < time.time(), 30, "lease run out")
+    hostname_out: Dict[str, bytearray] = {}
+    with AgentClient(cb) as client_b:
+        took_over = time.monotonic() - t_dead
+        try:
+            assert client_b.welcome.host == b.hostname and client_b.welcome.pid != agent_pid
+            with pytest.raises(JobLost) as lost:
+                client_b.attach("dies-with-a").result(30)
+            done = client_b.submit(["hostname"], on_output=collect(hostname_out)).result(30)
+        finally:
+            stop_agent_pid(client_b.welcome.pid)
+    print("node A dead -> node B serving the workdir after %.1f s (lease 4 s)" % took_over)
+    assert "the job's process is gone" in lost.value.result.reason
+    assert done.state == JobState.DONE and hostname_out["stdout"].decode().strip() == b.hostname
+    log = agent_log(workdir)
+    assert "taking workdir %s over from login node %s (agent pid %d)" % (
+        workdir, a.hostname, agent_pid) in log
