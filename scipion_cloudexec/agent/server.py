@@ -87,6 +87,7 @@ class Agent:
         self.lease_every = min(5 * heartbeat, self.lease / 4)  # renewals per lease: >= 4
         self.renewed = 0.0
         self.started = 0.0
+        self._phase_logged: Dict[str, float] = {}
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -169,18 +170,30 @@ class Agent:
                 timeout = min(timeout, self.jobs.due_in(time.monotonic()))
                 events = dict(poller.poll(int(timeout * 1000)))
                 if self.sock in events:
-                    self.process_messages()
-                self.collect_results()  # before reaping: a new job's pidfd may be ready
+                    self._phase(self.process_messages)
+                self._phase(self.collect_results)  # before reaping: a pidfd may be ready
                 ready = [registered[fd] for fd in registered if fd in events]
                 if ready:
-                    self.reap_exits(ready)
-                self.poll_schedulers()
-                self.stream_outputs()
-                self.expire_clients()
-                self.renew_lease()
-                self.check_idle()
+                    self._phase(self.reap_exits, ready)
+                self._phase(self.poll_schedulers)
+                self._phase(self.stream_outputs)
+                self._phase(self.expire_clients)
+                self._phase(self.renew_lease)
+                self._phase(self.check_idle)
         finally:
             self.cleanup()
+
+    def _phase(self, phase, *args) -> None:
+        """Run one loop phase; an error (a fork or open failing for want of processes,
+        memory or file descriptors...) is logged, at most every 10 s per phase, and the
+        loop goes on: the agent must outlive it, its jobs and clients with it."""
+        try:
+            phase(*args)
+        except Exception:  # noqa: BLE001  (anything: the loop is all the agent has)
+            now = time.monotonic()
+            if now - self._phase_logged.get(phase.__name__, -60.0) >= 10.0:
+                self._phase_logged[phase.__name__] = now
+                log.exception("phase %s failed; the agent goes on", phase.__name__)
 
     def _on_sigterm(self, signum, frame) -> None:
         log.info("SIGTERM: stopping; jobs keep running and a new agent adopts them")

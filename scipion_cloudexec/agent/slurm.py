@@ -91,6 +91,8 @@ class SlurmScheduler(Scheduler):
                             "env_setup need a 'module load slurm'?" % argv[0])
         except subprocess.TimeoutExpired:
             return -1, "", "%s did not answer within %.0f s (timed out)" % (argv[0], timeout)
+        except OSError as e:  # fork/exec failed (EAGAIN, ENOMEM, EMFILE): not SLURM's answer
+            return -1, "", "cannot run %s now: %s (try again)" % (argv[0], e)
 
     def submit(self, spec: JobSpec, files: JobFiles) -> Tuple[str, JobState]:
         name = "cx-" + spec.job_id

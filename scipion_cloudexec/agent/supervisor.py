@@ -7,9 +7,12 @@ never waits on SLURM. A process job's exit is still seen at once: its pidfd is p
 the loop and reaped there (``reap``).
 
 A submit that fails for the scheduler's sake (``SubmitError.transient``: SLURM down or
-timing out) is tried again with backoff for ``Scheduler.submit_for`` seconds, the job
-staying SUBMITTED; then it is LOST, and whatever the failed tries may have created is
-cancelled (``abandon``).
+timing out, or a fork that failed for want of processes, memory or file descriptors) is
+tried again with backoff for ``Scheduler.submit_for`` seconds, the job staying SUBMITTED;
+then it is LOST with the last error, and whatever the failed tries may have created is
+cancelled (``abandon``). A worker thread that cannot be started (``can't start new thread``)
+is started again with backoff, its calls waiting in its queue; a cancel that raised is
+tried again the same way.
 
 Shipped to the cluster with the agent: standard library only.
 """
@@ -32,6 +35,8 @@ log = logging.getLogger("cloudexec.agent")
 
 #: deadline of one call on a scheduler's thread; the scheduler's own commands time out first
 TIMEOUTS = {"submit": 240.0, "status": 150.0, "cancel": 150.0, "abandon": 150.0}
+#: tries of a cancel or abandon that raised (0.5 s .. 30 s apart)
+CHORE_TRIES = 8
 
 
 class Call:
@@ -43,6 +48,7 @@ class Call:
         self.result: Any = None
         self.error: Optional[BaseException] = None
         self.overdue = False
+        self.tries = 0  # earlier tries of the same call that raised
 
 
 class Workers:
@@ -54,6 +60,9 @@ class Workers:
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
         self._queues: Dict[str, "queue.Queue[Optional[Call]]"] = {}
+        self._threads: Dict[str, threading.Thread] = {}
+        self._thread_failures: Dict[str, int] = {}
+        self._thread_retry: Dict[str, float] = {}  # scheduler -> when to try a thread again
         self._done: Deque[Call] = collections.deque()
         self._pending: Set[Call] = set()
         self._lock = threading.Lock()
@@ -63,14 +72,45 @@ class Workers:
 
     def call(self, sched: str, op: str, job_id: str, fn: Callable[[], Any]) -> Call:
         c = Call(sched, op, job_id, fn, TIMEOUTS[op])
-        if sched not in self._queues:  # threads only for the schedulers in use
-            self._queues[sched] = queue.Queue()
-            threading.Thread(target=self._serve, args=(self._queues[sched],), daemon=True,
-                             name="cloudexec-%s" % sched).start()
         with self._lock:
             self._pending.add(c)
-        self._queues[sched].put(c)
+        self._queues.setdefault(sched, queue.Queue()).put(c)
+        self._ensure_thread(sched)
         return c
+
+    def _ensure_thread(self, sched: str) -> None:
+        """Start the scheduler's thread unless it runs (threads only for schedulers in use);
+        when the system cannot make one now, its calls wait and it is tried again later."""
+        t = self._threads.get(sched)
+        if t is not None and t.is_alive():
+            return
+        now = time.monotonic()
+        if now < self._thread_retry.get(sched, 0.0):
+            return
+        t = threading.Thread(target=self._serve, args=(self._queues[sched],), daemon=True,
+                             name="cloudexec-%s" % sched)
+        try:
+            t.start()
+        except RuntimeError as e:  # "can't start new thread": clone() failed with EAGAIN
+            n = self._thread_failures[sched] = self._thread_failures.get(sched, 0) + 1
+            delay = min(30.0, 0.25 * 2 ** n)
+            self._thread_retry[sched] = now + delay
+            log.warning("cannot start the %s scheduler's thread (%s); its %d call(s) wait, "
+                        "trying again in %.1f s", sched, e, self._queues[sched].qsize(), delay)
+            return
+        self._threads[sched] = t
+        self._thread_failures.pop(sched, None)
+        self._thread_retry.pop(sched, None)
+
+    def retry_threads(self) -> None:
+        """Start the threads that could not be started before and have calls waiting."""
+        for sched, q in self._queues.items():
+            if not q.empty():
+                self._ensure_thread(sched)
+
+    def due(self) -> List[float]:
+        """When threads that could not start are to be tried again (monotonic)."""
+        return [t for s, t in self._thread_retry.items() if not self._queues[s].empty()]
 
     def _serve(self, q: "queue.Queue[Optional[Call]]") -> None:
         while True:
@@ -139,6 +179,7 @@ class Supervisor:
         self.starting: Dict[str, Starting] = {}
         self.next_poll: Dict[str, float] = {}
         self.polling: Set[str] = set()  # schedulers with a status call in flight
+        self.retries: List[Tuple[float, Call, int]] = []  # (when, failed cancel, tries so far)
 
     def count(self) -> int:
         return len(self.active) + len(self.starting)
@@ -206,12 +247,15 @@ class Supervisor:
             cancelled = bool((self.journal.get(c.job_id) or {}).get("cancelled"))
             if transient and not cancelled and time.monotonic() - st.first < sched.submit_for:
                 st.tries += 1
-                st.retry_at = time.monotonic() + min(30.0, 2.0 ** st.tries)
-                log.warning("job %s: %s; trying again in %.0f s", c.job_id,
+                st.retry_at = time.monotonic() + min(30.0, sched.retry_first * 2 ** (st.tries - 1))
+                log.warning("job %s: %s; trying again in %.1f s", c.job_id,
                             str(e).replace("\n", " "), st.retry_at - time.monotonic())
                 return
             if transient:
                 self._call(st.sched, "abandon", c.job_id, lambda: sched.abandon(c.job_id))
+                if st.tries:
+                    e = SubmitError("%s\n(tried %d times over %.0f s)" % (
+                        e, st.tries + 1, time.monotonic() - st.first), transient=True)
             self._not_started(c.job_id, st.files, e)
             return
         del self.starting[c.job_id]
@@ -277,9 +321,14 @@ class Supervisor:
 
     def tick(self, now: float) -> None:
         """Start what is due: submit retries, status calls; give up overdue submits."""
+        self.workers.retry_threads()
         for job_id, st in list(self.starting.items()):
             if st.retry_at and now >= st.retry_at:
                 self._submit(job_id)
+        due = [r for r in self.retries if r[0] <= now]
+        self.retries = [r for r in self.retries if r[0] > now]
+        for _, c, tries in due:
+            self.workers.call(c.sched, c.op, c.job_id, c.fn).tries = tries
         for name, sched in self.schedulers.items():
             if name in self.polling or now < self.next_poll.get(name, 0.0):
                 continue
@@ -304,7 +353,16 @@ class Supervisor:
             elif c.op == "status":
                 self._polled(c)
             elif c.error is not None:
-                log.warning("%s %s of job %s failed: %s", c.sched, c.op, c.job_id, c.error)
+                tries = c.tries + 1
+                if tries < CHORE_TRIES:  # e.g. EMFILE or a failed fork: it may work later
+                    delay = min(30.0, 0.5 * 2 ** tries)
+                    self.retries.append((time.monotonic() + delay, c, tries))
+                    log.warning("%s %s of job %s failed (%s); trying again in %.1f s",
+                                c.sched, c.op, c.job_id, c.error, delay)
+                else:
+                    log.error("%s %s of job %s failed %d times, given up: %s", c.sched, c.op,
+                              c.job_id, tries, c.error)
+
 
     def _polled(self, c: Call) -> None:
         sched = self.schedulers[c.sched]
@@ -328,6 +386,7 @@ class Supervisor:
     def due_in(self, now: float) -> float:
         """Seconds until :meth:`tick` has something to start (for the loop's poll timeout)."""
         due = [st.retry_at for st in self.starting.values() if st.retry_at]
+        due += [r[0] for r in self.retries] + self.workers.due()
         due += [self.next_poll.get(n, 0.0) for n, s in self.schedulers.items()
                 if n not in self.polling and (s.pending_work() or
                                               any(v[0] == n for v in self.active.values()))]

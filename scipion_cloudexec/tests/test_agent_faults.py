@@ -177,3 +177,157 @@ def test_second_login_node_refuses_clearly_then_takes_over_a_dead_node(login_nod
     log = agent_log(workdir)
     assert "taking workdir %s over from login node %s (agent pid %d)" % (
         workdir, a.hostname, agent_pid) in log
+
+
+# ---- fork / thread creation failing (EAGAIN) ----------------------------------------------
+
+#: the named fake: a real agent process whose fork (subprocess's _fork_exec) raises EAGAIN
+#: for its first $CX_FAKE_FORK_FAILS calls and whose thread creation raises "can't start new
+#: thread" for its first $CX_FAKE_THREAD_FAILS, as under a full pids.max or RLIMIT_NPROC,
+#: which cannot be made for real without starving the machine the test bed shares
+_FORK_FAULT = r'''
+import errno, os, subprocess, sys, threading
+fork_left = [int(os.environ.get("CX_FAKE_FORK_FAILS", "0"))]
+thread_left = [int(os.environ.get("CX_FAKE_THREAD_FAILS", "0"))]
+real_fork_exec, real_start = subprocess._fork_exec, threading._start_new_thread
+
+def fork_exec(*a, **k):
+    if fork_left[0] > 0:
+        fork_left[0] -= 1
+        sys.stderr.write("FAKE: fork fails with EAGAIN\n")
+        raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+    return real_fork_exec(*a, **k)
+
+def start_new_thread(*a, **k):
+    if thread_left[0] > 0:
+        thread_left[0] -= 1
+        sys.stderr.write("FAKE: thread creation fails\n")
+        raise RuntimeError("can't start new thread")
+    return real_start(*a, **k)
+
+subprocess._fork_exec, threading._start_new_thread = fork_exec, start_new_thread
+from scipion_cloudexec.agent.server import main
+main(sys.argv[1:])
+'''
+
+
+class RawClient:
+    """The wire protocol over a plain DEALER on the agent's loopback port (this fake agent
+    runs from the source tree, so the SSH client, which wants the bundle's version, is not
+    used)."""
+
+    def __init__(self, workdir: str):
+        import zmq
+        from scipion_cloudexec.transport import messages as m
+        self.m = m
+        state = agent_json(workdir)
+        self.secret = bytes.fromhex(state["secret"])
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect("tcp://127.0.0.1:%d" % state["port"])
+        self.rid = 0
+        self.inbox: List = []
+
+    def send(self, msg) -> int:
+        self.rid += 1
+        msg.rid = self.rid
+        self.sock.send_multipart(self.m.encode(msg, self.secret))
+        return self.rid
+
+    def receive(self, timeout: float):
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        return self.m.decode(self.sock.recv_multipart(), self.secret)
+
+    def ping(self, timeout: float = 5.0) -> float:
+        t0 = time.monotonic()
+        rid = self.send(self.m.Ping())
+        while time.monotonic() - t0 < timeout:
+            msg = self.receive(timeout - (time.monotonic() - t0))
+            if msg is None:
+                break
+            if msg.TYPE == "Pong" and msg.rid == rid:
+                return time.monotonic() - t0
+            self.inbox.append(msg)
+        raise AssertionError("the agent did not answer a ping within %.0f s" % timeout)
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def start_fake_agent(workdir: str, log_path: str, **env: str) -> subprocess.Popen:
+    proc = subprocess.Popen([PY, "-c", _FORK_FAULT, "serve", "--workdir", workdir,
+                             "--heartbeat", "0.5"],
+                            stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **env))
+    wait_until(lambda: os.path.exists(os.path.join(workdir, "agent", "agent.json"))
+               or proc.poll() is not None, 20, "fake agent up")
+    assert proc.poll() is None, open(log_path).read()
+    return proc
+
+
+def run_job_while_pinging(client: RawClient, argv: List[str], job_id: str, timeout: float):
+    """Submit, then ping every 0.1 s until the job's Ended comes; returns (Ended, pings,
+    worst ping)."""
+    from scipion_cloudexec.agent.jobs import JobSpec, LauncherSpec
+    spec = JobSpec(job_id=job_id, argv=argv, launcher=LauncherSpec(kind="local"))
+    client.send(client.m.Submit(spec=spec.to_dict(), watch=True))
+    t0, pings, worst = time.monotonic(), 0, 0.0
+    while time.monotonic() - t0 < timeout:
+        worst = max(worst, client.ping())
+        pings += 1
+        for msg in client.inbox:
+            if msg.TYPE == "Ended" and msg.job_id == job_id:
+                return msg, pings, worst
+        time.sleep(0.1)
+    raise AssertionError("job %s did not end within %.0f s" % (job_id, timeout))
+
+
+def test_fork_and_thread_failures_are_retried_and_the_job_runs_once(tmp_path):
+    """Before: the thread that could not start left its scheduler's queue without a
+    worker (the job hung), and EAGAIN from fork failed the job for good."""
+    workdir, log_path = str(tmp_path / "wd"), str(tmp_path / "agent.out")
+    runs = tmp_path / "runs"
+    proc = start_fake_agent(workdir, log_path, CX_FAKE_FORK_FAILS="3",
+                            CX_FAKE_THREAD_FAILS="2")
+    client = RawClient(workdir)
+    try:
+        ended, pings, worst = run_job_while_pinging(
+            client, ["/bin/sh", "-c", "echo run >> %s" % runs], "through-eagain", 60)
+        again, _, _ = run_job_while_pinging(client, ["true"], "after-eagain", 30)
+        assert proc.poll() is None, "the agent is alive"
+    finally:
+        client.close()
+        stop_agent_pid(proc.pid)
+        proc.wait(10)
+    log = open(log_path).read()
+    print("\n%d pings answered during the faults, worst %.1f ms" % (pings, worst * 1000))
+    print("".join(line + "\n" for line in log.splitlines()
+                  if "FAKE" in line or "trying again" in line))
+    assert log.count("FAKE: fork fails") == 3 and log.count("FAKE: thread creation fails") == 2
+    assert (ended.state, ended.exit_code) == ("done", 0), ended
+    assert runs.read_text() == "run\n", "the job ran exactly once"
+    assert (again.state, again.exit_code) == ("done", 0)
+    assert "cannot start the process scheduler's thread" in log
+    assert log.count("Resource temporarily unavailable; trying again in") == 3
+
+
+def test_fork_failing_for_good_fails_the_job_clearly_and_the_agent_stays(tmp_path):
+    workdir, log_path = str(tmp_path / "wd"), str(tmp_path / "agent.out")
+    proc = start_fake_agent(workdir, log_path, CX_FAKE_FORK_FAILS="1000000",
+                            CLOUDEXEC_SUBMIT_RETRY_FOR="3")
+    client = RawClient(workdir)
+    try:
+        ended, pings, _ = run_job_while_pinging(client, ["true"], "never-forks", 60)
+        client.ping()
+        assert proc.poll() is None, "the agent is alive"
+    finally:
+        client.close()
+        stop_agent_pid(proc.pid)
+        proc.wait(10)
+    print("\nended %s: %s" % (ended.state, ended.reason))
+    assert ended.state == "lost" and ended.exit_code is None
+    assert "cannot start the job script" in ended.reason
+    assert "Resource temporarily unavailable" in ended.reason and "tried" in ended.reason
+    with open(os.path.join(workdir, "jobs", "never-forks", "stderr")) as f:
+        assert "Resource temporarily unavailable" in f.read(), "the job's stderr says why"
