@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 OutputCallback = Callable[[str, bytes], None]
 STDERR_TAIL = 64 * 1024
+RECEIVE_BATCH = 256  # messages handled per IO loop turn
 
 
 class AgentError(RuntimeError):
@@ -461,7 +462,8 @@ class AgentClient:
             sock.close(0)
 
     def _receive(self, sock: zmq.Socket) -> None:
-        while True:
+        # a bounded batch: under a stream of output the loop must still get to its pings
+        for _ in range(RECEIVE_BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

@@ -33,7 +33,8 @@ import signal
 import socket
 import sys
 import time
-from typing import Dict, List, Optional
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple
 
 import zmq
 
@@ -49,7 +50,9 @@ from .supervisor import Supervisor
 log = logging.getLogger("cloudexec.agent")
 
 CHUNK = 256 * 1024        # largest output chunk per message
+WINDOW = 16               # output chunks in flight (not yet on the wire) per watcher and stream
 STREAM_EVERY = 0.05       # seconds between output reads while someone watches
+BACKLOG_EVERY = 0.005     # ... while a watcher's window is full: refill it soon
 MISSED_BEATS = 3          # a client silent for this many heartbeats is gone
 
 
@@ -76,6 +79,10 @@ class Agent:
             "pool": PoolScheduler(os.path.join(workdir, "pools"))}
         self.clients: Dict[bytes, float] = {}            # identity -> last message (monotonic)
         self.watchers: Dict[str, Dict[bytes, List[int]]] = {}  # job -> identity -> [out, err]
+        self.ending: Dict[str, Dict] = {}  # ended job -> its row, while watchers get the rest
+        # (identity, job, stream index) -> trackers of the chunks zmq still holds, oldest first
+        self.inflight: Dict[Tuple[bytes, str, int], Deque[zmq.MessageTracker]] = {}
+        self.backlog = False  # a watcher waits for room in its window
         self.jobs: Optional[Supervisor] = None  # with the journal, in bind()
         self.idle_since = time.monotonic()
         self.running = True
@@ -166,7 +173,8 @@ class Agent:
                 for fd in set(registered) - set(fds):
                     poller.unregister(fd)
                 registered = fds
-                timeout = STREAM_EVERY if self.watched_running() else min(self.heartbeat, 1.0)
+                timeout = BACKLOG_EVERY if self.backlog else STREAM_EVERY \
+                    if self.watched_running() else min(self.heartbeat, 1.0)
                 timeout = min(timeout, self.jobs.due_in(time.monotonic()))
                 events = dict(poller.poll(int(timeout * 1000)))
                 if self.sock in events:
@@ -251,37 +259,85 @@ class Agent:
         assert self.jobs is not None
         self.jobs.tick(time.monotonic())
 
-    def stream_outputs(self, job_ids: Optional[List[str]] = None, final: bool = False) -> None:
-        """Send each watcher the bytes its job wrote since its last offsets."""
+    def stream_outputs(self, job_ids: Optional[List[str]] = None) -> None:
+        """Send each watcher the bytes its job wrote since its offsets, at most ``WINDOW``
+        chunks in flight per watcher and stream, the rest on later turns (a job that wrote
+        gigabytes is never held in memory); an ended job's ``Ended`` goes to each watcher
+        right after its last byte."""
+        if job_ids is None:  # a full pass: it tells whether any watcher still waits
+            self.backlog = False
         for job_id in job_ids if job_ids is not None else list(self.watchers):
             watchers = self.watchers.get(job_id)
+            row = self.ending.get(job_id)
             if not watchers:
+                self.watchers.pop(job_id, None)
+                self.ending.pop(job_id, None)
                 continue
             files = JobFiles(self.paths.jobs, job_id)
             for identity, offsets in list(watchers.items()):
+                complete = True
                 for i, (stream, path) in enumerate((("stdout", files.stdout),
                                                     ("stderr", files.stderr))):
-                    self._send_new_bytes(identity, job_id, stream, path, offsets, i, final)
+                    complete &= self._send_new_bytes(identity, job_id, stream, path, offsets, i)
+                if not complete:
+                    self.backlog = True
+                elif row is not None:  # everything sent: the end follows in order
+                    del watchers[identity]
+                    self._forget_inflight(identity, job_id)
+                    self.send(identity, self._ended(row))
+            if row is not None and not watchers:
+                self.watchers.pop(job_id, None)
+                self.ending.pop(job_id, None)
 
     def _send_new_bytes(self, identity: bytes, job_id: str, stream: str, path: str,
-                        offsets: List[int], i: int, final: bool) -> None:
+                        offsets: List[int], i: int) -> bool:
+        """Send what the window has room for; True when the watcher has all of the file."""
+        flight = self.inflight.setdefault((identity, job_id, i), deque())
+        while flight and flight[0].done:
+            flight.popleft()
         try:
             size = os.path.getsize(path)
         except OSError:
-            return
+            return True  # no such stream (yet)
         if size <= offsets[i]:
-            return
-        with open(path, "rb") as f:
+            return True
+        if len(flight) >= WINDOW:
+            return False
+        try:
+            f = open(path, "rb")
+        except OSError as e:  # e.g. EMFILE: a later turn tries again
+            if time.monotonic() - self._phase_logged.get(path, -60.0) >= 10.0:
+                self._phase_logged[path] = time.monotonic()
+                log.warning("cannot read %s for its watchers (trying again): %s", path, e)
+            return False
+        with f:
             f.seek(offsets[i])
-            while True:
+            while len(flight) < WINDOW:
                 data = f.read(CHUNK)
                 if not data:
                     break
-                self.send(identity, m.Output(job_id=job_id, stream=stream, offset=offsets[i],
-                                             blob=data))
+                tracker = self._send_output(identity, m.Output(
+                    job_id=job_id, stream=stream, offset=offsets[i], blob=data))
                 offsets[i] += len(data)
-                if not final:
-                    break
+                if tracker is not None and not tracker.done:
+                    flight.append(tracker)
+            return offsets[i] >= os.fstat(f.fileno()).st_size
+
+    def _send_output(self, identity: bytes, msg: m.Output) -> Optional[zmq.MessageTracker]:
+        """One output chunk, zero-copy and tracked: its tracker is done once zmq has handed
+        it to the connection, which is how the window learns that the watcher keeps up."""
+        assert self.sock is not None
+        try:
+            return self.sock.send_multipart([identity] + m.encode(msg, self.secret),
+                                            copy=False, track=True)
+        except zmq.ZMQError as e:
+            log.warning("cannot send output of %s to %s: %s", msg.job_id, identity.hex(), e)
+            return None
+
+    def _forget_inflight(self, identity: bytes, job_id: Optional[str] = None) -> None:
+        for key in [k for k in self.inflight
+                    if k[0] == identity and (job_id is None or k[1] == job_id)]:
+            del self.inflight[key]
 
     def expire_clients(self) -> None:
         limit = time.monotonic() - MISSED_BEATS * self.heartbeat - 1.0
@@ -290,6 +346,7 @@ class Agent:
                 del self.clients[identity]
                 for watchers in self.watchers.values():
                     watchers.pop(identity, None)
+                self._forget_inflight(identity)
                 log.info("client %s went silent; its jobs keep running", identity.hex())
 
     def check_idle(self) -> None:
@@ -306,10 +363,11 @@ class Agent:
         return self.jobs is not None and any(self.watchers.get(j) for j in self.jobs.active)
 
     def _job_ended(self, job_id: str, row: Dict) -> None:
-        """The supervisor recorded a job's end: flush its output to watchers, then the end."""
-        self.stream_outputs([job_id], final=True)
-        for identity in self.watchers.pop(job_id, {}):
-            self.send(identity, self._ended(row))
+        """The supervisor recorded a job's end: its watchers get the rest of its output,
+        over as many loop turns as that takes, then the end."""
+        if self.watchers.get(job_id):
+            self.ending[job_id] = row
+            self.stream_outputs([job_id])
 
     @staticmethod
     def _ended(row: Dict) -> m.Ended:
@@ -371,10 +429,10 @@ class Agent:
         if row is None:
             return
         self.watchers.setdefault(msg.job_id, {})[identity] = [msg.out_offset, msg.err_offset]
-        if JobState(row["state"]).final:
-            self.stream_outputs([msg.job_id], final=True)
-            self.watchers.pop(msg.job_id, None)
-            self.send(identity, self._ended(row))
+        self._forget_inflight(identity, msg.job_id)
+        if JobState(row["state"]).final:  # its output (from the offsets), then its end
+            self.ending[msg.job_id] = row
+            self.stream_outputs([msg.job_id])
 
     def on_Cancel(self, identity: bytes, msg: m.Cancel) -> None:
         """Recorded at once; the scheduler is asked on its thread and the end follows."""

@@ -331,3 +331,68 @@ def test_fork_failing_for_good_fails_the_job_clearly_and_the_agent_stays(tmp_pat
     assert "Resource temporarily unavailable" in ended.reason and "tried" in ended.reason
     with open(os.path.join(workdir, "jobs", "never-forks", "stderr")) as f:
         assert "Resource temporarily unavailable" in f.read(), "the job's stderr says why"
+
+
+# ---- a job's huge output at its end -------------------------------------------------------
+
+def vm_rss(pid: int) -> int:
+    """Resident memory of *pid* in bytes (0 once gone)."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@pytest.mark.slow
+def test_gigabyte_written_at_once_streams_in_order_with_bounded_agent_memory(make_cluster):
+    """Before: at the job's end the agent queued its whole unsent stdout into zmq at once
+    (the RSS of the agent grew by about the backlog, ~1 GB here)."""
+    c = make_cluster("local")
+    size = 1 << 30
+    writer = ("import sys, hashlib\nblock = b''.join(hashlib.sha256(str(i).encode()).digest() "
+              "for i in range(1 << 15))\nfor i in range(%d):\n"
+              "    sys.stdout.buffer.write(block)\n" % (size // (32 << 15)))
+    got = hashlib.sha256()
+    n = [0]
+    peak = [0]
+    stop = threading.Event()
+
+    def on_output(stream: str, data: bytes) -> None:
+        if stream == "stdout":
+            got.update(data)
+            n[0] += len(data)
+
+    with AgentClient(c) as client:
+        pid = client.welcome.pid
+        base = vm_rss(pid)
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], vm_rss(pid))
+                time.sleep(0.02)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.monotonic()
+        try:
+            result = client.submit([PY, "-c", writer], job_id="firehose",
+                                   on_output=on_output).result(600)
+        finally:
+            stop.set()
+            sampler.join()
+        took = time.monotonic() - t0
+    out_file = os.path.join(c.workdir, "jobs", "firehose", "stdout")
+    wrote = hashlib.sha256()
+    with open(out_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            wrote.update(block)
+    print("\n%d MiB streamed in %.1f s (%.0f MiB/s); agent RSS %d MiB before, peak %d MiB"
+          % (n[0] >> 20, took, (n[0] >> 20) / took, base >> 20, peak[0] >> 20))
+    assert result.state == JobState.DONE and result.exit_code == 0
+    assert os.path.getsize(out_file) == size
+    assert n[0] == size and got.hexdigest() == wrote.hexdigest(), "every byte, in order"
+    assert peak[0] < 300 << 20, "agent RSS peaked at %d MiB" % (peak[0] >> 20)
+    os.unlink(out_file)
