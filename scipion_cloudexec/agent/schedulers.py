@@ -62,10 +62,12 @@ class SubmitError(RuntimeError):
 
 
 class Status(NamedTuple):
-    """A job's state as a scheduler sees it."""
+    """A job's state as a scheduler sees it; ``seen``: when the scheduler itself last
+    reported the job (wall clock), 0 when it does not tell."""
     state: JobState
     exit_code: Optional[int] = None
     reason: str = ""
+    seen: float = 0.0
 
 
 class Scheduler(abc.ABC):
@@ -105,6 +107,14 @@ class Scheduler(abc.ABC):
 
     def abandon(self, job_id: str) -> None:
         """A submit whose outcome is unknown was given up: make sure nothing of it runs."""
+
+    def restore(self, journal_path: str) -> None:
+        """Take over what an earlier agent left pending (called once, on the agent's loop,
+        before any call on the scheduler's thread)."""
+
+    def adopt(self, job_id: str, launcher_id: str, seen: float) -> None:
+        """An earlier agent's job; *seen*: when the scheduler last reported it (wall clock,
+        as recorded in the journal). Called on the agent's loop at start."""
 
     def exit_fds(self) -> Dict[int, str]:
         """File descriptors readable when a job ends ({fd: job_id}), for event-driven reaping.

@@ -151,12 +151,11 @@ class Agent:
         if self.sock is None:
             self.bind()
         assert self.jobs is not None
-        previous = _read_state(self.paths.state)
+        previous = _read_state(self.paths.state) or {}
         if other_node(previous):
             log.warning("taking workdir %s over from login node %s (agent pid %s), whose lease "
-                        "ran out %.0f s ago", self.paths.workdir, previous.get("host"),  # type: ignore
-                        previous.get("pid"),  # type: ignore[union-attr]
-                        time.time() - float(previous.get("lease_until", 0)))  # type: ignore
+                        "ran out %.0f s ago", self.paths.workdir, previous.get("host"),
+                        previous.get("pid"), time.time() - float(previous.get("lease_until", 0)))
         self.jobs.adopt()
         self.write_state()
         signal.signal(signal.SIGTERM, self._on_sigterm)

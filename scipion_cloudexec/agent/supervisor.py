@@ -29,7 +29,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 from .jobs import JobFiles, JobSpec, JobState, job_script
 from .journal import Journal
 from .launchers import launcher_for
-from .schedulers import Scheduler, Status, SubmitError, scheduler_kind
+from .schedulers import (PoolScheduler, Scheduler, Status, SubmitError, final_from_rc,
+                         scheduler_kind)
 
 log = logging.getLogger("cloudexec.agent")
 
@@ -37,6 +38,8 @@ log = logging.getLogger("cloudexec.agent")
 TIMEOUTS = {"submit": 240.0, "status": 150.0, "cancel": 150.0, "abandon": 150.0}
 #: tries of a cancel or abandon that raised (0.5 s .. 30 s apart)
 CHORE_TRIES = 8
+#: seconds between journal writes of when the scheduler last reported a running job
+SEEN_EVERY = 5.0
 
 
 class Call:
@@ -180,6 +183,7 @@ class Supervisor:
         self.next_poll: Dict[str, float] = {}
         self.polling: Set[str] = set()  # schedulers with a status call in flight
         self.retries: List[Tuple[float, Call, int]] = []  # (when, failed cancel, tries so far)
+        self.cancelled_pools: Dict[str, str] = {}  # worker pool -> its job, being cancelled
 
     def count(self) -> int:
         return len(self.active) + len(self.starting)
@@ -197,7 +201,10 @@ class Supervisor:
     # ---- life -----------------------------------------------------------------------------
 
     def adopt(self) -> None:
-        """Take over the journal's unfinished jobs from an earlier agent."""
+        """Take over the journal's unfinished jobs from an earlier agent, and what it left
+        pending: scancels not done yet, cancels asked for while it stopped."""
+        for sched in self.schedulers.values():
+            sched.restore(self.journal.path)
         for row in self.journal.active():
             job_id, sched = row["job_id"], row["scheduler"]
             if row["state"] == JobState.SUBMITTED.value or not row["launcher_id"]:
@@ -207,8 +214,15 @@ class Supervisor:
                     self._call(sched, "abandon", job_id,
                                lambda s=self.schedulers[sched], j=job_id: s.abandon(j))
                 continue
-            self.active[job_id] = (sched, row["launcher_id"], JobFiles(self.jobs_root, job_id))
+            files = JobFiles(self.jobs_root, job_id)
+            self.active[job_id] = (sched, row["launcher_id"], files)
             log.info("adopted job %s (%s %s)", job_id, sched, row["launcher_id"])
+            if sched in self.schedulers:
+                self.schedulers[sched].adopt(job_id, row["launcher_id"],
+                                             row["seen"] or row["started"] or row["submitted"])
+                if row["cancelled"]:  # its cancel may never have reached the scheduler
+                    log.info("job %s was cancelled: asking %s again", job_id, sched)
+                    self._cancel_lid(sched, job_id, row["launcher_id"], files)
 
     def start(self, spec: JobSpec) -> None:
         """Write the job's script and hand it to its scheduler's thread."""
@@ -278,6 +292,9 @@ class Supervisor:
     def cancel(self, job_id: str) -> None:
         """Record the cancel and ask the scheduler (on its thread); the end comes later."""
         self.journal.update(job_id, cancelled=1)
+        pool = self._pool_served_by(job_id)
+        if pool is not None:  # its jobs, killed with it, end cancelled too
+            self.cancelled_pools[pool] = job_id
         if job_id in self.active:
             sched, lid, files = self.active[job_id]
             self._cancel_lid(sched, job_id, lid, files)
@@ -310,12 +327,54 @@ class Supervisor:
         state = st.state
         if row and row["cancelled"] and state in (JobState.FAILED, JobState.LOST):
             state = JobState.CANCELLED
+        pool = (row or {}).get("launcher_id", "")[5:] if (row or {}).get(
+            "scheduler") == "pool" else ""
+        if pool in self.cancelled_pools and state in (JobState.FAILED, JobState.LOST):
+            state = JobState.CANCELLED  # killed with its pool (rc 143 or no rc)
+            st = Status(state, None, "worker pool %s was cancelled (job %s)"
+                        % (pool, self.cancelled_pools[pool]))
         self.journal.update(job_id, state=state, exit_code=st.exit_code, reason=st.reason,
                             ended=time.time())
         self.active.pop(job_id, None)
         self.starting.pop(job_id, None)
         log.info("job %s %s (exit %s) %s", job_id, state.value, st.exit_code, st.reason)
         self.on_end(job_id, self.journal.get(job_id))  # type: ignore[arg-type]
+        pool = self._pool_served_by(job_id)
+        if pool is not None:
+            self._pool_ended(pool, job_id, state)
+            self.cancelled_pools.pop(pool, None)  # a new pool of that name starts afresh
+
+    def _pool_served_by(self, job_id: str) -> Optional[str]:
+        """The worker pool that job *job_id* ran (see AgentClient.start_pool), or None."""
+        sched = self.schedulers.get("pool")
+        spec = self.journal.spec(job_id) if sched is not None else None
+        argv = spec.argv if spec is not None else []
+        if isinstance(sched, PoolScheduler) and len(argv) == 5 and argv[1].endswith(".zip") and \
+                argv[2:4] == ["pool", "--dir"]:
+            name = os.path.basename(argv[4].rstrip("/"))
+            try:
+                if os.path.abspath(sched.pool_dir(name)) == os.path.abspath(argv[4]):
+                    return name
+            except SubmitError:
+                pass
+        return None
+
+    def _pool_ended(self, pool: str, pool_job: str, state: JobState) -> None:
+        """A worker pool's own job ended: its jobs end now, not once its heartbeat is
+        missed; cancelled with it when it was cancelled. Whatever of them still runs or waits
+        in its queue is cancelled, so a later pool of that name never takes them."""
+        for job_id, (sched, lid, files) in list(self.active.items()):
+            if sched != "pool" or lid != "pool:" + pool:
+                continue
+            self._cancel_lid(sched, job_id, lid, files)
+            rc = files.read_rc()
+            if rc is not None:  # it had ended just before
+                self.finish(job_id, final_from_rc(rc))  # type: ignore[arg-type]
+            elif pool in self.cancelled_pools:  # finish() says why
+                self.finish(job_id, Status(JobState.LOST))
+            else:
+                self.finish(job_id, Status(JobState.LOST, None, "worker pool %s ended (%s) "
+                                           "before the job did" % (pool, state.value)))
 
     # ---- the loop's phases --------------------------------------------------------------
 
@@ -381,7 +440,9 @@ class Supervisor:
             if row and row["state"] != st.state.value:
                 self.journal.update(job_id, state=st.state, reason=st.reason,
                                     started=time.time() if st.state == JobState.RUNNING
-                                    else row["started"])
+                                    else row["started"], seen=max(st.seen, row["seen"]))
+            elif row and st.seen - row["seen"] >= SEEN_EVERY:
+                self.journal.update(job_id, seen=st.seen)
 
     def due_in(self, now: float) -> float:
         """Seconds until :meth:`tick` has something to start (for the loop's poll timeout)."""

@@ -84,13 +84,14 @@ def test_state_file_never_follows_a_planted_symlink(make_cluster, tmp_path):
 @pytest.fixture(scope="module")
 def login_nodes(testbed):
     """Two login nodes (own network, host name and mount namespace, sshd each) that share
-    the desktop's file system, as login nodes share an NFS home. Names n7/n8: addresses
-    10.79.0.17/18, apart from the private_host fixture's p1 (10.79.0.11)."""
+    the desktop's file system, as login nodes share an NFS home. On a bridge of their own
+    (cxlbr0, 10.80.0.17/18; namespaces cxp-n7/cxp-n8), apart from the private_host fixture's
+    (cxpbr0), which another session may take down meanwhile."""
     from scipion_cloudexec.testbed.private import PrivateHost
     reason = PrivateHost.unavailable()
     if reason:
         pytest.skip(reason)
-    nodes = [PrivateHost(testbed, name) for name in ("n7", "n8")]
+    nodes = [PrivateHost(testbed, name, bridge="cxlbr0", net="10.80.0") for name in ("n7", "n8")]
     try:
         for n in nodes:
             n.up()
@@ -396,3 +397,184 @@ def test_gigabyte_written_at_once_streams_in_order_with_bounded_agent_memory(mak
     assert n[0] == size and got.hexdigest() == wrote.hexdigest(), "every byte, in order"
     assert peak[0] < 300 << 20, "agent RSS peaked at %d MiB" % (peak[0] >> 20)
     os.unlink(out_file)
+
+
+# ---- a cancelled worker pool ----------------------------------------------------------------
+
+def test_cancelled_worker_pool_ends_its_jobs_cancelled_at_once(make_cluster, tmp_path):
+    """Before: the pool's running and queued jobs waited for its heartbeat to go stale
+    (15 s), then ended LOST."""
+    c = make_cluster("mpirun")
+    token = "cx-doomed-%s" % tmp_path.name
+    sleeper = [PY, "-c", "import time; time.sleep(120)", token]
+    with AgentClient(c) as client:
+        pool = client.start_pool("doomed", ranks=2)  # rank 0 hands out, rank 1 runs
+        assert client.submit(["true"], pool="doomed").result(60).exit_code == 0
+        running = client.submit(sleeper, pool="doomed")
+        queued = [client.submit(sleeper, pool="doomed") for _ in range(2)]
+        wait_until(lambda: {r["job_id"]: r["state"] for r in client.jobs()}[running.job_id]
+                   == "running", 30, "pool job running")
+        t0 = time.monotonic()
+        client.cancel(pool.job_id)
+        with pytest.raises(JobCancelled):
+            pool.result(30)
+        ends = []
+        for fut in [running] + queued:
+            with pytest.raises(JobCancelled) as e:
+                fut.result(60)
+            ends.append(e.value.result.reason)
+        took = time.monotonic() - t0
+    print("\npool cancelled -> its 3 jobs cancelled after %.1f s: %s" % (took, ends[0]))
+    assert all("worker pool doomed was cancelled" in r for r in ends), ends
+
+    def leftovers() -> List[str]:
+        return subprocess.run(["pgrep", "-f", token], capture_output=True,
+                              text=True).stdout.split()
+    wait_until(lambda: not leftovers(), 20, "the pool's jobs' processes gone")
+
+
+# ---- SLURM: what a stopped agent leaves pending ------------------------------------------
+
+class SlurmLink:
+    """The agent's own view of SLURM: ``SLURM_CONF`` (set in the cluster's env_setup) is a
+    copy of the test bed's; ``cut()`` points it at a controller port where nothing listens,
+    so the agent's scancel/squeue fail within 2 s ("Unable to contact slurm controller"), as
+    on a login node cut off from the controller, while slurmctld (shared with the other
+    sessions) runs on untouched."""
+
+    def __init__(self, testbed, folder):
+        self.real = testbed.slurm_conf
+        self.folder = str(folder)
+        os.makedirs(self.folder, exist_ok=True)
+        for name in os.listdir(os.path.dirname(self.real)):
+            if name.endswith(".conf") and name != "slurm.conf":
+                with open(os.path.join(os.path.dirname(self.real), name)) as f:
+                    text = f.read()
+                with open(os.path.join(self.folder, name), "w") as f:
+                    f.write(text)
+        self.conf = os.path.join(self.folder, "slurm.conf")
+        self.restore()
+
+    def _write(self, text: str) -> None:
+        with open(self.conf + ".new", "w") as f:
+            f.write(text)
+        os.replace(self.conf + ".new", self.conf)  # commands never read half a file
+
+    def cut(self) -> None:
+        with open(self.real) as f:
+            text = f.read()
+        assert "SlurmctldPort=6817" in text
+        # port 9 (discard) is closed; the client retries connecting for MessageTimeout s
+        self._write(text.replace("SlurmctldPort=6817", "SlurmctldPort=9") +
+                    "\nMessageTimeout=2\n")
+
+    def restore(self) -> None:
+        with open(self.real) as f:
+            self._write(f.read())
+
+
+def slurm_cmd(testbed, *argv: str) -> subprocess.CompletedProcess:
+    from scipion_cloudexec.tests.test_scheduler_faults import slurm
+    return slurm(testbed, *argv)
+
+
+def kill_agent_group(pid: int) -> None:
+    """The agent dies at once with the commands it runs: SIGKILL to its process group (its
+    own session; jobs run in sessions of their own, SLURM jobs under slurmd)."""
+    os.killpg(os.getpgid(pid), signal.SIGKILL)
+    wait_until(lambda: not alive(pid), 10, "agent %d killed" % pid)
+
+
+def slurm_state(testbed, slurm_id: str) -> str:
+    return slurm_cmd(testbed, "squeue", "-h", "-t", "all", "-j", slurm_id,
+                     "-o", "%T").stdout.strip()
+
+
+def journal_seen(workdir: str, job_id: str) -> Optional[float]:
+    """When SLURM last reported the job, as the journal keeps it (None: a journal without
+    the column, as before the fix)."""
+    import sqlite3
+    db = sqlite3.connect(os.path.join(workdir, "agent", "journal.sqlite"))
+    try:
+        row = db.execute("SELECT seen FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+        return float(row[0]) if row else 0.0
+    except sqlite3.OperationalError:  # no such column (before the fix)
+        return None
+    finally:
+        db.close()
+
+
+@pytest.mark.slurm
+def test_scancel_pending_when_the_agent_dies_is_issued_by_the_next_agent(make_cluster, testbed,
+                                                                        tmp_path):
+    """Before: the pending scancel lived in the agent's memory only; the next agent adopted
+    the job as running and the SLURM job ran on, unobserved."""
+    link = SlurmLink(testbed, tmp_path / "slurm-view")
+    c = make_cluster("slurm", env_setup="export SLURM_CONF=%s" % link.conf)
+    with AgentClient(c) as client:
+        client.submit(["sleep", "300"], job_id="cancel-me")
+        wait_until(lambda: client.jobs()[0]["state"] == "running", 60, "SLURM job running")
+        slurm_id = client.jobs()[0]["launcher_id"]
+        agent_pid = client.welcome.pid
+    try:
+        with AgentClient(c) as client:
+            link.cut()
+            assert client.cancel("cancel-me") == "running"
+            wait_until(lambda: "scancel %s failed, will retry" % slurm_id
+                       in agent_log(c.workdir), 30, "the scancel failing")
+            kill_agent_group(agent_pid)
+        link.restore()
+        assert slurm_state(testbed, slurm_id) == "RUNNING", "the cancel never reached SLURM"
+        t0 = time.monotonic()
+        with AgentClient(c) as again:
+            with pytest.raises(JobCancelled) as e:
+                again.attach("cancel-me").result(30)
+        took = time.monotonic() - t0
+    finally:
+        link.restore()
+        slurm_cmd(testbed, "scancel", slurm_id)
+    wait_until(lambda: slurm_state(testbed, slurm_id) in ("CANCELLED", ""), 30, "scancel'd")
+    print("\nagent killed with a scancel pending; the next agent had the job cancelled "
+          "%.1f s after its client connected" % took)
+    log = agent_log(c.workdir)
+    assert "scancel(s) left pending by the previous agent, issued again: scancel" in log
+    assert e.value.result.state == JobState.CANCELLED
+    assert "outside cloudexec" not in e.value.result.reason
+
+
+@pytest.mark.slurm
+def test_lost_grace_period_runs_on_across_an_agent_restart(make_cluster, testbed, tmp_path):
+    """Before: an adopting agent started the grace period afresh, so a job SLURM had not
+    reported for longer than CLOUDEXEC_SLURM_LOST_AFTER got another full period."""
+    link = SlurmLink(testbed, tmp_path / "slurm-view")
+    grace = 8.0
+    c = make_cluster("slurm", env_setup="export SLURM_CONF=%s\nexport CLOUDEXEC_SLURM_LOST_"
+                     "AFTER=%g" % (link.conf, grace))
+    failures = "SLURM did not answer (1 in a row)"
+    try:
+        with AgentClient(c) as client:
+            client.submit(["sleep", "300"], job_id="silent")
+            wait_until(lambda: client.jobs()[0]["state"] == "running", 60, "SLURM job running")
+            slurm_id = client.jobs()[0]["launcher_id"]
+            wait_until(lambda: journal_seen(c.workdir, "silent") != 0, 30, "seen recorded")
+            seen = journal_seen(c.workdir, "silent") or time.time()
+            link.cut()
+            wait_until(lambda: failures in agent_log(c.workdir), 30, "the agent cut off")
+            kill_agent_group(client.welcome.pid)  # before its grace ran out
+        time.sleep(max(0.0, seen + grace + 1 - time.time()))  # no agent, no answer
+        with AgentClient(c) as again:
+            fut = again.attach("silent")
+            wait_until(lambda: agent_log(c.workdir).count(failures) == 2, 30,
+                       "the new agent's first squeue failing")
+            link.restore()  # SLURM answers again: a restarted grace would see the job run on
+            with pytest.raises(JobLost) as e:
+                fut.result(30)
+    finally:
+        link.restore()
+        slurm_cmd(testbed, "scancel", slurm_id)
+    print("\n" + e.value.result.reason)
+    assert "SLURM did not answer about job %s" % slurm_id in e.value.result.reason
+    silent = float(e.value.result.reason.split(" for ")[1].split(" s ")[0])
+    assert silent > grace, "the silence counts from when SLURM last reported the job"
+    wait_until(lambda: slurm_state(testbed, slurm_id) in ("CANCELLED", ""), 30,
+               "the given-up job scancel'd")
