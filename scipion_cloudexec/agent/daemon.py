@@ -1,19 +1,79 @@
 """Starting the agent as a daemon: one per workdir, under a lock, its state in agent.json.
 
+A workdir on a shared file system (NFS home) can be reached through several login nodes
+behind one host name. ``agent.json`` names the node its agent runs on and holds a lease
+(``lease_until``, wall clock) the agent renews; ``start`` on another node refuses while the
+lease holds, and takes over once it has run out (that node is down). Node clocks are
+assumed to agree within seconds (NTP).
+
 Shipped to the cluster: standard library only.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
+import secrets
 import socket
 import sys
 import time
 from typing import Callable, Optional
 
 log = logging.getLogger("cloudexec.agent")
+
+#: seconds an agent's lease on its workdir lasts unless renewed ($CLOUDEXEC_AGENT_LEASE)
+DEFAULT_LEASE = 60.0
+#: exit code of ``start`` when the workdir's agent runs on another node
+EXIT_OTHER_NODE = 3
+
+
+def lease_term() -> float:
+    """The lease an agent takes on its workdir, in seconds."""
+    try:
+        return max(1.0, float(os.environ.get("CLOUDEXEC_AGENT_LEASE") or DEFAULT_LEASE))
+    except ValueError:
+        return DEFAULT_LEASE
+
+
+def write_private(path: str, data: str) -> None:
+    """Write *path* atomically, mode 0600, through a fresh temporary name created with
+    O_EXCL|O_NOFOLLOW: a file or symlink planted next to it is never followed nor reused."""
+    tmp = "%s.%d.%s.tmp" % (path, os.getpid(), secrets.token_hex(6))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        with os.fdopen(fd, "w") as f:
+            fd = -1
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def other_node(state: Optional[dict]) -> bool:
+    """True when *state* is that of an agent started on another host."""
+    return bool(state) and state.get("host", socket.gethostname()) != socket.gethostname()
+
+
+def other_node_message(workdir: str, state: dict) -> str:
+    """Why ``start`` refuses: the workdir's agent runs on another login node."""
+    here, there = socket.gethostname(), state.get("host", "?")
+    left = float(state.get("lease_until", 0)) - time.time()
+    return ("the agent for workdir %s runs on login node %s (pid %s), but this connection "
+            "reached login node %s. Two agents on one workdir would each take the other's "
+            "jobs for lost, so none is started here.\nFix: point 'host =' in this cluster's "
+            "section of the cloudexec config at %s (the node the agent runs on), or give each "
+            "login node a workdir of its own. If %s is down, its lease runs out in %.0f s and "
+            "the next start takes the workdir over.\n"
+            % (workdir, there, state.get("pid", "?"), here, there, there, max(0.0, left)))
 
 
 class AgentPaths:
@@ -47,9 +107,11 @@ def _answers(port: int) -> bool:
 
 
 def _running_agent(path: str) -> Optional[dict]:
-    """The state of the agent that runs and listens, or None (no file, or a stale one)."""
+    """The state of the agent that runs and listens on this host, or None (no file, a
+    stale one, or one of another host)."""
     state = _read_state(path)
-    if state and _alive(int(state.get("pid", 0))) and _answers(int(state.get("port", 0))):
+    if state and not other_node(state) and _alive(int(state.get("pid", 0))) and \
+            _answers(int(state.get("port", 0))):
         return state
     return None
 
@@ -67,19 +129,29 @@ def start_daemon(workdir: str, run: Callable[[AgentPaths], None], wait: float = 
     state line.
 
     Prints ``READY <agent.json>`` (with the secret, for the client at the other end
-    of the SSH channel) and returns 0, or prints the
-    reason on stderr and returns 1. Holds ``start.lock`` so that concurrent
-    starters make a single agent.
+    of the SSH channel) and returns 0, or prints the reason on stderr and returns 1
+    (:data:`EXIT_OTHER_NODE` when the workdir's agent runs on another login node and its
+    lease holds). Holds ``start.lock`` so that concurrent starters make a single agent.
     """
     paths = AgentPaths(workdir)
-    os.makedirs(paths.dir, exist_ok=True)
+    os.makedirs(paths.dir, mode=0o700, exist_ok=True)
     with open(paths.lock, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        found = _read_state(paths.state)
+        if other_node(found) and float(found.get("lease_until", 0)) > time.time():  # type: ignore
+            sys.stderr.write(other_node_message(workdir, found))  # type: ignore[arg-type]
+            return EXIT_OTHER_NODE
         state = _running_agent(paths.state)
         if state is None:
-            if os.fork() == 0:  # first child: new session, then the daemon forks off
+            try:
+                child = _fork()
+            except OSError as e:
+                sys.stderr.write("cannot start the agent: fork failed (%s) even after "
+                                 "retrying: the login node is out of processes or memory\n" % e)
+                return 1
+            if child == 0:  # first child: new session, then the daemon forks off
                 os.setsid()
-                if os.fork() == 0:
+                if _fork() == 0:
                     os.close(lock.fileno())  # else the daemon would hold start.lock forever
                     _run_daemon(paths, run)
                 os._exit(0)
@@ -104,12 +176,30 @@ def start_daemon(workdir: str, run: Callable[[AgentPaths], None], wait: float = 
     return 0
 
 
+#: errnos of a fork or exec that may work a moment later (process or memory limits)
+RESOURCE_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
+
+
+def _fork(tries: int = 6) -> int:
+    """os.fork, tried again with backoff (0.1 .. 3.2 s) while the system is short of
+    processes or memory."""
+    for i in range(tries):
+        try:
+            return os.fork()
+        except OSError as e:
+            if e.errno not in RESOURCE_ERRNOS or i == tries - 1:
+                raise
+            time.sleep(0.1 * 2 ** i)
+    raise AssertionError("unreachable")
+
+
 def _run_daemon(paths: AgentPaths, run: Callable[[AgentPaths], None]) -> None:
     code = 0
     try:
         fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(fd, 0)
-        logfd = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        logfd = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                        0o600)
         os.dup2(logfd, 1)
         os.dup2(logfd, 2)
         logging.basicConfig(stream=sys.stderr, level=logging.INFO,

@@ -31,10 +31,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     ended       REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS pending_cancels (
+    scheduler   TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    argv        TEXT NOT NULL,
+    added       REAL NOT NULL,
+    PRIMARY KEY (scheduler, key)
+);
 """
 
+#: columns added after the first release, with their definitions (old journals get them)
+ADDED_COLUMNS = {"seen": "REAL NOT NULL DEFAULT 0"}
+
 COLUMNS = ("job_id", "client", "label", "scheduler", "launcher_id", "state", "exit_code",
-           "reason", "cancelled", "submitted", "started", "ended")
+           "reason", "cancelled", "submitted", "started", "ended", "seen")
 
 
 class Journal:
@@ -47,6 +57,10 @@ class Journal:
         # WAL + NORMAL survives a killed agent; only a host crash may lose the last commits
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        for name, definition in ADDED_COLUMNS.items():
+            if name not in have:
+                self.db.execute("ALTER TABLE jobs ADD COLUMN %s %s" % (name, definition))
 
     def add(self, spec: JobSpec, scheduler: str) -> bool:
         """Record a new job; False when the id is already known (nothing changes)."""
@@ -94,6 +108,39 @@ class Journal:
             row["cores"] = int(spec.get("ranks", 1)) * int(spec.get("threads", 1))
             out.append(row)
         return out
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class PendingCancels:
+    """A scheduler's cancel commands not carried out yet (``scancel`` while slurmctld does
+    not answer), kept in the journal's file so that the next agent issues them again: a job
+    whose cancel was pending when its agent stopped would otherwise run on, unobserved.
+
+    Used from the scheduler's own thread (its own connection; sqlite serializes the writes
+    with the agent's journal connection).
+    """
+
+    def __init__(self, path: str, scheduler: str):
+        self.scheduler = scheduler
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                  timeout=30.0)
+        self.db.executescript(SCHEMA)
+
+    def load(self) -> Dict[str, List[str]]:
+        """{key: argv} of the cancels still to do."""
+        rows = self.db.execute("SELECT key, argv FROM pending_cancels WHERE scheduler=? "
+                               "ORDER BY added", (self.scheduler,))
+        return {k: json.loads(a) for k, a in rows}
+
+    def put(self, key: str, argv: List[str]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO pending_cancels(scheduler, key, argv, added) "
+                        "VALUES (?,?,?,?)", (self.scheduler, key, json.dumps(argv), time.time()))
+
+    def done(self, key: str) -> None:
+        self.db.execute("DELETE FROM pending_cancels WHERE scheduler=? AND key=?",
+                        (self.scheduler, key))
 
     def close(self) -> None:
         self.db.close()

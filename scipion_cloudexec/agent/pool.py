@@ -17,6 +17,7 @@ beating. Shipped with the agent (stdlib + mpi4py).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -26,6 +27,8 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 POLL = 0.02  # seconds between looks at the queue when idle
+SPAWN_TRIES = 6  # a job whose fork fails (EAGAIN, ENOMEM...) is tried 0.1 .. 3.2 s apart
+_RESOURCE_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
 _STOP = threading.Event()
 
 
@@ -75,16 +78,30 @@ def _cancelled(pool_dir: str, task: dict) -> bool:
 
 def start_task(task: dict, pool_dir: str, rank: int) -> Optional[subprocess.Popen]:
     """Start one job script in its own session, its pid visible for cancelling; None when
-    it was cancelled before it started (its rc says so)."""
+    it was cancelled before it started or could not be started (its rc says so)."""
     if _cancelled(pool_dir, task):
         end_task(task, pool_dir, -signal.SIGTERM)
         return None
     env = dict(os.environ, CLOUDEXEC_POOL_RANK=str(rank))
     for k in [k for k in env if k.startswith(("OMPI_", "PMIX_", "PMI_"))]:
         del env[k]  # the job is not part of the pool's MPI world
-    with open(task["stdout"], "ab") as out, open(task["stderr"], "ab") as err:
-        proc = subprocess.Popen(["/bin/sh", task["script"]], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, env=env, start_new_session=True)
+    for i in range(SPAWN_TRIES):  # the rank keeps its task: a failed fork is tried again
+        try:
+            with open(task["stdout"], "ab") as out, open(task["stderr"], "ab") as err:
+                proc = subprocess.Popen(["/bin/sh", task["script"]], stdin=subprocess.DEVNULL,
+                                        stdout=out, stderr=err, env=env, start_new_session=True)
+            break
+        except OSError as e:
+            if e.errno in _RESOURCE_ERRNOS and i < SPAWN_TRIES - 1:
+                time.sleep(0.1 * 2 ** i)
+                continue
+            try:  # the job's own stderr says why it never ran
+                with open(task["stderr"], "a") as f:
+                    f.write("cloudexec: the worker pool cannot start the job: %s\n" % e)
+            except OSError:
+                pass
+            end_task(task, pool_dir, 126)  # as a shell says "cannot execute"
+            return None
     marker = os.path.join(pool_dir, "running", task["job_id"])
     with open(marker + ".tmp", "w") as f:
         f.write("%d\n" % proc.pid)
@@ -110,7 +127,7 @@ def end_task(task: dict, pool_dir: str, returncode: int) -> int:
 def run_task(task: dict, pool_dir: str, rank: int) -> int:
     """Run one job to its end (worker ranks)."""
     proc = start_task(task, pool_dir, rank)
-    return 143 if proc is None else end_task(task, pool_dir, proc.wait())
+    return -1 if proc is None else end_task(task, pool_dir, proc.wait())
 
 
 def take_next(pool_dir: str) -> Optional[dict]:

@@ -15,7 +15,9 @@ Shipped to the cluster with the agent: standard library only.
 from __future__ import annotations
 
 import abc
+import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -25,6 +27,25 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 from .jobs import JobFiles, JobSpec, JobState
 from .pool import request_cancel
+
+log = logging.getLogger("cloudexec.agent")
+
+#: errnos of a fork, exec or open that may work a moment later: the system (or the user's
+#: limits) ran short of processes, memory or file descriptors
+RESOURCE_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
+
+
+def resource_shortage(e: BaseException) -> bool:
+    """True for an OSError that says "not now" rather than "never"."""
+    return isinstance(e, OSError) and e.errno in RESOURCE_ERRNOS
+
+
+def retry_for(default: float) -> float:
+    """Seconds a transient submit failure is retried ($CLOUDEXEC_SUBMIT_RETRY_FOR)."""
+    try:
+        return float(os.environ.get("CLOUDEXEC_SUBMIT_RETRY_FOR") or default)
+    except ValueError:
+        return default
 
 
 class SubmitError(RuntimeError):
@@ -41,10 +62,12 @@ class SubmitError(RuntimeError):
 
 
 class Status(NamedTuple):
-    """A job's state as a scheduler sees it."""
+    """A job's state as a scheduler sees it; ``seen``: when the scheduler itself last
+    reported the job (wall clock), 0 when it does not tell."""
     state: JobState
     exit_code: Optional[int] = None
     reason: str = ""
+    seen: float = 0.0
 
 
 class Scheduler(abc.ABC):
@@ -54,6 +77,8 @@ class Scheduler(abc.ABC):
     poll_interval = 1.0
     #: seconds a transient :class:`SubmitError` is retried before the job is given up
     submit_for = 0.0
+    #: seconds before the first retry of a transient submit failure (doubling, 30 s at most)
+    retry_first = 2.0
 
     @abc.abstractmethod
     def submit(self, spec: JobSpec, files: JobFiles) -> Tuple[str, JobState]:
@@ -82,6 +107,14 @@ class Scheduler(abc.ABC):
 
     def abandon(self, job_id: str) -> None:
         """A submit whose outcome is unknown was given up: make sure nothing of it runs."""
+
+    def restore(self, journal_path: str) -> None:
+        """Take over what an earlier agent left pending (called once, on the agent's loop,
+        before any call on the scheduler's thread)."""
+
+    def adopt(self, job_id: str, launcher_id: str, seen: float) -> None:
+        """An earlier agent's job; *seen*: when the scheduler last reported it (wall clock,
+        as recorded in the journal). Called on the agent's loop at start."""
 
     def exit_fds(self) -> Dict[int, str]:
         """File descriptors readable when a job ends ({fd: job_id}), for event-driven reaping.
@@ -119,11 +152,14 @@ class ProcessScheduler(Scheduler):
 
     poll_interval = 1.0
     grace = 5.0
+    retry_first = 0.25
 
     def __init__(self) -> None:
         self._procs: Dict[str, subprocess.Popen] = {}
         self._fds: Dict[int, str] = {}
         self._lock = threading.Lock()
+        # a fork failing for want of processes or memory is retried this long
+        self.submit_for = retry_for(60.0)
 
     def submit(self, spec: JobSpec, files: JobFiles) -> Tuple[str, JobState]:
         try:
@@ -131,8 +167,9 @@ class ProcessScheduler(Scheduler):
                 proc = subprocess.Popen(["/bin/sh", files.script], stdin=subprocess.DEVNULL,
                                         stdout=out, stderr=err, close_fds=True,
                                         start_new_session=True)
-        except OSError as e:
-            raise SubmitError("cannot start the job script %s: %s" % (files.script, e)) from None
+        except OSError as e:  # nothing of the job ran: a fork or exec that failed
+            raise SubmitError("cannot start the job script %s: %s" % (files.script, e),
+                              transient=resource_shortage(e)) from None
         with self._lock:
             self._procs[spec.job_id] = proc
             try:
@@ -203,10 +240,17 @@ class ProcessScheduler(Scheduler):
         self._signal(int(pid), signal.SIGTERM)
         # whatever of the group outlives the grace (an mpirun waiting on stuck ranks) is
         # killed by a watcher of its own: the job script may be gone long before that
-        subprocess.Popen(["/bin/sh", "-c", "sleep %g; kill -KILL -- -%d 2>/dev/null"
-                          % (self.grace, int(pid))], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+        try:
+            subprocess.Popen(["/bin/sh", "-c", "sleep %g; kill -KILL -- -%d 2>/dev/null"
+                              % (self.grace, int(pid))], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        except OSError as e:  # no process to spare: a timer in the agent does it instead
+            log.warning("cannot start the SIGKILL watcher of job %s (%s): the agent sends it",
+                        launcher_id, e)
+            timer = threading.Timer(self.grace, self._signal, (int(pid), signal.SIGKILL))
+            timer.daemon = True
+            timer.start()  # RuntimeError if not even a thread: the cancel is tried again
 
 
 # SLURM state -> ours, in one place. Anything not listed counts as RUNNING.
@@ -232,9 +276,11 @@ class PoolScheduler(Scheduler):
 
     poll_interval = 0.05
     dead_after = 15.0
+    retry_first = 0.25
 
     def __init__(self, pools_root: str):
         self.pools_root = pools_root
+        self.submit_for = retry_for(60.0)  # a queue file not written for want of fds
 
     def pool_dir(self, pool: str) -> str:
         if not pool or "/" in pool or pool.startswith("."):
@@ -247,13 +293,17 @@ class PoolScheduler(Scheduler):
                               % spec.ranks)
         pool = self.pool_dir(spec.launcher.pool)
         queue = os.path.join(pool, "queue")
-        os.makedirs(queue, exist_ok=True)
-        tmp = os.path.join(pool, ".%s.tmp" % spec.job_id)
-        with open(tmp, "w") as f:
-            f.write(json.dumps({"job_id": spec.job_id, "script": files.script,
-                                "stdout": files.stdout, "stderr": files.stderr,
-                                "rc": files.rc}))
-        os.replace(tmp, os.path.join(queue, spec.job_id))
+        try:
+            os.makedirs(queue, exist_ok=True)
+            tmp = os.path.join(pool, ".%s.tmp" % spec.job_id)
+            with open(tmp, "w") as f:
+                f.write(json.dumps({"job_id": spec.job_id, "script": files.script,
+                                    "stdout": files.stdout, "stderr": files.stderr,
+                                    "rc": files.rc}))
+            os.replace(tmp, os.path.join(queue, spec.job_id))
+        except OSError as e:
+            raise SubmitError("cannot queue the job on worker pool %s: %s"
+                              % (spec.launcher.pool, e), transient=resource_shortage(e)) from None
         return "pool:%s" % spec.launcher.pool, JobState.QUEUED
 
     def status(self, jobs: Dict[str, Tuple[str, JobFiles]]) -> Dict[str, Status]:

@@ -3,7 +3,7 @@
 It binds one ZeroMQ ROUTER socket on the remote loopback only; clients reach it
 through an SSH tunnel. Its state lives in ``<workdir>/agent/``::
 
-    agent.json     pid, port, version and the message secret (mode 0600)
+    agent.json     pid, port, version, the message secret (mode 0600), host and lease
     agent.log      what it did, including dropped (unauthenticated) messages
     journal.sqlite every job and its state (see journal.py)
     start.lock     held while an agent starts, so two clients start one agent
@@ -34,13 +34,14 @@ import signal
 import socket
 import sys
 import time
-from typing import Dict, List, Optional
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple
 
 import zmq
 
 from ..transport import messages as m
 from ..version import PROTOCOL_VERSION, __version__
-from .daemon import AgentPaths, start_daemon
+from .daemon import AgentPaths, _read_state, lease_term, other_node, start_daemon, write_private
 from .jobs import JobFiles, JobSpec, JobState
 from .journal import Journal
 from .schedulers import PoolScheduler, ProcessScheduler, Scheduler, scheduler_kind
@@ -50,7 +51,9 @@ from .supervisor import Supervisor
 log = logging.getLogger("cloudexec.agent")
 
 CHUNK = 256 * 1024        # largest output chunk per message
+WINDOW = 16               # output chunks in flight (not yet on the wire) per watcher and stream
 STREAM_EVERY = 0.05       # seconds between output reads while someone watches
+BACKLOG_EVERY = 0.005     # ... while a watcher's window is full: refill it soon
 MISSED_BEATS = 3          # a client silent for this many heartbeats is gone
 BATCH = 200               # most messages handled per loop turn
 DROP_LOG_EVERY = 60.0     # seconds between two warnings about one peer's dropped messages
@@ -82,12 +85,22 @@ class Agent:
         self.clients: Dict[bytes, float] = {}            # identity -> last message (monotonic)
         self._drops: Dict[bytes, list] = {}  # peer -> [last warning, dropped since, reason]
         self.watchers: Dict[str, Dict[bytes, List[int]]] = {}  # job -> identity -> [out, err]
+        self.ending: Dict[str, Dict] = {}  # ended job -> its row, while watchers get the rest
+        # (identity, job, stream index) -> trackers of the chunks zmq still holds, oldest first
+        self.inflight: Dict[Tuple[bytes, str, int], Deque[zmq.MessageTracker]] = {}
+        self.backlog = False  # a watcher waits for room in its window
         self.jobs: Optional[Supervisor] = None  # with the journal, in bind()
         self.idle_since = time.monotonic()
         self.running = True
         self.journal: Optional[Journal] = None
         self.sock: Optional[zmq.Socket] = None
         self.port = 0
+        self.host = socket.gethostname()
+        self.lease = lease_term()
+        self.lease_every = min(5 * heartbeat, self.lease / 4)  # renewals per lease: >= 4
+        self.renewed = 0.0
+        self.started = 0.0
+        self._phase_logged: Dict[str, float] = {}
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -109,20 +122,49 @@ class Agent:
         return self.port
 
     def write_state(self) -> None:
+        """Write agent.json (it holds the secret: mode 0600, never through a planted link),
+        with the lease renewed from now."""
+        now = time.time()
+        if not self.renewed:
+            self.started = now
         state = {"pid": os.getpid(), "port": self.port, "version": self.version,
                  "protocol": PROTOCOL_VERSION, "secret": self.secret.hex(),
-                 "host": socket.gethostname(), "started": time.time()}
-        tmp = self.paths.state + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, self.paths.state)
+                 "host": self.host, "started": self.started, "lease": self.lease,
+                 "lease_until": now + self.lease}
+        write_private(self.paths.state, json.dumps(state))
+        self.renewed = time.monotonic()
+
+    def _owns_state(self, state: Optional[Dict]) -> bool:
+        return bool(state) and state.get("pid") == os.getpid() and \
+            state.get("host", self.host) == self.host  # type: ignore[union-attr]
+
+    def renew_lease(self) -> None:
+        """Renew the lease on the workdir, unless an agent on another node took it over
+        (this one was taken for dead): then stop, leaving the jobs to that agent."""
+        if time.monotonic() - self.renewed < self.lease_every:
+            return
+        state = _read_state(self.paths.state)
+        if state and not self._owns_state(state):
+            log.error("agent %s (pid %s) on %s took this workdir over (this agent's lease had "
+                      "run out): stopping here, its jobs are followed there",
+                      state.get("version"), state.get("pid"), state.get("host"))
+            self.running = False
+            return
+        try:
+            self.write_state()
+        except OSError as e:  # e.g. NFS away for a moment: try again next turn
+            log.warning("cannot renew the lease in %s: %s", self.paths.state, e)
 
     def serve(self) -> None:
         """Run the main loop until shut down or idle."""
         if self.sock is None:
             self.bind()
         assert self.jobs is not None
+        previous = _read_state(self.paths.state) or {}
+        if other_node(previous):
+            log.warning("taking workdir %s over from login node %s (agent pid %s), whose lease "
+                        "ran out %.0f s ago", self.paths.workdir, previous.get("host"),
+                        previous.get("pid"), time.time() - float(previous.get("lease_until", 0)))
         self.jobs.adopt()
         self.write_state()
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -139,21 +181,35 @@ class Agent:
                 for fd in set(registered) - set(fds):
                     poller.unregister(fd)
                 registered = fds
-                timeout = STREAM_EVERY if self.watched_running() else min(self.heartbeat, 1.0)
+                timeout = BACKLOG_EVERY if self.backlog else STREAM_EVERY \
+                    if self.watched_running() else min(self.heartbeat, 1.0)
                 timeout = min(timeout, self.jobs.due_in(time.monotonic()))
                 events = dict(poller.poll(int(timeout * 1000)))
                 if self.sock in events:
-                    self.process_messages()
-                self.collect_results()  # before reaping: a new job's pidfd may be ready
+                    self._phase(self.process_messages)
+                self._phase(self.collect_results)  # before reaping: a pidfd may be ready
                 ready = [registered[fd] for fd in registered if fd in events]
                 if ready:
-                    self.reap_exits(ready)
-                self.poll_schedulers()
-                self.stream_outputs()
-                self.expire_clients()
-                self.check_idle()
+                    self._phase(self.reap_exits, ready)
+                self._phase(self.poll_schedulers)
+                self._phase(self.stream_outputs)
+                self._phase(self.expire_clients)
+                self._phase(self.renew_lease)
+                self._phase(self.check_idle)
         finally:
             self.cleanup()
+
+    def _phase(self, phase, *args) -> None:
+        """Run one loop phase; an error (a fork or open failing for want of processes,
+        memory or file descriptors...) is logged, at most every 10 s per phase, and the
+        loop goes on: the agent must outlive it, its jobs and clients with it."""
+        try:
+            phase(*args)
+        except Exception:  # noqa: BLE001  (anything: the loop is all the agent has)
+            now = time.monotonic()
+            if now - self._phase_logged.get(phase.__name__, -60.0) >= 10.0:
+                self._phase_logged[phase.__name__] = now
+                log.exception("phase %s failed; the agent goes on", phase.__name__)
 
     def _on_sigterm(self, signum, frame) -> None:
         log.info("SIGTERM: stopping; jobs keep running and a new agent adopts them")
@@ -161,12 +217,11 @@ class Agent:
 
     def cleanup(self) -> None:
         self._flush_drops(time.monotonic(), final=True)
-        try:
-            with open(self.paths.state) as f:
-                if json.load(f).get("pid") == os.getpid():
-                    os.unlink(self.paths.state)
-        except (OSError, ValueError):
-            pass
+        if self._owns_state(_read_state(self.paths.state)):  # not another node's
+            try:
+                os.unlink(self.paths.state)
+            except OSError:
+                pass
         if self.jobs is not None:
             self.jobs.stop()
         if self.sock is not None:
@@ -274,37 +329,85 @@ class Agent:
         assert self.jobs is not None
         self.jobs.tick(time.monotonic())
 
-    def stream_outputs(self, job_ids: Optional[List[str]] = None, final: bool = False) -> None:
-        """Send each watcher the bytes its job wrote since its last offsets."""
+    def stream_outputs(self, job_ids: Optional[List[str]] = None) -> None:
+        """Send each watcher the bytes its job wrote since its offsets, at most ``WINDOW``
+        chunks in flight per watcher and stream, the rest on later turns (a job that wrote
+        gigabytes is never held in memory); an ended job's ``Ended`` goes to each watcher
+        right after its last byte."""
+        if job_ids is None:  # a full pass: it tells whether any watcher still waits
+            self.backlog = False
         for job_id in job_ids if job_ids is not None else list(self.watchers):
             watchers = self.watchers.get(job_id)
+            row = self.ending.get(job_id)
             if not watchers:
+                self.watchers.pop(job_id, None)
+                self.ending.pop(job_id, None)
                 continue
             files = JobFiles(self.paths.jobs, job_id)
             for identity, offsets in list(watchers.items()):
+                complete = True
                 for i, (stream, path) in enumerate((("stdout", files.stdout),
                                                     ("stderr", files.stderr))):
-                    self._send_new_bytes(identity, job_id, stream, path, offsets, i, final)
+                    complete &= self._send_new_bytes(identity, job_id, stream, path, offsets, i)
+                if not complete:
+                    self.backlog = True
+                elif row is not None:  # everything sent: the end follows in order
+                    del watchers[identity]
+                    self._forget_inflight(identity, job_id)
+                    self.send(identity, self._ended(row))
+            if row is not None and not watchers:
+                self.watchers.pop(job_id, None)
+                self.ending.pop(job_id, None)
 
     def _send_new_bytes(self, identity: bytes, job_id: str, stream: str, path: str,
-                        offsets: List[int], i: int, final: bool) -> None:
+                        offsets: List[int], i: int) -> bool:
+        """Send what the window has room for; True when the watcher has all of the file."""
+        flight = self.inflight.setdefault((identity, job_id, i), deque())
+        while flight and flight[0].done:
+            flight.popleft()
         try:
             size = os.path.getsize(path)
         except OSError:
-            return
+            return True  # no such stream (yet)
         if size <= offsets[i]:
-            return
-        with open(path, "rb") as f:
+            return True
+        if len(flight) >= WINDOW:
+            return False
+        try:
+            f = open(path, "rb")
+        except OSError as e:  # e.g. EMFILE: a later turn tries again
+            if time.monotonic() - self._phase_logged.get(path, -60.0) >= 10.0:
+                self._phase_logged[path] = time.monotonic()
+                log.warning("cannot read %s for its watchers (trying again): %s", path, e)
+            return False
+        with f:
             f.seek(offsets[i])
-            while True:
+            while len(flight) < WINDOW:
                 data = f.read(CHUNK)
                 if not data:
                     break
-                self.send(identity, m.Output(job_id=job_id, stream=stream, offset=offsets[i],
-                                             blob=data))
+                tracker = self._send_output(identity, m.Output(
+                    job_id=job_id, stream=stream, offset=offsets[i], blob=data))
                 offsets[i] += len(data)
-                if not final:
-                    break
+                if tracker is not None and not tracker.done:
+                    flight.append(tracker)
+            return offsets[i] >= os.fstat(f.fileno()).st_size
+
+    def _send_output(self, identity: bytes, msg: m.Output) -> Optional[zmq.MessageTracker]:
+        """One output chunk, zero-copy and tracked: its tracker is done once zmq has handed
+        it to the connection, which is how the window learns that the watcher keeps up."""
+        assert self.sock is not None
+        try:
+            return self.sock.send_multipart([identity] + m.encode(msg, self.secret),
+                                            copy=False, track=True)
+        except zmq.ZMQError as e:
+            log.warning("cannot send output of %s to %s: %s", msg.job_id, identity.hex(), e)
+            return None
+
+    def _forget_inflight(self, identity: bytes, job_id: Optional[str] = None) -> None:
+        for key in [k for k in self.inflight
+                    if k[0] == identity and (job_id is None or k[1] == job_id)]:
+            del self.inflight[key]
 
     def expire_clients(self) -> None:
         limit = time.monotonic() - MISSED_BEATS * self.heartbeat - 1.0
@@ -313,6 +416,7 @@ class Agent:
                 del self.clients[identity]
                 for watchers in self.watchers.values():
                     watchers.pop(identity, None)
+                self._forget_inflight(identity)
                 log.info("client %s went silent; its jobs keep running", identity.hex())
 
     def check_idle(self) -> None:
@@ -329,10 +433,11 @@ class Agent:
         return self.jobs is not None and any(self.watchers.get(j) for j in self.jobs.active)
 
     def _job_ended(self, job_id: str, row: Dict) -> None:
-        """The supervisor recorded a job's end: flush its output to watchers, then the end."""
-        self.stream_outputs([job_id], final=True)
-        for identity in self.watchers.pop(job_id, {}):
-            self.send(identity, self._ended(row))
+        """The supervisor recorded a job's end: its watchers get the rest of its output,
+        over as many loop turns as that takes, then the end."""
+        if self.watchers.get(job_id):
+            self.ending[job_id] = row
+            self.stream_outputs([job_id])
 
     @staticmethod
     def _ended(row: Dict) -> m.Ended:
@@ -394,10 +499,10 @@ class Agent:
         if row is None:
             return
         self.watchers.setdefault(msg.job_id, {})[identity] = [msg.out_offset, msg.err_offset]
-        if JobState(row["state"]).final:
-            self.stream_outputs([msg.job_id], final=True)
-            self.watchers.pop(msg.job_id, None)
-            self.send(identity, self._ended(row))
+        self._forget_inflight(identity, msg.job_id)
+        if JobState(row["state"]).final:  # its output (from the offsets), then its end
+            self.ending[msg.job_id] = row
+            self.stream_outputs([msg.job_id])
 
     def on_Cancel(self, identity: bytes, msg: m.Cancel) -> None:
         """Recorded at once; the scheduler is asked on its thread and the end follows."""

@@ -11,7 +11,10 @@ A failed query never means "gone". How a job's state is learnt, in order:
 A job is declared LOST only when SLURM answers and does not know it (twice in a row, or
 its id now names another job), or after :attr:`SlurmScheduler.lost_after` seconds (default
 600, ``$CLOUDEXEC_SLURM_LOST_AFTER``) in which no query told anything about it; such a job
-is then ``scancel``'d, retried until SLURM takes the order. An ``sbatch`` that fails for
+is then ``scancel``'d, retried until SLURM takes the order. Both survive the agent: the
+scancels not done yet are kept in the journal (``pending_cancels``) and the next agent
+issues them again, and when SLURM last reported a job is in the journal too (``seen``), so
+an adopting agent does not start the grace period afresh. An ``sbatch`` that fails for
 SLURM's sake (timeout, controller down) raises a *transient* :class:`SubmitError`: the agent
 tries again, and the next try first looks the job up by name, since a timed-out ``sbatch``
 may still have created it.
@@ -24,11 +27,13 @@ import logging
 import os
 import pwd
 import re
+import sqlite3
 import subprocess
 import time
 from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
 from .jobs import JobFiles, JobSpec, JobState
+from .journal import PendingCancels
 from .schedulers import SLURM_STATES, Scheduler, Status, SubmitError, final_from_rc
 
 log = logging.getLogger("cloudexec.agent")
@@ -77,6 +82,43 @@ class SlurmScheduler(Scheduler):
         self._last_error = ""
         self._next_query = 0.0
         self._sacct = True                     # False once sacct says accounting is off
+        self._store: Optional[PendingCancels] = None  # the scancels, kept in the journal
+
+    def restore(self, journal_path: str) -> None:
+        """Keep the scancels in the journal, and take up those an earlier agent left."""
+        try:
+            self._store = PendingCancels(journal_path, "slurm")
+            left = self._store.load()
+        except sqlite3.Error as e:
+            log.warning("cannot keep pending scancels in %s: %s", journal_path, e)
+            return
+        for key, argv in left.items():
+            self._scancel[key] = argv
+            if key.isdigit():
+                self._cancelled.add(key)
+        if left:
+            log.info("%d scancel(s) left pending by the previous agent, issued again: %s",
+                     len(left), ", ".join(" ".join(a) for a in left.values()))
+
+    def adopt(self, job_id: str, launcher_id: str, seen: float) -> None:
+        if seen:  # the grace period goes on from there, not from this agent's start
+            self._seen[launcher_id] = time.monotonic() - max(0.0, time.time() - seen)
+
+    def _want_scancel(self, key: str, argv: List[str]) -> None:
+        self._scancel[key] = argv
+        if self._store is not None:
+            try:
+                self._store.put(key, argv)
+            except sqlite3.Error as e:
+                log.warning("cannot record the pending %s: %s", " ".join(argv), e)
+
+    def _scancel_done(self, key: str) -> None:
+        del self._scancel[key]
+        if self._store is not None:
+            try:
+                self._store.done(key)
+            except sqlite3.Error as e:
+                log.warning("cannot record that %s is done: %s", key, e)
 
     # ---- commands -------------------------------------------------------------------------
 
@@ -91,6 +133,8 @@ class SlurmScheduler(Scheduler):
                             "env_setup need a 'module load slurm'?" % argv[0])
         except subprocess.TimeoutExpired:
             return -1, "", "%s did not answer within %.0f s (timed out)" % (argv[0], timeout)
+        except OSError as e:  # fork/exec failed (EAGAIN, ENOMEM, EMFILE): not SLURM's answer
+            return -1, "", "cannot run %s now: %s (try again)" % (argv[0], e)
 
     def submit(self, spec: JobSpec, files: JobFiles) -> Tuple[str, JobState]:
         name = "cx-" + spec.job_id
@@ -130,12 +174,12 @@ class SlurmScheduler(Scheduler):
     def abandon(self, job_id: str) -> None:
         """Make sure nothing runs of a job whose sbatch outcome is unknown."""
         self._uncertain.discard(job_id)
-        self._scancel["cx-" + job_id] = ["scancel", "-u", self.user, "-n", "cx-" + job_id]
+        self._want_scancel("cx-" + job_id, ["scancel", "-u", self.user, "-n", "cx-" + job_id])
         self._retry_scancels(force=True)
 
     def cancel(self, launcher_id: str, files: JobFiles) -> None:
         self._cancelled.add(launcher_id)
-        self._scancel[launcher_id] = ["scancel", launcher_id]
+        self._want_scancel(launcher_id, ["scancel", launcher_id])
         self._retry_scancels(force=True)
         self._changed = time.monotonic()  # its end should be seen soon
         self._next_query = 0.0
@@ -147,7 +191,7 @@ class SlurmScheduler(Scheduler):
         for key, argv in list(self._scancel.items()):
             code, _, err = self._run(argv, self.query_timeout)
             if code == 0 or UNKNOWN_ID in err:
-                del self._scancel[key]
+                self._scancel_done(key)
                 self._scancel_failures = 0
             else:  # SLURM does not answer: the others would hang the same way
                 self._scancel_failures += 1
@@ -213,7 +257,8 @@ class SlurmScheduler(Scheduler):
         if entry is not None:
             self._seen[lid] = now
             self._missing.pop(lid, None)
-            return self._from_entry(lid, entry)
+            st = self._from_entry(lid, entry)
+            return st._replace(seen=time.time()) if st is not None else None
         if queued is not None:  # SLURM answered and does not know the job
             self._missing[lid] = self._missing.get(lid, 0) + 1
             self._changed = now  # confirm soon
@@ -225,7 +270,7 @@ class SlurmScheduler(Scheduler):
         silent = now - self._seen[lid]
         if silent > self.lost_after:
             self._cancelled.add(lid)
-            self._scancel[lid] = ["scancel", lid]
+            self._want_scancel(lid, ["scancel", lid])
             return Status(JobState.LOST, None, "SLURM did not answer about job %s for %.0f s "
                           "(%s); given up and scancel'd" % (lid, silent, self._last_error))
         return None

@@ -7,9 +7,12 @@ never waits on SLURM. A process job's exit is still seen at once: its pidfd is p
 the loop and reaped there (``reap``).
 
 A submit that fails for the scheduler's sake (``SubmitError.transient``: SLURM down or
-timing out) is tried again with backoff for ``Scheduler.submit_for`` seconds, the job
-staying SUBMITTED; then it is LOST, and whatever the failed tries may have created is
-cancelled (``abandon``).
+timing out, or a fork that failed for want of processes, memory or file descriptors) is
+tried again with backoff for ``Scheduler.submit_for`` seconds, the job staying SUBMITTED;
+then it is LOST with the last error, and whatever the failed tries may have created is
+cancelled (``abandon``). A worker thread that cannot be started (``can't start new thread``)
+is started again with backoff, its calls waiting in its queue; a cancel that raised is
+tried again the same way.
 
 Shipped to the cluster with the agent: standard library only.
 """
@@ -26,12 +29,17 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 from .jobs import JobFiles, JobSpec, JobState, job_script
 from .journal import Journal
 from .launchers import launcher_for
-from .schedulers import Scheduler, Status, SubmitError, scheduler_kind
+from .schedulers import (PoolScheduler, Scheduler, Status, SubmitError, final_from_rc,
+                         scheduler_kind)
 
 log = logging.getLogger("cloudexec.agent")
 
 #: deadline of one call on a scheduler's thread; the scheduler's own commands time out first
 TIMEOUTS = {"submit": 240.0, "status": 150.0, "cancel": 150.0, "abandon": 150.0}
+#: tries of a cancel or abandon that raised (0.5 s .. 30 s apart)
+CHORE_TRIES = 8
+#: seconds between journal writes of when the scheduler last reported a running job
+SEEN_EVERY = 5.0
 
 
 class Call:
@@ -43,6 +51,7 @@ class Call:
         self.result: Any = None
         self.error: Optional[BaseException] = None
         self.overdue = False
+        self.tries = 0  # earlier tries of the same call that raised
 
 
 class Workers:
@@ -54,6 +63,9 @@ class Workers:
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
         self._queues: Dict[str, "queue.Queue[Optional[Call]]"] = {}
+        self._threads: Dict[str, threading.Thread] = {}
+        self._thread_failures: Dict[str, int] = {}
+        self._thread_retry: Dict[str, float] = {}  # scheduler -> when to try a thread again
         self._done: Deque[Call] = collections.deque()
         self._pending: Set[Call] = set()
         self._lock = threading.Lock()
@@ -63,14 +75,45 @@ class Workers:
 
     def call(self, sched: str, op: str, job_id: str, fn: Callable[[], Any]) -> Call:
         c = Call(sched, op, job_id, fn, TIMEOUTS[op])
-        if sched not in self._queues:  # threads only for the schedulers in use
-            self._queues[sched] = queue.Queue()
-            threading.Thread(target=self._serve, args=(self._queues[sched],), daemon=True,
-                             name="cloudexec-%s" % sched).start()
         with self._lock:
             self._pending.add(c)
-        self._queues[sched].put(c)
+        self._queues.setdefault(sched, queue.Queue()).put(c)
+        self._ensure_thread(sched)
         return c
+
+    def _ensure_thread(self, sched: str) -> None:
+        """Start the scheduler's thread unless it runs (threads only for schedulers in use);
+        when the system cannot make one now, its calls wait and it is tried again later."""
+        t = self._threads.get(sched)
+        if t is not None and t.is_alive():
+            return
+        now = time.monotonic()
+        if now < self._thread_retry.get(sched, 0.0):
+            return
+        t = threading.Thread(target=self._serve, args=(self._queues[sched],), daemon=True,
+                             name="cloudexec-%s" % sched)
+        try:
+            t.start()
+        except RuntimeError as e:  # "can't start new thread": clone() failed with EAGAIN
+            n = self._thread_failures[sched] = self._thread_failures.get(sched, 0) + 1
+            delay = min(30.0, 0.25 * 2 ** n)
+            self._thread_retry[sched] = now + delay
+            log.warning("cannot start the %s scheduler's thread (%s); its %d call(s) wait, "
+                        "trying again in %.1f s", sched, e, self._queues[sched].qsize(), delay)
+            return
+        self._threads[sched] = t
+        self._thread_failures.pop(sched, None)
+        self._thread_retry.pop(sched, None)
+
+    def retry_threads(self) -> None:
+        """Start the threads that could not be started before and have calls waiting."""
+        for sched, q in self._queues.items():
+            if not q.empty():
+                self._ensure_thread(sched)
+
+    def due(self) -> List[float]:
+        """When threads that could not start are to be tried again (monotonic)."""
+        return [t for s, t in self._thread_retry.items() if not self._queues[s].empty()]
 
     def _serve(self, q: "queue.Queue[Optional[Call]]") -> None:
         while True:
@@ -139,6 +182,8 @@ class Supervisor:
         self.starting: Dict[str, Starting] = {}
         self.next_poll: Dict[str, float] = {}
         self.polling: Set[str] = set()  # schedulers with a status call in flight
+        self.retries: List[Tuple[float, Call, int]] = []  # (when, failed cancel, tries so far)
+        self.cancelled_pools: Dict[str, str] = {}  # worker pool -> its job, being cancelled
 
     def count(self) -> int:
         return len(self.active) + len(self.starting)
@@ -156,7 +201,10 @@ class Supervisor:
     # ---- life -----------------------------------------------------------------------------
 
     def adopt(self) -> None:
-        """Take over the journal's unfinished jobs from an earlier agent."""
+        """Take over the journal's unfinished jobs from an earlier agent, and what it left
+        pending: scancels not done yet, cancels asked for while it stopped."""
+        for sched in self.schedulers.values():
+            sched.restore(self.journal.path)
         for row in self.journal.active():
             job_id, sched = row["job_id"], row["scheduler"]
             if row["state"] == JobState.SUBMITTED.value or not row["launcher_id"]:
@@ -166,8 +214,15 @@ class Supervisor:
                     self._call(sched, "abandon", job_id,
                                lambda s=self.schedulers[sched], j=job_id: s.abandon(j))
                 continue
-            self.active[job_id] = (sched, row["launcher_id"], JobFiles(self.jobs_root, job_id))
+            files = JobFiles(self.jobs_root, job_id)
+            self.active[job_id] = (sched, row["launcher_id"], files)
             log.info("adopted job %s (%s %s)", job_id, sched, row["launcher_id"])
+            if sched in self.schedulers:
+                self.schedulers[sched].adopt(job_id, row["launcher_id"],
+                                             row["seen"] or row["started"] or row["submitted"])
+                if row["cancelled"]:  # its cancel may never have reached the scheduler
+                    log.info("job %s was cancelled: asking %s again", job_id, sched)
+                    self._cancel_lid(sched, job_id, row["launcher_id"], files)
 
     def start(self, spec: JobSpec) -> None:
         """Write the job's script and hand it to its scheduler's thread."""
@@ -206,12 +261,15 @@ class Supervisor:
             cancelled = bool((self.journal.get(c.job_id) or {}).get("cancelled"))
             if transient and not cancelled and time.monotonic() - st.first < sched.submit_for:
                 st.tries += 1
-                st.retry_at = time.monotonic() + min(30.0, 2.0 ** st.tries)
-                log.warning("job %s: %s; trying again in %.0f s", c.job_id,
+                st.retry_at = time.monotonic() + min(30.0, sched.retry_first * 2 ** (st.tries - 1))
+                log.warning("job %s: %s; trying again in %.1f s", c.job_id,
                             str(e).replace("\n", " "), st.retry_at - time.monotonic())
                 return
             if transient:
                 self._call(st.sched, "abandon", c.job_id, lambda: sched.abandon(c.job_id))
+                if st.tries:
+                    e = SubmitError("%s\n(tried %d times over %.0f s)" % (
+                        e, st.tries + 1, time.monotonic() - st.first), transient=True)
             self._not_started(c.job_id, st.files, e)
             return
         del self.starting[c.job_id]
@@ -234,6 +292,9 @@ class Supervisor:
     def cancel(self, job_id: str) -> None:
         """Record the cancel and ask the scheduler (on its thread); the end comes later."""
         self.journal.update(job_id, cancelled=1)
+        pool = self._pool_served_by(job_id)
+        if pool is not None:  # its jobs, killed with it, end cancelled too
+            self.cancelled_pools[pool] = job_id
         if job_id in self.active:
             sched, lid, files = self.active[job_id]
             self._cancel_lid(sched, job_id, lid, files)
@@ -266,20 +327,67 @@ class Supervisor:
         state = st.state
         if row and row["cancelled"] and state in (JobState.FAILED, JobState.LOST):
             state = JobState.CANCELLED
+        pool = (row or {}).get("launcher_id", "")[5:] if (row or {}).get(
+            "scheduler") == "pool" else ""
+        if pool in self.cancelled_pools and state in (JobState.FAILED, JobState.LOST):
+            state = JobState.CANCELLED  # killed with its pool (rc 143 or no rc)
+            st = Status(state, None, "worker pool %s was cancelled (job %s)"
+                        % (pool, self.cancelled_pools[pool]))
         self.journal.update(job_id, state=state, exit_code=st.exit_code, reason=st.reason,
                             ended=time.time())
         self.active.pop(job_id, None)
         self.starting.pop(job_id, None)
         log.info("job %s %s (exit %s) %s", job_id, state.value, st.exit_code, st.reason)
         self.on_end(job_id, self.journal.get(job_id))  # type: ignore[arg-type]
+        pool = self._pool_served_by(job_id)
+        if pool is not None:
+            self._pool_ended(pool, job_id, state)
+            self.cancelled_pools.pop(pool, None)  # a new pool of that name starts afresh
+
+    def _pool_served_by(self, job_id: str) -> Optional[str]:
+        """The worker pool that job *job_id* ran (see AgentClient.start_pool), or None."""
+        sched = self.schedulers.get("pool")
+        spec = self.journal.spec(job_id) if sched is not None else None
+        argv = spec.argv if spec is not None else []
+        if isinstance(sched, PoolScheduler) and len(argv) == 5 and argv[1].endswith(".zip") and \
+                argv[2:4] == ["pool", "--dir"]:
+            name = os.path.basename(argv[4].rstrip("/"))
+            try:
+                if os.path.abspath(sched.pool_dir(name)) == os.path.abspath(argv[4]):
+                    return name
+            except SubmitError:
+                pass
+        return None
+
+    def _pool_ended(self, pool: str, pool_job: str, state: JobState) -> None:
+        """A worker pool's own job ended: its jobs end now, not once its heartbeat is
+        missed; cancelled with it when it was cancelled. Whatever of them still runs or waits
+        in its queue is cancelled, so a later pool of that name never takes them."""
+        for job_id, (sched, lid, files) in list(self.active.items()):
+            if sched != "pool" or lid != "pool:" + pool:
+                continue
+            self._cancel_lid(sched, job_id, lid, files)
+            rc = files.read_rc()
+            if rc is not None:  # it had ended just before
+                self.finish(job_id, final_from_rc(rc))  # type: ignore[arg-type]
+            elif pool in self.cancelled_pools:  # finish() says why
+                self.finish(job_id, Status(JobState.LOST))
+            else:
+                self.finish(job_id, Status(JobState.LOST, None, "worker pool %s ended (%s) "
+                                           "before the job did" % (pool, state.value)))
 
     # ---- the loop's phases --------------------------------------------------------------
 
     def tick(self, now: float) -> None:
         """Start what is due: submit retries, status calls; give up overdue submits."""
+        self.workers.retry_threads()
         for job_id, st in list(self.starting.items()):
             if st.retry_at and now >= st.retry_at:
                 self._submit(job_id)
+        due = [r for r in self.retries if r[0] <= now]
+        self.retries = [r for r in self.retries if r[0] > now]
+        for _, c, tries in due:
+            self.workers.call(c.sched, c.op, c.job_id, c.fn).tries = tries
         for name, sched in self.schedulers.items():
             if name in self.polling or now < self.next_poll.get(name, 0.0):
                 continue
@@ -304,7 +412,16 @@ class Supervisor:
             elif c.op == "status":
                 self._polled(c)
             elif c.error is not None:
-                log.warning("%s %s of job %s failed: %s", c.sched, c.op, c.job_id, c.error)
+                tries = c.tries + 1
+                if tries < CHORE_TRIES:  # e.g. EMFILE or a failed fork: it may work later
+                    delay = min(30.0, 0.5 * 2 ** tries)
+                    self.retries.append((time.monotonic() + delay, c, tries))
+                    log.warning("%s %s of job %s failed (%s); trying again in %.1f s",
+                                c.sched, c.op, c.job_id, c.error, delay)
+                else:
+                    log.error("%s %s of job %s failed %d times, given up: %s", c.sched, c.op,
+                              c.job_id, tries, c.error)
+
 
     def _polled(self, c: Call) -> None:
         sched = self.schedulers[c.sched]
@@ -323,11 +440,14 @@ class Supervisor:
             if row and row["state"] != st.state.value:
                 self.journal.update(job_id, state=st.state, reason=st.reason,
                                     started=time.time() if st.state == JobState.RUNNING
-                                    else row["started"])
+                                    else row["started"], seen=max(st.seen, row["seen"]))
+            elif row and st.seen - row["seen"] >= SEEN_EVERY:
+                self.journal.update(job_id, seen=st.seen)
 
     def due_in(self, now: float) -> float:
         """Seconds until :meth:`tick` has something to start (for the loop's poll timeout)."""
         due = [st.retry_at for st in self.starting.values() if st.retry_at]
+        due += [r[0] for r in self.retries] + self.workers.due()
         due += [self.next_poll.get(n, 0.0) for n, s in self.schedulers.items()
                 if n not in self.polling and (s.pending_work() or
                                               any(v[0] == n for v in self.active.values()))]

@@ -43,17 +43,21 @@ class PrivateHost:
         name: short (it names the namespace and veth, 15 characters at most); its digits pick
             the address (``p1`` -> 10.79.0.11).
         hide: desktop folders the host sees empty (each under its own tmpfs).
+        bridge, net: the bridge and /24 the host is on (hosts of one test on a bridge of
+            their own are not cut off when another session's host goes down).
     """
 
-    def __init__(self, testbed: LocalTestbed, name: str = "p1", hide: Sequence[str] = ()):
+    def __init__(self, testbed: LocalTestbed, name: str = "p1", hide: Sequence[str] = (),
+                 bridge: str = BRIDGE, net: str = NET):
         self.tb = testbed
+        self.bridge, self.net = bridge, net
         self.name = name
         self.hide: List[str] = [os.path.abspath(h) for h in hide]
         self.ns = "cxp-" + name
         self.veth = self.ns + "-h"
         self.hostname = "cx-private-" + name
         self.work = "/srv/cx-private-" + name
-        self.address = "%s.%d" % (NET, 10 + int(re.sub(r"\D", "", name) or 1))
+        self.address = "%s.%d" % (net, 10 + int(re.sub(r"\D", "", name) or 1))
         self.root = os.path.join(testbed.root, "private", name)
         self.pidfile = os.path.join(self.root, "sshd.pid")
         self.known_hosts = os.path.join(self.root, "known_hosts")
@@ -95,14 +99,14 @@ class PrivateHost:
         self.tb.start_sshd()  # the user key and authorized_keys
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        if _ip("link", "show", BRIDGE, check=False).returncode != 0:
-            _ip("link", "add", BRIDGE, "type", "bridge")
-            _ip("addr", "add", NET + ".1/24", "dev", BRIDGE)
-            _ip("link", "set", BRIDGE, "up")
+        if _ip("link", "show", self.bridge, check=False).returncode != 0:
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("addr", "add", self.net + ".1/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
         _ip("netns", "add", self.ns)
         _ip("link", "add", self.veth, "type", "veth", "peer", "name", self.ns + "-n")
         _ip("link", "set", self.ns + "-n", "netns", self.ns)
-        _ip("link", "set", self.veth, "master", BRIDGE, "up")
+        _ip("link", "set", self.veth, "master", self.bridge, "up")
         _ip("-n", self.ns, "addr", "add", self.address + "/24", "dev", self.ns + "-n")
         _ip("-n", self.ns, "link", "set", "lo", "up")
         _ip("-n", self.ns, "link", "set", self.ns + "-n", "up")
@@ -169,8 +173,8 @@ class PrivateHost:
                 time.sleep(0.05)
         _ip("link", "del", self.veth, check=False)
         _ip("netns", "del", self.ns, check=False)
-        if not _ip("-o", "link", "show", "master", BRIDGE, check=False).stdout.strip():
-            _ip("link", "del", BRIDGE, check=False)
+        if not _ip("-o", "link", "show", "master", self.bridge, check=False).stdout.strip():
+            _ip("link", "del", self.bridge, check=False)
         try:  # the mount point left on the desktop; its tmpfs went with the last process
             os.rmdir(self.work)
         except OSError:
