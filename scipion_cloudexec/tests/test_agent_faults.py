@@ -114,7 +114,7 @@ def node_cluster(node, testbed, workdir: str, lease: float) -> ClusterConfig:
 
 @pytest.mark.slow
 def test_second_login_node_refuses_clearly_then_takes_over_a_dead_node(login_nodes, testbed,
-                                                                       tmp_path):
+                                                                       tmp_path, reliability):
     """Before: `start` on node B saw the recorded pid/port not answering there and started a
     second agent on the same journal."""
     a, b = login_nodes
@@ -178,6 +178,13 @@ def test_second_login_node_refuses_clearly_then_takes_over_a_dead_node(login_nod
     log = agent_log(workdir)
     assert "taking workdir %s over from login node %s (agent pid %d)" % (
         workdir, a.hostname, agent_pid) in log
+    reliability(fault="a second login node behind one name, one shared workdir",
+                when="a client reaches node B while node A's agent runs",
+                seen="AgentStartError: 'the agent for workdir W runs on login node A (pid P), "
+                "but this connection reached login node B ... point host = ... or give each "
+                "login node a workdir of its own'; A's job ends DONE",
+                recover_s="node A dead: node B serves the workdir %.1f s later (lease 4 s in "
+                "the test, 60 s by default)" % took_over, lost=0, twice=0)
 
 
 # ---- fork / thread creation failing (EAGAIN) ----------------------------------------------
@@ -284,7 +291,7 @@ def run_job_while_pinging(client: RawClient, argv: List[str], job_id: str, timeo
     raise AssertionError("job %s did not end within %.0f s" % (job_id, timeout))
 
 
-def test_fork_and_thread_failures_are_retried_and_the_job_runs_once(tmp_path):
+def test_fork_and_thread_failures_are_retried_and_the_job_runs_once(tmp_path, reliability):
     """Before: the thread that could not start left its scheduler's queue without a
     worker (the job hung), and EAGAIN from fork failed the job for good."""
     workdir, log_path = str(tmp_path / "wd"), str(tmp_path / "agent.out")
@@ -310,6 +317,10 @@ def test_fork_and_thread_failures_are_retried_and_the_job_runs_once(tmp_path):
     assert runs.read_text() == "run\n", "the job ran exactly once"
     assert (again.state, again.exit_code) == ("done", 0)
     assert "cannot start the process scheduler's thread" in log
+    reliability(fault="fork fails with EAGAIN 3x, thread start fails 2x (named fake in a real "
+                "agent)", when="a submit", seen="a short delay; agent.log 'trying again'",
+                recover_s="the job runs once after the retries", worst_ping_ms=round(
+                    worst * 1000, 1), lost=0, twice=0)
     assert log.count("Resource temporarily unavailable; trying again in") == 3
 
 
@@ -349,7 +360,8 @@ def vm_rss(pid: int) -> int:
 
 
 @pytest.mark.slow
-def test_gigabyte_written_at_once_streams_in_order_with_bounded_agent_memory(make_cluster):
+def test_gigabyte_written_at_once_streams_in_order_with_bounded_agent_memory(make_cluster,
+                                                                            reliability):
     """Before: at the job's end the agent queued its whole unsent stdout into zmq at once
     (the RSS of the agent grew by about the backlog, ~1 GB here)."""
     c = make_cluster("local")
@@ -396,6 +408,9 @@ def test_gigabyte_written_at_once_streams_in_order_with_bounded_agent_memory(mak
     assert os.path.getsize(out_file) == size
     assert n[0] == size and got.hexdigest() == wrote.hexdigest(), "every byte, in order"
     assert peak[0] < 300 << 20, "agent RSS peaked at %d MiB" % (peak[0] >> 20)
+    reliability(fault="1 GiB of stdout written at once", when="a job's end",
+                seen="every byte in order, then the end; agent memory peak %d MiB"
+                % (peak[0] >> 20), recover_s="streamed in %.1f s" % took, lost=0, twice=0)
     os.unlink(out_file)
 
 
@@ -506,7 +521,7 @@ def journal_seen(workdir: str, job_id: str) -> Optional[float]:
 
 @pytest.mark.slurm
 def test_scancel_pending_when_the_agent_dies_is_issued_by_the_next_agent(make_cluster, testbed,
-                                                                        tmp_path):
+                                                                         tmp_path, reliability):
     """Before: the pending scancel lived in the agent's memory only; the next agent adopted
     the job as running and the SLURM job ran on, unobserved."""
     link = SlurmLink(testbed, tmp_path / "slurm-view")
@@ -540,6 +555,11 @@ def test_scancel_pending_when_the_agent_dies_is_issued_by_the_next_agent(make_cl
     assert "scancel(s) left pending by the previous agent, issued again: scancel" in log
     assert e.value.result.state == JobState.CANCELLED
     assert "outside cloudexec" not in e.value.result.reason
+    reliability(fault="agent killed with a scancel pending (slurmctld unreachable)",
+                when="a cancel", seen="the cancel answers at once; the next agent issues the "
+                "scancel again ('1 scancel(s) left pending by the previous agent, issued "
+                "again')", recover_s="%.1f s after the next client connected" % took,
+                lost=0, twice=0)
 
 
 @pytest.mark.slurm

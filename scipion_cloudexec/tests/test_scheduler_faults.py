@@ -79,11 +79,11 @@ def test_slurmctld_stall_loses_no_job_and_heartbeats_keep_flowing(make_cluster, 
     outs: List[Dict[str, bytearray]] = [{} for _ in range(4)]
     with AgentClient(c) as client:
         # two end during the stall (only their rc files can tell), one after it
-        futs = [client.submit(["/bin/sh", "-c", "sleep %d; echo out-%d" % (d, i)],
+        futs = [client.submit(["/bin/sh", "-c", "echo up; sleep %d; echo out-%d" % (d, i)],
                               job_id="stall-%d" % i, on_output=collect(outs[i]))
                 for i, d in enumerate((8, 14, 32))]
-        wait_until(lambda: all(jobs_by_id(client)[f.job_id]["state"] == "running"
-                               for f in futs), 60, "3 SLURM jobs running")
+        # each job's srun step launched (it needs the controller) before the stall
+        wait_until(lambda: all(o.get("stdout") for o in outs[:3]), 60, "3 SLURM jobs running")
         worst, pings = 0.0, 0
         t0 = time.monotonic()
         with slurmctld_stalled(testbed):
@@ -101,7 +101,8 @@ def test_slurmctld_stall_loses_no_job_and_heartbeats_keep_flowing(make_cluster, 
     with open(os.path.join(c.workdir, "agent", "agent.log")) as f:
         print("".join(line for line in f if "WARNING" in line))
     assert [r.state for r in results] == [JobState.DONE] * 4, [r.reason for r in results]
-    assert [o["stdout"].decode() for o in outs] == ["out-%d\n" % i for i in range(4)]
+    assert [o["stdout"].decode() for o in outs] == ["up\nout-%d\n" % i for i in range(3)] + [
+        "out-3\n"]
     assert runs.read_text() == "run\n", "the submit made during the stall ran exactly once"
     assert worst < 3 * c.heartbeat
     reliability(fault="slurmctld stopped (SIGSTOP) 20 s: every squeue/sbatch hangs",
@@ -142,8 +143,9 @@ def test_slurmctld_down_30s_fails_every_query_yet_no_job_is_lost(make_cluster, t
                                % (i, runs, d, i)], job_id="down-%d" % i,
                               on_output=collect(outs[i]))
                 for i, d in enumerate((5, 15, 45))]
-        wait_until(lambda: all(jobs_by_id(client)[f.job_id]["state"] == "running"
-                               for f in futs), 60, "3 SLURM jobs running")
+        # each job's srun step launched (it needs the controller) before it goes
+        wait_until(lambda: runs.exists() and len(runs.read_text().split()) == 3, 60,
+                   "3 SLURM jobs running")
         worst = 0.0
         t0 = time.monotonic()
         with slurmctld_down(testbed):

@@ -44,7 +44,7 @@ def agent_log(cluster):
         return f.read()
 
 
-def test_flood_and_oversized_message_from_a_head_node_peer(make_cluster):
+def test_flood_and_oversized_message_from_a_head_node_peer(make_cluster, reliability):
     """200 MB in one frame and 100,000 forged messages, while an honest client's job runs:
     the agent's memory stays bounded, the client loses nothing, the log shows the drops
     once (rate limited)."""
@@ -103,6 +103,10 @@ def test_flood_and_oversized_message_from_a_head_node_peer(make_cluster):
     assert result.exit_code == 0 and out["stdout"].decode() == expected, "all output, in order"
     assert "evil" not in names
     assert worst["rss"] - before < 64 << 10, "the 200 MB frame is never buffered"
+    reliability(fault="100,000 forged messages and one 200 MB frame from another user on the "
+                "head node", when="while a job runs", seen="nothing: the job completes with "
+                "all its output; agent.log: rate-limited drop lines", recover_s="none needed",
+                worst_gap_s=round(worst["gap"], 2), lost=0, twice=0)
     os.kill(pid, signal.SIGTERM)  # a stopping agent logs the drops it still counts
     wait_until(lambda: not alive(pid), 30, "agent stopped")
     log = agent_log(c)
@@ -139,7 +143,7 @@ def test_drop_warnings_are_rate_limited_per_peer(tmp_path, caplog):
 
 
 def test_replayed_messages_run_nothing_twice_and_do_no_harm(make_cluster, tmp_path,
-                                                            monkeypatch):
+                                                            monkeypatch, reliability):
     """Authentic frames captured from the client (as root could) and sent again verbatim by
     another peer: Submit attaches (existed), Cancel and Shutdown(only_if_idle) change
     nothing for the jobs that run."""
@@ -192,6 +196,9 @@ def test_replayed_messages_run_nothing_twice_and_do_no_harm(make_cluster, tmp_pa
     assert [rows[j]["state"] for j in ("once", "victim", "busy")] == [
         "done", "cancelled", "done"]
     assert len(rows) == 3
+    reliability(fault="replayed authentic Submit, Cancel and Shutdown frames", when="any time",
+                seen="nothing: Submit answered 'existed', the Cancel changes nothing, Shutdown "
+                "refused while busy", recover_s="none needed", lost=0, twice=0)
 
 
 def test_agent_answers_a_hello_of_another_protocol_so_that_its_client_can_read_it(
@@ -243,7 +250,7 @@ def other_protocol_release(tmp_path):
 
 
 def test_agent_of_another_protocol_busy_is_refused_clearly_then_replaced_once_idle(
-        make_cluster, other_protocol_release, tmp_path):
+        make_cluster, other_protocol_release, tmp_path, reliability):
     c = make_cluster("local")
     conf = tmp_path / "clusters.conf"
     conf.write_text("[cluster t]\nhost = 127.0.0.1\nport = %d\nuser = %s\nidentity_file = %s\n"
@@ -293,6 +300,10 @@ def test_agent_of_another_protocol_busy_is_refused_clearly_then_replaced_once_id
     assert "stopping idle agent pid %d (protocol %d" % (old_agent["pid"], OTHER) in agent_log(c)
     print("busy agent of protocol %d refused in %.2f s; idle one replaced, client started in "
           "%.2f s" % (OTHER, refused, replaced))
+    reliability(fault="agent of another wire protocol on the cluster", when="a client starts",
+                seen="busy: VersionMismatch naming the cluster, both versions, the pid and its "
+                "jobs; idle: replaced, nothing to see", recover_s="refused in %.2f s; replaced "
+                "in %.2f s" % (refused, replaced), lost=0, twice=0)
 
 
 def test_a_request_over_the_agents_size_limit_fails_its_own_future_with_the_size(cluster):
