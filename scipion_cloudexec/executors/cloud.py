@@ -45,6 +45,12 @@ _NEVER_CURED = (UnknownHostKey, HostKeyChanged, AuthRefused, AgentStartError, Ve
 RECONNECT_PAUSE = 2.0  # seconds between attempts to reach a cluster contact was lost with
 
 
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (some, such as a bare TimeoutError, have none)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else "(no message)"
+
+
 def is_infra(error: BaseException) -> bool:
     """A failure of the cluster or the link (retried elsewhere), not of the program or of
     the desktop's own input."""
@@ -229,14 +235,14 @@ class CloudStepExecutor(ThreadStepExecutor):
                 say("cloudexec: job %s on cluster %s failed for a reason outside the program "
                     "(%s: %s): it is tried again" % (current["id"], name,
                                                              type(error).__name__,
-                                                             str(error).splitlines()[0]))
+                                                             _first_line(error)))
                 return
             if len(self.clusters) > 1:
                 # its jobs there may run on unseen: stopped, and the mirror emptied, before
                 # this run uses that cluster again
                 self._protocol_run().sync.abandon(name)
             say("cloudexec: cluster %s failed this job (%s: %s); %s"
-                % (name, type(error).__name__, str(error).splitlines()[0],
+                % (name, type(error).__name__, _first_line(error),
                    "it goes to another cluster" if len(self.clusters) > 1 else
                    "it is tried there again in %.0f s, attached to if it still runs"
                    % self.dispatcher.down_for))
@@ -261,7 +267,7 @@ class CloudStepExecutor(ThreadStepExecutor):
         if not lost_at:
             say("cloudexec: lost contact with cluster %s (%s: %s); trying to reach it again "
                 "for up to %.0f s: its job goes on there meanwhile"
-                % (name, type(error).__name__, str(error).splitlines()[0], self.reconnect_for))
+                % (name, type(error).__name__, _first_line(error), self.reconnect_for))
         self._drop_runner(name, only=runner)
         time.sleep(RECONNECT_PAUSE)
         return True
