@@ -78,6 +78,7 @@ class Agent:
         self.watchers: Dict[str, Dict[bytes, List[int]]] = {}  # job -> identity -> [out, err]
         self.jobs: Optional[Supervisor] = None  # with the journal, in bind()
         self.idle_since = time.monotonic()
+        self.next_stream = 0.0  # when the output files are read next
         self.running = True
         self.journal: Optional[Journal] = None
         self.sock: Optional[zmq.Socket] = None
@@ -130,8 +131,10 @@ class Agent:
                 for fd in set(registered) - set(fds):
                     poller.unregister(fd)
                 registered = fds
-                timeout = STREAM_EVERY if self.watched_running() else min(self.heartbeat, 1.0)
-                timeout = min(timeout, self.jobs.due_in(time.monotonic()))
+                now = time.monotonic()
+                timeout = max(0.0, self.next_stream - now) if self.watched_running() else \
+                    min(self.heartbeat, 1.0)
+                timeout = min(timeout, self.jobs.due_in(now))
                 events = dict(poller.poll(int(timeout * 1000)))
                 if self.sock in events:
                     self.process_messages()
@@ -140,7 +143,10 @@ class Agent:
                 if ready:
                     self.reap_exits(ready)
                 self.poll_schedulers()
-                self.stream_outputs()
+                now = time.monotonic()
+                if now >= self.next_stream:  # every STREAM_EVERY, not on every message: the
+                    self.next_stream = now + STREAM_EVERY  # scan stats each watched job's files
+                    self.stream_outputs()
                 self.expire_clients()
                 self.check_idle()
         finally:

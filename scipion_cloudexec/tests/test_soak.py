@@ -1,0 +1,171 @@
+"""Soak (issue 10): a protocol of many small steps on two namespaced clusters, one link
+flapping and the other cluster's agent SIGKILLed twice, against the same protocol without
+faults. Counts lost outputs and steps whose command completed twice; both must be 0.
+
+Not in the default run: ``-m soak``. ``CLOUDEXEC_SOAK_STEPS`` (default 2,000) sets the step
+count, ``CLOUDEXEC_SOAK_FLAP`` (default 20) the seconds between link changes. The figures are
+printed (``-s``).
+"""
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import psutil
+import pytest
+
+from scipion_cloudexec.config import ClusterConfig
+from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
+from scipion_cloudexec.tests.conftest import _stop_agent
+from scipion_cloudexec.tests.test_executor import logs
+
+pytestmark = [pytest.mark.soak, pytest.mark.slow]
+
+STEPS = int(os.environ.get("CLOUDEXEC_SOAK_STEPS") or 2000)
+FLAP = float(os.environ.get("CLOUDEXEC_SOAK_FLAP") or 20)
+
+
+def content(i: int) -> bytes:
+    return b"step %05d\n" % i
+
+
+def shell_protocol(project, n: int, ledger: str, label: str):
+    # start and end lines go to a ledger outside the project, on the cluster host's
+    # filesystem (>> is O_APPEND, one write per line): a second completion shows there
+    fan = ("echo \"start {i} $CLOUDEXEC_JOB_ID\" >> %s; printf 'step %%05d\\n' {i} > "
+           "extra/out_{i}.txt; echo \"end {i} $CLOUDEXEC_JOB_ID\" >> %s" % (ledger, ledger))
+    prot = project.newProtocol(ProtCloudShellSteps, objLabel=label, numberOfThreads=9,
+                               fanCopies=n, fan=fan)
+    os.makedirs(prot._getExtraPath(), exist_ok=True)
+    prot._useQueue.set(True)
+    prot.setQueueParams(["all", {"QUEUE_FOR_JOBS": "Y"}])
+    return prot
+
+
+def wait_finished(project, prot, timeout: float):
+    """The protocol's process ended (else: a hang, its process tree is killed)."""
+    proc = psutil.Process(prot.getPid())
+    try:
+        proc.wait(timeout)
+    except psutil.TimeoutExpired:
+        for p in proc.children(recursive=True) + [proc]:
+            p.kill()
+        pytest.fail("the protocol did not end within %.0f s (a hang)" % timeout)
+    except psutil.NoSuchProcess:
+        pass
+    project._updateProtocol(prot)
+    return project.getProtocol(prot.getObjId())
+
+
+def completions(ledger: str):
+    starts, ends = Counter(), Counter()
+    if os.path.exists(ledger):
+        with open(ledger) as f:
+            for line in f:
+                kind, i, _job = (line.split() + ["", ""])[:3]
+                (starts if kind == "start" else ends)[int(i)] += 1
+    return starts, ends
+
+
+def lost_outputs(prot, n: int):
+    extra = prot._getExtraPath()
+    lost = []
+    for i in range(n):
+        path = os.path.join(extra, "out_%d.txt" % i)
+        if not os.path.exists(path) or open(path, "rb").read() != content(i):
+            lost.append(i)
+    return lost
+
+
+class Faults(threading.Thread):
+    """Flaps *flappy*'s link every FLAP s; SIGKILLs *victim*'s agent when a third and two
+    thirds of the steps have completed (read from the ledger)."""
+
+    def __init__(self, hosts, flappy: ClusterConfig, victim: ClusterConfig, ledger: str, n: int):
+        super().__init__(daemon=True)
+        self.hosts, self.flappy, self.victim, self.ledger, self.n = hosts, flappy, victim, \
+            ledger, n
+        self.stop = threading.Event()
+        self.kills, self.flaps = [], 0
+
+    def run(self) -> None:
+        up, next_flap = True, time.monotonic() + FLAP
+        marks = [self.n // 3, 2 * self.n // 3]
+        while not self.stop.wait(0.2):
+            if time.monotonic() >= next_flap:
+                up = not up
+                self.hosts.link(self.flappy.name, up)
+                self.flaps += 1
+                next_flap += FLAP
+            if marks and sum(completions(self.ledger)[1].values()) >= marks[0]:
+                state = os.path.join(self.victim.workdir, "agent", "agent.json")
+                try:
+                    with open(state) as f:
+                        pid = int(json.load(f)["pid"])
+                    os.kill(pid, signal.SIGKILL)
+                    self.kills.append((marks[0], pid))
+                    marks.pop(0)
+                except (OSError, ValueError, KeyError):
+                    pass  # no agent there right now: try again shortly
+        self.hosts.link(self.flappy.name, True)
+
+
+@pytest.fixture
+def two_clusters(hosts, testbed, tmp_path, clusters_env):
+    out = []
+    for name in hosts.names()[:2]:
+        out.append(ClusterConfig(
+            name=name, host=hosts.address(name), port=22, user=testbed.user,
+            identity_file=testbed.client_key, known_hosts=hosts.known_hosts,
+            workdir=str(tmp_path / ("remote-" + name)), python=testbed.python,
+            launcher="local", slots=4, heartbeat=0.5, connect_timeout=5.0))
+    clusters_env(*out)
+    yield out
+    for c in out:
+        hosts.link(c.name, True)
+        _stop_agent(c.workdir)
+
+
+def test_soak_many_steps_flapping_link_and_killed_agent(two_clusters, hosts, new_project,
+                                                        tmp_path):
+    stable, flappy = two_clusters
+    project = new_project("soak")
+    times, results = {}, {}
+    for faults in (False, True):
+        label = "faults" if faults else "calm"
+        ledger = str(tmp_path / ("ledger-%s.txt" % label))
+        prot = shell_protocol(project, STEPS, ledger, label)
+        injector = Faults(hosts, flappy, stable, ledger, STEPS) if faults else None
+        t0 = time.monotonic()
+        project.launchProtocol(prot, wait=False)
+        if injector:
+            injector.start()
+        try:
+            prot = wait_finished(project, prot, 3600)
+        finally:
+            if injector:
+                injector.stop.set()
+                injector.join(10)
+        times[label] = time.monotonic() - t0
+        starts, ends = completions(ledger)
+        results[label] = dict(
+            finished=prot.isFinished(), lost=lost_outputs(prot, STEPS),
+            twice=sorted(i for i, k in ends.items() if k > 1),
+            started_twice=sorted(i for i, k in starts.items() if k > 1),
+            never=sorted(set(range(STEPS)) - set(ends)),
+            failovers=logs(prot).count("failed this job ("),
+            kills=injector.kills if injector else [], flaps=injector.flaps if injector else 0)
+        r = results[label]
+        print("\nsoak %s: %d steps in %.1f s; finished %s; lost outputs %d; completed twice %d "
+              "%s; started twice %d; failovers %d; agent kills at %s; link changes %d"
+              % (label, STEPS, times[label], r["finished"], len(r["lost"]), len(r["twice"]),
+                 r["twice"][:10], len(r["started_twice"]), r["failovers"], r["kills"],
+                 r["flaps"]))
+        assert r["finished"], logs(prot)[-4000:]
+    print("soak: faults/calm time ratio %.2f" % (times["faults"] / times["calm"]))
+    for label, r in results.items():
+        assert not r["lost"], "%s run lost outputs: %s" % (label, r["lost"][:20])
+        assert not r["twice"], "%s run completed steps twice: %s" % (label, r["twice"][:20])
+    assert len(results["faults"]["kills"]) == 2
