@@ -59,13 +59,16 @@ def wait_finished(project, prot, timeout: float):
     return project.getProtocol(prot.getObjId())
 
 
-def completions(ledger: str):
+def completions(ledger: str, jobs=None):
+    """(starts, ends): Counters by step; *jobs* (a dict) gets each end's job id by step."""
     starts, ends = Counter(), Counter()
     if os.path.exists(ledger):
         with open(ledger) as f:
             for line in f:
-                kind, i, _job = (line.split() + ["", ""])[:3]
+                kind, i, job = (line.split() + ["", ""])[:3]
                 (starts if kind == "start" else ends)[int(i)] += 1
+                if jobs is not None and kind == "end":
+                    jobs.setdefault(int(i), []).append(job)
     return starts, ends
 
 
@@ -79,6 +82,15 @@ def lost_outputs(prot, n: int):
     return lost
 
 
+def alive(pid: int) -> bool:
+    """Running, not a zombie (this machine's pid 1 leaves killed daemons unreaped)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 class Faults(threading.Thread):
     """Flaps *flappy*'s link every FLAP s; SIGKILLs *victim*'s agent when a third and two
     thirds of the steps have completed (read from the ledger)."""
@@ -88,9 +100,20 @@ class Faults(threading.Thread):
         self.hosts, self.flappy, self.victim, self.ledger, self.n = hosts, flappy, victim, \
             ledger, n
         self.stop = threading.Event()
-        self.kills, self.flaps = [], 0
+        self.kills, self.flaps, self.errors = [], 0, []
 
     def run(self) -> None:
+        try:
+            self._run()
+        except Exception as e:  # noqa: BLE001  (reported by the test)
+            self.errors.append(repr(e))
+        finally:
+            try:
+                self.hosts.link(self.flappy.name, True)
+            except Exception as e:  # noqa: BLE001
+                self.errors.append(repr(e))
+
+    def _run(self) -> None:
         up, next_flap = True, time.monotonic() + FLAP
         marks = [self.n // 3, 2 * self.n // 3]
         while not self.stop.wait(0.2):
@@ -104,12 +127,12 @@ class Faults(threading.Thread):
                 try:
                     with open(state) as f:
                         pid = int(json.load(f)["pid"])
-                    os.kill(pid, signal.SIGKILL)
-                    self.kills.append((marks[0], pid))
-                    marks.pop(0)
                 except (OSError, ValueError, KeyError):
-                    pass  # no agent there right now: try again shortly
-        self.hosts.link(self.flappy.name, True)
+                    continue
+                if alive(pid) and pid not in [p for _, p in self.kills]:
+                    os.kill(pid, signal.SIGKILL)
+                    self.kills.append((marks.pop(0), pid))
+                # else: no live agent there right now (lost, not restarted yet): try again
 
 
 @pytest.fixture
@@ -149,20 +172,25 @@ def test_soak_many_steps_flapping_link_and_killed_agent(two_clusters, hosts, new
                 injector.stop.set()
                 injector.join(10)
         times[label] = time.monotonic() - t0
-        starts, ends = completions(ledger)
+        by_step = {}
+        starts, ends = completions(ledger, by_step)
         results[label] = dict(
             finished=prot.isFinished(), lost=lost_outputs(prot, STEPS),
             twice=sorted(i for i, k in ends.items() if k > 1),
             started_twice=sorted(i for i, k in starts.items() if k > 1),
             never=sorted(set(range(STEPS)) - set(ends)),
             failovers=logs(prot).count("failed this job ("),
-            kills=injector.kills if injector else [], flaps=injector.flaps if injector else 0)
+            kills=injector.kills if injector else [], flaps=injector.flaps if injector else 0,
+            errors=injector.errors if injector else [])
         r = results[label]
         print("\nsoak %s: %d steps in %.1f s; finished %s; lost outputs %d; completed twice %d "
               "%s; started twice %d; failovers %d; agent kills at %s; link changes %d"
               % (label, STEPS, times[label], r["finished"], len(r["lost"]), len(r["twice"]),
                  r["twice"][:10], len(r["started_twice"]), r["failovers"], r["kills"],
                  r["flaps"]))
+        for i in r["twice"][:5]:
+            print("  step %d completed as %s" % (i, by_step[i]))
+        assert not r["errors"], "fault injection failed: %s" % r["errors"]
         assert r["finished"], logs(prot)[-4000:]
     print("soak: faults/calm time ratio %.2f" % (times["faults"] / times["calm"]))
     for label, r in results.items():
