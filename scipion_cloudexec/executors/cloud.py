@@ -181,12 +181,18 @@ class CloudStepExecutor(ThreadStepExecutor):
             run.place(current["id"], name)
             ref = "%s:%s" % (name, current["id"])
             self._track(ref, add=True)
+            runner = self._runner(name)
             try:
-                return self._runner(name).run_job(
+                return runner.run_job(
                     programName, params, ranks=numberOfMpi, threads=numberOfThreads, gpus=gpus,
                     env=env, cwd=cwd, step_id=step_id, job_id=current["id"],
                     label="%s step %s" % (self.protocol.getRunName(), step_id), say=say,
                     renew=renew)
+            except OSError as e:
+                if runner.closed and not is_infra(e):  # e.g. paramiko's "Socket is closed"
+                    raise LinkLost("the connection to %s was closed under this job: the "
+                                   "cluster was found lost (%s)" % (name, e)) from e
+                raise
             finally:
                 self._track(ref, add=False)
                 if current["id"] != ref.split(":", 1)[1]:

@@ -144,6 +144,7 @@ class ClusterRunner:
         self._stage_lock = threading.Lock()
         self._inputs_staged = False
         self.mapper: Optional[PathMapper] = None
+        self.closed = False  # by a job that found the cluster lost: its siblings fail too
 
     def connect(self) -> None:
         with self._connect_lock:
@@ -156,6 +157,7 @@ class ClusterRunner:
                                      self.cluster.python, self.cluster.path_map)
 
     def close(self) -> None:
+        self.closed = True
         if self.pool is not None and not self.pool.done():
             try:  # the protocol is over: its pool goes too
                 self.client.cancel(self.pool.job_id)
