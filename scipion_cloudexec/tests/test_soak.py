@@ -3,8 +3,9 @@ flapping and the other cluster's agent SIGKILLed twice, against the same protoco
 faults. Counts lost outputs and steps whose command completed twice; both must be 0.
 
 Not in the default run: ``-m soak``. ``CLOUDEXEC_SOAK_STEPS`` (default 2,000) sets the step
-count, ``CLOUDEXEC_SOAK_FLAP`` (default 20) the seconds between link changes. The figures are
-printed (``-s``).
+count, ``CLOUDEXEC_SOAK_FLAP`` (default 20) the seconds between link changes,
+``CLOUDEXEC_SOAK_RETRIES`` (default 10) the queue's CLOUD_RETRIES. The figures are printed
+(``-s``).
 """
 import json
 import os
@@ -25,6 +26,9 @@ pytestmark = [pytest.mark.soak, pytest.mark.slow]
 
 STEPS = int(os.environ.get("CLOUDEXEC_SOAK_STEPS") or 2000)
 FLAP = float(os.environ.get("CLOUDEXEC_SOAK_FLAP") or 20)
+# retries of a job after infrastructure failures (the queue's CLOUD_RETRIES; default 2):
+# a link down for 20 s of every 40 while the other cluster's agent restarts uses up 2
+RETRIES = int(os.environ.get("CLOUDEXEC_SOAK_RETRIES") or 10)
 
 
 def content(i: int) -> bytes:
@@ -40,7 +44,7 @@ def shell_protocol(project, n: int, ledger: str, label: str):
                                fanCopies=n, fan=fan)
     os.makedirs(prot._getExtraPath(), exist_ok=True)
     prot._useQueue.set(True)
-    prot.setQueueParams(["all", {"QUEUE_FOR_JOBS": "Y"}])
+    prot.setQueueParams(["all", {"QUEUE_FOR_JOBS": "Y", "CLOUD_RETRIES": str(RETRIES)}])
     return prot
 
 
@@ -135,10 +139,27 @@ class Faults(threading.Thread):
                 # else: no live agent there right now (lost, not restarted yet): try again
 
 
+@pytest.fixture(scope="module")
+def hosts(testbed):
+    """Two namespaced cluster hosts of the soak's own (``s1``, ``s2`` on 10.79.0.0/24):
+    other test sessions take the shared ``c1``..``c3`` up and down as they start and end."""
+    from scipion_cloudexec.testbed.netns import NetnsClusters
+    if not NetnsClusters.available():
+        pytest.skip("network namespaces need root and iproute2 (ip netns)")
+    n = NetnsClusters(testbed, 2, prefix="s", net="10.79.0", bridge="cxbr-soak")
+    try:
+        n.up()
+    except Exception as e:
+        n.down()
+        pytest.fail("network namespaces did not come up: %s" % e)
+    yield n
+    n.down()
+
+
 @pytest.fixture
 def two_clusters(hosts, testbed, tmp_path, clusters_env):
     out = []
-    for name in hosts.names()[:2]:
+    for name in hosts.names():
         out.append(ClusterConfig(
             name=name, host=hosts.address(name), port=22, user=testbed.user,
             identity_file=testbed.client_key, known_hosts=hosts.known_hosts,
