@@ -57,6 +57,13 @@ def cluster_down(error: BaseException) -> bool:
     a lost node, a file that changed while it was staged: that job alone is retried)."""
     return isinstance(error, CLUSTER_DOWN)
 
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message; paramiko raises EOFError() with none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else "(no message)"
+
+
 logger = logging.getLogger(__name__)
 
 
@@ -105,6 +112,7 @@ class CloudStepExecutor(ThreadStepExecutor):
         self._runner_lock = threading.Lock()
         self._ended = threading.Event()
         self._jobs_lock = threading.Lock()
+        self._worked: set = set()  # clusters that ran a job of this run
 
     def __str__(self) -> str:
         return "CloudStepExecutor(cluster%s=%s, threads=%d)" % (
@@ -181,13 +189,16 @@ class CloudStepExecutor(ThreadStepExecutor):
             run.place(current["id"], name)
             ref = "%s:%s" % (name, current["id"])
             self._track(ref, add=True)
+            current["cluster"] = name
             runner = self._runner(name)
             try:
-                return runner.run_job(
+                record = runner.run_job(
                     programName, params, ranks=numberOfMpi, threads=numberOfThreads, gpus=gpus,
                     env=env, cwd=cwd, step_id=step_id, job_id=current["id"],
                     label="%s step %s" % (self.protocol.getRunName(), step_id), say=say,
                     renew=renew)
+                self._worked.add(name)
+                return record
             except OSError as e:
                 if runner.closed and not is_infra(e):  # e.g. paramiko's "Socket is closed"
                     raise LinkLost("the connection to %s was closed under this job: the "
@@ -203,18 +214,24 @@ class CloudStepExecutor(ThreadStepExecutor):
                 say("cloudexec: job %s on cluster %s failed for a reason outside the program "
                     "(%s: %s): it runs again as a new job" % (current["id"], name,
                                                              type(error).__name__,
-                                                             str(error).splitlines()[0]))
+                                                             first_line(error)))
                 return
             say("cloudexec: cluster %s failed this job (%s: %s); %s"
-                % (name, type(error).__name__, str(error).splitlines()[0],
+                % (name, type(error).__name__, first_line(error),
                    "it goes to another cluster" if len(self.clusters) > 1 else
                    "it is tried there again once the cluster is back (in %.0f s at most)"
                    % self.dispatcher.down_for))
             self._drop_runner(name)
 
+        def permanent(error: BaseException) -> bool:
+            # a cluster that ran jobs of this run and is now unreachable is in an outage
+            # (a link down, a host rebooting): waited for, not given up at once
+            return cannot_use(error) and not (isinstance(error, HostUnreachable) and
+                                              current.get("cluster") in self._worked)
+
         self.dispatcher.run(request, work, is_infra, failover,
                             prefer=earlier[1] if earlier else None, is_down=cluster_down,
-                            is_permanent=cannot_use)
+                            is_permanent=permanent)
 
     def _track(self, ref: str, add: bool) -> None:
         """Keep running jobs in the protocol's job ids, so Scipion's Stop cancels them
