@@ -184,8 +184,11 @@ class CloudStepExecutor(ThreadStepExecutor):
             return current["id"]
 
         def work(name: str, attempt: int) -> dict:
-            if attempt:  # a retry is a new job, never the lost one again
-                current["id"] = run.next_attempt(base_id)
+            if attempt:
+                # back on a cluster that had an attempt of this step: that attempt again, as
+                # Continue does (its link may have dropped after the job ended there): done,
+                # it is reused; failed or lost, ``renew`` makes a new one. Elsewhere: a new job.
+                current["id"] = run.latest_on(base_id, name) or run.next_attempt(base_id)
             run.place(current["id"], name)
             ref = "%s:%s" % (name, current["id"])
             self._track(ref, add=True)

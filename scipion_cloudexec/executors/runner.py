@@ -106,6 +106,11 @@ class ProtocolRun:
         found = self._attempts(job_id)
         return found[-1] if found else None
 
+    def latest_on(self, job_id: str, cluster: str) -> Optional[str]:
+        """The newest attempt of a job placed on *cluster*, if any."""
+        found = [a for a, c in self._attempts(job_id) if c == cluster]
+        return found[-1] if found else None
+
     def next_attempt(self, job_id: str) -> str:
         """A new attempt's id: ``<job_id>.2``, ``.3``... (never one used before)."""
         with self._lock:
