@@ -91,6 +91,7 @@ class Agent:
         self.backlog = False  # a watcher waits for room in its window
         self.jobs: Optional[Supervisor] = None  # with the journal, in bind()
         self.idle_since = time.monotonic()
+        self.next_stream = 0.0  # when the output files are read next
         self.running = True
         self.journal: Optional[Journal] = None
         self.sock: Optional[zmq.Socket] = None
@@ -181,9 +182,14 @@ class Agent:
                 for fd in set(registered) - set(fds):
                     poller.unregister(fd)
                 registered = fds
-                timeout = BACKLOG_EVERY if self.backlog else STREAM_EVERY \
-                    if self.watched_running() else min(self.heartbeat, 1.0)
-                timeout = min(timeout, self.jobs.due_in(time.monotonic()))
+                now = time.monotonic()
+                if self.backlog:
+                    timeout = BACKLOG_EVERY
+                elif self.watched_running():
+                    timeout = max(0.0, self.next_stream - now)
+                else:
+                    timeout = min(self.heartbeat, 1.0)
+                timeout = min(timeout, self.jobs.due_in(now))
                 events = dict(poller.poll(int(timeout * 1000)))
                 if self.sock in events:
                     self._phase(self.process_messages)
@@ -192,7 +198,12 @@ class Agent:
                 if ready:
                     self._phase(self.reap_exits, ready)
                 self._phase(self.poll_schedulers)
-                self._phase(self.stream_outputs)
+                now = time.monotonic()
+                # every STREAM_EVERY (a scan stats each watched job's files), not on every
+                # message; sooner while a watcher's window waits to be refilled
+                if self.backlog or now >= self.next_stream:
+                    self.next_stream = now + STREAM_EVERY
+                    self._phase(self.stream_outputs)
                 self._phase(self.expire_clients)
                 self._phase(self.renew_lease)
                 self._phase(self.check_idle)

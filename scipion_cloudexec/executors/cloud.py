@@ -45,12 +45,6 @@ _NEVER_CURED = (UnknownHostKey, HostKeyChanged, AuthRefused, AgentStartError, Ve
 RECONNECT_PAUSE = 2.0  # seconds between attempts to reach a cluster contact was lost with
 
 
-def _first_line(error: BaseException) -> str:
-    """The first line of an error's message (some, such as a bare TimeoutError, have none)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else "(no message)"
-
-
 def is_infra(error: BaseException) -> bool:
     """A failure of the cluster or the link (retried elsewhere), not of the program or of
     the desktop's own input."""
@@ -68,6 +62,13 @@ def cluster_down(error: BaseException) -> bool:
     """An infrastructure failure of the whole cluster, not of one job (a SLURM TIMEOUT or
     a lost node, a file that changed while it was staged: that job alone is retried)."""
     return isinstance(error, CLUSTER_DOWN)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message; paramiko raises EOFError() with none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else "(no message)"
+
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class CloudStepExecutor(ThreadStepExecutor):
         self._runner_lock = threading.Lock()
         self._ended = threading.Event()
         self._jobs_lock = threading.Lock()
+        self._worked: set = set()  # clusters that ran a job of this run
 
     def __str__(self) -> str:
         return "CloudStepExecutor(cluster%s=%s, threads=%d)" % (
@@ -198,10 +200,12 @@ class CloudStepExecutor(ThreadStepExecutor):
             return current["id"]
 
         def work(name: str, attempt: int) -> dict:
-            # Again on the same cluster: the same job, attached to if it still runs there
-            # (renewed if it ended badly); elsewhere: a new job.
-            if current["cluster"] not in (None, name):
-                current["id"] = run.next_attempt(base_id)
+            # Back on a cluster that had an attempt of this step (the same one after a lost
+            # contact, or one it left earlier): that attempt again, as Continue does: still
+            # running, attached to; done, reused; failed or lost, ``renew`` makes a new one.
+            # Elsewhere: a new job.
+            if attempt or current["cluster"] not in (None, name):
+                current["id"] = run.latest_on(base_id, name) or run.next_attempt(base_id)
             current["cluster"] = name
             run.place(current["id"], name)
             ref = "%s:%s" % (name, current["id"])
@@ -211,16 +215,15 @@ class CloudStepExecutor(ThreadStepExecutor):
                 while True:
                     runner = self._runner(name)
                     try:
-                        record = runner.run_job(
-                            programName, params, ranks=numberOfMpi, threads=numberOfThreads,
-                            gpus=gpus, env=env, cwd=cwd, step_id=step_id, job_id=current["id"],
-                            label="%s step %s" % (self.protocol.getRunName(), step_id),
-                            say=say, renew=renew)
+                        record = self._run_job(runner, name, programName, params, numberOfMpi,
+                                               numberOfThreads, gpus, env, cwd, step_id,
+                                               current["id"], say, renew)
                     except BaseException as e:
                         if not self._reconnect(name, runner, e, lost_at, say):
                             raise
                         lost_at = lost_at or time.monotonic()
                         continue
+                    self._worked.add(name)
                     if lost_at:
                         say("cloudexec: in contact with %s again after %.1f s"
                             % (name, time.monotonic() - lost_at))
@@ -235,22 +238,41 @@ class CloudStepExecutor(ThreadStepExecutor):
                 say("cloudexec: job %s on cluster %s failed for a reason outside the program "
                     "(%s: %s): it is tried again" % (current["id"], name,
                                                              type(error).__name__,
-                                                             _first_line(error)))
+                                                             first_line(error)))
                 return
             if len(self.clusters) > 1:
                 # its jobs there may run on unseen: stopped, and the mirror emptied, before
                 # this run uses that cluster again
                 self._protocol_run().sync.abandon(name)
             say("cloudexec: cluster %s failed this job (%s: %s); %s"
-                % (name, type(error).__name__, _first_line(error),
+                % (name, type(error).__name__, first_line(error),
                    "it goes to another cluster" if len(self.clusters) > 1 else
                    "it is tried there again in %.0f s, attached to if it still runs"
                    % self.dispatcher.down_for))
             self._drop_runner(name)
 
+        def permanent(error: BaseException) -> bool:
+            # a cluster that ran jobs of this run and is now unreachable is in an outage
+            # (a link down, a host rebooting): waited for, not given up at once
+            return cannot_use(error) and not (isinstance(error, HostUnreachable) and
+                                              current.get("cluster") in self._worked)
+
         self.dispatcher.run(request, work, is_infra, failover,
                             prefer=earlier[1] if earlier else None, is_down=cluster_down,
-                            is_permanent=cannot_use)
+                            is_permanent=permanent)
+
+    def _run_job(self, runner: ClusterRunner, name: str, program, params, ranks, threads,
+                 gpus, env, cwd, step_id: int, job_id: str, say, renew) -> dict:
+        try:
+            return runner.run_job(program, params, ranks=ranks, threads=threads, gpus=gpus,
+                                  env=env, cwd=cwd, step_id=step_id, job_id=job_id,
+                                  label="%s step %s" % (self.protocol.getRunName(), step_id),
+                                  say=say, renew=renew)
+        except OSError as e:
+            if runner.closed and not is_infra(e):  # e.g. paramiko's "Socket is closed"
+                raise LinkLost("the connection to %s was closed under this job: the "
+                               "cluster was found lost (%s)" % (name, e)) from e
+            raise
 
     def _reconnect(self, name: str, runner: ClusterRunner, error: BaseException,
                    lost_at: float, say) -> bool:
@@ -267,7 +289,7 @@ class CloudStepExecutor(ThreadStepExecutor):
         if not lost_at:
             say("cloudexec: lost contact with cluster %s (%s: %s); trying to reach it again "
                 "for up to %.0f s: its job goes on there meanwhile"
-                % (name, type(error).__name__, _first_line(error), self.reconnect_for))
+                % (name, type(error).__name__, first_line(error), self.reconnect_for))
         self._drop_runner(name, only=runner)
         time.sleep(RECONNECT_PAUSE)
         return True

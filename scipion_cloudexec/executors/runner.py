@@ -117,6 +117,11 @@ class ProtocolRun:
         found = self._attempts(job_id)
         return found[-1] if found else None
 
+    def latest_on(self, job_id: str, cluster: str) -> Optional[str]:
+        """The newest attempt of a job placed on *cluster*, if any."""
+        found = [a for a, c in self._attempts(job_id) if c == cluster]
+        return found[-1] if found else None
+
     def next_attempt(self, job_id: str) -> str:
         """A new attempt's id: ``<job_id>.2``, ``.3``... (never one used before)."""
         with self._lock:
@@ -155,6 +160,7 @@ class ClusterRunner:
         self._stage_lock = threading.Lock()
         self._inputs_staged = False
         self.mapper: Optional[PathMapper] = None
+        self.closed = False  # by a job that found the cluster lost: its siblings fail too
 
     def connect(self) -> None:
         with self._connect_lock:
@@ -177,6 +183,7 @@ class ClusterRunner:
         return self.stager is not None
 
     def close(self) -> None:
+        self.closed = True
         if self.pool is not None and not self.pool.done():
             try:  # the protocol is over: its pool goes too
                 self.client.cancel(self.pool.job_id)

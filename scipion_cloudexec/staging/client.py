@@ -54,6 +54,9 @@ BULK_START = 128 << 20  # start it for a staging with this much new content
 BULK_MIN = 1 << 20  # once it runs, transfers from this size use it
 CHECKS_AHEAD = 2  # checks in flight: the cluster checks one batch while we walk the next
 EXTERNAL = "_external"  # inputs outside the project, under their absolute path
+#: a gather's file still being received (renamed to its real name once verified): another
+#: cluster's stage-in walking the same run folder must not send it
+TEMP_PREFIX = ".cloudexec-"
 
 
 class NoSpace(StagingError):
@@ -303,6 +306,10 @@ class Stager:
                 problems += self._transfer(project, to_send, report, progress)
             if sync is not None and sync.gone():
                 self._delete(project, sync.gone(), report)
+        except FileNotFoundError as e:  # a local file went away while staged: not the link
+            self.close()
+            raise StagingError("%s went away while it was staged to %s; stage again"
+                               % (e.filename, self.cluster.name)) from None
         except (OSError, EOFError) as e:
             self.close()
             raise LinkLost("connection to %s lost during the upload (%s); what arrived is "
@@ -575,7 +582,7 @@ class Stager:
                     header = ch.line()
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 h = hashlib.sha256()
-                fd, tmp = tempfile.mkstemp(prefix=".cloudexec-", dir=os.path.dirname(dest))
+                fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=os.path.dirname(dest))
                 try:
                     with os.fdopen(fd, "wb") as f:
                         left = header["size"]
@@ -749,6 +756,8 @@ def _walk_entries(folder: str, rel: str, real_dir: str, exclude: Sequence[str], 
     subdirs = []
     with os.scandir(folder) as it:  # streamed: a folder of 100,000 files costs no memory
         for e in it:
+            if e.name.startswith(TEMP_PREFIX):
+                continue
             frel = os.path.join(rel, e.name) if rel != "." else e.name
             try:
                 if e.is_dir():
@@ -758,7 +767,9 @@ def _walk_entries(folder: str, rel: str, real_dir: str, exclude: Sequence[str], 
                     continue
                 fst = e.stat()
             except FileNotFoundError:
-                raise InputMissing("input %s is a broken link" % e.path) from None
+                if e.is_symlink():
+                    raise InputMissing("input %s is a broken link" % e.path) from None
+                continue  # deleted since the folder was read: as if walked a moment later
             real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_dir, e.name)
             yield frel, _Local(e.path, real, fst)
     subdirs.sort()
@@ -783,7 +794,7 @@ os.umask(_UMASK)
 
 
 def _temp_name(dest: str) -> str:
-    return os.path.join(os.path.dirname(dest), ".cloudexec-%s" % os.urandom(6).hex())
+    return os.path.join(os.path.dirname(dest), TEMP_PREFIX + os.urandom(6).hex())
 
 
 def _entry(f: Tuple[str, str, int, str], base: Optional[Dict[str, Tuple[str, bool]]]) -> list:

@@ -24,10 +24,14 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 class NetnsClusters:
     """``n`` fake clusters in namespaces, sharing the local test bed's keys."""
 
-    def __init__(self, testbed: LocalTestbed, n: int = 3):
+    def __init__(self, testbed: LocalTestbed, n: int = 3, prefix: str = "c", net: str = NET,
+                 bridge: str = BRIDGE):
+        # another prefix, net and bridge: a set of hosts of its own, which test sessions
+        # using the default set cannot take down
         self.tb = testbed
         self.n = n
-        self.root = os.path.join(testbed.root, "netns")
+        self.prefix, self.net, self.bridge = prefix, net, bridge
+        self.root = os.path.join(testbed.root, "netns" if prefix == "c" else "netns-" + prefix)
 
     @staticmethod
     def available() -> bool:
@@ -35,18 +39,18 @@ class NetnsClusters:
                                                     capture_output=True).returncode == 0
 
     def names(self) -> List[str]:
-        return ["c%d" % i for i in range(1, self.n + 1)]
+        return ["%s%d" % (self.prefix, i) for i in range(1, self.n + 1)]
 
     def address(self, name: str) -> str:
-        return "%s.%d" % (NET, 10 + int(name[1:]))
+        return "%s.%d" % (self.net, 10 + int(name[len(self.prefix):]))
 
     def up(self) -> Dict[str, str]:
         """Create namespaces and start their sshds; returns {name: address}."""
         self.tb.start_sshd()  # keys and known_hosts
-        if _ip("link", "show", BRIDGE, check=False).returncode != 0:
-            _ip("link", "add", BRIDGE, "type", "bridge")
-            _ip("addr", "add", "%s.1/24" % NET, "dev", BRIDGE)
-            _ip("link", "set", BRIDGE, "up")
+        if _ip("link", "show", self.bridge, check=False).returncode != 0:
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("addr", "add", "%s.1/24" % self.net, "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
         known = []
         for name in self.names():
             ns, addr = "cx-" + name, self.address(name)
@@ -54,7 +58,7 @@ class NetnsClusters:
                 _ip("netns", "add", ns)
                 _ip("link", "add", ns + "-h", "type", "veth", "peer", "name", ns + "-n")
                 _ip("link", "set", ns + "-n", "netns", ns)
-                _ip("link", "set", ns + "-h", "master", BRIDGE, "up")
+                _ip("link", "set", ns + "-h", "master", self.bridge, "up")
                 _ip("-n", ns, "addr", "add", addr + "/24", "dev", ns + "-n")
                 _ip("-n", ns, "link", "set", "lo", "up")
                 _ip("-n", ns, "link", "set", ns + "-n", "up")
@@ -114,4 +118,4 @@ class NetnsClusters:
                     pass
             _ip("link", "del", ns + "-h", check=False)
             _ip("netns", "del", ns, check=False)
-        _ip("link", "del", BRIDGE, check=False)
+        _ip("link", "del", self.bridge, check=False)

@@ -164,19 +164,26 @@ def hosts(testbed):
     if not NetnsClusters.available():
         pytest.skip("network namespaces need root and iproute2 (ip netns)")
     n = NetnsClusters(testbed, 3)
-    users = os.path.join(n.root, "users")  # pytest sessions using them at once
+    # sessions using the namespaces (their names are fixed): the last one out takes them down
+    users = os.path.join(testbed.root, "netns-users")
     os.makedirs(users, exist_ok=True)
     me = os.path.join(users, str(os.getpid()))
     open(me, "w").close()
+
+    def others():
+        return [p for p in os.listdir(users) if p.isdigit() and p != str(os.getpid())
+                and os.path.exists("/proc/" + p)]
     try:
-        n.up()
+        n.up()  # reuses what another session made
     except Exception as e:
-        n.down()
+        os.unlink(me)
+        if not others():
+            n.down()
         pytest.fail("network namespaces did not come up: %s" % e)
     yield n
     os.unlink(me)
-    if not [p for p in os.listdir(users) if p.isdigit() and os.path.exists("/proc/" + p)]:
-        n.down()  # the last session out
+    if not others():
+        n.down()
 
 
 @pytest.fixture(scope="session")

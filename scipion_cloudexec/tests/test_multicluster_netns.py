@@ -89,3 +89,49 @@ def test_cut_link_mid_protocol_reruns_its_jobs_elsewhere_then_it_comes_back(
     again = project.getProtocol(again.getObjId())
     assert again.isFinished(), logs(again)
     assert c2.name in {r["cluster"] for r in provenance(again)}, "back: it takes work again"
+
+
+def test_a_job_whose_end_was_cut_off_is_not_run_again_on_its_cluster(netns_clusters, hosts,
+                                                                      new_project, tmp_path):
+    """The link drops while a job runs; the job ends on the cluster but its end never
+    reaches the desktop. When the cluster is back, the step takes that job's result instead
+    of running it again (the soak found such steps run twice)."""
+    import time
+    from scipion_cloudexec.tests.test_executor import wait_for
+    c1 = netns_clusters()[0]
+    project = new_project("cutoff")
+    ledger, flag = tmp_path / "ledger", tmp_path / "running"
+    # the first run tells the test it runs, then lasts long enough for the cut to come first
+    cmd = ("echo ran >> %s; echo out > extra/out.txt; if [ ! -e %s ]; then touch %s; sleep 2; "
+           "fi" % (ledger, flag, flag))
+    prot = project.newProtocol(ProtCloudShellSteps, chain=cmd)
+    os.makedirs(prot._getExtraPath(), exist_ok=True)
+    prot._useQueue.set(True)
+    prot.setQueueParams([c1.name, {"QUEUE_FOR_JOBS": "Y"}])
+    project.launchProtocol(prot, wait=False)
+    wait_for(str(flag))
+    hosts.link(c1.name, False)
+    time.sleep(4)  # the job has ended there; the desktop has declared the cluster lost
+    hosts.link(c1.name, True)
+    prot = wait_done(project, prot)
+    assert prot.isFinished(), logs(prot)
+    assert "failed this job (AgentLost" in logs(prot)
+    assert ledger.read_text() == "ran\n", "the command ran once"
+    assert open(os.path.join(prot._getExtraPath(), "out.txt")).read() == "out\n"
+    assert [r["exit_code"] for r in provenance(prot)] == [0]
+
+
+def test_a_command_over_a_cut_link_fails_as_a_lost_connection(netns_clusters, hosts):
+    """paramiko's "Timeout opening channel." (an SSHException, which the executor did not
+    know as an infrastructure failure) failed a whole protocol in the soak."""
+    from scipion_cloudexec.transport.ssh import SSHConnection, SSHError, Target
+    c1 = netns_clusters()[0]
+    ssh = SSHConnection(Target.of(c1))
+    ssh.connect()
+    hosts.link(c1.name, False)
+    try:
+        with pytest.raises(SSHError, match="lost"):
+            ssh.run("true")
+    finally:
+        hosts.link(c1.name, True)
+        ssh.close()

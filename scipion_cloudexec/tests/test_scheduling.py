@@ -150,3 +150,11 @@ def test_clusters_holding_the_data_are_preferred_when_speed_does_not_decide():
     assert d.run(JobRequest(), lambda n, a: n, lambda e: False) == "b"
     held.update(a=2 * 10 ** 9)
     assert d.run(JobRequest(), lambda n, a: n, lambda e: False) == "a"
+
+
+def test_failover_message_of_an_error_without_text():
+    """paramiko raises a bare EOFError() when the link drops mid-packet: the failover's log
+    line took its first line and failed the step with IndexError (found by the soak)."""
+    from scipion_cloudexec.executors.cloud import first_line
+    assert first_line(EOFError()) == "(no message)"
+    assert first_line(OSError("Socket is closed\nmore")) == "Socket is closed"

@@ -222,3 +222,48 @@ def test_long_work_on_the_cluster_is_not_taken_for_a_dead_link(make_cluster, sta
     assert listing["files"] == [[RUN + "/extra/big.mrc", 3 << 29, listing["files"][0][2],
                                  zeros.hexdigest()]]
     assert took > 1.5, "the test means something only if the work outlasts the timer"
+
+
+def test_a_stage_in_never_sends_another_clusters_gather_in_progress(make_cluster, stager_for,  # noqa
+                                                                     run_folder):
+    """Two clusters share one run folder: a gather from c1 writes each file to a temporary
+    ``.cloudexec-*`` file beside it, then renames it. A stage-in to c2 walking the folder
+    meanwhile must not send such a file, nor take its disappearance for a lost link (the
+    soak found both: c2 was declared lost and its jobs ran twice)."""
+    import threading
+    c1, c2 = make_cluster("local"), make_cluster("local")
+    st1, st2 = stager_for(c1), stager_for(c2)
+    proj, base1, base2 = run_folder, {}, {}
+    sync_in(st1, proj, base1)
+    (proj / RUN / "extra" / ".cloudexec-inflight").write_bytes(b"half a gathered file")
+    sync_in(st2, proj, base2)
+    assert not os.path.exists(mirror(c2, "extra/.cloudexec-inflight"))
+    assert not any(".cloudexec-" in k for k in base2)
+    os.unlink(proj / RUN / "extra" / ".cloudexec-inflight")
+    # the race itself: c1's jobs keep writing outputs that are gathered while c2 stages in
+    errors, stop = [], threading.Event()
+
+    def gathers():
+        try:
+            for i in range(60):
+                for j in range(20):
+                    with open(mirror(c1, "extra/out_%d_%d.txt" % (i, j)), "wb") as f:
+                        f.write(b"output %d %d\n" % (i, j) * 200)
+                gather(st1, proj, base1)
+        except Exception as e:  # noqa: BLE001  (reported by the test)
+            errors.append(e)
+        finally:
+            stop.set()
+    t = threading.Thread(target=gathers)
+    t.start()
+    rounds = 0
+    try:
+        while not stop.is_set():
+            sync_in(st2, proj, base2)
+            rounds += 1
+    finally:
+        t.join()
+    assert not errors, errors
+    sent = [n for n in os.listdir(mirror(c2, "extra")) if n.startswith(".cloudexec-")]
+    assert not sent, sent
+    assert rounds > 1

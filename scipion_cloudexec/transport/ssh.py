@@ -244,7 +244,11 @@ class SSHConnection:
         Raises:
             SSHError: the connection broke; TimeoutError: *timeout* seconds passed.
         """
-        chan = self._require().open_session(timeout=self.target.connect_timeout)
+        try:
+            chan = self._require().open_session(timeout=self.target.connect_timeout)
+        except (paramiko.SSHException, OSError, EOFError) as e:  # "Timeout opening channel."
+            raise SSHError("connection to %s lost: cannot open a channel (%s)"
+                           % (self.target.hostkey_name, e or type(e).__name__)) from None
         try:
             chan.exec_command(command)
             if stdin:
@@ -274,7 +278,11 @@ class SSHConnection:
     def sftp(self) -> paramiko.SFTPClient:
         """The connection's SFTP client (opened once)."""
         if self._sftp is None:
-            self._sftp = paramiko.SFTPClient.from_transport(self._require())
+            try:
+                self._sftp = paramiko.SFTPClient.from_transport(self._require())
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                raise SSHError("connection to %s lost: cannot open SFTP (%s)"
+                               % (self.target.hostkey_name, e or type(e).__name__)) from None
         return self._sftp  # type: ignore[return-value]
 
     def forward(self, remote_port: int, remote_host: str = "127.0.0.1") -> "PortForward":
