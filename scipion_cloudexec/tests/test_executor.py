@@ -220,7 +220,7 @@ def wait_for(path, timeout=60):
 @pytest.mark.parametrize("n_clusters", [1, 2])
 def test_killed_protocol_continues_without_running_any_job_twice(make_cluster, clusters_env,
                                                                  new_project, tmp_path,
-                                                                 n_clusters):
+                                                                 n_clusters, reliability):
     import signal
     clusters = [make_cluster("local", slots=1) for _ in range(n_clusters)]
     c = clusters[0]
@@ -257,6 +257,11 @@ def test_killed_protocol_continues_without_running_any_job_twice(make_cluster, c
         with AgentClient(cluster) as client:
             jobs += client.jobs()
     assert len(jobs) == 3, [j["job_id"] for j in jobs]
+    reliability(fault="desktop protocol process SIGKILL (%d cluster%s)"
+                % (n_clusters, "s" if n_clusters > 1 else ""), when="mid-job",
+                seen="the protocol shows failed; Continue attaches to the running job ('had "
+                "already run ... its result is reused') and finishes", recover_s="-",
+                lost=0, twice=0)
 
 
 @pytest.mark.slow

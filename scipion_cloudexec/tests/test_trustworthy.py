@@ -277,7 +277,7 @@ def test_two_protocols_staging_the_same_inputs_at_once(make_cluster, clusters_en
         assert_same_run(local, prot)
 
 
-def test_mirror_names_tell_desktops_apart(monkeypatch, tmp_path):
+def test_mirror_names_tell_desktops_apart(monkeypatch, tmp_path, reliability):
     import socket
     from scipion_cloudexec.executors.runner import ProtocolRun
     run = tmp_path / "proj" / "Runs" / "000002_X"
@@ -285,3 +285,8 @@ def test_mirror_names_tell_desktops_apart(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "gethostname", lambda: "another-workstation")
     other = ProtocolRun(str(tmp_path / "proj"), "proj", str(run), 2).mirror
     assert one != other and one.startswith("proj-") and other.startswith("proj-")
+    reliability(fault="two desktops with the same user, project path and name on one "
+                "cluster workdir", when="any time", seen="nothing: each desktop gets its own "
+                "mirror (named after user@host:path); they share the agent and the content "
+                "cache safely", recover_s="none needed (checked on the mirror names)",
+                lost=0, twice=0)
