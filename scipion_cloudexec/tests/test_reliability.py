@@ -365,15 +365,12 @@ def sent_mb(text):
     return sum(float(m) for m in re.findall(r"([\d.]+) MB sent to", text))
 
 
-def test_link_cut_mid_upload_resumes_and_sends_the_rest_once(netns_cluster, hosts, shaped,
-                                                             clusters_env, new_project,
-                                                             tmp_path, reliability):
-    """48 MB of inputs travel through a 40 Mbit/s link, which drops for 20 s (longer than
-    the dead-link timer) in the middle: the staging fails, the cluster is reached again and
-    the staging resumes where it stopped; the run is the local run's."""
-    c = netns_cluster(hosts.names()[0], slots=4)
+def upload_under_way(c, clusters_env, new_project, tmp_path, shaped, label):
+    """A local power-spectra run of imported micrographs, then the same protocol launched on
+    *c* behind a 40 Mbit/s link, returned 4 s into its upload: (project, local, cloud
+    protocol, its start time)."""
     clusters_env(c)
-    project = new_project("cutupload")
+    project = new_project(label)
     imported = spectra_inputs(project, tmp_path)
     local = launch(project, spectra(project, imported))
     assert local.isFinished(), logs(local)
@@ -387,6 +384,18 @@ def test_link_cut_mid_upload_resumes_and_sends_the_rest_once(netns_cluster, host
         assert time.monotonic() < deadline, "the agent never started"
         time.sleep(0.1)
     time.sleep(4)  # the upload is under way
+    return project, local, prot, t0
+
+
+def test_link_cut_mid_upload_resumes_and_sends_the_rest_once(netns_cluster, hosts, shaped,
+                                                             clusters_env, new_project,
+                                                             tmp_path, reliability):
+    """48 MB of inputs travel through a 40 Mbit/s link, which drops for 20 s (longer than
+    the dead-link timer) in the middle: the staging fails, the cluster is reached again and
+    the staging resumes where it stopped; the run is the local run's."""
+    c = netns_cluster(hosts.names()[0], slots=4)
+    project, local, prot, t0 = upload_under_way(c, clusters_env, new_project, tmp_path, shaped,
+                                                "cutupload")
     hosts.link(c.name, False)
     time.sleep(20)
     hosts.link(c.name, True)
@@ -414,20 +423,8 @@ def test_desktop_killed_mid_upload_continues_without_resending(netns_cluster, ho
     import signal
     import psutil
     c = netns_cluster(hosts.names()[0], slots=4)
-    clusters_env(c)
-    project = new_project("deskkill")
-    imported = spectra_inputs(project, tmp_path)
-    local = launch(project, spectra(project, imported))
-    assert local.isFinished(), logs(local)
-    shaped(c.name)
-    prot = spectra(project, imported, c)
-    state = str(tmp_path / ("remote-" + c.name) / "agent" / "agent.json")
-    project.launchProtocol(prot, wait=False)
-    deadline = time.monotonic() + 60
-    while not os.path.exists(state):
-        assert time.monotonic() < deadline, "the agent never started"
-        time.sleep(0.1)
-    time.sleep(4)  # the upload is under way
+    project, local, prot, _t0 = upload_under_way(c, clusters_env, new_project, tmp_path, shaped,
+                                                 "deskkill")
     tree = psutil.Process(prot.getPid())
     for proc in tree.children(recursive=True) + [tree]:
         proc.send_signal(signal.SIGKILL)

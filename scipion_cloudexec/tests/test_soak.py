@@ -21,6 +21,7 @@ from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
 from scipion_cloudexec.tests.conftest import _stop_agent
 from scipion_cloudexec.tests.test_executor import logs
+from scipion_cloudexec.tests.test_scheduler_faults import alive
 
 pytestmark = [pytest.mark.soak, pytest.mark.slow]
 
@@ -86,13 +87,6 @@ def lost_outputs(prot, n: int):
     return lost
 
 
-def alive(pid: int) -> bool:
-    """Running, not a zombie (this machine's pid 1 leaves killed daemons unreaped)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Faults(threading.Thread):
