@@ -290,6 +290,9 @@ class CloudStepExecutor(ThreadStepExecutor):
             say("cloudexec: lost contact with cluster %s (%s: %s); trying to reach it again "
                 "for up to %.0f s: its job goes on there meanwhile"
                 % (name, type(error).__name__, first_line(error), self.reconnect_for))
+        else:
+            say("cloudexec: cluster %s still unreachable (%s: %s)"
+                % (name, type(error).__name__, first_line(error)))
         self._drop_runner(name, only=runner)
         time.sleep(RECONNECT_PAUSE)
         return True

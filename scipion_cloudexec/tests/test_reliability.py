@@ -63,20 +63,48 @@ def wait_started(ledger, n, timeout=120):
     raise AssertionError("the jobs never started")
 
 
+def kill_sshd(hosts, name):
+    """SIGKILL every sshd of a namespaced host, listener and sessions; its agent and jobs go
+    on."""
+    import signal
+    import subprocess
+    for pid in subprocess.run(["ip", "netns", "pids", "cx-" + name], capture_output=True,
+                              text=True).stdout.split():
+        try:
+            if open("/proc/%s/comm" % pid).read().strip() == "sshd":
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def start_sshd(hosts, name):
+    pidfile = os.path.join(hosts.root, name, "sshd.pid")
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
+    hosts._start_sshd(name, "cx-" + name, hosts.address(name))
+
+
 def run_with_cut(project, queue, ledger, copies, seconds, cut_s, hosts, cut, wait_for_starts,
-                 **queue_params):
-    """Launch the logged fan on *queue*, cut *cut*'s link for *cut_s* seconds once
-    *wait_for_starts* commands started; returns (protocol, seconds from restore to end,
-    seconds in all)."""
+                 sshd_down=False, **queue_params):
+    """Launch the logged fan on *queue*; once *wait_for_starts* commands started, cut
+    *cut*'s link for *cut_s* seconds (with *sshd_down*, stop its sshd instead: every attempt
+    to reach it is refused at once). Returns (protocol, seconds from the restore to the
+    end, seconds in all)."""
     prot = shell(project, "cloud", logged_step(ledger, seconds), copies, 5)
     prot._useQueue.set(True)
     prot.setQueueParams([queue, dict(QUEUE_FOR_JOBS="Y", **queue_params)])
     t0 = time.monotonic()
     project.launchProtocol(prot, wait=False)
     wait_started(ledger, wait_for_starts)
-    hosts.link(cut, False)
+    if sshd_down:
+        kill_sshd(hosts, cut)
+    else:
+        hosts.link(cut, False)
     time.sleep(cut_s)
-    hosts.link(cut, True)
+    if sshd_down:
+        start_sshd(hosts, cut)
+    else:
+        hosts.link(cut, True)
     back = time.monotonic()
     prot = wait_done(project, prot, timeout=400)
     done = time.monotonic()
@@ -119,11 +147,12 @@ def test_a_short_link_cut_mid_job_runs_no_step_twice(netns_cluster, hosts, clust
                 recover_s=recover, total_s=total, lost=0, twice=0)
 
 
+@pytest.mark.matrix  # minutes: benchmarks/reliability.py runs it, not the default run
 def test_a_long_link_cut_moves_the_jobs_and_stops_those_left(netns_cluster, hosts,
                                                             clusters_env, new_project,
                                                             tmp_path, reliability):
-    """The link to one of two clusters stays down longer than CLOUD_RECONNECT: its jobs run
-    again on the other. When the lost cluster takes work of this run again (after 30 s),
+    """One of two clusters cannot be reached for longer than CLOUD_RECONNECT (its sshd and
+    every SSH session killed; its agent and jobs go on): its jobs run again on the other. When the lost cluster takes work of this run again (after 30 s),
     the jobs left running there are stopped first and its mirror emptied: nothing of them
     reaches the project and no step's command completes twice."""
     names = hosts.names()
@@ -133,18 +162,21 @@ def test_a_long_link_cut_moves_the_jobs_and_stops_those_left(netns_cluster, host
     local = local_run(project, tmp_path, 6)
     ledger = str(tmp_path / "cloud.log")
     prot, recover, total = run_with_cut(project, "all", ledger, 6, 60, 12, hosts, c2.name, 3,
-                                        CLOUD_RECONNECT="4")
+                                        sshd_down=True, CLOUD_RECONNECT="4")
     text = logs(prot)
     assert prot.isFinished(), text
-    assert "cluster %s failed this job (AgentLost" % c2.name in text
+    assert "lost contact with cluster %s" % c2.name in text
+    assert "cluster %s failed this job (HostUnreachable" % c2.name in text
     assert "left on %s when it was lost were stopped" % c2.name in text
     assert ends(ledger) == {i: 1 for i in range(6)}, "a step's command completed twice"
     assert_same_run(local, prot)
-    reliability(fault="link to one of two clusters cut for 12 s (> CLOUD_RECONNECT=4 s)",
-                when="mid-job", seen="'cluster %s failed this job (AgentLost ...); it goes to "
-                "another cluster'; when %s takes work again: 'N job(s) of this run left on %s "
+    reliability(fault="one of two clusters unreachable for 12 s (> CLOUD_RECONNECT=4 s): its "
+                "sshd and SSH sessions killed, then started again",
+                when="mid-job", seen="'lost contact with cluster %s ...', then 'cluster %s failed "
+                "this job (HostUnreachable ...); it goes to another cluster'; when %s takes work "
+                "again: 'N job(s) of this run left on %s "
                 "when it was lost were stopped: their steps run again'"
-                % (c2.name, c2.name, c2.name),
+                % (c2.name, c2.name, c2.name, c2.name),
                 recover_s=recover, total_s=total, lost=0, twice=0)
 
 
@@ -187,7 +219,7 @@ def one_cluster_run(netns_cluster, hosts, clusters_env, new_project, tmp_path, l
     return local, prot, round(done - back, 1), round(done - t0, 1)
 
 
-@pytest.mark.parametrize("cut_s", [5, 20])
+@pytest.mark.parametrize("cut_s", [pytest.param(5, marks=pytest.mark.matrix), 20])
 def test_link_cut_mid_gather_brings_every_byte_once(netns_cluster, hosts, clusters_env,
                                                     new_project, tmp_path, reliability, cut_s):
     """Each step writes 24 MB that come back through a 40 Mbit/s link; the link drops while
@@ -260,21 +292,12 @@ def test_sshd_restart_mid_job_reattaches(netns_cluster, hosts, clusters_env, new
                                          tmp_path, reliability):
     """The head node's sshd and every SSH session are killed and sshd starts again 2 s
     later; the agent and jobs go on: the desktop reconnects and attaches to them."""
-    import signal
-    import subprocess
     ledger = str(tmp_path / "cloud.log")
 
     def restart_sshd(c):
-        for pid in subprocess.run(["ip", "netns", "pids", "cx-" + c.name], capture_output=True,
-                                  text=True).stdout.split():
-            try:
-                if open("/proc/%s/comm" % pid).read().strip() == "sshd":
-                    os.kill(int(pid), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                pass
+        kill_sshd(hosts, c.name)
         time.sleep(2)
-        os.unlink(os.path.join(hosts.root, c.name, "sshd.pid"))
-        hosts._start_sshd(c.name, "cx-" + c.name, hosts.address(c.name))
+        start_sshd(hosts, c.name)
     local, cloud, recover, total = one_cluster_run(
         netns_cluster, hosts, clusters_env, new_project, tmp_path, "sshd",
         lambda log: logged_step(log, 6), 2, restart_sshd,
@@ -387,6 +410,7 @@ def upload_under_way(c, clusters_env, new_project, tmp_path, shaped, label):
     return project, local, prot, t0
 
 
+@pytest.mark.matrix  # minutes: benchmarks/reliability.py runs it, not the default run
 def test_link_cut_mid_upload_resumes_and_sends_the_rest_once(netns_cluster, hosts, shaped,
                                                              clusters_env, new_project,
                                                              tmp_path, reliability):
@@ -414,6 +438,7 @@ def test_link_cut_mid_upload_resumes_and_sends_the_rest_once(netns_cluster, host
                 recover_s=round(done - back, 1), total_s=round(done - t0, 1), lost=0, twice=0)
 
 
+@pytest.mark.matrix  # minutes: benchmarks/reliability.py runs it, not the default run
 def test_desktop_killed_mid_upload_continues_without_resending(netns_cluster, hosts, shaped,
                                                                clusters_env, new_project,
                                                                tmp_path, reliability):

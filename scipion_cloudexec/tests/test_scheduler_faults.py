@@ -73,10 +73,10 @@ def stop_agent(workdir: str) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.parametrize("stall", [20, pytest.param(60, marks=(pytest.mark.slow,
-                                                               pytest.mark.repeat))])
+                                                               pytest.mark.matrix))])
 def test_slurmctld_stall_loses_no_job_and_heartbeats_keep_flowing(make_cluster, testbed,
                                                                   tmp_path, reliability, stall):
-    """slurmctld frozen for *stall* seconds (60 s: -m repeat, and in docs/RELIABILITY.md)."""
+    """slurmctld frozen for *stall* seconds (60 s: -m matrix, for docs/RELIABILITY.md)."""
     c = make_cluster("slurm")
     runs = tmp_path / "late-runs"
     outs: List[Dict[str, bytearray]] = [{} for _ in range(4)]
