@@ -72,8 +72,10 @@ def stop_agent(workdir: str) -> None:
 # ---- (a) slurmctld stalls while jobs run -------------------------------------------------
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("stall", [20, pytest.param(60, marks=(pytest.mark.slow,
-                                                               pytest.mark.matrix))])
+@pytest.mark.parametrize("stall", [20, pytest.param(60, marks=(
+    pytest.mark.slow, pytest.mark.matrix,
+    pytest.mark.xfail(strict=True, reason="open defect (issue 10): the job submitted during a "
+                      "60 s stall ends DONE but its stdout never reaches the client")))])
 def test_slurmctld_stall_loses_no_job_and_heartbeats_keep_flowing(make_cluster, testbed,
                                                                   tmp_path, reliability, stall):
     """slurmctld frozen for *stall* seconds (60 s: -m matrix, for docs/RELIABILITY.md)."""
@@ -104,8 +106,8 @@ def test_slurmctld_stall_loses_no_job_and_heartbeats_keep_flowing(make_cluster, 
     with open(os.path.join(c.workdir, "agent", "agent.log")) as f:
         print("".join(line for line in f if "WARNING" in line))
     assert [r.state for r in results] == [JobState.DONE] * 4, [r.reason for r in results]
-    assert [o["stdout"].decode() for o in outs] == ["up\nout-%d\n" % i for i in range(3)] + [
-        "out-3\n"]
+    assert [bytes(o.get("stdout", b"")).decode() for o in outs] == [
+        "up\nout-%d\n" % i for i in range(3)] + ["out-3\n"]
     assert runs.read_text() == "run\n", "the submit made during the stall ran exactly once"
     assert worst < 3 * c.heartbeat
     reliability(fault="slurmctld stopped (SIGSTOP) %d s: every squeue/sbatch hangs" % stall,
