@@ -54,6 +54,10 @@ class Entry(NamedTuple):
     exit_code: Optional[int] = None
 
 
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a.rstrip("/") or "/") == os.path.realpath(b.rstrip("/") or "/")
+
+
 class SlurmScheduler(Scheduler):
     """``sbatch`` the job script; states from the ``rc`` file, ``squeue`` and ``sacct``."""
 
@@ -139,14 +143,16 @@ class SlurmScheduler(Scheduler):
     def submit(self, spec: JobSpec, files: JobFiles) -> Tuple[str, JobState]:
         name = "cx-" + spec.job_id
         if spec.job_id in self._uncertain:  # an earlier sbatch failed: did it make the job?
+            # by name *and* working folder: another agent's job (another workdir, or a job id
+            # used again) may bear the same name, and may have ended already
             code, out, err = self._run(["squeue", "-h", "-t", "all", "-u", self.user, "-n", name,
-                                        "-o", "%i|%j"], self.query_timeout)
+                                        "-o", "%i|%j|%Z"], self.query_timeout)
             if code != 0:
                 raise SubmitError("cannot ask SLURM whether job %s exists" % name, err,
                                   transient=True)
             for line in out.splitlines():
-                lid, _, jname = line.strip().partition("|")
-                if jname == name and lid.isdigit():
+                lid, jname, workdir = (line.strip().split("|", 2) + ["", ""])[:3]
+                if jname == name and lid.isdigit() and _same_dir(workdir, files.dir):
                     self._started(spec.job_id)
                     return lid, JobState.QUEUED
         argv = ["sbatch", "--parsable", "-J", name, "-o", files.stdout, "-e", files.stderr,

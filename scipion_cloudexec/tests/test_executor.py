@@ -369,7 +369,7 @@ def test_losing_a_cluster_mid_protocol_moves_its_jobs(make_cluster, clusters_env
     assert prot.isFinished(), logs(prot)
     for i in range(12):  # every output present, once
         assert open(os.path.join(prot._getExtraPath(), "out_%d.txt" % i)).read() == "%d\n" % i
-    assert "failed this job (AgentLost" in logs(prot)
+    assert "lost contact with cluster" in logs(prot)  # then attached to again, or moved
     records = provenance(prot)
     assert len(records) == 12 and len({r["step"] for r in records}) == 12
     assert any(r["cluster"] == other.name for r in records)

@@ -79,7 +79,7 @@ def test_cut_link_mid_protocol_reruns_its_jobs_elsewhere_then_it_comes_back(
     records = provenance(prot)
     assert len(records) == 12 and len({r["step"] for r in records}) == 12, "each step once"
     assert all(r["cluster"] != c2.name for r in records), "nothing gathered from the lost one"
-    assert "failed this job (AgentLost" in logs(prot)
+    assert "lost contact with cluster" in logs(prot)  # then attached to again, or moved
     for i in range(12):
         text = open(os.path.join(prot._getExtraPath(), "out_%d.txt" % i)).read().split()
         assert text[0] != hosts.address(c2.name) and text[1] == str(i)
@@ -115,7 +115,7 @@ def test_a_job_whose_end_was_cut_off_is_not_run_again_on_its_cluster(netns_clust
     hosts.link(c1.name, True)
     prot = wait_done(project, prot)
     assert prot.isFinished(), logs(prot)
-    assert "failed this job (AgentLost" in logs(prot)
+    assert "lost contact with cluster" in logs(prot)  # then attached to again, or moved
     assert ledger.read_text() == "ran\n", "the command ran once"
     assert open(os.path.join(prot._getExtraPath(), "out.txt")).read() == "out\n"
     assert [r["exit_code"] for r in provenance(prot)] == [0]
