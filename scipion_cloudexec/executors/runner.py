@@ -42,8 +42,8 @@ from .translate import PathMapper, RemoteCommand, translate
 
 log = logging.getLogger(__name__)
 LOG_EVERY = 10.0  # seconds between progress lines in the protocol log
-EXCLUDE = ("logs/",)
-ABANDONED_STOP = 120  # seconds a job left on a lost cluster may take to stop when it is back  # pyworkflow writes these locally while the protocol runs
+EXCLUDE = ("logs/",)  # pyworkflow writes these locally while the protocol runs
+ABANDONED_STOP = 120  # seconds a job left on a lost cluster may take to stop when it is back
 
 
 class RemoteStepError(RuntimeError):
@@ -93,24 +93,23 @@ class ProtocolRun:
                 self._sync = SyncState(self.logs)
             return self._sync
 
-    def _attempts(self, job_id: str) -> List[Tuple[str, str]]:
-        """(attempt id, cluster) of a job, oldest first, as earlier processes placed them."""
+    def _placements(self, containing: str = "") -> List[Dict[str, str]]:
+        """The placement records earlier processes wrote (only lines holding *containing*)."""
         try:
             with open(os.path.join(self.logs, "cloudexec-placements.jsonl")) as f:
-                found = [json.loads(line) for line in f if job_id in line]
+                return [json.loads(line) for line in f if containing in line]
         except OSError:
             return []
-        return [(p["job_id"], p["cluster"]) for p in found
+
+    def _attempts(self, job_id: str) -> List[Tuple[str, str]]:
+        """(attempt id, cluster) of a job, oldest first, as earlier processes placed them."""
+        return [(p["job_id"], p["cluster"]) for p in self._placements(job_id)
                 if p.get("job_id") == job_id or p.get("job_id", "").startswith(job_id + ".")]
 
     def placed_on(self, cluster: str) -> List[str]:
         """Every job id this run sent to *cluster*, oldest first."""
-        try:
-            with open(os.path.join(self.logs, "cloudexec-placements.jsonl")) as f:
-                found = [json.loads(line) for line in f]
-        except OSError:
-            return []
-        return list(dict.fromkeys(p["job_id"] for p in found if p.get("cluster") == cluster))
+        return list(dict.fromkeys(p["job_id"] for p in self._placements(cluster)
+                                  if p.get("cluster") == cluster))
 
     def latest(self, job_id: str) -> Optional[Tuple[str, str]]:
         """The newest attempt of a job and its cluster, if an earlier process placed it."""
