@@ -19,7 +19,7 @@ import time
 
 import zmq
 
-from scipion_cloudexec.agent.client import AgentClient
+from scipion_cloudexec.cluster.agent_client import AgentClient
 from scipion_cloudexec.config import load_clusters
 from scipion_cloudexec.testbed import LocalTestbed
 

@@ -38,7 +38,7 @@ import tempfile
 import time
 from typing import Dict, List, Tuple
 
-from scipion_cloudexec.agent.client import AgentClient
+from scipion_cloudexec.cluster.agent_client import AgentClient
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.testbed import LocalTestbed
 

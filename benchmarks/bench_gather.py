@@ -25,9 +25,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
     from scipion_cloudexec.config import ClusterConfig
-    from scipion_cloudexec.staging.client import Stager
+    from scipion_cloudexec.cluster.stager import Stager
     from scipion_cloudexec.testbed import LocalTestbed
-    from scipion_cloudexec.transport.ssh import SSHConnection, Target
+    from scipion_cloudexec.cluster.ssh import SSHConnection, Target
     import scipion_cloudexec
     root = tempfile.mkdtemp(prefix="cloudexec-bench-gather-")
     tb = LocalTestbed(os.path.join(root, "testbed"), python=sys.executable)

@@ -21,12 +21,12 @@ import threading
 import time
 from dataclasses import replace
 
-from scipion_cloudexec.agent.client import AgentClient, AgentLost, JobLost
+from scipion_cloudexec.cluster.agent_client import AgentClient, AgentLost, JobLost
 from scipion_cloudexec.config import load_clusters
 from scipion_cloudexec.scheduling.dispatcher import MultiClusterDispatcher
 from scipion_cloudexec.scheduling.policy import JobRequest
 from scipion_cloudexec.testbed import LocalTestbed
-from scipion_cloudexec.transport.ssh import SSHError
+from scipion_cloudexec.cluster.ssh import SSHError
 
 
 class DelayProxy:

@@ -47,8 +47,8 @@ def ours(conf, project_root, paths, project, hash_cache, workdir, warm=False):
     code = (
         "import dataclasses, json, resource, sys, time\n"
         "from scipion_cloudexec.config import load_clusters\n"
-        "from scipion_cloudexec.transport.ssh import SSHConnection, Target\n"
-        "from scipion_cloudexec.staging.client import Stager\n"
+        "from scipion_cloudexec.cluster.ssh import SSHConnection, Target\n"
+        "from scipion_cloudexec.cluster.stager import Stager\n"
         "c = dataclasses.replace(load_clusters(%r)['local'], workdir=%r)\n"
         "ssh = SSHConnection(Target.of(c))\n"
         "t0 = time.perf_counter(); ssh.connect()\n"

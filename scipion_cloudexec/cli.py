@@ -36,7 +36,7 @@ EXIT_CANCELLED = 130
 
 
 def _client(cluster: ClusterConfig):
-    from .agent.client import AgentClient
+    from .cluster.agent_client import AgentClient
     return AgentClient(cluster)
 
 
@@ -62,7 +62,7 @@ def _gpus(text: str) -> List[int]:
 
 def _capture(client, argv: List[str], timeout: float = 300, **kw):
     """Run a job, return (ok, stdout text, error text)."""
-    from .agent.client import JobError
+    from .cluster.agent_client import JobError
     out = bytearray()
     fut = client.submit(argv, label="check", on_output=lambda stream, data: out.extend(
         data if stream == "stdout" else b""), **kw)
@@ -76,7 +76,7 @@ def _capture(client, argv: List[str], timeout: float = 300, **kw):
 
 def cmd_check(cluster: ClusterConfig, args) -> int:
     """Connect, start the agent, probe the cluster, run a 2-rank mpi4py job."""
-    from .transport.ssh import fingerprint
+    from .cluster.ssh import fingerprint
     print("cluster %s: %s (launcher %s, %d slots)"
           % (cluster.name, cluster.address, cluster.launcher, cluster.slots))
     t0 = time.monotonic()
@@ -135,7 +135,7 @@ def cmd_run(cluster: ClusterConfig, args) -> int:
 
 
 def _wait(client, fut, quiet: bool) -> int:
-    from .agent.client import JobCancelled, JobError
+    from .cluster.agent_client import JobCancelled, JobError
     try:
         result = fut.result()
         return result.exit_code or 0
@@ -262,8 +262,8 @@ def _human(n: float) -> str:
 
 
 def cmd_stage(cluster: ClusterConfig, args) -> int:
-    from .staging.client import Stager, StagingError
-    from .transport.ssh import SSHConnection
+    from .cluster.stager import Stager, StagingError
+    from .cluster.ssh import SSHConnection
     root = os.path.abspath(args.project_root)
     project = args.project or os.path.basename(root)
     with SSHConnection(_target(cluster)) as ssh:
@@ -286,8 +286,8 @@ def cmd_stage(cluster: ClusterConfig, args) -> int:
 
 
 def cmd_fetch(cluster: ClusterConfig, args) -> int:
-    from .staging.client import Stager, StagingError
-    from .transport.ssh import SSHConnection
+    from .cluster.stager import Stager, StagingError
+    from .cluster.ssh import SSHConnection
     code = 0
     with SSHConnection(_target(cluster)) as ssh:
         stager = Stager(ssh, cluster)
@@ -311,8 +311,8 @@ def cmd_fetch(cluster: ClusterConfig, args) -> int:
 
 
 def cmd_cache(cluster: ClusterConfig, args) -> int:
-    from .staging.client import Stager
-    from .transport.ssh import SSHConnection
+    from .cluster.stager import Stager
+    from .cluster.ssh import SSHConnection
     with SSHConnection(_target(cluster)) as ssh:
         stager = Stager(ssh, cluster)
         try:
@@ -329,7 +329,7 @@ def cmd_cache(cluster: ClusterConfig, args) -> int:
 
 
 def _target(cluster: ClusterConfig):
-    from .transport.ssh import Target
+    from .cluster.ssh import Target
     return Target.of(cluster)
 
 
@@ -365,8 +365,8 @@ def cmd_provenance(args) -> int:
 
 def cluster_status(cluster: ClusterConfig) -> dict:
     """What ``status`` shows of one cluster (connects; never raises)."""
-    from .agent.client import AgentClient
-    from .staging.client import Stager
+    from .cluster.agent_client import AgentClient
+    from .cluster.stager import Stager
     out = {"name": cluster.name, "slots": cluster.slots, "reachable": False}
     try:
         with AgentClient(cluster) as client:
@@ -508,9 +508,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-    from .agent.bundle import BundleError
-    from .agent.client import AgentError
-    from .transport.ssh import SSHError
+    from .cluster.bundle import BundleError
+    from .cluster.agent_client import AgentError
+    from .cluster.ssh import SSHError
     try:
         if args.cmd == "demo":
             return cmd_demo(args)

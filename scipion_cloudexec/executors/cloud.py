@@ -23,12 +23,12 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from pyworkflow.protocol.executor import StepThread, ThreadStepExecutor
 
-from ..agent.client import AgentLost, AgentStartError, JobLost, VersionMismatch
+from ..cluster.agent_client import AgentLost, AgentStartError, JobLost, VersionMismatch
 from ..config import ClusterConfig
 from ..scheduling.dispatcher import MultiClusterDispatcher
 from ..scheduling.policy import JobRequest, Policy
-from ..staging.client import InputMissing, LinkLost, StagingError
-from ..transport.ssh import (AuthRefused, HostKeyChanged, HostUnreachable, SSHError,
+from ..cluster.stager import InputMissing, LinkLost, StagingError
+from ..cluster.ssh import (AuthRefused, HostKeyChanged, HostUnreachable, SSHError,
                              UnknownHostKey)
 from .runner import ClusterRunner, ProtocolRun
 

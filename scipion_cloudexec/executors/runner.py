@@ -33,11 +33,11 @@ import time
 import uuid
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..agent.client import AgentClient, JobError, JobFuture, JobLost, RequestRefused
-from ..agent.jobs import JobState
+from ..cluster.agent_client import AgentClient, JobError, JobFuture, JobLost, RequestRefused
+from ..remote.jobs import JobState
 from ..config import ClusterConfig
-from ..staging.client import EXTERNAL, Stager, StageReport, mirror_path
-from ..staging.sync import SyncConflict, SyncState, under
+from ..cluster.stager import EXTERNAL, Stager, StageReport, mirror_path
+from ..cluster.sync import SyncConflict, SyncState, under
 from .translate import PathMapper, RemoteCommand, translate
 
 log = logging.getLogger(__name__)

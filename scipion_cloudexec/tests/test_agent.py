@@ -10,11 +10,11 @@ import time
 import pytest
 import zmq
 
-from scipion_cloudexec.agent import bundle
-from scipion_cloudexec.agent.client import (AgentClient, AgentLost, JobCancelled, JobFailed,
+from scipion_cloudexec.cluster import bundle
+from scipion_cloudexec.cluster.agent_client import (AgentClient, AgentLost, JobCancelled, JobFailed,
                                             RequestRefused, VersionMismatch)
-from scipion_cloudexec.agent.jobs import JobState
-from scipion_cloudexec.transport import messages as m
+from scipion_cloudexec.remote.jobs import JobState
+from scipion_cloudexec.remote import messages as m
 
 PY = sys.executable
 MPI_HELLO = ("from mpi4py import MPI; import sys; c = MPI.COMM_WORLD; "

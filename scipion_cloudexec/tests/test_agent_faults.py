@@ -19,8 +19,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from scipion_cloudexec.agent.client import AgentClient, AgentStartError, JobCancelled, JobLost
-from scipion_cloudexec.agent.jobs import JobState
+from scipion_cloudexec.cluster.agent_client import AgentClient, AgentStartError, JobCancelled, JobLost
+from scipion_cloudexec.remote.jobs import JobState
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.tests.test_agent import alive, collect, wait_until
 
@@ -214,7 +214,7 @@ def start_new_thread(*a, **k):
     return real_start(*a, **k)
 
 subprocess._fork_exec, threading._start_new_thread = fork_exec, start_new_thread
-from scipion_cloudexec.agent.server import main
+from scipion_cloudexec.remote.server import main
 main(sys.argv[1:])
 '''
 
@@ -226,7 +226,7 @@ class RawClient:
 
     def __init__(self, workdir: str):
         import zmq
-        from scipion_cloudexec.transport import messages as m
+        from scipion_cloudexec.remote import messages as m
         self.m = m
         state = agent_json(workdir)
         self.secret = bytes.fromhex(state["secret"])
@@ -277,7 +277,7 @@ def start_fake_agent(workdir: str, log_path: str, **env: str) -> subprocess.Pope
 def run_job_while_pinging(client: RawClient, argv: List[str], job_id: str, timeout: float):
     """Submit, then ping every 0.1 s until the job's Ended comes; returns (Ended, pings,
     worst ping)."""
-    from scipion_cloudexec.agent.jobs import JobSpec, LauncherSpec
+    from scipion_cloudexec.remote.jobs import JobSpec, LauncherSpec
     spec = JobSpec(job_id=job_id, argv=argv, launcher=LauncherSpec(kind="local"))
     client.send(client.m.Submit(spec=spec.to_dict(), watch=True))
     t0, pings, worst = time.monotonic(), 0, 0.0

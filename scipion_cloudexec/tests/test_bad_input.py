@@ -2,8 +2,8 @@
 names and values, and desktop paths rewritten only where a path starts."""
 import pytest
 
-from scipion_cloudexec.agent.client import AgentClient
-from scipion_cloudexec.agent.jobs import JobSpec
+from scipion_cloudexec.cluster.agent_client import AgentClient
+from scipion_cloudexec.remote.jobs import JobSpec
 from scipion_cloudexec.executors.translate import PathMapper
 
 
@@ -39,8 +39,8 @@ def test_desktop_paths_are_rewritten_only_where_a_path_starts():
 def test_bulk_transfers_with_a_known_hosts_path_holding_spaces(make_cluster, testbed, tmp_path):
     import os
     import shutil
-    from scipion_cloudexec.staging.client import Stager
-    from scipion_cloudexec.transport.ssh import SSHConnection, Target
+    from scipion_cloudexec.cluster.stager import Stager
+    from scipion_cloudexec.cluster.ssh import SSHConnection, Target
     keys = tmp_path / "my keys"
     keys.mkdir()
     known = keys / "known hosts"
@@ -65,8 +65,8 @@ def test_bulk_transfers_with_a_known_hosts_path_holding_spaces(make_cluster, tes
 def test_a_damaged_bundle_on_the_cluster_is_replaced_not_run(make_cluster, tmp_path):
     import os
     import stat
-    from scipion_cloudexec.agent import bundle
-    from scipion_cloudexec.agent.client import AgentClient
+    from scipion_cloudexec.cluster import bundle
+    from scipion_cloudexec.cluster.agent_client import AgentClient
     c = make_cluster("local")
     with AgentClient(c) as client:
         client.submit(["true"]).result()
@@ -107,7 +107,7 @@ def test_a_same_size_rewrite_within_the_mtime_granularity_is_hashed_again(tmp_pa
     unchanged by size, mtime and inode; the memo must not keep the old hash."""
     import hashlib
     import os
-    from scipion_cloudexec.staging.hashing import HashCache
+    from scipion_cloudexec.remote.hashing import HashCache
     path = tmp_path / "star.txt"
     path.write_bytes(b"iteration 1\n")
     st = os.stat(path)
@@ -125,7 +125,7 @@ def test_a_same_size_rewrite_within_the_mtime_granularity_is_hashed_again(tmp_pa
 
 def test_two_links_to_one_folder_are_both_walked(tmp_path):
     import os
-    from scipion_cloudexec.staging.client import _walk_dir
+    from scipion_cloudexec.cluster.stager import _walk_dir
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
     (data / "sub" / "m.mrc").write_bytes(b"x")
@@ -141,7 +141,7 @@ def test_two_links_to_one_folder_are_both_walked(tmp_path):
 
 @pytest.mark.parametrize("body", [b"[1, 2]", b'"text"', b"42", b'{"t": "Ping"}'])
 def test_an_authenticated_body_that_is_not_a_message_is_a_bad_message(body):
-    from scipion_cloudexec.transport import messages as m
+    from scipion_cloudexec.remote import messages as m
     secret = b"s" * 32
     head = m.header(m.PROTOCOL_VERSION)
     frames = [head, m._mac(secret, head, body, []), body]
@@ -150,7 +150,7 @@ def test_an_authenticated_body_that_is_not_a_message_is_a_bad_message(body):
 
 
 def test_a_message_that_cannot_be_encoded_fails_its_future_not_the_connection(cluster):
-    from scipion_cloudexec.agent import jobs
+    from scipion_cloudexec.remote import jobs
     with AgentClient(cluster) as client:
         # past the desktop's checks (a bug there, or a plugin's object): JSON refuses it
         bad = client.submit(["true"], label="x")
@@ -175,7 +175,7 @@ def test_inputs_outside_the_project_are_named_by_their_staged_copy(private_clust
     import shlex
     from dataclasses import replace
     from scipion_cloudexec.executors.runner import ClusterRunner, ProtocolRun
-    from scipion_cloudexec.transport.ssh import SSHConnection, Target
+    from scipion_cloudexec.cluster.ssh import SSHConnection, Target
     ext = tmp_path / "microscope"
     (ext / "stack").mkdir(parents=True)
     (ext / "gain.mrc").write_bytes(b"GAIN" * 1000)

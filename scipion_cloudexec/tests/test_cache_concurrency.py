@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from scipion_cloudexec.staging import cache as cachemod
-from scipion_cloudexec.staging.cache import SMALL, Cache, StageError
+from scipion_cloudexec.remote import cache as cachemod
+from scipion_cloudexec.remote.cache import SMALL, Cache, StageError
 
 CTX = multiprocessing.get_context("fork")
 TRAILER = b"NEXT REQUEST"  # follows the content in each stream: must be left unread

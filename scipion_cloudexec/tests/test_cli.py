@@ -93,9 +93,9 @@ def test_status_shows_each_cluster_and_an_unreachable_one(make_cluster, tmp_path
 
 
 def test_status_shows_bytes_staged_for_running_protocols(make_cluster, tmp_path):
-    from scipion_cloudexec.agent.client import AgentClient
+    from scipion_cloudexec.cluster.agent_client import AgentClient
     from scipion_cloudexec.cli import cluster_status
-    from scipion_cloudexec.staging.client import Stager
+    from scipion_cloudexec.cluster.stager import Stager
     c = make_cluster("local")
     (tmp_path / "p" / "Runs").mkdir(parents=True)
     (tmp_path / "p" / "Runs" / "mic.mrc").write_bytes(b"x" * 5000)

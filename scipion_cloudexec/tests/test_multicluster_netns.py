@@ -124,7 +124,7 @@ def test_a_job_whose_end_was_cut_off_is_not_run_again_on_its_cluster(netns_clust
 def test_a_command_over_a_cut_link_fails_as_a_lost_connection(netns_clusters, hosts):
     """paramiko's "Timeout opening channel." (an SSHException, which the executor did not
     know as an infrastructure failure) failed a whole protocol in the soak."""
-    from scipion_cloudexec.transport.ssh import SSHConnection, SSHError, Target
+    from scipion_cloudexec.cluster.ssh import SSHConnection, SSHError, Target
     c1 = netns_clusters()[0]
     ssh = SSHConnection(Target.of(c1))
     ssh.connect()

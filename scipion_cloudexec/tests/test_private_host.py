@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
-from scipion_cloudexec.agent.client import AgentClient
-from scipion_cloudexec.staging.client import Stager
-from scipion_cloudexec.transport.ssh import SSHConnection, Target
+from scipion_cloudexec.cluster.agent_client import AgentClient
+from scipion_cloudexec.cluster.stager import Stager
+from scipion_cloudexec.cluster.ssh import SSHConnection, Target
 
 pytestmark = pytest.mark.slow
 

@@ -364,7 +364,7 @@ def spectra(project, imported, cluster=None):
 
 def jobs_run(cluster):
     """The job ids the cluster's agent ran, and whether any was a second attempt."""
-    from scipion_cloudexec.agent.client import AgentClient
+    from scipion_cloudexec.cluster.agent_client import AgentClient
     with AgentClient(cluster) as client:
         return [j["job_id"] for j in client.jobs()]
 

@@ -20,8 +20,8 @@ from typing import Callable, Dict, Iterator, List
 
 import pytest
 
-from scipion_cloudexec.agent.client import AgentClient, JobCancelled, JobLost
-from scipion_cloudexec.agent.jobs import JobState
+from scipion_cloudexec.cluster.agent_client import AgentClient, JobCancelled, JobLost
+from scipion_cloudexec.remote.jobs import JobState
 from scipion_cloudexec.tests.test_agent import wait_until
 
 PY = sys.executable
@@ -205,9 +205,9 @@ def test_submit_while_slurmctld_stalls_runs_the_job_exactly_once(make_cluster, t
 @pytest.mark.slurm
 def test_squeue_interval_is_fast_after_a_submit_and_slows_for_a_long_job(testbed, tmp_path,
                                                                          monkeypatch):
-    from scipion_cloudexec.agent.jobs import JobFiles, JobSpec, LauncherSpec, job_script
-    from scipion_cloudexec.agent.launchers import launcher_for
-    from scipion_cloudexec.agent.slurm import SlurmScheduler
+    from scipion_cloudexec.remote.jobs import JobFiles, JobSpec, LauncherSpec, job_script
+    from scipion_cloudexec.remote.launchers import launcher_for
+    from scipion_cloudexec.remote.slurm import SlurmScheduler
     monkeypatch.setenv("SLURM_CONF", testbed.slurm_conf)
     spec = JobSpec(job_id="adaptive-%d" % os.getpid(), argv=["sleep", "60"],
                    launcher=LauncherSpec(kind="slurm", srun=["srun"]))

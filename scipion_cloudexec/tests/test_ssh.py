@@ -4,8 +4,8 @@ import subprocess
 
 import pytest
 
-from scipion_cloudexec.agent.client import AgentClient
-from scipion_cloudexec.transport.ssh import (AuthRefused, HostKeyChanged, HostUnreachable,
+from scipion_cloudexec.cluster.agent_client import AgentClient
+from scipion_cloudexec.cluster.ssh import (AuthRefused, HostKeyChanged, HostUnreachable,
                                              SSHConnection, Target, UnknownHostKey)
 
 
@@ -70,7 +70,7 @@ def test_unreachable_host_is_named(testbed):
 
 
 def test_missing_remote_python_names_the_key(make_cluster):
-    from scipion_cloudexec.agent.client import AgentStartError
+    from scipion_cloudexec.cluster.agent_client import AgentStartError
     c = make_cluster("local", python="/opt/nowhere/bin/python3")
     with pytest.raises(AgentStartError, match="python '/opt/nowhere/bin/python3' not found.*"
                                               "set 'python'"):
@@ -78,7 +78,7 @@ def test_missing_remote_python_names_the_key(make_cluster):
 
 
 def test_remote_python_without_pyzmq_is_explained(make_cluster):
-    from scipion_cloudexec.agent.client import AgentStartError
+    from scipion_cloudexec.cluster.agent_client import AgentStartError
     c = make_cluster("local", python="/usr/bin/python3")
     probe = subprocess.run(["/usr/bin/python3", "-c", "import zmq"], capture_output=True)
     if probe.returncode == 0:
@@ -90,7 +90,7 @@ def test_remote_python_without_pyzmq_is_explained(make_cluster):
 def test_openssh_bulk_client_checks_host_keys_like_paramiko(testbed, tmp_path):
     """The system ssh used for bulk data refuses an unknown or changed host key and never
     writes known_hosts, as the paramiko side does."""
-    from scipion_cloudexec.transport.ssh import openssh_argv
+    from scipion_cloudexec.cluster.ssh import openssh_argv
     good = subprocess.run(openssh_argv(target(testbed), "echo ok"), capture_output=True,
                           text=True, timeout=30)
     assert (good.returncode, good.stdout) == (0, "ok\n")

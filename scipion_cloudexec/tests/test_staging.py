@@ -6,8 +6,8 @@ import subprocess
 import pytest
 
 from scipion_cloudexec.config import ClusterConfig
-from scipion_cloudexec.staging.client import NoSpace, Stager, StagingError
-from scipion_cloudexec.transport.ssh import SSHConnection, Target
+from scipion_cloudexec.cluster.stager import NoSpace, Stager, StagingError
+from scipion_cloudexec.cluster.ssh import SSHConnection, Target
 
 NAMES = ["mic 001 é.mrc", "empty.bin", "sub dir/ñ-micrograph.mrc", "big.mrc"]
 
@@ -360,7 +360,7 @@ def test_auto_transfer_falls_back_to_paramiko_when_ssh_cannot_log_in(
         make_cluster, stager_for, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("PATH", _fake_ssh(tmp_path / "bin", "Permission denied (publickey)")
                        + os.pathsep + os.environ["PATH"])
-    import scipion_cloudexec.staging.client as sc
+    import scipion_cloudexec.cluster.stager as sc
     monkeypatch.setattr(sc, "BULK_START", 8 << 20)  # so that 20 MB try the bulk stream first
     c = make_cluster("local", transfer="auto")
     proj = tmp_path / "proj"
@@ -414,7 +414,7 @@ def test_hash_memo_is_shared_by_processes_writing_at_once(tmp_path):
     import sys
     memo = tmp_path / "hashes.sqlite"
     code = ("import os, sys\n"
-            "from scipion_cloudexec.staging.hashing import HashCache, sha256_file\n"
+            "from scipion_cloudexec.remote.hashing import HashCache, sha256_file\n"
             "d = sys.argv[1]; os.makedirs(d)\n"
             "for round in range(30):\n"
             "    paths = []\n"

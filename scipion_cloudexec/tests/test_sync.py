@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from scipion_cloudexec.staging.client import Stager
+from scipion_cloudexec.cluster.stager import Stager
 from scipion_cloudexec.tests.test_staging import stager_for  # noqa: F401  (fixture)
 
 RUN = "Runs/000010_ProtX"
@@ -166,7 +166,7 @@ def test_a_file_changed_while_sent_waits_for_the_next_gather(make_cluster, stage
 def test_desktop_disk_full_during_a_gather_loses_nothing(make_cluster, stager_for,  # noqa
                                                          tmp_path, reliability):
     import subprocess
-    from scipion_cloudexec.staging.client import DesktopFull
+    from scipion_cloudexec.cluster.stager import DesktopFull
     c = make_cluster("local")
     st = stager_for(c)
     proj = tmp_path / "proj"
@@ -205,7 +205,7 @@ def test_long_work_on_the_cluster_is_not_taken_for_a_dead_link(make_cluster, sta
     """Hashing a large new output takes the cluster longer than the dead-link timer: keep-
     alive lines from the staging server tell the client the link is up."""
     import time
-    from scipion_cloudexec.staging import channels
+    from scipion_cloudexec.cluster import channels
     monkeypatch.setattr(channels, "dead_link_seconds", lambda cluster: 1.5)
     c = make_cluster("local", transfer="paramiko")
     st = stager_for(c)

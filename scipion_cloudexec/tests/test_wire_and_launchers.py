@@ -4,11 +4,11 @@ import sys
 
 import pytest
 
-from scipion_cloudexec.agent import bundle
-from scipion_cloudexec.agent.jobs import JobFiles, JobSpec, JobState, LauncherSpec, job_script
-from scipion_cloudexec.agent.launchers import launcher_for
-from scipion_cloudexec.agent.schedulers import SLURM_STATES
-from scipion_cloudexec.transport import messages as m
+from scipion_cloudexec.cluster import bundle
+from scipion_cloudexec.remote.jobs import JobFiles, JobSpec, JobState, LauncherSpec, job_script
+from scipion_cloudexec.remote.launchers import launcher_for
+from scipion_cloudexec.remote.schedulers import SLURM_STATES
+from scipion_cloudexec.remote import messages as m
 
 SECRET = b"s" * 32
 

@@ -14,11 +14,11 @@ import time
 import pytest
 import zmq
 
-from scipion_cloudexec.agent import bundle
-from scipion_cloudexec.agent.client import AgentClient, JobCancelled, VersionMismatch
-from scipion_cloudexec.agent.server import Agent
+from scipion_cloudexec.cluster import bundle
+from scipion_cloudexec.cluster.agent_client import AgentClient, JobCancelled, VersionMismatch
+from scipion_cloudexec.remote.server import Agent
 from scipion_cloudexec.tests.test_agent import agent_state, alive, collect, wait_until
-from scipion_cloudexec.transport import messages as m
+from scipion_cloudexec.remote import messages as m
 from scipion_cloudexec.version import PROTOCOL_VERSION
 
 PY = sys.executable

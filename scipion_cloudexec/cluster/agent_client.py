@@ -32,11 +32,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import zmq
 
 from ..config import ClusterConfig
-from ..transport import messages as m
-from ..transport.ssh import SSHConnection, Target
+from ..remote import messages as m
+from .ssh import SSHConnection, Target
 from ..version import PROTOCOL_VERSION
 from . import bundle
-from .jobs import JobSpec, JobState, LauncherSpec
+from ..remote.jobs import JobSpec, JobState, LauncherSpec
 
 log = logging.getLogger(__name__)
 

@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 
-from ..agent import bundle
+from . import bundle
 from ..config import ClusterConfig
-from ..transport.ssh import SSHConnection
+from .ssh import SSHConnection
 from .channels import (InputMissing, LinkLost, NoBundle, OpenSSHChannel, ParamikoChannel,
                        ServerChannel, StagingError, dead_link_seconds)
-from .hashing import BLOCK, HashCache, path_state
+from ..remote.hashing import BLOCK, HashCache, path_state
 from .sync import DIR, GatherPlan, plan_gather, under
 
 log = logging.getLogger(__name__)

@@ -15,43 +15,31 @@ from functools import lru_cache
 from typing import Tuple
 
 from ..config import ClusterConfig
-from ..transport.ssh import SSHConnection
+from .ssh import SSHConnection
 from ..version import __version__
 
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: modules the agent needs, relative to the package; all stdlib + pyzmq only
-MODULES = (
-    "version.py",
-    "transport/messages.py",
-    "agent/jobs.py",
-    "agent/journal.py",
-    "agent/launchers.py",
-    "agent/schedulers.py",
-    "agent/slurm.py",
-    "agent/supervisor.py",
-    "agent/daemon.py",
-    "agent/server.py",
-    "agent/pool.py",
-    "staging/hashing.py",
-    "staging/cache.py",
-    "staging/remote.py",
-)
-_INITS = ("__init__.py", "transport/__init__.py", "agent/__init__.py", "staging/__init__.py")
+#: what ships: version.py and every module of remote/ (stdlib + pyzmq only, and they import
+#: nothing of the package but remote/ and version), so adding a module there ships it
+_REMOTE = os.path.join(_PKG, "remote")
+MODULES = ("version.py",) + tuple(sorted(
+    "remote/" + f for f in os.listdir(_REMOTE) if f.endswith(".py") and f != "__init__.py"))
+_INITS = ("__init__.py", "remote/__init__.py")
 _MAIN = b"""import sys
 if sys.version_info < (3, 9):
     sys.exit("cloudexec agent: Python 3.9 or newer is needed, this is %s" % sys.version.split()[0])
 if sys.argv[1:2] == ["stage"]:  # stdlib only: starts fast, even under python -S
-    from scipion_cloudexec.staging.remote import main
+    from scipion_cloudexec.remote.stage_server import main
     sys.exit(main(sys.argv[2:]))
 try:
     import zmq  # noqa: F401
 except ImportError:
     sys.exit("cloudexec agent: No module named 'zmq': install pyzmq for %s" % sys.executable)
 if sys.argv[1:2] == ["pool"]:
-    from scipion_cloudexec.agent.pool import main
+    from scipion_cloudexec.remote.pool import main
     sys.exit(main(sys.argv[2:]))
-from scipion_cloudexec.agent.server import main
+from scipion_cloudexec.remote.server import main
 sys.exit(main())
 """
 

@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from .hashing import open_wal
+from ..remote.hashing import open_wal
 
 DIR = "d"
 

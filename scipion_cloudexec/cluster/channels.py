@@ -24,10 +24,10 @@ import threading
 import time
 from typing import Optional
 
-from ..agent import bundle
+from . import bundle
 from ..config import ClusterConfig
-from ..transport.ssh import SSHConnection, Target, openssh_argv
-from .hashing import BLOCK
+from .ssh import SSHConnection, Target, openssh_argv
+from ..remote.hashing import BLOCK
 
 WINDOW = 16 << 20  # SSH window: keeps a long or slow link busy
 NO_BUNDLE = 97  # exit status of the start command when this version's bundle is missing

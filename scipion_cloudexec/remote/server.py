@@ -39,7 +39,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 import zmq
 
-from ..transport import messages as m
+from . import messages as m
 from ..version import PROTOCOL_VERSION, __version__
 from .daemon import AgentPaths, _read_state, lease_term, other_node, start_daemon, write_private
 from .jobs import JobFiles, JobSpec, JobState
