@@ -19,7 +19,7 @@ import time
 
 import zmq
 
-from scipion_cloudexec.cluster.agent_client import AgentClient
+from scipion_cloudexec.cluster.session import ClusterSession
 from scipion_cloudexec.config import load_clusters
 from scipion_cloudexec.testbed import LocalTestbed
 
@@ -108,7 +108,7 @@ def main():
     tb = LocalTestbed(a.root)
     try:
         cluster = load_clusters(tb.up(slurm=False))["local"]
-        with AgentClient(cluster) as client:
+        with ClusterSession(cluster) as client:
             ping, echo = bench_ping_vs_echo(client, cluster.python, a.n)
             job = bench_noop_job(client, 100)
             ssh = bench_ssh_true(cluster, 20)

@@ -39,6 +39,7 @@ import time
 from typing import Dict, List, Tuple
 
 from scipion_cloudexec.cluster.agent_client import AgentClient
+from scipion_cloudexec.cluster.session import ClusterSession
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.testbed import LocalTestbed
 
@@ -53,8 +54,8 @@ exit $rc
 """
 
 
-class TimedClient(AgentClient):
-    """An AgentClient that notes when each message from the agent arrives."""
+class _TimedAgent(AgentClient):
+    """An agent client that notes when each message from the agent arrives."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -63,6 +64,18 @@ class TimedClient(AgentClient):
     def _dispatch(self, msg):
         self.heard.append((time.monotonic(), msg.TYPE))
         super()._dispatch(msg)
+
+
+class TimedClient(ClusterSession):
+    """A session whose agent client notes when each message arrives."""
+
+    def __init__(self, cluster):
+        super().__init__(cluster)
+        self.agent = _TimedAgent(cluster, self.ssh)
+
+    @property
+    def heard(self) -> List[Tuple[float, str]]:
+        return self.agent.heard
 
 
 def worst_gap(times: List[float], t0: float, t1: float) -> float:

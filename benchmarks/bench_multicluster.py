@@ -21,7 +21,9 @@ import threading
 import time
 from dataclasses import replace
 
-from scipion_cloudexec.cluster.agent_client import AgentClient, AgentLost, JobLost
+from scipion_cloudexec.cluster.errors import AgentLost, JobLost
+
+from scipion_cloudexec.cluster.session import ClusterSession
 from scipion_cloudexec.config import load_clusters
 from scipion_cloudexec.scheduling.dispatcher import MultiClusterDispatcher
 from scipion_cloudexec.scheduling.policy import JobRequest
@@ -83,7 +85,7 @@ class DelayProxy:
 
 def makespan(clusters, jobs, seconds, cut_at=None, proxy=None):
     """Run *jobs* sleeps through the dispatcher; returns (seconds, jobs per cluster, at cut)."""
-    clients = {c.name: AgentClient(c) for c in clusters}
+    clients = {c.name: ClusterSession(c) for c in clusters}
     for cl in clients.values():
         cl.start()
     d = MultiClusterDispatcher([(c.name, c.slots, ()) for c in clusters], retries=3,

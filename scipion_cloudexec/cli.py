@@ -20,12 +20,13 @@ command line or clusters file; 255 when the cluster or its agent cannot be reach
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
 import sys
 import time
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from .config import ClusterConfig, ConfigError, load_clusters
 from .version import __version__
@@ -36,8 +37,8 @@ EXIT_CANCELLED = 130
 
 
 def _client(cluster: ClusterConfig):
-    from .cluster.agent_client import AgentClient
-    return AgentClient(cluster)
+    from .cluster.session import ClusterSession
+    return ClusterSession(cluster)
 
 
 def _say(text: str) -> None:
@@ -62,7 +63,7 @@ def _gpus(text: str) -> List[int]:
 
 def _capture(client, argv: List[str], timeout: float = 300, **kw):
     """Run a job, return (ok, stdout text, error text)."""
-    from .cluster.agent_client import JobError
+    from .cluster.errors import JobError
     out = bytearray()
     fut = client.submit(argv, label="check", on_output=lambda stream, data: out.extend(
         data if stream == "stdout" else b""), **kw)
@@ -135,7 +136,7 @@ def cmd_run(cluster: ClusterConfig, args) -> int:
 
 
 def _wait(client, fut, quiet: bool) -> int:
-    from .cluster.agent_client import JobCancelled, JobError
+    from .cluster.errors import JobCancelled, JobError
     try:
         result = fut.result()
         return result.exit_code or 0
@@ -254,29 +255,22 @@ class ProgressLine:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
-        n /= 1000
-    return ""
+    from .cluster.errors import human_bytes
+    return human_bytes(n)
 
 
 def cmd_stage(cluster: ClusterConfig, args) -> int:
-    from .cluster.stager import Stager, StagingError
-    from .cluster.ssh import SSHConnection
+    from .cluster.errors import InputMissing, StagingError
     root = os.path.abspath(args.project_root)
     project = args.project or os.path.basename(root)
-    with SSHConnection(_target(cluster)) as ssh:
+    with _staging(cluster) as session:
         bar = ProgressLine("staging to %s" % cluster.name)
-        stager = Stager(ssh, cluster)
         try:
-            r = stager.stage_in(root, args.paths, project, progress=bar, keep_hashes=False)
-        except StagingError as e:
+            r = session.stage_in(root, args.paths, project, progress=bar, keep_hashes=False)
+        except (StagingError, InputMissing) as e:
             bar.end()
             _say("scipion-cloudexec: %s" % e)
             return 1
-        finally:
-            stager.close()
         bar.end()
     print("%d file(s), %s: %s sent (%s/s), %d linked, %d already in place%s; mirror %s/projects/%s"
           % (r.files, _human(r.bytes_total), _human(r.bytes_sent), _human(r.rate), r.linked,
@@ -286,15 +280,13 @@ def cmd_stage(cluster: ClusterConfig, args) -> int:
 
 
 def cmd_fetch(cluster: ClusterConfig, args) -> int:
-    from .cluster.stager import Stager, StagingError
-    from .cluster.ssh import SSHConnection
+    from .cluster.errors import StagingError
     code = 0
-    with SSHConnection(_target(cluster)) as ssh:
-        stager = Stager(ssh, cluster)
+    with _staging(cluster) as session:
         for path in args.remote_paths:
             bar = ProgressLine("fetching %s" % path)
             try:
-                r = stager.fetch(path, args.to, progress=bar)
+                r = session.fetch(path, args.to, progress=bar)
             except StagingError as e:
                 bar.end()
                 _say("scipion-cloudexec: %s" % e)
@@ -306,19 +298,12 @@ def cmd_fetch(cluster: ClusterConfig, args) -> int:
             for rel, why in r.refused:
                 _say("refused %s: %s" % (rel, why))
                 code = 1
-        stager.close()
     return code
 
 
 def cmd_cache(cluster: ClusterConfig, args) -> int:
-    from .cluster.stager import Stager
-    from .cluster.ssh import SSHConnection
-    with SSHConnection(_target(cluster)) as ssh:
-        stager = Stager(ssh, cluster)
-        try:
-            info = stager.cache_info(gc=args.gc)
-        finally:
-            stager.close()
+    with _staging(cluster) as session:
+        info = session.cache_info(gc=args.gc)
     if args.gc:
         print("dropped %d entr%s no mirror uses, %s freed" % (
             info["dropped"], "y" if info["dropped"] == 1 else "ies", _human(info["freed"])))
@@ -328,9 +313,16 @@ def cmd_cache(cluster: ClusterConfig, args) -> int:
     return 0
 
 
-def _target(cluster: ClusterConfig):
-    from .cluster.ssh import Target
-    return Target.of(cluster)
+@contextlib.contextmanager
+def _staging(cluster: ClusterConfig) -> Iterator:
+    """A session to the cluster for staging only: SSH, no agent."""
+    from .cluster.session import ClusterSession
+    session = ClusterSession(cluster)
+    try:
+        session.connect()
+        yield session
+    finally:
+        session.close()
 
 
 def cmd_provenance(args) -> int:
@@ -365,25 +357,10 @@ def cmd_provenance(args) -> int:
 
 def cluster_status(cluster: ClusterConfig) -> dict:
     """What ``status`` shows of one cluster (connects; never raises)."""
-    from .cluster.agent_client import AgentClient
-    from .cluster.stager import Stager
     out = {"name": cluster.name, "slots": cluster.slots, "reachable": False}
     try:
-        with AgentClient(cluster) as client:
-            jobs = client.jobs(1000)
-            out.update(reachable=True, agent=client.welcome.version)
-            active = [j for j in jobs if j["state"] in ("running", "queued", "submitted")]
-            out["used"] = sum(j["cores"] for j in active if j["state"] == "running")
-            for state in ("queued", "running", "done", "failed", "cancelled", "lost"):
-                out[state] = sum(1 for j in jobs if j["state"] == state)
-            out["clients"] = sorted({j["client"] for j in active})
-            stager = Stager(client.ssh, cluster)
-            out["cached"] = stager.cache_info()["bytes"]
-            staged = stager.mirrors()
-            stager.close()
-            # executors name themselves scipion:<mirror>:<protocol id>
-            out["staged"] = {c: staged.get(c.split(":")[1], {}).get("bytes", 0)
-                             for c in out["clients"] if c.startswith("scipion:")}
+        with _client(cluster) as session:
+            out.update(session.status(), reachable=True)
     except Exception as e:  # status reports, it does not fail
         out["error"] = "%s: %s" % (type(e).__name__, str(e).splitlines()[0])
     return out
@@ -508,9 +485,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-    from .cluster.bundle import BundleError
-    from .cluster.agent_client import AgentError
-    from .cluster.ssh import SSHError
+    from .cluster.errors import AgentError, InfraError
     try:
         if args.cmd == "demo":
             return cmd_demo(args)
@@ -531,7 +506,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         _say("scipion-cloudexec: %s" % e)
         return EXIT_CONFIG
-    except (SSHError, AgentError, BundleError, TimeoutError) as e:
+    except (InfraError, AgentError, TimeoutError) as e:  # TimeoutError: a job's result(timeout)
         _say("scipion-cloudexec: %s: %s" % (type(e).__name__, e))
         return EXIT_UNREACHABLE
 

@@ -8,17 +8,17 @@ r"""The client half of the agent protocol: remote jobs as ``concurrent.futures``
                                      \-- Ping every heartbeat; silence for
                                          3 beats fails every future (AgentLost)
 
-Example::
+Starting the agent over SSH is :class:`~.session.ClusterSession`'s; this module is the
+message pump once the agent runs. Example::
 
-    with AgentClient(cluster) as client:
-        fut = client.submit(["python", "-c", "print(42)"], ranks=2)
+    with ClusterSession(cluster) as session:
+        fut = session.submit(["python", "-c", "print(42)"], ranks=2)
         print(fut.result().exit_code)      # raises JobFailed on a non-zero exit
 """
 from __future__ import annotations
 
 import concurrent.futures
 import itertools
-import json
 import logging
 import os
 import queue
@@ -26,104 +26,24 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import zmq
 
 from ..config import ClusterConfig
 from ..remote import messages as m
-from .ssh import SSHConnection, Target
+from ..remote.jobs import JobSpec, JobState, LauncherSpec
 from ..version import PROTOCOL_VERSION
 from . import bundle
-from ..remote.jobs import JobSpec, JobState, LauncherSpec
+from .errors import (AgentLost, AgentStartError, JobResult, RequestRefused, VersionMismatch,
+                     job_error)
+from .ssh import SSHConnection, Target
 
 log = logging.getLogger(__name__)
 
 OutputCallback = Callable[[str, bytes], None]
 STDERR_TAIL = 64 * 1024
 RECEIVE_BATCH = 200  # most messages handled per IO loop turn
-
-
-class AgentError(RuntimeError):
-    """Base of the client's errors about the agent (not about a job's program)."""
-
-
-class AgentStartError(AgentError):
-    """The agent could not be started on the cluster; the message says why and what to fix."""
-
-
-class VersionMismatch(AgentError):
-    """A busy agent of another version runs on the cluster."""
-
-
-class AgentLost(AgentError):
-    """The agent stopped answering (heartbeats missed, SSH connection gone).
-
-    Jobs keep running on the cluster; a new client can attach to them.
-    """
-
-    def __init__(self, cluster: str, host: str, detail: str):
-        super().__init__("agent on cluster %s (%s) lost: %s" % (cluster, host, detail))
-        self.cluster = cluster
-        self.host = host
-
-
-class RequestRefused(AgentError):
-    """The agent refused a request (unknown job, invalid job spec...)."""
-
-    def __init__(self, kind: str, detail: str):
-        super().__init__(detail)
-        self.kind = kind
-
-
-@dataclass
-class JobResult:
-    """How a job ended. Times are the cluster's clock (seconds since the epoch)."""
-    job_id: str
-    cluster: str
-    state: JobState
-    exit_code: Optional[int]
-    reason: str = ""
-    launcher_id: str = ""
-    started: float = 0.0
-    ended: float = 0.0
-    stderr_tail: str = ""
-
-
-class JobError(Exception):
-    """A job did not end well; ``result`` says how. Base of the three below."""
-
-    def __init__(self, result: JobResult):
-        self.result = result
-        super().__init__(self._describe())
-
-    def _describe(self) -> str:
-        r = self.result
-        text = "job %s on %s %s" % (r.job_id, r.cluster, r.state.value)
-        if r.exit_code is not None:
-            text += " with exit code %d" % r.exit_code
-        if r.reason:
-            text += " (%s)" % r.reason
-        if r.stderr_tail.strip():
-            text += ":\n" + r.stderr_tail.rstrip()
-        return text
-
-
-class JobFailed(JobError):
-    """The program exited non-zero: its own error, ``stderr_tail`` holds the end of its stderr."""
-
-
-class JobCancelled(JobError):
-    """The job was cancelled."""
-
-
-class JobLost(JobError):
-    """The job ended for infrastructure reasons (lost node, wall time): may be retried."""
-
-
-_ERRORS = {JobState.FAILED: JobFailed, JobState.CANCELLED: JobCancelled,
-           JobState.TIMEOUT: JobLost, JobState.LOST: JobLost}
 
 
 class JobFuture(concurrent.futures.Future):
@@ -148,14 +68,16 @@ def _new_job_id() -> str:
 
 
 class AgentClient:
-    """Connection to one cluster's agent. The constructor only stores the config;
-    :meth:`start` connects (SSH, agent, tunnel, handshake)."""
+    """The message pump to one cluster's running agent. The constructor only stores the
+    config; :meth:`connect` (given the agent's state line) opens the tunnel through *ssh*
+    and shakes hands. :class:`~.session.ClusterSession` starts the agent first."""
 
-    def __init__(self, cluster: ClusterConfig, client_name: str = ""):
+    def __init__(self, cluster: ClusterConfig, ssh: Optional[SSHConnection] = None,
+                 client_name: str = ""):
         self.cluster = cluster
         self.client_name = client_name or "%s@%s/%d" % (os.environ.get("USER", "user"),
                                                         socket.gethostname(), os.getpid())
-        self.ssh = SSHConnection(Target.of(cluster))
+        self.ssh = ssh or SSHConnection(Target.of(cluster))
         self.welcome: Optional[m.Welcome] = None
         self.agent_state: Dict = {}
         self._secret = b""
@@ -173,91 +95,19 @@ class AgentClient:
 
     # ---- life cycle -------------------------------------------------------------------
 
-    def __enter__(self) -> "AgentClient":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def start(self) -> m.Welcome:
-        """Connect over SSH, start or reuse the agent, open the tunnel and shake hands.
-
-        Raises:
-            SSHError (and subclasses), AgentStartError, VersionMismatch, AgentLost.
-        """
-        self.ssh.connect()
-        for _attempt in range(2):
-            state = self._start_agent()
-            if state.get("protocol") != PROTOCOL_VERSION:
-                continue  # an agent of another protocol started in between: ours retires it
-            welcome = self._connect(state)
-            if welcome.version == self._version:
-                self.welcome = welcome
-                return welcome
-            self._replace_agent(welcome)
-        if state.get("protocol") != PROTOCOL_VERSION:
-            raise VersionMismatch(
-                "cluster %s still runs an agent of protocol %s (version %s, pid %s) after "
-                "trying to replace it; this client speaks protocol %d (version %s). Another "
-                "client of that release keeps starting it: use one scipion-cloudexec release "
-                "for all clients of %s:%s" % (
-                    self.cluster.name, state.get("protocol"), state.get("version"),
-                    state.get("pid"), PROTOCOL_VERSION, self._version, self.cluster.host,
-                    self.cluster.workdir))
-        raise VersionMismatch("agent on %s still runs version %s after a restart; expected %s"
-                              % (self.cluster.name, welcome.version, self._version))
-
     @property
     def _version(self) -> str:
         return bundle.build()[1]
 
-    def _start_agent(self) -> Dict:
-        """Upload the bundle if missing and run its ``start``; return the agent's state."""
-        c = self.cluster
-        try:
-            bundle.ensure_uploaded(self.ssh, c)
-        except bundle.BundleError as e:
-            raise AgentStartError(str(e)) from None
-        cmd = bundle.command(c, "start", "--workdir", c.workdir, "--idle-timeout",
-                             "%g" % c.agent_idle_timeout, "--heartbeat", "%g" % c.heartbeat)
-        res = self.ssh.run(cmd, timeout=60)
-        out = res.stdout.decode(errors="replace")
-        err = res.stderr.decode(errors="replace").strip()
-        if "BUSY " in out:  # a busy agent of another protocol: left alone (server.py)
-            raise self._busy_other_protocol(json.loads(out.split("BUSY ", 1)[1].splitlines()[0]))
-        if res.exit_status != 0 or "READY " not in out:
-            raise AgentStartError(self._explain_start_failure(res.exit_status, err or out))
-        return json.loads(out.split("READY ", 1)[1].splitlines()[0])
+    def connect(self, state: Dict) -> m.Welcome:
+        """Open the tunnel to the agent of *state* (its ``READY`` line), start the IO
+        thread and shake hands.
 
-    def _busy_other_protocol(self, state: Dict) -> VersionMismatch:
-        c = self.cluster
-        jobs = state.get("jobs", [])
-        listed = "; ".join("%s (%s%s)" % (j.get("job_id"), j.get("state"),
-                                          ", " + j["label"] if j.get("label") else "")
-                           for j in jobs[:10]) + ("; ..." if len(jobs) > 10 else "")
-        return VersionMismatch(
-            "cluster %s runs the cloudexec agent of protocol %s (version %s, pid %s) with %d "
-            "active job(s): %s. This client speaks protocol %d (version %s) and cannot talk to "
-            "it. Those jobs are left running: let them end, following them with the "
-            "scipion-cloudexec release that started them (scipion-cloudexec jobs %s), then "
-            "run again: an idle agent of another protocol is replaced automatically."
-            % (c.name, state.get("protocol"), state.get("version"), state.get("pid"),
-               len(jobs), listed, PROTOCOL_VERSION, self._version, c.name))
-
-    def _explain_start_failure(self, status: int, text: str) -> str:
-        c = self.cluster
-        if status == 127 or "not found" in text or "No such file" in text:
-            return ("python %r not found on cluster %s: set 'python' in [cluster %s] of %s to "
-                    "the remote interpreter (it needs pyzmq).\n%s"
-                    % (c.python, c.name, c.name, c.source, text))
-        if "pyzmq" in text or "No module named 'zmq'" in text:
-            return ("the remote python %s on %s lacks pyzmq: install it there "
-                    "(%s -m pip install pyzmq).\n%s" % (c.python, c.name, c.python, text))
-        return "the agent did not start on %s (exit %d):\n%s" % (c.name, status, text)
-
-    def _connect(self, state: Dict) -> m.Welcome:
-        self._close_channel()
+        Raises:
+            VersionMismatch: the agent refused this client's protocol.
+            AgentStartError: the agent does not answer.
+        """
+        self.disconnect()
         self._secret = bytes.fromhex(state["secret"])
         self.agent_state = {k: v for k, v in state.items() if k != "secret"}
         fwd = self.ssh.forward(int(state["port"]))
@@ -282,24 +132,8 @@ class AgentClient:
                                                                 self.cluster.workdir)) from None
         return welcome  # type: ignore[return-value]
 
-    def _replace_agent(self, welcome: m.Welcome) -> None:
-        """Stop an idle agent of another version, or refuse if it is busy."""
-        reply = self.request(m.Shutdown(only_if_idle=True))
-        if not reply.ok:  # type: ignore[attr-defined]
-            raise VersionMismatch(
-                "cluster %s runs agent version %s (pid %d) with %s; this client needs version %s. "
-                "Wait for those jobs to end (scipion-cloudexec jobs %s), or install the agent's "
-                "version here." % (self.cluster.name, welcome.version, welcome.pid,
-                                   reply.detail, self._version, self.cluster.name))  # type: ignore
-        log.info("replaced idle agent %s on %s", welcome.version, self.cluster.name)
-        self._close_channel()
-        pid = int(welcome.pid)
-        for _ in range(100):
-            if self.ssh.run("kill -0 %d" % pid).exit_status != 0:
-                return
-            time.sleep(0.1)
-
-    def _close_channel(self) -> None:
+    def disconnect(self) -> None:
+        """Stop the IO thread (the SSH connection stays)."""
         if self._thread is not None:
             self._stop.set()
             self._wake()
@@ -312,9 +146,8 @@ class AgentClient:
 
     def close(self) -> None:
         """Disconnect. Remote jobs keep running; futures still pending fail with AgentLost."""
-        self._close_channel()
+        self.disconnect()
         self._fail_all(AgentLost(self.cluster.name, self.cluster.host, "client closed"))
-        self.ssh.close()
 
     # ---- public API ---------------------------------------------------------------------
 
@@ -324,31 +157,13 @@ class AgentClient:
                             srun=list(c.srun), partition=c.partition, account=c.account,
                             time=c.time)
 
-    def submit(self, argv: Sequence[str], *, ranks: int = 1, threads: int = 1,
-               gpus: Sequence[int] = (), env: Optional[Dict[str, str]] = None,
-               env_prepend: Optional[Dict[str, str]] = None, cwd: str = "",
-               job_id: Optional[str] = None, label: str = "", launcher: Optional[str] = None,
-               pool: str = "", on_output: Optional[OutputCallback] = None) -> JobFuture:
-        """Start ``argv`` on the cluster as ``ranks`` MPI ranks; return its future at once.
-
-        Args:
-            argv: program and arguments, as on the cluster (no shell).
-            ranks, threads: MPI ranks and threads per rank.
-            gpus: GPU numbers for ``CUDA_VISIBLE_DEVICES``.
-            env: extra environment variables.
-            env_prepend: values put in front of the cluster's own (``PATH``-like variables).
-            cwd: working directory on the cluster (default: the job's folder).
-            job_id: a stable id makes the submit idempotent (a second submit attaches).
-            label: shown by ``scipion-cloudexec jobs``.
-            launcher: override the cluster's launcher (``local``, ``mpirun``, ``slurm``, or
-                ``pool`` with *pool*: a worker pool started with :meth:`start_pool`).
-            pool: the worker pool's name, for ``launcher="pool"``.
-            on_output: called as ``on_output(stream, data)`` from the IO thread.
-
-        Raises:
-            AgentLost: the agent is gone (also raised later by ``result()``).
-            ValueError: an invalid job (bad id, empty argv).
-        """
+    def job(self, argv: Sequence[str], *, ranks: int = 1, threads: int = 1,
+            gpus: Sequence[int] = (), env: Optional[Dict[str, str]] = None,
+            env_prepend: Optional[Dict[str, str]] = None, cwd: str = "",
+            job_id: Optional[str] = None, label: str = "", launcher: Optional[str] = None,
+            pool: str = "") -> JobSpec:
+        """A :class:`JobSpec` for this cluster (its launcher, its ``env_setup``, this client);
+        the arguments as :meth:`ClusterSession.job` documents them."""
         spec = JobSpec(job_id=job_id or _new_job_id(), argv=[str(a) for a in argv], ranks=ranks,
                        threads=threads, gpus=list(gpus), env=dict(env or {}),
                        env_prepend=dict(env_prepend or {}), cwd=cwd,
@@ -358,6 +173,15 @@ class AgentClient:
             spec.launcher.kind = launcher
         if pool:
             spec.launcher.kind, spec.launcher.pool = "pool", pool
+        return spec
+
+    def submit(self, spec: JobSpec, on_output: Optional[OutputCallback] = None) -> JobFuture:
+        """Send *spec* to the agent; return its future at once.
+
+        Raises:
+            AgentLost: the agent is gone (also raised later by ``result()``).
+            ValueError: an invalid job (bad id, empty argv).
+        """
         spec.validate()
         fut = self._register(spec.job_id, on_output)
         rid = next(self._rids)
@@ -388,9 +212,10 @@ class AgentClient:
         ``submit(..., pool=name)`` queues single-rank jobs on it without an ``mpirun`` each.
         Cancel its future's job to stop it. The cluster's python needs mpi4py."""
         pool_dir = "%s/pools/%s" % (self.cluster.workdir.rstrip("/"), name)
-        return self.submit([self.cluster.python, bundle.remote_path(self.cluster), "pool",
-                            "--dir", pool_dir], ranks=ranks, job_id=job_id or "pool-" + name,
-                           label="worker pool %s" % name)
+        return self.submit(self.job([self.cluster.python, bundle.remote_path(self.cluster),
+                                     "pool", "--dir", pool_dir], ranks=ranks,
+                                    job_id=job_id or "pool-" + name,
+                                    label="worker pool %s" % name))
 
     def jobs(self, limit: int = 100) -> List[Dict]:
         """The agent's journal, newest first (dicts with job_id, state, exit_code...)."""
@@ -586,7 +411,7 @@ class AgentClient:
                            stderr_tail=fut.stderr_tail.decode(errors="replace"))
         if not fut.running():
             fut.set_running_or_notify_cancel()
-        error = _ERRORS.get(result.state)
+        error = job_error(result.state)
         if error is None:
             fut.set_result(result)
         else:

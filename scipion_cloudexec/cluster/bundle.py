@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Tuple
 
 from ..config import ClusterConfig
+from .errors import AgentStartError
 from .ssh import SSHConnection
 from ..version import __version__
 
@@ -62,8 +63,8 @@ def build() -> Tuple[bytes, str]:
     return data, "%s+%s" % (__version__, hashlib.sha256(data).hexdigest()[:12])
 
 
-class BundleError(RuntimeError):
-    """The bundle could not be put on the cluster."""
+class BundleError(AgentStartError):
+    """The bundle could not be put on the cluster (so no agent, no staging server starts)."""
 
 
 def remote_path(cluster: ClusterConfig) -> str:

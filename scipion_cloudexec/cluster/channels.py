@@ -28,22 +28,10 @@ from . import bundle
 from ..config import ClusterConfig
 from .ssh import SSHConnection, Target, openssh_argv
 from ..remote.hashing import BLOCK
+from .errors import LinkLost, StagingError
 
 WINDOW = 16 << 20  # SSH window: keeps a long or slow link busy
 NO_BUNDLE = 97  # exit status of the start command when this version's bundle is missing
-
-
-class StagingError(RuntimeError):
-    """Staging failed; the message names the files and what to do."""
-
-
-class LinkLost(StagingError):
-    """The link or the staging server went away (the cluster may be down): what arrived is
-    kept, and staging again resumes."""
-
-
-class InputMissing(StagingError):
-    """A file to stage does not exist on the desktop: not the cluster's fault."""
 
 
 class NoBundle(Exception):

@@ -19,6 +19,8 @@ from typing import List, Optional, Tuple
 
 import paramiko
 
+from .errors import InfraError
+
 log = logging.getLogger(__name__)
 
 
@@ -37,24 +39,29 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128
                      "aes256-ctr")
 
 
-class SSHError(ConnectionError):
+class SSHError(ConnectionError, InfraError):
     """Base of the SSH failures; ``str()`` says what happened and what to do."""
+    down = True
 
 
 class HostUnreachable(SSHError):
     """No TCP connection, or no SSH server answering, at host:port."""
+    lasting = True  # but a reconnect tries it again: an outage ends (executors/cloud.py)
 
 
 class UnknownHostKey(SSHError):
     """The host key is not in known_hosts; refused until the user adds it."""
+    lasting = True
 
 
 class HostKeyChanged(SSHError):
     """known_hosts holds another key for this host: refused (possible attack)."""
+    lasting = True
 
 
 class AuthRefused(SSHError):
     """The server refused the user's key."""
+    lasting = True
 
 
 def fingerprint(key: paramiko.PKey) -> str:

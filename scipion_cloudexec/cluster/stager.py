@@ -36,14 +36,14 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 from . import bundle
 from ..config import ClusterConfig
 from .ssh import SSHConnection
-from .channels import (InputMissing, LinkLost, NoBundle, OpenSSHChannel, ParamikoChannel,
-                       ServerChannel, StagingError, dead_link_seconds)
+from .channels import NoBundle, OpenSSHChannel, ParamikoChannel, ServerChannel, dead_link_seconds
+from .errors import DesktopFull, InputMissing, LinkLost, NoSpace, StagingError
 from ..remote.hashing import BLOCK, HashCache, path_state
 from .sync import DIR, GatherPlan, plan_gather, under
 
 log = logging.getLogger(__name__)
 __all__ = ["Stager", "StageReport", "StagingError", "LinkLost", "InputMissing", "NoSpace",
-           "DesktopFull"]
+           "DesktopFull"]  # the staging errors live in .errors with the rest of the family
 
 #: progress(done_bytes, total_bytes, done_files, total_files)
 Progress = Callable[[int, int, int, int], None]
@@ -57,27 +57,6 @@ EXTERNAL = "_external"  # inputs outside the project, under their absolute path
 #: a gather's file still being received (renamed to its real name once verified): another
 #: cluster's stage-in walking the same run folder must not send it
 TEMP_PREFIX = ".cloudexec-"
-
-
-class NoSpace(StagingError):
-    """The cluster lacks the space the upload needs."""
-
-    def __init__(self, cluster: str, needed: int, free: int):
-        super().__init__("not enough space on cluster %s: the upload needs %s, %s are free in "
-                         "its workdir; free some (scipion-cloudexec cache %s --gc) or point "
-                         "workdir at a larger disk" % (cluster, _size(needed), _size(free), cluster))
-        self.needed, self.free = needed, free
-
-
-class DesktopFull(RuntimeError):
-    """The desktop's disk filled up during a gather (not the cluster's fault: no retry
-    elsewhere). What arrived complete is in place; nothing half-written is left."""
-
-    def __init__(self, cluster: str, folder: str, needed: int):
-        super().__init__("no space left on the desktop in %s while gathering %s from %s: free "
-                         "some space there, then Continue the protocol (the cluster keeps the "
-                         "job's outputs; they are gathered then)" % (folder, _size(needed),
-                                                                      cluster))
 
 
 @dataclass
@@ -104,14 +83,6 @@ class StageReport:
     def rate(self) -> float:
         """Bytes per second of content moved."""
         return self.bytes_sent / self.seconds if self.seconds else 0.0
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return "%.1f %s" % (n, unit) if unit != "B" else "%d B" % n
-        n /= 1000
-    return ""
 
 
 def default_hash_cache() -> str:

@@ -23,51 +23,22 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from pyworkflow.protocol.executor import StepThread, ThreadStepExecutor
 
-from ..cluster.agent_client import AgentLost, AgentStartError, JobLost, VersionMismatch
+from ..cluster.errors import cannot_use, cluster_down, first_line, is_infra
+from ..cluster.session import executor_client_name
+from ..cluster.ssh import HostUnreachable
 from ..config import ClusterConfig
 from ..scheduling.dispatcher import MultiClusterDispatcher
 from ..scheduling.policy import JobRequest, Policy
-from ..cluster.stager import InputMissing, LinkLost, StagingError
-from ..cluster.ssh import (AuthRefused, HostKeyChanged, HostUnreachable, SSHError,
-                             UnknownHostKey)
 from .runner import ClusterRunner, ProtocolRun
 
-INFRA_ERRORS = (SSHError, StagingError, JobLost, AgentLost, AgentStartError, VersionMismatch,
-                EOFError, ConnectionError, TimeoutError)
-#: failures of the cluster or its link as a whole: it gets no work for a while and its
-#: connection is dropped (the others only retry the job; its sibling jobs go on)
-CLUSTER_DOWN = (SSHError, LinkLost, AgentLost, AgentStartError, VersionMismatch, EOFError,
-                ConnectionError, TimeoutError)
-
-
-#: contact lost for good: no point trying the same cluster again at once
-_NEVER_CURED = (UnknownHostKey, HostKeyChanged, AuthRefused, AgentStartError, VersionMismatch)
+__all__ = ["CloudStepExecutor", "first_line"]
 RECONNECT_PAUSE = 2.0  # seconds between attempts to reach a cluster contact was lost with
 
 
-def is_infra(error: BaseException) -> bool:
-    """A failure of the cluster or the link (retried elsewhere), not of the program or of
-    the desktop's own input."""
-    return isinstance(error, INFRA_ERRORS) and not isinstance(error, InputMissing)
-
-
-def cannot_use(error: BaseException) -> bool:
-    """A failure that retrying soon will not cure: no SSH server there, a host key unknown
-    or changed, a refused key, an agent that cannot start (no python, no pyzmq)."""
-    return isinstance(error, (HostUnreachable, UnknownHostKey, HostKeyChanged, AuthRefused,
-                              AgentStartError, VersionMismatch))
-
-
-def cluster_down(error: BaseException) -> bool:
-    """An infrastructure failure of the whole cluster, not of one job (a SLURM TIMEOUT or
-    a lost node, a file that changed while it was staged: that job alone is retried)."""
-    return isinstance(error, CLUSTER_DOWN)
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message; paramiko raises EOFError() with none."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else "(no message)"
+def _never_cured(error: BaseException) -> bool:
+    """Contact lost for good: no point trying the same cluster again at once (an
+    unreachable host is an outage that ends: it is tried again)."""
+    return cannot_use(error) and not isinstance(error, HostUnreachable)
 
 
 logger = logging.getLogger(__name__)
@@ -148,7 +119,7 @@ class CloudStepExecutor(ThreadStepExecutor):
             if name not in self.runners:
                 self.runners[name] = ClusterRunner(
                     self.clusters[name], run, inputs=self._input_files,
-                    client_name="scipion:%s:%s" % (run.mirror, run.prot_id),
+                    client_name=executor_client_name(run.mirror, run.prot_id),
                     pool_ranks=self.pool_ranks)
             return self.runners[name]
 
@@ -215,9 +186,11 @@ class CloudStepExecutor(ThreadStepExecutor):
                 while True:
                     runner = self._runner(name)
                     try:
-                        record = self._run_job(runner, name, programName, params, numberOfMpi,
-                                               numberOfThreads, gpus, env, cwd, step_id,
-                                               current["id"], say, renew)
+                        record = runner.run_job(
+                            programName, params, ranks=numberOfMpi, threads=numberOfThreads,
+                            gpus=gpus, env=env, cwd=cwd, step_id=step_id, job_id=current["id"],
+                            label="%s step %s" % (self.protocol.getRunName(), step_id),
+                            say=say, renew=renew)
                     except BaseException as e:
                         if not self._reconnect(name, runner, e, lost_at, say):
                             raise
@@ -261,25 +234,12 @@ class CloudStepExecutor(ThreadStepExecutor):
                             prefer=earlier[1] if earlier else None, is_down=cluster_down,
                             is_permanent=permanent)
 
-    def _run_job(self, runner: ClusterRunner, name: str, program, params, ranks, threads,
-                 gpus, env, cwd, step_id: int, job_id: str, say, renew) -> dict:
-        try:
-            return runner.run_job(program, params, ranks=ranks, threads=threads, gpus=gpus,
-                                  env=env, cwd=cwd, step_id=step_id, job_id=job_id,
-                                  label="%s step %s" % (self.protocol.getRunName(), step_id),
-                                  say=say, renew=renew)
-        except OSError as e:
-            if runner.closed and not is_infra(e):  # e.g. paramiko's "Socket is closed"
-                raise LinkLost("the connection to %s was closed under this job: the "
-                               "cluster was found lost (%s)" % (name, e)) from e
-            raise
-
     def _reconnect(self, name: str, runner: ClusterRunner, error: BaseException,
                    lost_at: float, say) -> bool:
         """After losing contact with cluster *name*: whether to try it again (its job may
         well go on there: attaching to it again beats running it twice). True, after a
         pause, while within ``reconnect_for`` seconds of the first loss."""
-        if not (is_infra(error) and cluster_down(error)) or isinstance(error, _NEVER_CURED):
+        if not cluster_down(error) or _never_cured(error):
             return False
         if not lost_at and not runner.connected:  # never reached: fail fast, as before
             return False

@@ -15,7 +15,8 @@
 
 Job ids are derived from the project, the run, a token kept in the run's logs folder (a
 restart gets a new one, a resume keeps it), the step and the call's rank within the step;
-``.2``, ``.3``... mark later attempts. The sync model is in :mod:`..staging.sync`.
+``.2``, ``.3``... mark later attempts. The sync model is in :mod:`..cluster.sync`; the
+cluster itself (SSH, agent, staging) is one :class:`~..cluster.session.ClusterSession`.
 """
 from __future__ import annotations
 
@@ -33,11 +34,13 @@ import time
 import uuid
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..cluster.agent_client import AgentClient, JobError, JobFuture, JobLost, RequestRefused
-from ..remote.jobs import JobState
-from ..config import ClusterConfig
-from ..cluster.stager import EXTERNAL, Stager, StageReport, mirror_path
+from ..cluster.agent_client import JobFuture
+from ..cluster.errors import JobError, JobLost, RequestRefused
+from ..cluster.session import ClusterSession
+from ..cluster.stager import EXTERNAL, StageReport, mirror_path
 from ..cluster.sync import SyncConflict, SyncState, under
+from ..config import ClusterConfig
+from ..remote.jobs import JobState
 from .translate import PathMapper, RemoteCommand, translate
 
 log = logging.getLogger(__name__)
@@ -151,23 +154,20 @@ class ClusterRunner:
         self.pool: Optional[JobFuture] = None
         self.run = run
         self.inputs = inputs
-        self.client = AgentClient(cluster, client_name=client_name)
-        self.stager: Optional[Stager] = None
+        self.session = ClusterSession(cluster, client_name=client_name)
         self._pool_nonce = uuid.uuid4().hex[:6]  # a pool restarted after a failover is new
         self.bytes_in_place = 0  # this run's data the cluster holds (sent or already cached)
         self._connect_lock = threading.Lock()
         self._stage_lock = threading.Lock()
         self._inputs_staged = False
         self.mapper: Optional[PathMapper] = None
-        self.closed = False  # by a job that found the cluster lost: its siblings fail too
 
     def connect(self) -> None:
         with self._connect_lock:
-            if self.stager is not None:
+            if self.mapper is not None:
                 return
-            self.client.start()
-            self.stager = Stager(self.client.ssh, self.cluster)
-            root = self.stager.mirror_root(self.run.mirror)
+            self.session.start()
+            root = self.session.mirror_root(self.run.mirror)
             staged = []  # inputs outside the project: the command names their staged copy
             for path in self._relative(self.inputs()):
                 rel = mirror_path(self.run.project_root, path)
@@ -179,18 +179,17 @@ class ClusterRunner:
     @property
     def connected(self) -> bool:
         """Whether this runner reached its cluster."""
-        return self.stager is not None
+        return self.mapper is not None
 
     def close(self) -> None:
-        self.closed = True
+        """Stop the run's worker pool, disconnect (a job still using this connection
+        fails with LinkLost: its siblings fail over too)."""
         if self.pool is not None and not self.pool.done():
             try:  # the protocol is over: its pool goes too
-                self.client.cancel(self.pool.job_id)
+                self.session.cancel(self.pool.job_id)
             except Exception as e:
                 log.warning("could not stop worker pool %s: %s", self.pool.job_id, e)
-        if self.stager is not None:
-            self.stager.close()
-        self.client.close()
+        self.session.close()
 
     def _pool_name(self, say: Callable[[str], None]) -> str:
         """The run's worker pool, started on first use."""
@@ -198,7 +197,7 @@ class ClusterRunner:
             name = "%s-%d-%s-%s" % (self.run.mirror[:40], self.run.prot_id, self.run.token,
                                     self._pool_nonce)
             if self.pool is None:
-                self.pool = self.client.start_pool(name, self.pool_ranks)
+                self.pool = self.session.start_pool(name, self.pool_ranks)
                 say("cloudexec: worker pool %s of %d rank(s) started on %s (job %s)"
                     % (name, self.pool_ranks, self.cluster.name, self.pool.job_id))
             elif self.pool.done() and self.pool.exception() is not None:
@@ -224,7 +223,6 @@ class ClusterRunner:
         Raises:
             SyncConflict: a path changed both here and on the cluster since the last sync.
         """
-        assert self.stager is not None
         run, name = self.run, self.cluster.name
         paths: List[str] = [run.run_dir]
         if not self._inputs_staged:
@@ -233,9 +231,9 @@ class ClusterRunner:
             if not run.sync.known(name):
                 if run.sync.abandoned(name):
                     self._stop_abandoned(say)
-                self.stager.reset(run.mirror, run.run_dir)
+                self.session.reset(run.mirror, run.run_dir)
                 run.sync.met(name)
-            report = self.stager.stage_in(
+            report = self.session.stage_in(
                 run.project_root, paths, run.mirror, exclude=self._exclude(),
                 progress=_Throttle(say, "staging to %s" % name),
                 run_dir=run.run_dir, base=run.sync.base(name))
@@ -253,14 +251,14 @@ class ClusterRunner:
         stopping = []
         for job_id in self.run.placed_on(self.cluster.name):
             try:
-                state = self.client.cancel(job_id)
+                state = self.session.cancel(job_id)
             except RequestRefused:  # never reached the cluster
                 continue
             if not JobState(state).final:
                 stopping.append(job_id)
         for job_id in stopping:
             try:
-                self.client.attach(job_id, out_offset=1 << 62, err_offset=1 << 62).result(
+                self.session.attach(job_id, out_offset=1 << 62, err_offset=1 << 62).result(
                     ABANDONED_STOP)
             except JobError:
                 pass
@@ -293,9 +291,10 @@ class ClusterRunner:
             out = sys.stdout if stream == "stdout" else sys.stderr
             out.write(data.decode(errors="replace"))
             out.flush()
-        return self.client.submit(cmd.argv, ranks=cmd.ranks, threads=cmd.threads, gpus=cmd.gpus,
-                                  env=cmd.env, env_prepend=cmd.env_prepend, cwd=cmd.cwd,
-                                  job_id=job_id, label=label, on_output=to_log, pool=pool)
+        spec = self.session.job(cmd.argv, ranks=cmd.ranks, threads=cmd.threads, gpus=cmd.gpus,
+                                env=cmd.env, env_prepend=cmd.env_prepend, cwd=cmd.cwd,
+                                job_id=job_id, label=label, pool=pool)
+        return self.session.submit(spec, on_output=to_log)
 
     def stage_out(self, say: Callable[[str], None]) -> StageReport:
         """What changed in the cluster's run folder since the last sync, gathered here.
@@ -303,10 +302,9 @@ class ClusterRunner:
         Raises:
             SyncConflict: a path changed both here and on the cluster since the last sync.
         """
-        assert self.stager is not None
         run, name = self.run, self.cluster.name
         with self._stage_lock:
-            report = self.stager.gather(run.project_root, run.mirror, run.run_dir,
+            report = self.session.stage_out(run.project_root, run.mirror, run.run_dir,
                                         run.sync.base(name), exclude=self._exclude(),
                                         progress=_Throttle(say, "gathering from %s" % name))
             run.sync.update(name, report.agreed)

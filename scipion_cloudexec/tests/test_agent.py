@@ -11,8 +11,9 @@ import pytest
 import zmq
 
 from scipion_cloudexec.cluster import bundle
-from scipion_cloudexec.cluster.agent_client import (AgentClient, AgentLost, JobCancelled, JobFailed,
-                                            RequestRefused, VersionMismatch)
+from scipion_cloudexec.cluster.errors import (AgentLost, JobCancelled, JobFailed, RequestRefused,
+                                              VersionMismatch)
+from scipion_cloudexec.cluster.session import ClusterSession
 from scipion_cloudexec.remote.jobs import JobState
 from scipion_cloudexec.remote import messages as m
 
@@ -52,7 +53,7 @@ def wait_until(cond, timeout=30.0, what="condition"):
 def test_four_rank_mpi4py_job_streams_output_and_exit_code(make_cluster, launcher):
     c = make_cluster(launcher)
     out = {}
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         result = client.submit([PY, "-c", MPI_HELLO], ranks=4, on_output=collect(out)).result(120)
     assert result.state == JobState.DONE and result.exit_code == 0
     lines = sorted(out["stdout"].decode().splitlines())
@@ -66,7 +67,7 @@ def test_four_rank_mpi4py_job_streams_output_and_exit_code(make_cluster, launche
                                       pytest.param("slurm", marks=pytest.mark.slurm)])
 def test_failing_command_exit_code_and_stderr_reach_the_caller(make_cluster, launcher):
     c = make_cluster(launcher)
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         fut = client.submit(["/bin/sh", "-c", "echo 'reconstruction diverged' >&2; exit 3"])
         with pytest.raises(JobFailed) as e:
             fut.result(120)
@@ -76,7 +77,7 @@ def test_failing_command_exit_code_and_stderr_reach_the_caller(make_cluster, lau
 
 
 def test_missing_program_gives_a_clear_error(make_cluster):
-    with AgentClient(make_cluster("local")) as client:
+    with ClusterSession(make_cluster("local")) as client:
         with pytest.raises(JobFailed) as e:
             client.submit(["relion_refine_mpi_nonexistent", "--o", "x"]).result(60)
     assert e.value.result.exit_code == 127
@@ -85,7 +86,7 @@ def test_missing_program_gives_a_clear_error(make_cluster):
 
 def test_same_job_id_is_never_run_twice(make_cluster, tmp_path):
     marker = tmp_path / "runs"
-    with AgentClient(make_cluster("local")) as client:
+    with ClusterSession(make_cluster("local")) as client:
         argv = ["/bin/sh", "-c", "echo run >> %s" % marker]
         first = client.submit(argv, job_id="step-7").result(30)
         again = client.submit(argv, job_id="step-7")
@@ -95,7 +96,7 @@ def test_same_job_id_is_never_run_twice(make_cluster, tmp_path):
 
 
 def test_invalid_job_is_refused_at_submit(make_cluster):
-    with AgentClient(make_cluster("local")) as client:
+    with ClusterSession(make_cluster("local")) as client:
         with pytest.raises(ValueError, match="job_id"):
             client.submit(["true"], job_id="../../etc")
         with pytest.raises(RequestRefused, match="no job nope"):
@@ -132,7 +133,7 @@ def test_killed_client_reattaches_and_gets_the_result(make_cluster, tmp_path, te
     assert again.returncode == 7, again.stderr
     out = again.stdout.decode()
     assert out.count("started") == 2 and out.count("finished") == 2, "whole output on reattach"
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         rows = [r for r in client.jobs() if r["job_id"] == "survivor"]
     assert len(rows) == 1 and rows[0]["state"] == "failed" and rows[0]["exit_code"] == 7
 
@@ -143,7 +144,7 @@ def test_killed_agent_is_reported_within_the_heartbeat_bound_and_jobs_survive(ma
                                                                               reliability):
     c = make_cluster("local", heartbeat=0.5)
     gate = tmp_path / "gate"
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         fut = client.submit(["/bin/sh", "-c", "while [ ! -e %s ]; do sleep 0.05; done; echo done"
                              % gate], job_id="long")
         wait_until(lambda: fut.running(), 10, "job running")
@@ -158,7 +159,7 @@ def test_killed_agent_is_reported_within_the_heartbeat_bound_and_jobs_survive(ma
     gate.write_text("go")
     # a new client starts a new agent, which adopts the job from the journal
     out = {}
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         assert client.welcome.pid != pid
         result = client.attach("long", on_output=collect(out)).result(30)
     assert result.exit_code == 0 and out["stdout"] == b"done\n"
@@ -170,7 +171,7 @@ def test_killed_agent_is_reported_within_the_heartbeat_bound_and_jobs_survive(ma
 
 def test_forged_message_is_dropped_and_logged(make_cluster):
     c = make_cluster("local")
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         fwd = client.ssh.forward(int(client.agent_state["port"]))
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -191,7 +192,7 @@ def test_forged_message_is_dropped_and_logged(make_cluster):
 
 def test_agent_listens_on_loopback_only(make_cluster):
     c = make_cluster("local")
-    with AgentClient(c):
+    with ClusterSession(c):
         pid = agent_state(c)["pid"]
         ss = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
     mine = [line.split()[3] for line in ss.splitlines() if "pid=%d," % pid in line]
@@ -201,7 +202,7 @@ def test_agent_listens_on_loopback_only(make_cluster):
 
 def test_state_file_holding_the_secret_is_private(make_cluster):
     c = make_cluster("local")
-    with AgentClient(c):
+    with ClusterSession(c):
         mode = os.stat(os.path.join(c.workdir, "agent", "agent.json")).st_mode & 0o777
         cmdline = open("/proc/%d/cmdline" % agent_state(c)["pid"]).read()
     assert mode == 0o600
@@ -210,28 +211,28 @@ def test_state_file_holding_the_secret_is_private(make_cluster):
 
 def test_client_reuses_agent_of_its_version_and_replaces_an_idle_other(make_cluster, monkeypatch):
     c = make_cluster("local")
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         first_pid = client.welcome.pid
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         assert client.welcome.pid == first_pid, "a warm agent of the same version is reused"
     data, version = bundle.build()
     other = data + b"\n"  # another client's code: still a valid zip, another hash
     other_version = "%s+%s" % (version.split("+")[0], hashlib.sha256(other).hexdigest()[:12])
     with monkeypatch.context() as mp:  # that client starts its agent and a job that stays
         mp.setattr(bundle, "build", lambda: (other, other_version))
-        old = AgentClient(c)
+        old = ClusterSession(c)
         old.start()
         old_pid = old.welcome.pid
     assert old.welcome.version != version and old_pid != first_pid
     busy = old.submit(["sleep", "30"], job_id="busy")
     wait_until(lambda: busy.running(), 10, "busy job running")
     with pytest.raises(VersionMismatch, match="runs agent version .* with 1 job"):
-        AgentClient(c).start()
+        ClusterSession(c).start()
     old.cancel("busy")
     with pytest.raises(JobCancelled):
         busy.result(30)
     old.close()
-    with AgentClient(c) as client:  # idle now: replaced by ours
+    with ClusterSession(c) as client:  # idle now: replaced by ours
         assert client.welcome.version == version and client.welcome.pid != old_pid
     assert not alive(old_pid)
 
@@ -241,7 +242,7 @@ def test_cancel_stops_mpirun_and_its_ranks(make_cluster, tmp_path):
     pids = tmp_path / "pids"
     script = ("import os, time\nfrom mpi4py import MPI\n"
               "open(%r, 'a').write('%%d\\n' %% os.getpid())\ntime.sleep(120)\n" % str(pids))
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         fut = client.submit([PY, "-c", script], ranks=2)
         wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 2, 60, "ranks up")
         client.cancel(fut.job_id)
@@ -254,7 +255,7 @@ def test_cancel_stops_mpirun_and_its_ranks(make_cluster, tmp_path):
 @pytest.mark.slurm
 def test_cancel_scancels_a_slurm_job(make_cluster):
     c = make_cluster("slurm")
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         fut = client.submit(["sleep", "300"])
         wait_until(lambda: client.jobs()[0]["state"] == "running", 60, "SLURM job running")
         slurm_id = client.jobs()[0]["launcher_id"]
@@ -274,7 +275,7 @@ def _slurm_conf():
 @pytest.mark.slow
 def test_idle_agent_exits_by_itself(make_cluster):
     c = make_cluster("local", agent_idle_timeout=1.0, heartbeat=0.3)
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         pid = client.welcome.pid
         client.submit(["true"]).result(30)
     wait_until(lambda: not alive(pid), 20, "idle agent exit")
@@ -283,7 +284,7 @@ def test_idle_agent_exits_by_itself(make_cluster):
 
 def test_worker_pool_runs_many_small_jobs_without_an_mpirun_each(make_cluster):
     c = make_cluster("mpirun")
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         pool = client.start_pool("p1", ranks=3)
         outs = [{} for _ in range(12)]
         futs = [client.submit(["/bin/sh", "-c", "echo task %d on rank $CLOUDEXEC_POOL_RANK; "
@@ -309,7 +310,7 @@ def test_worker_pool_runs_many_small_jobs_without_an_mpirun_each(make_cluster):
 
 def test_cancelled_worker_pool_leaves_no_process_behind(make_cluster):
     c = make_cluster("mpirun")
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         pool = client.start_pool("p2", ranks=3)
         assert client.submit(["true"], pool="p2").result(60).exit_code == 0
         client.cancel(pool.job_id)

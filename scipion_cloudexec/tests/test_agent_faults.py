@@ -19,7 +19,9 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from scipion_cloudexec.cluster.agent_client import AgentClient, AgentStartError, JobCancelled, JobLost
+from scipion_cloudexec.cluster.errors import AgentStartError, JobCancelled, JobLost
+
+from scipion_cloudexec.cluster.session import ClusterSession
 from scipion_cloudexec.remote.jobs import JobState
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.tests.test_agent import alive, collect, wait_until
@@ -64,7 +66,7 @@ def test_state_file_never_follows_a_planted_symlink(make_cluster, tmp_path):
     os.symlink(str(victim), planted)
     old_umask = os.umask(0o022)
     try:
-        with AgentClient(c) as client:
+        with ClusterSession(c) as client:
             assert client.submit(["true"]).result(30).exit_code == 0
             st = os.lstat(os.path.join(agent_dir, "agent.json"))
             secret = agent_json(c.workdir)["secret"]
@@ -122,14 +124,14 @@ def test_second_login_node_refuses_clearly_then_takes_over_a_dead_node(login_nod
     ca, cb = node_cluster(a, testbed, workdir, 4), node_cluster(b, testbed, workdir, 4)
     gate, runs = tmp_path / "gate", tmp_path / "runs"
     out: Dict[str, bytearray] = {}
-    with AgentClient(ca) as client_a:
+    with ClusterSession(ca) as client_a:
         assert client_a.welcome.host == a.hostname
         pid_a = client_a.welcome.pid
         fut = client_a.submit(["/bin/sh", "-c", "while [ ! -e %s ]; do sleep 0.05; done; "
                                "echo $(hostname) >> %s; echo finished" % (gate, runs)],
                               job_id="on-a", on_output=collect(out))
         wait_until(fut.running, 20, "job running on node A")
-        other = AgentClient(cb)
+        other = ClusterSession(cb)
         try:
             with pytest.raises(AgentStartError) as refused:
                 other.start()
@@ -148,7 +150,7 @@ def test_second_login_node_refuses_clearly_then_takes_over_a_dead_node(login_nod
 
     # node A dies (agent and job SIGKILLed, nothing cleaned up): once its lease has run
     # out, node B takes the workdir over and declares A's job lost
-    client_a = AgentClient(ca)
+    client_a = ClusterSession(ca)
     client_a.start()
     try:
         doomed = client_a.submit(["sleep", "300"], job_id="dies-with-a")
@@ -163,7 +165,7 @@ def test_second_login_node_refuses_clearly_then_takes_over_a_dead_node(login_nod
         client_a.close()
     wait_until(lambda: agent_json(workdir)["lease_until"] < time.time(), 30, "lease run out")
     hostname_out: Dict[str, bytearray] = {}
-    with AgentClient(cb) as client_b:
+    with ClusterSession(cb) as client_b:
         took_over = time.monotonic() - t_dead
         try:
             assert client_b.welcome.host == b.hostname and client_b.welcome.pid != agent_pid
@@ -379,7 +381,7 @@ def test_gigabyte_written_at_once_streams_in_order_with_bounded_agent_memory(mak
             got.update(data)
             n[0] += len(data)
 
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         pid = client.welcome.pid
         base = vm_rss(pid)
 
@@ -422,7 +424,7 @@ def test_cancelled_worker_pool_ends_its_jobs_cancelled_at_once(make_cluster, tmp
     c = make_cluster("mpirun")
     token = "cx-doomed-%s" % tmp_path.name
     sleeper = [PY, "-c", "import time; time.sleep(120)", token]
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         pool = client.start_pool("doomed", ranks=2)  # rank 0 hands out, rank 1 runs
         assert client.submit(["true"], pool="doomed").result(60).exit_code == 0
         running = client.submit(sleeper, pool="doomed")
@@ -526,13 +528,13 @@ def test_scancel_pending_when_the_agent_dies_is_issued_by_the_next_agent(make_cl
     the job as running and the SLURM job ran on, unobserved."""
     link = SlurmLink(testbed, tmp_path / "slurm-view")
     c = make_cluster("slurm", env_setup="export SLURM_CONF=%s" % link.conf)
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         client.submit(["sleep", "300"], job_id="cancel-me")
         wait_until(lambda: client.jobs()[0]["state"] == "running", 60, "SLURM job running")
         slurm_id = client.jobs()[0]["launcher_id"]
         agent_pid = client.welcome.pid
     try:
-        with AgentClient(c) as client:
+        with ClusterSession(c) as client:
             link.cut()
             assert client.cancel("cancel-me") == "running"
             wait_until(lambda: "scancel %s failed, will retry" % slurm_id
@@ -541,7 +543,7 @@ def test_scancel_pending_when_the_agent_dies_is_issued_by_the_next_agent(make_cl
         link.restore()
         assert slurm_state(testbed, slurm_id) == "RUNNING", "the cancel never reached SLURM"
         t0 = time.monotonic()
-        with AgentClient(c) as again:
+        with ClusterSession(c) as again:
             with pytest.raises(JobCancelled) as e:
                 again.attach("cancel-me").result(30)
         took = time.monotonic() - t0
@@ -572,7 +574,7 @@ def test_lost_grace_period_runs_on_across_an_agent_restart(make_cluster, testbed
                      "AFTER=%g" % (link.conf, grace))
     failures = "SLURM did not answer (1 in a row)"
     try:
-        with AgentClient(c) as client:
+        with ClusterSession(c) as client:
             client.submit(["sleep", "300"], job_id="silent")
             wait_until(lambda: client.jobs()[0]["state"] == "running", 60, "SLURM job running")
             slurm_id = client.jobs()[0]["launcher_id"]
@@ -582,7 +584,7 @@ def test_lost_grace_period_runs_on_across_an_agent_restart(make_cluster, testbed
             wait_until(lambda: failures in agent_log(c.workdir), 30, "the agent cut off")
             kill_agent_group(client.welcome.pid)  # before its grace ran out
         time.sleep(max(0.0, seen + grace + 1 - time.time()))  # no agent, no answer
-        with AgentClient(c) as again:
+        with ClusterSession(c) as again:
             fut = again.attach("silent")
             wait_until(lambda: agent_log(c.workdir).count(failures) == 2, 30,
                        "the new agent's first squeue failing")

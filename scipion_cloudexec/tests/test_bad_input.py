@@ -2,7 +2,7 @@
 names and values, and desktop paths rewritten only where a path starts."""
 import pytest
 
-from scipion_cloudexec.cluster.agent_client import AgentClient
+from scipion_cloudexec.cluster.session import ClusterSession
 from scipion_cloudexec.remote.jobs import JobSpec
 from scipion_cloudexec.executors.translate import PathMapper
 
@@ -21,7 +21,7 @@ def test_job_specs_with_bad_values_are_refused(field, value, named):
 
 
 def test_submit_refuses_a_non_string_environment_value_before_sending(cluster):
-    client = AgentClient(cluster)  # never started: the refusal comes before any message
+    client = ClusterSession(cluster)  # never started: the refusal comes before any message
     with pytest.raises(ValueError, match="environment variable X"):
         client.submit(["true"], env={"X": 4})
 
@@ -66,9 +66,9 @@ def test_a_damaged_bundle_on_the_cluster_is_replaced_not_run(make_cluster, tmp_p
     import os
     import stat
     from scipion_cloudexec.cluster import bundle
-    from scipion_cloudexec.cluster.agent_client import AgentClient
+    from scipion_cloudexec.cluster.session import ClusterSession
     c = make_cluster("local")
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         client.submit(["true"]).result()
     assert stat.S_IMODE(os.stat(c.workdir).st_mode) == 0o700, "the workdir is private"
     zpath = bundle.remote_path(c)
@@ -77,7 +77,7 @@ def test_a_damaged_bundle_on_the_cluster_is_replaced_not_run(make_cluster, tmp_p
     with open(zpath, "r+b") as f:  # damaged (or altered) on the cluster
         f.seek(100)
         f.write(b"XXXX")
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         assert client.submit(["echo", "fine"]).result().exit_code == 0
     with open(zpath, "rb") as f:
         assert f.read() == bundle.build()[0], "uploaded again"
@@ -151,7 +151,7 @@ def test_an_authenticated_body_that_is_not_a_message_is_a_bad_message(body):
 
 def test_a_message_that_cannot_be_encoded_fails_its_future_not_the_connection(cluster):
     from scipion_cloudexec.remote import jobs
-    with AgentClient(cluster) as client:
+    with ClusterSession(cluster) as client:
         # past the desktop's checks (a bug there, or a plugin's object): JSON refuses it
         bad = client.submit(["true"], label="x")
         original = jobs.JobSpec.to_dict

@@ -93,13 +93,13 @@ def test_status_shows_each_cluster_and_an_unreachable_one(make_cluster, tmp_path
 
 
 def test_status_shows_bytes_staged_for_running_protocols(make_cluster, tmp_path):
-    from scipion_cloudexec.cluster.agent_client import AgentClient
+    from scipion_cloudexec.cluster.session import ClusterSession
     from scipion_cloudexec.cli import cluster_status
     from scipion_cloudexec.cluster.stager import Stager
     c = make_cluster("local")
     (tmp_path / "p" / "Runs").mkdir(parents=True)
     (tmp_path / "p" / "Runs" / "mic.mrc").write_bytes(b"x" * 5000)
-    with AgentClient(c, client_name="scipion:myproj-abc123:7") as client:
+    with ClusterSession(c, client_name="scipion:myproj-abc123:7") as client:
         Stager(client.ssh, c, hash_cache=str(tmp_path / "h.sqlite")).stage_in(
             str(tmp_path / "p"), ["Runs"], "myproj-abc123")
         fut = client.submit(["sleep", "30"])

@@ -251,10 +251,10 @@ def test_killed_protocol_continues_without_running_any_job_twice(make_cluster, c
     for i, word in enumerate(("one", "two", "three"), 1):
         assert open(os.path.join(extra, "runs%d.txt" % i)).read() == word + "\n"
     assert "had already run" in logs(prot) or "reused" in logs(prot)
-    from scipion_cloudexec.cluster.agent_client import AgentClient
+    from scipion_cloudexec.cluster.session import ClusterSession
     jobs = []
     for cluster in clusters:  # on resume, the running job is found where it was sent
-        with AgentClient(cluster) as client:
+        with ClusterSession(cluster) as client:
             jobs += client.jobs()
     assert len(jobs) == 3, [j["job_id"] for j in jobs]
     reliability(fault="desktop protocol process SIGKILL (%d cluster%s)"
@@ -297,8 +297,8 @@ def test_stopping_a_protocol_cancels_its_remote_jobs(make_cluster, clusters_env,
         queue = subprocess.run(["squeue", "-h", "-o", "%j %T"], capture_output=True, text=True,
                                env=dict(os.environ, SLURM_CONF=conf)).stdout
         assert "RUNNING" not in queue and "PENDING" not in queue, queue
-    from scipion_cloudexec.cluster.agent_client import AgentClient
-    with AgentClient(c) as client:
+    from scipion_cloudexec.cluster.session import ClusterSession
+    with ClusterSession(c) as client:
         assert [j["state"] for j in client.jobs()] == ["cancelled"]
 
 
@@ -316,8 +316,8 @@ def test_many_small_steps_run_on_a_worker_pool(make_cluster, clusters_env, new_p
     assert ranks and ranks <= {"1", "2"}, "every step ran on a worker rank of the pool"
     assert {r["launcher"] for r in provenance(prot)} == {"pool"}
     assert "worker pool" in logs(prot)
-    from scipion_cloudexec.cluster.agent_client import AgentClient
-    with AgentClient(c) as client:
+    from scipion_cloudexec.cluster.session import ClusterSession
+    with ClusterSession(c) as client:
         pools = [j for j in client.jobs() if j["label"].startswith("worker pool")]
     assert len(pools) == 1 and pools[0]["state"] in ("cancelled", "done"), "stopped at the end"
 

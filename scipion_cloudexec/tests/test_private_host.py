@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from scipion_cloudexec.cluster.agent_client import AgentClient
+from scipion_cloudexec.cluster.session import ClusterSession
 from scipion_cloudexec.cluster.stager import Stager
 from scipion_cloudexec.cluster.ssh import SSHConnection, Target
 
@@ -53,7 +53,7 @@ def test_mpi_job_runs_on_the_host_and_its_output_comes_back(private_cluster, pri
     out = bytearray()
     script = "echo $(hostname) rank $OMPI_COMM_WORLD_RANK; test ! -e %s" % shlex.quote(
         str(tmp_path))
-    with AgentClient(private_cluster) as client:
+    with ClusterSession(private_cluster) as client:
         result = client.submit(["/bin/sh", "-c", script], ranks=2,
                                on_output=lambda stream, data: out.extend(data)).result(120)
         assert client.welcome.host == private_host.hostname

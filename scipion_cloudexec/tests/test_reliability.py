@@ -364,8 +364,8 @@ def spectra(project, imported, cluster=None):
 
 def jobs_run(cluster):
     """The job ids the cluster's agent ran, and whether any was a second attempt."""
-    from scipion_cloudexec.cluster.agent_client import AgentClient
-    with AgentClient(cluster) as client:
+    from scipion_cloudexec.cluster.session import ClusterSession
+    with ClusterSession(cluster) as client:
         return [j["job_id"] for j in client.jobs()]
 
 

@@ -20,7 +20,9 @@ from typing import Callable, Dict, Iterator, List
 
 import pytest
 
-from scipion_cloudexec.cluster.agent_client import AgentClient, JobCancelled, JobLost
+from scipion_cloudexec.cluster.errors import JobCancelled, JobLost
+
+from scipion_cloudexec.cluster.session import ClusterSession
 from scipion_cloudexec.remote.jobs import JobState
 from scipion_cloudexec.tests.test_agent import wait_until
 
@@ -57,7 +59,7 @@ def slurmctld_stalled(testbed) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
-def jobs_by_id(client: AgentClient) -> Dict[str, dict]:
+def jobs_by_id(client: ClusterSession) -> Dict[str, dict]:
     return {r["job_id"]: r for r in client.jobs()}
 
 
@@ -83,7 +85,7 @@ def test_slurmctld_stall_loses_no_job_and_heartbeats_keep_flowing(make_cluster, 
     c = make_cluster("slurm")
     runs = tmp_path / "late-runs"
     outs: List[Dict[str, bytearray]] = [{} for _ in range(4)]
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         # two end during the stall (only their rc files can tell), one after it
         futs = [client.submit(["/bin/sh", "-c", "echo up; sleep %d; echo out-%d" % (d, i)],
                               job_id="stall-%d" % i, on_output=collect(outs[i]))
@@ -144,7 +146,7 @@ def test_slurmctld_down_30s_fails_every_query_yet_no_job_is_lost(make_cluster, t
     c = make_cluster("slurm")
     runs = tmp_path / "runs"
     outs: List[Dict[str, bytearray]] = [{} for _ in range(3)]
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         futs = [client.submit(["/bin/sh", "-c", "echo %d >> %s; sleep %d; echo out-%d"
                                % (i, runs, d, i)], job_id="down-%d" % i,
                               on_output=collect(outs[i]))
@@ -181,7 +183,7 @@ def test_submit_while_slurmctld_stalls_runs_the_job_exactly_once(make_cluster, t
     c = make_cluster("slurm")
     runs = tmp_path / "runs"
     out: Dict[str, bytearray] = {}
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         client.ping()
         with slurmctld_stalled(testbed):
             fut = client.submit(["/bin/sh", "-c", "echo run >> %s; echo ran" % runs],
@@ -246,7 +248,7 @@ def test_squeue_interval_is_fast_after_a_submit_and_slows_for_a_long_job(testbed
 def test_job_scancelled_behind_the_agents_back_ends_cancelled_with_the_reason(make_cluster,
                                                                              testbed):
     c = make_cluster("slurm")
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         fut = client.submit(["sleep", "300"], job_id="victim")
         wait_until(lambda: jobs_by_id(client)["victim"]["state"] == "running", 60, "running")
         slurm_id = jobs_by_id(client)["victim"]["launcher_id"]
@@ -263,7 +265,7 @@ def test_job_scancelled_behind_the_agents_back_ends_cancelled_with_the_reason(ma
 def test_jobs_slurm_forgot_end_lost_with_a_reason_and_the_others_carry_on(make_cluster,
                                                                          testbed):
     c = make_cluster("slurm")
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         for name, argv in (("reused", ["sleep", "300"]), ("purged", ["sleep", "300"]),
                            ("live", ["/bin/sh", "-c", "sleep 8; echo still here"])):
             client.submit(argv, job_id=name)
@@ -284,7 +286,7 @@ def test_jobs_slurm_forgot_end_lost_with_a_reason_and_the_others_carry_on(make_c
     db.close()
     try:
         out: Dict[str, bytearray] = {}
-        with AgentClient(c) as client:  # a new agent adopts the three
+        with ClusterSession(c) as client:  # a new agent adopts the three
             futs = {j: client.attach(j, on_output=collect(out) if j == "live" else None)
                     for j in ids}
             t0 = time.monotonic()
@@ -311,7 +313,7 @@ def test_jobs_slurm_forgot_end_lost_with_a_reason_and_the_others_carry_on(make_c
 @pytest.mark.slurm
 def test_job_given_up_after_the_grace_period_is_scancelled(make_cluster, testbed):
     c = make_cluster("slurm", env_setup="export CLOUDEXEC_SLURM_LOST_AFTER=8")
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         fut = client.submit(["sleep", "300"], job_id="abandoned")
         wait_until(lambda: jobs_by_id(client)["abandoned"]["state"] == "running", 60, "running")
         slurm_id = jobs_by_id(client)["abandoned"]["launcher_id"]
@@ -336,7 +338,7 @@ def test_job_given_up_after_the_grace_period_is_scancelled(make_cluster, testbed
 def test_one_rank_pool_runs_a_20s_job_without_losing_it(make_cluster, launcher):
     c = make_cluster(launcher)
     out: Dict[str, bytearray] = {}
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         pool = client.start_pool("solo", ranks=1)
         result = client.submit(["/bin/sh", "-c", "sleep 20; echo finished on rank "
                                 "$CLOUDEXEC_POOL_RANK"], pool="solo",
@@ -352,7 +354,7 @@ def test_cancel_right_after_submit_on_a_pool_never_leaves_a_job_running(make_clu
                                                                         launcher, ranks):
     c = make_cluster(launcher)
     delays = [0, 0, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.4, 1.0]
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         pool = client.start_pool("race", ranks=ranks)
         assert client.submit(["true"], pool="race").result(60).exit_code == 0  # pool is up
         ends = {}
@@ -381,7 +383,7 @@ def test_cancel_right_after_submit_on_a_pool_never_leaves_a_job_running(make_clu
 def test_dispatch_round_trip(make_cluster):
     """Submit to end of a trivial job: the process scheduler's pidfd path stays immediate."""
     c = make_cluster("local")
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         client.submit(["true"]).result(30)
         times = []
         for _ in range(30):

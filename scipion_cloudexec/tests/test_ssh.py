@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from scipion_cloudexec.cluster.agent_client import AgentClient
+from scipion_cloudexec.cluster.session import ClusterSession
 from scipion_cloudexec.cluster.ssh import (AuthRefused, HostKeyChanged, HostUnreachable,
                                              SSHConnection, Target, UnknownHostKey)
 
@@ -70,21 +70,21 @@ def test_unreachable_host_is_named(testbed):
 
 
 def test_missing_remote_python_names_the_key(make_cluster):
-    from scipion_cloudexec.cluster.agent_client import AgentStartError
+    from scipion_cloudexec.cluster.errors import AgentStartError
     c = make_cluster("local", python="/opt/nowhere/bin/python3")
     with pytest.raises(AgentStartError, match="python '/opt/nowhere/bin/python3' not found.*"
                                               "set 'python'"):
-        AgentClient(c).start()
+        ClusterSession(c).start()
 
 
 def test_remote_python_without_pyzmq_is_explained(make_cluster):
-    from scipion_cloudexec.cluster.agent_client import AgentStartError
+    from scipion_cloudexec.cluster.errors import AgentStartError
     c = make_cluster("local", python="/usr/bin/python3")
     probe = subprocess.run(["/usr/bin/python3", "-c", "import zmq"], capture_output=True)
     if probe.returncode == 0:
         pytest.skip("the system python has pyzmq here")
     with pytest.raises(AgentStartError, match="lacks pyzmq"):
-        AgentClient(c).start()
+        ClusterSession(c).start()
 
 
 def test_openssh_bulk_client_checks_host_keys_like_paramiko(testbed, tmp_path):

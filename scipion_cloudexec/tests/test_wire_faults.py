@@ -15,7 +15,8 @@ import pytest
 import zmq
 
 from scipion_cloudexec.cluster import bundle
-from scipion_cloudexec.cluster.agent_client import AgentClient, JobCancelled, VersionMismatch
+from scipion_cloudexec.cluster.errors import JobCancelled, VersionMismatch
+from scipion_cloudexec.cluster.session import ClusterSession
 from scipion_cloudexec.remote.server import Agent
 from scipion_cloudexec.tests.test_agent import agent_state, alive, collect, wait_until
 from scipion_cloudexec.remote import messages as m
@@ -51,7 +52,7 @@ def test_flood_and_oversized_message_from_a_head_node_peer(make_cluster, reliabi
     c = make_cluster("local", heartbeat=0.5)
     lines = 4000
     expected = "".join("line %d\n" % i for i in range(lines))
-    with AgentClient(c) as client:
+    with ClusterSession(c) as client:
         pid, port = client.welcome.pid, int(client.agent_state["port"])
         before = rss_kib(pid)
         out = {}
@@ -67,7 +68,7 @@ def test_flood_and_oversized_message_from_a_head_node_peer(make_cluster, reliabi
         def watch():  # agent memory and the client's silence, sampled during the faults
             while not stop.is_set():
                 worst["rss"] = max(worst["rss"], rss_kib(pid))
-                worst["gap"] = max(worst["gap"], time.monotonic() - client.last_heard)
+                worst["gap"] = max(worst["gap"], time.monotonic() - client.agent.last_heard)
                 time.sleep(0.02)
         watcher = threading.Thread(target=watch)
         watcher.start()
@@ -83,9 +84,9 @@ def test_flood_and_oversized_message_from_a_head_node_peer(make_cluster, reliabi
             # one connection's messages are read in order: the agent has read every forged
             # one when it answers an authentic ping queued behind them (the test knows the
             # secret; the flooding peer would not)
-            flood.send_multipart(m.encode(m.Ping(seq=1), client._secret))
+            flood.send_multipart(m.encode(m.Ping(seq=1), client.agent._secret))
             assert flood.poll(60000), "the agent answers after the flood"
-            assert isinstance(m.decode(flood.recv_multipart(), client._secret), m.Pong)
+            assert isinstance(m.decode(flood.recv_multipart(), client.agent._secret), m.Pong)
             drained = time.monotonic() - t0
             big.close()
             flood.close()
@@ -155,8 +156,8 @@ def test_replayed_messages_run_nothing_twice_and_do_no_harm(make_cluster, tmp_pa
     captured = lambda kind: [f for t, f in sent if t == kind][-1]  # noqa: E731
     marker = tmp_path / "runs"
     gate = tmp_path / "gate"
-    with AgentClient(c) as client:
-        secret = client._secret
+    with ClusterSession(c) as client:
+        secret = client.agent._secret
         assert client.submit(["/bin/sh", "-c", "echo run >> %s" % marker],
                              job_id="once").result(30).exit_code == 0
         victim = client.submit(["sleep", "60"], job_id="victim")
@@ -208,8 +209,8 @@ def test_agent_answers_a_hello_of_another_protocol_so_that_its_client_can_read_i
     import hashlib
     import hmac
     c = make_cluster("local")
-    with AgentClient(c) as client:
-        secret = client._secret
+    with ClusterSession(c) as client:
+        secret = client.agent._secret
         sock = peer(int(client.agent_state["port"]))
         body = (b'{"rid":5,"client":"old desktop","version":"0.0.9+abc","protocol":1,'
                 b'"t":"Hello","v":1}')
@@ -270,7 +271,7 @@ def test_agent_of_another_protocol_busy_is_refused_clearly_then_replaced_once_id
         assert old_agent["protocol"] == OTHER
         t0 = time.monotonic()
         with pytest.raises(VersionMismatch) as e:
-            AgentClient(c).start()
+            ClusterSession(c).start()
         refused = time.monotonic() - t0
         text = str(e.value)
         print(text)
@@ -288,7 +289,7 @@ def test_agent_of_another_protocol_busy_is_refused_clearly_then_replaced_once_id
     assert old.returncode == 0 and rest == b"finished\n", err
     assert agent_state(c)["pid"] == old_agent["pid"], "still there, idle"
     t0 = time.monotonic()
-    with AgentClient(c) as client:  # idle: replaced by this release's agent
+    with ClusterSession(c) as client:  # idle: replaced by this release's agent
         replaced = time.monotonic() - t0
         assert client.welcome.protocol == PROTOCOL_VERSION
         assert client.welcome.pid != old_agent["pid"]
@@ -309,7 +310,7 @@ def test_agent_of_another_protocol_busy_is_refused_clearly_then_replaced_once_id
 def test_a_request_over_the_agents_size_limit_fails_its_own_future_with_the_size(cluster):
     """The agent would close the connection of a frame over its limit, unread: the client
     refuses to send it, so that job fails at once and the connection serves the next."""
-    with AgentClient(cluster) as client:
+    with ClusterSession(cluster) as client:
         huge = client.submit(["true"], env={"HUGE": "x" * (m.MAX_REQUEST_FRAME + 1)})
         with pytest.raises(ValueError, match="Submit cannot be sent: .* at most %d"
                            % m.MAX_REQUEST_FRAME):
