@@ -9,7 +9,7 @@ stream; two carriers exist:
   stream. Its ciphers run in C (~330 MB/s here vs ~185 MB/s for paramiko), so large
   uploads and downloads go this way when the cluster's ``transfer`` setting allows.
 
-Both send a ping at once and read its answer with the first request's answer, so the
+Both send a Hello at once and read its answer with the first request's answer, so the
 remote shell and Python start while the desktop is still walking its files.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ from . import bundle
 from ..config import ClusterConfig
 from .ssh import SSHConnection, Target, openssh_argv
 from ..remote.hashing import BLOCK
-from .errors import LinkLost, StagingError
+from ..remote.stage_protocol import STAGE_PROTOCOL, Hello, Request
+from .errors import LinkLost, StagingError, VersionMismatch
 
 WINDOW = 16 << 20  # SSH window: keeps a long or slow link busy
 NO_BUNDLE = 97  # exit status of the start command when this version's bundle is missing
@@ -88,8 +89,9 @@ class ServerChannel:
         raise NotImplementedError
 
     # -- the protocol --------------------------------------------------------------------
-    def send_line(self, obj) -> None:
-        self.sendall(json.dumps(obj).encode() + b"\n")
+    def send(self, request: Request) -> None:
+        """Send one request (its answer comes from :meth:`line`)."""
+        self.sendall(request.encode())
 
     def _readline(self) -> bytes:
         try:
@@ -99,14 +101,22 @@ class ServerChannel:
                                % (self.cluster.name, dead_link_seconds(self.cluster))) from None
 
     def line(self) -> dict:
-        """The next answer; the first call also reads the answer to the start-up ping."""
+        """The next answer; the first call also reads the answer to the start-up Hello.
+
+        Raises:
+            VersionMismatch: the server speaks another staging protocol.
+            LinkLost: the server did not start, or stopped.
+            StagingError: it failed the request.
+        """
         if not self._greeted:
-            if not self._readline():
+            raw = self._readline()
+            if not raw:
                 if self.exit_status() == NO_BUNDLE:
                     raise NoBundle()
                 raise LinkLost("the staging server on %s did not start (%s): %s"
                                    % (self.cluster.name, self.kind,
                                       self.stderr() or "no answer"))
+            self._check_greeting(json.loads(raw))
             self._greeted = True
         while True:
             raw = self._readline()
@@ -119,6 +129,14 @@ class ServerChannel:
         if isinstance(reply, dict) and reply.get("error") == "failed":
             raise StagingError("staging on %s failed: %s" % (self.cluster.name, reply["detail"]))
         return reply
+
+    def _check_greeting(self, greeting: dict) -> None:
+        theirs = greeting.get("protocol") if isinstance(greeting, dict) else None
+        if theirs != STAGE_PROTOCOL:
+            detail = greeting.get("detail") if isinstance(greeting, dict) else None
+            raise VersionMismatch(
+                "cluster %s: the staging server speaks staging protocol %s, this client %d%s"
+                % (self.cluster.name, theirs, STAGE_PROTOCOL, ": %s" % detail if detail else ""))
 
 
 class ParamikoChannel(ServerChannel):
@@ -135,7 +153,7 @@ class ParamikoChannel(ServerChannel):
         self._sending: Optional[float] = None
         self._closed = threading.Event()
         threading.Thread(target=self._watch, name="cloudexec-watch", daemon=True).start()
-        self.send_line({"cmd": "ping"})
+        self.send(Hello())
 
     def sendall(self, data: bytes) -> None:
         view = memoryview(data)
@@ -206,7 +224,7 @@ class OpenSSHChannel(ServerChannel):
         self.out = io.BufferedReader(self.proc.stdout, BLOCK)
         self._sendfile = hasattr(os, "sendfile")
         try:
-            self.send_line({"cmd": "ping"})
+            self.send(Hello())
         except OSError:
             pass  # ssh already exited: the first answer reports why, from its stderr
 

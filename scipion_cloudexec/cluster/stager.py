@@ -39,6 +39,7 @@ from .ssh import SSHConnection
 from .channels import NoBundle, OpenSSHChannel, ParamikoChannel, ServerChannel, dead_link_seconds
 from .errors import DesktopFull, InputMissing, LinkLost, NoSpace, StagingError
 from ..remote.hashing import BLOCK, HashCache, path_state
+from ..remote.stage_protocol import CacheInfo, ListTree, Mirrors, Remove, Request, Reset, Send, StageIn
 from .sync import DIR, GatherPlan, plan_gather, under
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class Stager:
         asked = self.cluster.transfer == "openssh"  # chosen by the user: worth a login
         return size >= (BULK_MIN if running or asked else BULK_START)
 
-    def _ask(self, request: dict, bulk: bool = False) -> Tuple[ServerChannel, dict]:
+    def _ask(self, request: Request, bulk: bool = False) -> Tuple[ServerChannel, dict]:
         """Send *request* to the server and read its first answer; uploads the agent bundle
         when the cluster lacks it. In ``auto`` mode a bulk stream that cannot start is
         reported once and replaced by the control stream."""
@@ -152,7 +153,7 @@ class Stager:
             use_bulk = bulk and not self._bulk_refused
             ch = self._channel(use_bulk)
             try:
-                ch.send_line(request)
+                ch.send(request)
                 return ch, ch.line()
             except NoBundle:
                 self._drop(ch)
@@ -197,7 +198,7 @@ class Stager:
 
     def reset(self, project: str, run_dir: str) -> None:
         """Empty *run_dir* of the mirror (a run starting afresh on this cluster)."""
-        self._ask({"cmd": "reset", "mirror": self.mirror(project), "dir": run_dir})
+        self._ask(Reset(mirror=self.mirror(project), dir=run_dir))
 
     def mirror_root(self, project: str) -> str:
         return "%s/%s" % (self.cluster.workdir.rstrip("/"), self.mirror(project))
@@ -303,10 +304,10 @@ class Stager:
     def _send_check(self, project: str, batch: "_Batch") -> None:
         """Ask which of the batch's contents the cluster lacks; it links all the others
         into the mirror at once. Answers are read later (several checks in flight)."""
-        request = {"cmd": "in", "check": True, "mirror": self.mirror(project), "dirs": batch.dirs,
-                   "files": [_entry(f, batch.base) for f in batch.files]}
+        request = StageIn(check=True, mirror=self.mirror(project), dirs=batch.dirs,
+                          files=[_entry(f, batch.base) for f in batch.files])
         if self._chan is not None and self._chan._greeted:
-            self._chan.send_line(request)
+            self._chan.send(request)
         else:  # first use: may need the bundle uploaded, which _ask handles
             batch.answer = self._ask(request)[1]
 
@@ -332,10 +333,10 @@ class Stager:
         total_new = sum(e[2] for e in entries)
         entries = list(entries)
         # the server gives up (and lets go of a partial upload) once data stops this long
-        request = {"cmd": "in", "mirror": self.mirror(project), "dirs": [],
-                   "files": [_entry(e[:4], {e[0]: e[4]} if len(e) > 4 and e[4] is not None
-                                    else None) for e in entries],
-                   "stall": max(5.0, dead_link_seconds(self.cluster) / 2)}
+        request = StageIn(mirror=self.mirror(project),
+                          files=[_entry(e[:4], {e[0]: e[4]} if len(e) > 4 and e[4] is not None
+                                        else None) for e in entries],
+                          stall=max(5.0, dead_link_seconds(self.cluster) / 2))
         ch = None
         try:
             ch, answer = self._ask(request, bulk=self._wants_bulk(total_new))
@@ -379,7 +380,7 @@ class Stager:
 
     def _delete(self, project: str, paths: List[List[str]], report: StageReport) -> None:
         """Delete ``[rel, state]`` paths in the mirror where they still hold that state."""
-        answer = self._ask({"cmd": "rm", "mirror": self.mirror(project), "paths": paths})[1]
+        answer = self._ask(Remove(mirror=self.mirror(project), paths=paths))[1]
         report.conflicts += [(rel, "changed on %s since the last sync" % self.cluster.name)
                              for rel, _now in answer["conflicts"]]
 
@@ -399,8 +400,8 @@ class Stager:
         run_dir = os.path.normpath(run_dir)
         guard = os.path.realpath(os.path.join(root, run_dir))
         remote_root = self.mirror_root(project)
-        _ch, listing = self._ask({"cmd": "list", "root": remote_root, "dir": run_dir,
-                                  "exclude": [os.path.relpath(e, run_dir) for e in exclude]})
+        _ch, listing = self._ask(ListTree(root=remote_root, dir=run_dir,
+                                          exclude=[os.path.relpath(e, run_dir) for e in exclude]))
         if not listing.get("exists", True):
             raise StagingError("the run folder %s is gone from the mirror on %s: nothing was "
                                "changed locally; Restart the protocol" % (run_dir, self.cluster.name))
@@ -477,7 +478,7 @@ class Stager:
     def _fetch(self, remote_root: str, sub: str, local_root: str, guard: str,
                progress: Optional[Progress]) -> StageReport:
         t0 = time.monotonic()
-        _ch, listing = self._ask({"cmd": "list", "root": remote_root, "dir": sub})
+        _ch, listing = self._ask(ListTree(root=remote_root, dir=sub))
         report = StageReport(refused=[(r, why) for r, why in listing["refused"]])
         wanted: List[Tuple[str, str, int, str]] = []
         memo = HashCache(self.hash_cache_path)
@@ -544,8 +545,8 @@ class Stager:
         is renamed into place only with the listing's hash; one that changed since the
         listing goes to ``report.deferred``, a corrupted one fails the gather."""
         total = sum(w[2] for w in wanted)
-        ch, header = self._ask({"cmd": "send", "root": remote_root,
-                                "paths": [w[0] for w in wanted]}, bulk=self._wants_bulk(total))
+        ch, header = self._ask(Send(root=remote_root, paths=[w[0] for w in wanted]),
+                               bulk=self._wants_bulk(total))
         bad: List[str] = []
         try:
             for i, (rel, dest, _size, sha) in enumerate(wanted):
@@ -597,14 +598,14 @@ class Stager:
 
     def mirrors(self) -> Dict[str, dict]:
         """Bytes and files each project mirror on the cluster has received, by mirror name."""
-        rows = self._ask({"cmd": "mirrors"})[1]["mirrors"]
+        rows = self._ask(Mirrors())[1]["mirrors"]
         return {r["mirror"].split("/", 1)[-1]: r for r in rows}
 
     def cache_info(self, gc: bool = False, min_age: float = 3600.0) -> dict:
         """Entries and bytes in the cluster's cache; with *gc*, first drop entries no mirror
         links to that are at least *min_age* seconds old (younger ones may be on their way
         into a mirror of a staging under way)."""
-        return self._ask({"cmd": "cache", "gc": gc, "min_age": min_age})[1]
+        return self._ask(CacheInfo(gc=gc, min_age=min_age))[1]
 
 
 @dataclass

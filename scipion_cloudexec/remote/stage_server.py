@@ -5,25 +5,8 @@ Layout under the workdir: ``cache/`` (see :mod:`.cache`) and ``projects/<name>/.
 project mirrors: inputs are hard links into the cache, run folders hold private files.
 
 ``python agent.zip stage serve --workdir W`` then serves requests, one JSON line each, for as
-long as the channel stays open, so a client pays the SSH session start once. Requests:
-
-``{"cmd": "in", "mirror": "projects/NAME", "files": [[rel, size, sha256], ...], "dirs": [...]}``
-    Answers
-    ``{"missing": [[sha256, offset], ...], "needed": n, "free": n}`` (or
-    ``{"error": "nospace", ...}``), then reads the missing contents back to back
-    from their offsets, verifies each hash, links every file into the mirror and
-    answers ``{"received": n, "linked": n, "unchanged": n, "repaired": n, "errors": [...]}``.
-    With ``"check": true`` it links what the cache holds and answers at once
-    ``{"missing": [...], "needed", "free", "linked", "unchanged", "repaired", "errors"}``
-    without reading any content, so a client can keep several checks in flight.
-``{"cmd": "list", "root": R, "dir": D}``
-    the files under R/D: ``{"files": [[rel, size, mtime_ns, sha256]], "links": [[rel, target]],
-    "refused": [[rel, reason]]}``, paths relative to R.
-``{"cmd": "send", "root": R, "paths": ["rel", ...]}``
-    for each: a header line ``{"path", "size"}``, the bytes,
-    a trailer line ``{"sha256"}``.
-``{"cmd": "cache", "gc": false}``
-    size and entries of the cache; with --gc, drop objects no mirror links to.
+long as the channel stays open, so a client pays the SSH session start once. The requests,
+their answers and the version handshake are defined in :mod:`.stage_protocol`.
 """
 from __future__ import annotations
 
@@ -42,6 +25,8 @@ from typing import Dict, List, Optional, Tuple
 
 from .cache import Cache, StageError
 from .hashing import BLOCK, HashCache, path_state
+from .stage_protocol import (STAGE_PROTOCOL, BadRequest, CacheInfo, Hello, ListTree, Mirrors,
+                             Remove, Request, Reset, Send, StageIn, decode, mismatch)
 
 RESERVE = 0.01  # keep 1% of the disk free
 
@@ -114,24 +99,25 @@ class StreamBroken(StageError):
     """The byte stream is out of step with the requests: the server must stop."""
 
 
-def cmd_in(cache: "Cache", hashes: HashCache, request: dict, stdin: io.BufferedReader) -> None:
+def cmd_in(cache: "Cache", hashes: HashCache, request: StageIn, stdin: io.BufferedReader
+           ) -> None:
     """Files of ``[rel, size, sha]`` are inputs: hard links into the cache. Files of
     ``[rel, size, sha, base, shared]`` belong to a run folder: written only where the
     mirror still holds *base* (what the client last synced; "" for nothing), as private
     copies a job may rewrite (hard links when *shared*: inputs linked into the run folder);
     elsewhere they are reported in ``conflicts`` and left alone."""
     workdir = cache.workdir
-    mirror = request["mirror"]
+    mirror = request.mirror
     mirror_root = os.path.join(workdir, safe_rel(mirror))
     os.makedirs(mirror_root, exist_ok=True)
-    for rel in request.get("dirs", []):
+    for rel in request.dirs:
         if rel != ".":
             os.makedirs(os.path.join(mirror_root, safe_rel(rel)), exist_ok=True)
     files: List[Tuple[str, int, str]] = []
     private: set = set()
     conflicts: List[List[str]] = []
     unchanged = 0
-    for entry in request["files"]:
+    for entry in request.files:
         rel, size, sha = safe_rel(entry[0]), int(entry[1]), str(entry[2])
         if len(entry) > 3:  # run folder: only over what the client last saw there
             now = path_state(os.path.join(mirror_root, rel), hashes)
@@ -176,7 +162,7 @@ def cmd_in(cache: "Cache", hashes: HashCache, request: dict, stdin: io.BufferedR
     order = sorted(missing)
     answer = {"missing": [[sha, missing[sha][1]] for sha in order], "needed": needed,
               "free": max(free, 0)}
-    if request.get("check"):  # link what is here; the client sends the rest in a later request
+    if request.check:  # link what is here; the client sends the rest in a later request
         _count(cache, mirror, 0, 0)
         linked, same, errors = _link_all(cache, mirror_root, todo, set(missing), private)
         _reply(dict(answer, linked=linked, unchanged=unchanged + same, repaired=repaired,
@@ -190,7 +176,7 @@ def cmd_in(cache: "Cache", hashes: HashCache, request: dict, stdin: io.BufferedR
     bad: List[str] = []  # arrived with another hash: changed while sent, or corrupted
     refused: set = set()  # could not resume: another upload took the partial file
     received = 0
-    stdin.raw.timeout = float(request.get("stall", 60))
+    stdin.raw.timeout = float(request.stall)
     try:
         for sha in order:
             size, offset = missing[sha]
@@ -265,13 +251,13 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def cmd_list(cache: "Cache", hashes: HashCache, request: dict) -> None:
+def cmd_list(cache: "Cache", hashes: HashCache, request: ListTree) -> None:
     """Files (with hashes), folders and links under R/D, without following links and
     without opening anything but regular files; links must stay under R/D."""
-    root = os.path.realpath(request["root"])
-    sub = request.get("dir", ".")
+    root = os.path.realpath(request.root)
+    sub = request.dir
     top = os.path.join(root, safe_rel(sub))
-    skip = {os.path.join(top, safe_rel(e)) for e in request.get("exclude", [])}
+    skip = {os.path.join(top, safe_rel(e)) for e in request.exclude}
     files, links, refused, dirs, skipped = [], [], [], [], []
     if os.path.isfile(top) and not os.path.islink(top):  # one file (``fetch FILE``)
         st = os.stat(top)
@@ -317,12 +303,12 @@ _KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "characte
           stat.S_IFBLK: "block device"}
 
 
-def cmd_reset(cache: "Cache", request: dict) -> None:
+def cmd_reset(cache: "Cache", request: Reset) -> None:
     """Empty a run folder of a mirror (a restarted run starts from nothing)."""
-    mirror = safe_rel(request["mirror"])
+    mirror = safe_rel(request.mirror)
     if not mirror.startswith("projects/"):
         raise StageError("%r is not a project mirror" % mirror)
-    path = os.path.join(cache.workdir, mirror, safe_rel(request["dir"]))
+    path = os.path.join(cache.workdir, mirror, safe_rel(request.dir))
     if os.path.lexists(path):
         if os.path.islink(path) or not os.path.isdir(path):
             os.unlink(path)
@@ -331,11 +317,11 @@ def cmd_reset(cache: "Cache", request: dict) -> None:
     _reply({"ok": True})
 
 
-def cmd_rm(cache: "Cache", hashes: HashCache, request: dict) -> None:
+def cmd_rm(cache: "Cache", hashes: HashCache, request: Remove) -> None:
     """Delete ``[rel, expected]`` paths of a mirror where they still hold *expected*
     (files and links first, then folders deepest first, only when empty)."""
-    mirror_root = os.path.join(cache.workdir, safe_rel(request["mirror"]))
-    entries = sorted(((safe_rel(r), e) for r, e in request["paths"]),
+    mirror_root = os.path.join(cache.workdir, safe_rel(request.mirror))
+    entries = sorted(((safe_rel(r), e) for r, e in request.paths),
                      key=lambda x: (x[1] == "d", -x[0].count("/")))
     deleted, conflicts = 0, []
     for rel, expected in entries:
@@ -355,13 +341,13 @@ def cmd_rm(cache: "Cache", hashes: HashCache, request: dict) -> None:
     _reply({"deleted": deleted, "conflicts": conflicts})
 
 
-def cmd_send(cache: "Cache", request: dict) -> None:
+def cmd_send(cache: "Cache", request: Send) -> None:
     """Each path: a header, its bytes, a trailer with their hash. A file gone since the
     listing is sent empty, one that is now a link or a FIFO likewise (never opened): the
     client sees the hash differ from the listing's and leaves it for the next gather."""
-    root = request["root"]
+    root = request.root
     out = sys.stdout.buffer
-    for rel in request["paths"]:
+    for rel in request.paths:
         path = os.path.join(root, safe_rel(rel))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -384,15 +370,12 @@ def cmd_send(cache: "Cache", request: dict) -> None:
     out.flush()
 
 
-GC_AGE = 3600.0  # an unlinked object younger than this may be one a staging is linking
-
-
-def cmd_cache(cache: "Cache", request: dict) -> None:
+def cmd_cache(cache: "Cache", request: CacheInfo) -> None:
     """Entries and bytes of the cache; with gc, drop objects no mirror links to (under the
     publish lock, and only those old enough not to be on their way into a mirror)."""
-    workdir, gc = cache.workdir, bool(request.get("gc"))
+    workdir, gc = cache.workdir, bool(request.gc)
     entries = size = dropped = freed = 0
-    now, min_age = time.time(), float(request.get("min_age", GC_AGE))
+    now, min_age = time.time(), float(request.min_age)
     for dirpath, _dirs, names in os.walk(cache.objects):
         for name in names:
             path = os.path.join(dirpath, name)
@@ -421,36 +404,47 @@ def cmd_cache(cache: "Cache", request: dict) -> None:
             "freed": freed, "free": shutil.disk_usage(workdir).free})
 
 
-def cmd_mirrors(cache: "Cache", request: dict) -> None:
+def cmd_mirrors(cache: "Cache", request: Mirrors) -> None:
     rows = cache.db.execute("SELECT mirror, bytes, files, updated FROM mirrors").fetchall()
     _reply({"mirrors": [dict(zip(("mirror", "bytes", "files", "updated"), r)) for r in rows]})
 
 
 def serve(workdir: str) -> int:
-    """Answer requests from stdin until it closes."""
+    """Answer requests from stdin until it closes. The first must be a :class:`Hello` of
+    this protocol: another version is answered ``{"error": "protocol"}`` and the server
+    exits 3 without reading on (it would misread the requests)."""
     cache = Cache(workdir)
     hashes = HashCache(os.path.join(workdir, "cache", "hashes.sqlite"))
     stdin = io.BufferedReader(StallingInput(sys.stdin.fileno()), BLOCK)
-    handlers = {"in": lambda c, r: cmd_in(c, hashes, r, stdin), "send": cmd_send,
-                "cache": cmd_cache, "list": lambda c, r: cmd_list(c, hashes, r),
-                "reset": cmd_reset, "rm": lambda c, r: cmd_rm(c, hashes, r),
-                "ping": lambda c, r: _reply({"ok": True}), "mirrors": cmd_mirrors}
+    handlers = {StageIn: lambda c, r: cmd_in(c, hashes, r, stdin), CacheInfo: cmd_cache,
+                ListTree: lambda c, r: cmd_list(c, hashes, r), Reset: cmd_reset,
+                Remove: lambda c, r: cmd_rm(c, hashes, r), Mirrors: cmd_mirrors}
+    greeted = False
     try:
         while True:
             line = stdin.readline()
             if not line:
                 return 0
             try:
-                request = json.loads(line)
-                if request["cmd"] == "send":  # raw bytes: nothing may come between them
+                request: Request = decode(line)
+                if not greeted:
+                    if not isinstance(request, Hello):
+                        raise BadRequest("the first request must be hello, not %s" % request.CMD)
+                    why = mismatch(request.protocol)
+                    if why:
+                        _reply({"error": "protocol", "detail": why, "protocol": STAGE_PROTOCOL})
+                        return 3
+                    greeted = True
+                    _reply({"ok": True, "protocol": STAGE_PROTOCOL})
+                elif isinstance(request, Send):  # raw bytes: nothing may come between them
                     cmd_send(cache, request)
-                    continue
-                with _KeepAlive():
-                    handlers[request["cmd"]](cache, request)
+                else:
+                    with _KeepAlive():
+                        handlers[type(request)](cache, request)
             except StreamBroken as e:
                 _reply({"error": "failed", "detail": str(e)})
                 return 2
-            except (StageError, OSError, ValueError, KeyError) as e:
+            except (StageError, OSError, ValueError, KeyError) as e:  # BadRequest too
                 _reply({"error": "failed", "detail": "%s: %s" % (type(e).__name__, e)})
     finally:
         hashes.close()

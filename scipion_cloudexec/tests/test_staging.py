@@ -8,6 +8,7 @@ import pytest
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.cluster.stager import NoSpace, Stager, StagingError
 from scipion_cloudexec.cluster.ssh import SSHConnection, Target
+from scipion_cloudexec.remote.stage_protocol import ListTree
 
 NAMES = ["mic 001 é.mrc", "empty.bin", "sub dir/ñ-micrograph.mrc", "big.mrc"]
 
@@ -295,7 +296,7 @@ class LyingStager(Stager):
         self.listing = listing
 
     def _ask(self, request, bulk=False):
-        if request["cmd"] == "list":
+        if isinstance(request, ListTree):
             return None, self.listing
         return super()._ask(request, bulk)
 

@@ -11,6 +11,7 @@ import stat
 import pytest
 
 from scipion_cloudexec.cluster.stager import Stager
+from scipion_cloudexec.remote.stage_protocol import ListTree
 from scipion_cloudexec.tests.test_staging import stager_for  # noqa: F401  (fixture)
 
 RUN = "Runs/000010_ProtX"
@@ -213,7 +214,7 @@ def test_long_work_on_the_cluster_is_not_taken_for_a_dead_link(make_cluster, sta
     with open(mirror(c, "extra/big.mrc"), "wb") as f:
         f.truncate(3 << 29)  # 1.5 GB, sparse: hashing it takes a few seconds here
     t0 = time.monotonic()
-    _ch, listing = st._ask({"cmd": "list", "root": st.mirror_root("proj"), "dir": RUN})
+    _ch, listing = st._ask(ListTree(root=st.mirror_root("proj"), dir=RUN))
     took = time.monotonic() - t0
     zeros = hashlib.sha256()
     block = bytes(1 << 20)
