@@ -35,7 +35,7 @@ from ..config import ClusterConfig
 from ..transport import messages as m
 from ..transport.ssh import SSHConnection, Target
 from ..version import PROTOCOL_VERSION
-from . import bundle
+from . import bundle, provision
 from .jobs import JobSpec, JobState, LauncherSpec
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ class AgentClient:
         self._broken: Optional[AgentLost] = None
         self._lock = threading.Lock()
         self.last_heard = 0.0
+        self.provisioned = ""  # what was installed on the cluster for the agent, if anything
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -222,6 +223,14 @@ class AgentClient:
         cmd = bundle.command(c, "start", "--workdir", c.workdir, "--idle-timeout",
                              "%g" % c.agent_idle_timeout, "--heartbeat", "%g" % c.heartbeat)
         res = self.ssh.run(cmd, timeout=60)
+        remote = provision.RemotePython.from_output(res.stdout.decode(errors="replace"))
+        if res.exit_status != 0 and remote is not None:  # its python lacks pyzmq: add it
+            try:
+                self.provisioned = provision.provide_pyzmq(self.ssh, c, remote)
+            except (provision.ProvisionError, OSError) as e:
+                raise AgentStartError(str(e)) from None
+            log.info("%s: %s", c.name, self.provisioned)
+            res = self.ssh.run(cmd, timeout=60)
         out = res.stdout.decode(errors="replace")
         err = res.stderr.decode(errors="replace").strip()
         if "BUSY " in out:  # a busy agent of another protocol: left alone (server.py)
