@@ -27,15 +27,36 @@ _REMOTE = os.path.join(_PKG, "remote")
 MODULES = ("version.py",) + tuple(sorted(
     "remote/" + f for f in os.listdir(_REMOTE) if f.endswith(".py") and f != "__init__.py"))
 _INITS = ("__init__.py", "remote/__init__.py")
-_MAIN = b"""import sys
+_MAIN = b"""import os, sys
 if sys.version_info < (3, 9):
     sys.exit("cloudexec agent: Python 3.9 or newer is needed, this is %s" % sys.version.split()[0])
 if sys.argv[1:2] == ["stage"]:  # stdlib only: starts fast, even under python -S
     from scipion_cloudexec.remote.stage_server import main
     sys.exit(main(sys.argv[2:]))
+import platform
+# pyzmq put there by the desktop when this Python lacked it (cluster/provision.py)
+PYLIB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(sys.argv[0]))), "pylib",
+                     "py%d%d-%s" % (sys.version_info[0], sys.version_info[1], platform.machine()))
+if sys.argv[1:2] == ["unpack"]:  # a wheel is a zip: unpacked beside, renamed into place
+    import shutil, zipfile
+    part = "%s.part-%d" % (PYLIB, os.getpid())
+    with zipfile.ZipFile(sys.argv[2]) as z:
+        z.extractall(part)
+    if os.path.isdir(PYLIB):
+        shutil.rmtree(part)
+    else:
+        os.rename(part, PYLIB)
+    sys.exit(0)
+if os.path.isdir(PYLIB):
+    sys.path.insert(0, PYLIB)
 try:
     import zmq  # noqa: F401
 except ImportError:
+    import importlib.util, json
+    libc = " ".join(platform.libc_ver()).strip()
+    print("NOZMQ " + json.dumps({"python": sys.executable, "machine": platform.machine(),
+          "version": "%d.%d" % sys.version_info[:2], "libc": libc, "pylib": PYLIB,
+          "pip": importlib.util.find_spec("pip") is not None}), flush=True)
     sys.exit("cloudexec agent: No module named 'zmq': install pyzmq for %s" % sys.executable)
 if sys.argv[1:2] == ["pool"]:
     from scipion_cloudexec.remote.pool import main

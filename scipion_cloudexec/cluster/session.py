@@ -5,6 +5,7 @@ r"""One cluster seen from the desktop: :class:`ClusterSession`.
     ClusterSession(cluster)             configures only; nothing connects before use
       connect()    SSH (host key checked, key auth)                      ssh.py
       start()      + bundle upload, agent ``start`` (READY / BUSY line),  bundle.py
+                   pyzmq provided when the cluster's python lacks it      provision.py
                    port forward, ZeroMQ Hello/Welcome, an agent of
                    another version replaced when idle
       submit(JobSpec) -> JobFuture       the agent's message pump          agent_client.py
@@ -28,7 +29,7 @@ from ..config import ClusterConfig
 from ..remote import messages as m
 from ..remote.jobs import JobSpec
 from ..version import PROTOCOL_VERSION
-from . import bundle
+from . import bundle, provision
 from .agent_client import AgentClient, JobFuture, OutputCallback
 from .errors import AgentStartError, InfraError, LinkLost, VersionMismatch
 from .ssh import SSHConnection, Target
@@ -73,6 +74,7 @@ class ClusterSession:
         self.agent = AgentClient(cluster, self.ssh, client_name)
         self.stager = Stager(self.ssh, cluster, hash_cache)
         self.closed = False  # by close(): a call still under way fails as LinkLost
+        self.provisioned = ""  # what was installed on the cluster for the agent, if anything
         self._started = False
 
     # ---- life cycle ---------------------------------------------------------------------
@@ -168,6 +170,14 @@ class ClusterSession:
         cmd = bundle.command(c, "start", "--workdir", c.workdir, "--idle-timeout",
                              "%g" % c.agent_idle_timeout, "--heartbeat", "%g" % c.heartbeat)
         res = self.ssh.run(cmd, timeout=60)
+        remote = provision.RemotePython.from_output(res.stdout.decode(errors="replace"))
+        if res.exit_status != 0 and remote is not None:  # its python lacks pyzmq: add it
+            try:
+                self.provisioned = provision.provide_pyzmq(self.ssh, c, remote)
+            except (provision.ProvisionError, OSError) as e:
+                raise AgentStartError(str(e)) from None
+            log.info("%s: %s", c.name, self.provisioned)
+            res = self.ssh.run(cmd, timeout=60)
         out = res.stdout.decode(errors="replace")
         err = res.stderr.decode(errors="replace").strip()
         if "BUSY " in out:  # a busy agent of another protocol: left alone (remote/server.py)
