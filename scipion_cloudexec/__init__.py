@@ -7,9 +7,8 @@ that is also when the executor seam is installed (see executors/seam.py).
 """
 import os
 
+from .config.clusters import CONFIG_ENV
 from .version import __version__
-
-CONFIG_ENV = "SCIPION_CLOUDEXEC_CONFIG"
 _plugin_class = None
 
 

@@ -16,6 +16,9 @@
 
 Exit codes: ``run``/``attach`` exit with the job's own code; 2 for a wrong
 command line or clusters file; 255 when the cluster or its agent cannot be reached.
+
+Over 400 lines: one short function per command and the parser that lists them all; each
+talks to a cluster only through :class:`~.cluster.session.ClusterSession`.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import sys
 import time
 from typing import Iterator, List, Optional
 
-from .config import ClusterConfig, ConfigError, load_clusters
+from .config import LAUNCHERS, ClusterConfig, ConfigError, load_clusters
 from .version import __version__
 
 EXIT_CONFIG = 2
@@ -421,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--np", type=int, default=1, help="MPI ranks (default 1)")
     s.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
     s.add_argument("--gpus", type=_gpus, default=[], help="GPUs, e.g. 0,1 (CUDA_VISIBLE_DEVICES)")
-    s.add_argument("--launcher", choices=["local", "mpirun", "slurm"],
+    s.add_argument("--launcher", choices=LAUNCHERS,
                    help="override the cluster's launcher")
     s.add_argument("--job-id", help="a stable id: running the same id again attaches to it")
     s.add_argument("--cwd", default="", help="working directory on the cluster")

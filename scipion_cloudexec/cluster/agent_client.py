@@ -25,14 +25,13 @@ import queue
 import socket
 import threading
 import time
-import uuid
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import zmq
 
 from ..config import ClusterConfig
 from ..remote import messages as m
-from ..remote.jobs import JobSpec, JobState, LauncherSpec
+from ..remote.jobs import JobSpec, JobState
 from ..version import PROTOCOL_VERSION
 from . import bundle
 from .errors import (AgentLost, AgentStartError, JobResult, RequestRefused, VersionMismatch,
@@ -61,10 +60,6 @@ class JobFuture(concurrent.futures.Future):
         self.existed = False  # the agent had the job before this submit
         self.accepted_state = ""  # its state then (a final one: it had ended)
         self.submit_rid = 0  # the Submit's request id: an Error to it fails this future
-
-
-def _new_job_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
 
 
 class AgentClient:
@@ -151,30 +146,6 @@ class AgentClient:
 
     # ---- public API ---------------------------------------------------------------------
 
-    def launcher_spec(self) -> LauncherSpec:
-        c = self.cluster
-        return LauncherSpec(kind=c.launcher, mpirun=list(c.mpirun), hosts=list(c.hosts),
-                            srun=list(c.srun), partition=c.partition, account=c.account,
-                            time=c.time)
-
-    def job(self, argv: Sequence[str], *, ranks: int = 1, threads: int = 1,
-            gpus: Sequence[int] = (), env: Optional[Dict[str, str]] = None,
-            env_prepend: Optional[Dict[str, str]] = None, cwd: str = "",
-            job_id: Optional[str] = None, label: str = "", launcher: Optional[str] = None,
-            pool: str = "") -> JobSpec:
-        """A :class:`JobSpec` for this cluster (its launcher, its ``env_setup``, this client);
-        the arguments as :meth:`ClusterSession.job` documents them."""
-        spec = JobSpec(job_id=job_id or _new_job_id(), argv=[str(a) for a in argv], ranks=ranks,
-                       threads=threads, gpus=list(gpus), env=dict(env or {}),
-                       env_prepend=dict(env_prepend or {}), cwd=cwd,
-                       env_setup=self.cluster.env_setup, launcher=self.launcher_spec(),
-                       client=self.client_name, label=label)
-        if launcher:
-            spec.launcher.kind = launcher
-        if pool:
-            spec.launcher.kind, spec.launcher.pool = "pool", pool
-        return spec
-
     def submit(self, spec: JobSpec, on_output: Optional[OutputCallback] = None) -> JobFuture:
         """Send *spec* to the agent; return its future at once.
 
@@ -206,16 +177,6 @@ class AgentClient:
         exc = req.exception()
         if exc is not None and not fut.done():
             fut.set_exception(exc)
-
-    def start_pool(self, name: str, ranks: int, job_id: Optional[str] = None) -> JobFuture:
-        """Start an mpi4py worker pool of *ranks* ranks through the cluster's launcher; then
-        ``submit(..., pool=name)`` queues single-rank jobs on it without an ``mpirun`` each.
-        Cancel its future's job to stop it. The cluster's python needs mpi4py."""
-        pool_dir = "%s/pools/%s" % (self.cluster.workdir.rstrip("/"), name)
-        return self.submit(self.job([self.cluster.python, bundle.remote_path(self.cluster),
-                                     "pool", "--dir", pool_dir], ranks=ranks,
-                                    job_id=job_id or "pool-" + name,
-                                    label="worker pool %s" % name))
 
     def jobs(self, limit: int = 100) -> List[Dict]:
         """The agent's journal, newest first (dicts with job_id, state, exit_code...)."""

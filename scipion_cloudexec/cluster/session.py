@@ -20,22 +20,28 @@ and what they let through raw (``EOFError``, ``ConnectionError``, ``TimeoutError
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
+import uuid
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from ..config import ClusterConfig
 from ..remote import messages as m
-from ..remote.jobs import JobSpec
+from ..remote.jobs import JobSpec, LauncherSpec
 from ..version import PROTOCOL_VERSION
-from . import bundle, provision
+from . import bundle
+from .agent_start import replace_agent, start_agent
 from .agent_client import AgentClient, JobFuture, OutputCallback
-from .errors import AgentStartError, InfraError, LinkLost, VersionMismatch
+from .errors import InfraError, LinkLost, VersionMismatch
 from .ssh import SSHConnection, Target
-from .stager import Progress, StageReport, Stager
+from .local_files import Progress, StageReport
+from .stager import Stager
 
 log = logging.getLogger(__name__)
+
+
+def _new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
 
 #: an executor's client name: ``scipion:<mirror>:<protocol id>`` (status shows what each
 #: protocol staged through its mirror's name)
@@ -122,7 +128,7 @@ class ClusterSession:
         with self._boundary():
             self.ssh.connect()
             for _attempt in range(2):
-                state = self._start_agent()
+                state = start_agent(self)
                 if state.get("protocol") != PROTOCOL_VERSION:
                     continue  # an agent of another protocol started in between: ours retires it
                 welcome = self.agent.connect(state)
@@ -130,7 +136,7 @@ class ClusterSession:
                     self.agent.welcome = welcome
                     self._started = True
                     return welcome
-                self._replace_agent(welcome)
+                replace_agent(self, welcome)
             if state.get("protocol") != PROTOCOL_VERSION:
                 raise VersionMismatch(
                     "cluster %s still runs an agent of protocol %s (version %s, pid %s) after "
@@ -158,102 +164,33 @@ class ClusterSession:
         """This client's agent version: the bundle's release and hash."""
         return bundle.build()[1]
 
-    # ---- starting the agent ---------------------------------------------------------------
-
-    def _start_agent(self) -> Dict:
-        """Upload the bundle if missing and run its ``start``; return the agent's state."""
-        c = self.cluster
-        try:
-            bundle.ensure_uploaded(self.ssh, c)
-        except bundle.BundleError as e:
-            raise AgentStartError(str(e)) from None
-        cmd = bundle.command(c, "start", "--workdir", c.workdir, "--idle-timeout",
-                             "%g" % c.agent_idle_timeout, "--heartbeat", "%g" % c.heartbeat)
-        res = self.ssh.run(cmd, timeout=60)
-        remote = provision.RemotePython.from_output(res.stdout.decode(errors="replace"))
-        if res.exit_status != 0 and remote is not None:  # its python lacks pyzmq: add it
-            try:
-                self.provisioned = provision.provide_pyzmq(self.ssh, c, remote)
-            except (provision.ProvisionError, OSError) as e:
-                raise AgentStartError(str(e)) from None
-            log.info("%s: %s", c.name, self.provisioned)
-            res = self.ssh.run(cmd, timeout=60)
-        out = res.stdout.decode(errors="replace")
-        err = res.stderr.decode(errors="replace").strip()
-        if "BUSY " in out:  # a busy agent of another protocol: left alone (remote/server.py)
-            raise self._busy_other_protocol(json.loads(out.split("BUSY ", 1)[1].splitlines()[0]))
-        if res.exit_status != 0 or "READY " not in out:
-            raise AgentStartError(self._explain_start_failure(res.exit_status, err or out))
-        return json.loads(out.split("READY ", 1)[1].splitlines()[0])
-
-    def _busy_other_protocol(self, state: Dict) -> VersionMismatch:
-        c = self.cluster
-        jobs = state.get("jobs", [])
-        listed = "; ".join("%s (%s%s)" % (j.get("job_id"), j.get("state"),
-                                          ", " + j["label"] if j.get("label") else "")
-                           for j in jobs[:10]) + ("; ..." if len(jobs) > 10 else "")
-        return VersionMismatch(
-            "cluster %s runs the cloudexec agent of protocol %s (version %s, pid %s) with %d "
-            "active job(s): %s. This client speaks protocol %d (version %s) and cannot talk to "
-            "it. Those jobs are left running: let them end, following them with the "
-            "scipion-cloudexec release that started them (scipion-cloudexec jobs %s), then "
-            "run again: an idle agent of another protocol is replaced automatically."
-            % (c.name, state.get("protocol"), state.get("version"), state.get("pid"),
-               len(jobs), listed, PROTOCOL_VERSION, self.version, c.name))
-
-    def _explain_start_failure(self, status: int, text: str) -> str:
-        c = self.cluster
-        if status == 127 or "not found" in text or "No such file" in text:
-            return ("python %r not found on cluster %s: set 'python' in [cluster %s] of %s to "
-                    "the remote interpreter (it needs pyzmq).\n%s"
-                    % (c.python, c.name, c.name, c.source, text))
-        if "pyzmq" in text or "No module named 'zmq'" in text:
-            return ("the remote python %s on %s lacks pyzmq: install it there "
-                    "(%s -m pip install pyzmq).\n%s" % (c.python, c.name, c.python, text))
-        return "the agent did not start on %s (exit %d):\n%s" % (c.name, status, text)
-
-    def _replace_agent(self, welcome: m.Welcome) -> None:
-        """Stop an idle agent of another version, or refuse if it is busy."""
-        reply = self.agent.request(m.Shutdown(only_if_idle=True))
-        if not reply.ok:  # type: ignore[attr-defined]
-            raise VersionMismatch(
-                "cluster %s runs agent version %s (pid %d) with %s; this client needs version %s. "
-                "Wait for those jobs to end (scipion-cloudexec jobs %s), or install the agent's "
-                "version here." % (self.cluster.name, welcome.version, welcome.pid,
-                                   reply.detail, self.version, self.cluster.name))  # type: ignore
-        log.info("replaced idle agent %s on %s", welcome.version, self.cluster.name)
-        self.agent.disconnect()
-        pid = int(welcome.pid)
-        for _ in range(100):
-            if self.ssh.run("kill -0 %d" % pid).exit_status != 0:
-                return
-            time.sleep(0.1)
-
     # ---- jobs -----------------------------------------------------------------------------
+
+    def launcher_spec(self) -> LauncherSpec:
+        """How this cluster starts jobs, from its config."""
+        c = self.cluster
+        return LauncherSpec(kind=c.launcher, mpirun=list(c.mpirun), hosts=list(c.hosts),
+                            srun=list(c.srun), partition=c.partition, account=c.account,
+                            time=c.time)
 
     def job(self, argv: Sequence[str], *, ranks: int = 1, threads: int = 1,
             gpus: Sequence[int] = (), env: Optional[Dict[str, str]] = None,
             env_prepend: Optional[Dict[str, str]] = None, cwd: str = "",
             job_id: Optional[str] = None, label: str = "", launcher: Optional[str] = None,
             pool: str = "") -> JobSpec:
-        """A :class:`JobSpec` for this cluster: its launcher and ``env_setup``.
-
-        Args:
-            argv: program and arguments, as on the cluster (no shell).
-            ranks, threads: MPI ranks and threads per rank.
-            gpus: GPU numbers for ``CUDA_VISIBLE_DEVICES``.
-            env: extra environment variables.
-            env_prepend: values put in front of the cluster's own (``PATH``-like variables).
-            cwd: working directory on the cluster (default: the job's folder).
-            job_id: a stable id makes the submit idempotent (a second submit attaches).
-            label: shown by ``scipion-cloudexec jobs``.
-            launcher: override the cluster's launcher (``local``, ``mpirun``, ``slurm``, or
-                ``pool`` with *pool*: a worker pool started with :meth:`start_pool`).
-            pool: the worker pool's name, for ``launcher="pool"``.
-        """
-        return self.agent.job(argv, ranks=ranks, threads=threads, gpus=gpus, env=env,
-                              env_prepend=env_prepend, cwd=cwd, job_id=job_id, label=label,
-                              launcher=launcher, pool=pool)
+        """A :class:`JobSpec` for this cluster (its launcher and ``env_setup``), the arguments
+        named as JobSpec's fields; *launcher* overrides the cluster's (``local``, ``mpirun``,
+        ``slurm``), *pool* sends the job to a worker pool started by :meth:`start_pool`."""
+        spec = JobSpec(job_id=job_id or _new_job_id(), argv=[str(a) for a in argv], ranks=ranks,
+                       threads=threads, gpus=list(gpus), env=dict(env or {}),
+                       env_prepend=dict(env_prepend or {}), cwd=cwd,
+                       env_setup=self.cluster.env_setup, launcher=self.launcher_spec(),
+                       client=self.agent.client_name, label=label)
+        if launcher:
+            spec.launcher.kind = launcher
+        if pool:
+            spec.launcher.kind, spec.launcher.pool = "pool", pool
+        return spec
 
     def submit(self, job: Union[JobSpec, Sequence[str]], *,
                on_output: Optional[OutputCallback] = None, **fields) -> JobFuture:
@@ -283,10 +220,14 @@ class ClusterSession:
             return self.agent.attach(job_id, on_output, out_offset, err_offset)
 
     def start_pool(self, name: str, ranks: int, job_id: Optional[str] = None) -> JobFuture:
-        """Start an mpi4py worker pool of *ranks* ranks (see :meth:`AgentClient.start_pool`)."""
-        with self._boundary():
-            self._ensure_started()
-            return self.agent.start_pool(name, ranks, job_id)
+        """Start an mpi4py worker pool of *ranks* ranks through the cluster's launcher; then
+        ``submit(..., pool=name)`` queues single-rank jobs on it without an ``mpirun`` each.
+        Cancel its future's job to stop it. The cluster's python needs mpi4py."""
+        pool_dir = "%s/pools/%s" % (self.cluster.workdir.rstrip("/"), name)
+        return self.submit(self.job([self.cluster.python, bundle.remote_path(self.cluster),
+                                     "pool", "--dir", pool_dir], ranks=ranks,
+                                    job_id=job_id or "pool-" + name,
+                                    label="worker pool %s" % name))
 
     def cancel(self, job_id: str) -> str:
         """Cancel a job on the cluster; returns its state when asked."""

@@ -1,8 +1,7 @@
 """SSH to a cluster's head node with paramiko: key auth, host key checked, no prompts.
 
-All SSH code of the project lives here. An unknown host key is refused with its
-fingerprint and the exact known_hosts line to add once checked; a changed key is
-refused as a possible attack. Nothing is ever accepted silently.
+An unknown host key is refused with its fingerprint and the exact known_hosts line to add
+once checked; a changed key is refused as a possible attack. Nothing is accepted silently.
 """
 from __future__ import annotations
 
@@ -41,7 +40,7 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128
 
 class SSHError(ConnectionError, InfraError):
     """Base of the SSH failures; ``str()`` says what happened and what to do."""
-    down = True
+    down = True  # the cluster's link: not one job
 
 
 class HostUnreachable(SSHError):

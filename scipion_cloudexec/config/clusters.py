@@ -8,8 +8,11 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ..remote.launchers import LAUNCHERS as _LAUNCHERS
+
 CONFIG_ENV = "SCIPION_CLOUDEXEC_CONFIG"
-LAUNCHERS = ("mpirun", "slurm", "local")
+#: the launcher values of the clusters file (the registry: remote/launchers.py)
+LAUNCHERS = tuple(kind for kind, cls in _LAUNCHERS.items() if cls.configurable)
 SECTION_RE = re.compile(r"^cluster\s+([A-Za-z0-9][A-Za-z0-9_.-]*)$")
 GROUP_RE = re.compile(r"^group\s+([A-Za-z0-9][A-Za-z0-9_.-]*)$")
 

@@ -37,7 +37,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from ..cluster.agent_client import JobFuture
 from ..cluster.errors import JobError, JobLost, RequestRefused
 from ..cluster.session import ClusterSession
-from ..cluster.stager import EXTERNAL, StageReport, mirror_path
+from ..cluster.local_files import EXTERNAL, StageReport, mirror_path
 from ..cluster.sync import SyncConflict, SyncState, under
 from ..config import ClusterConfig
 from ..remote.jobs import JobState

@@ -1,4 +1,5 @@
-"""Starting the agent as a daemon: one per workdir, under a lock, its state in agent.json.
+"""Starting the agent as a daemon: one per workdir, under a lock, its state in agent.json;
+first, an idle agent of another protocol version in that workdir is retired.
 
 A workdir on a shared file system (NFS home) can be reached through several login nodes
 behind one host name. ``agent.json`` names the node its agent runs on and holds a lease
@@ -16,10 +17,14 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
+
+from ..version import PROTOCOL_VERSION
+from .jobs import JobSpec, JobState
 
 log = logging.getLogger("cloudexec.agent")
 
@@ -210,3 +215,94 @@ def _run_daemon(paths: AgentPaths, run: Callable[[AgentPaths], None]) -> None:
         code = 1
     finally:
         os._exit(code)
+
+
+def retire_other_protocol(workdir: str, wait: float = 20.0) -> Optional[Dict]:
+    """Run by ``start`` before it starts or reuses an agent: an agent of another protocol
+    version in this workdir cannot talk to this bundle's clients, so stop it (SIGTERM) if no
+    job is active in its journal; this bundle's agent then takes its place. Busy, it is left
+    alone and its state (no secret) with its active jobs (``jobs``) is returned; None when
+    the way is clear.
+
+    Jobs survive an agent's SIGTERM and the next agent adopts them, which is safe across
+    protocol versions only while the journal's rows still parse as this code's job specs:
+    checked once the old agent is gone (a job it accepted between the check and the
+    signal); if one does not, it is reported as busy too.
+    """
+    paths = AgentPaths(workdir)
+    if not os.path.exists(paths.state):
+        return None
+    os.makedirs(paths.dir, exist_ok=True)
+    with open(paths.lock, "w") as lock:  # the lock start_daemon takes: one starter at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(paths.state) as f:
+                state = json.load(f)
+            pid = int(state["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if state.get("protocol") == PROTOCOL_VERSION or not _agent_process(pid, workdir):
+            return None
+        public = {k: v for k, v in state.items() if k != "secret"}
+        jobs = _active_jobs(paths.journal)
+        if jobs:
+            return dict(public, jobs=jobs)
+        _note(paths, "stopping idle agent pid %d (protocol %s, version %s): a starter of "
+              "protocol %d takes its place" % (pid, state.get("protocol"), state.get("version"),
+                                                PROTOCOL_VERSION))
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        while _agent_process(pid, workdir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _agent_process(pid, workdir):  # no job to lose: it only holds the port
+            os.kill(pid, signal.SIGKILL)
+        unsafe = [j for j in _active_jobs(paths.journal) if not j.get("adoptable")]
+        if unsafe:
+            return dict(public, jobs=unsafe)
+    return None
+
+
+def _agent_process(pid: int, workdir: str) -> bool:
+    """*pid* runs (not a zombie) and is an agent of *workdir*: a stale agent.json's pid may
+    belong to another process by now."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+        return os.path.normpath(workdir) in [os.path.normpath(a) for a in argv if a]
+    except (OSError, IndexError):
+        return False
+
+
+def _active_jobs(journal: str) -> List[Dict]:
+    """Active jobs of a journal (maybe another version's), each marked ``adoptable`` when
+    its spec parses as this code's JobSpec."""
+    if not os.path.exists(journal):
+        return []
+    import sqlite3
+    db = sqlite3.connect(journal, timeout=30)
+    try:
+        finals = [s.value for s in JobState if s.final]
+        rows = db.execute("SELECT job_id, label, client, state, spec FROM jobs WHERE state "
+                          "NOT IN (%s)" % ",".join("?" * len(finals)), finals).fetchall()
+    except sqlite3.Error as e:
+        return [{"job_id": "?", "label": "unreadable journal: %s" % e, "adoptable": False}]
+    finally:
+        db.close()
+    out = []
+    for job_id, label, client, state, spec in rows:
+        try:
+            JobSpec.from_dict(json.loads(spec)).validate()
+            ok = True
+        except (TypeError, ValueError, KeyError):
+            ok = False
+        out.append({"job_id": job_id, "label": label, "client": client, "state": state,
+                    "adoptable": ok})
+    return out
+
+
+def _note(paths: AgentPaths, text: str) -> None:
+    with open(paths.log, "a") as f:
+        f.write("%s INFO %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), text))

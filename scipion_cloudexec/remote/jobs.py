@@ -107,8 +107,9 @@ class JobSpec:
             raise ValueError("argv must be a non-empty list of strings")
         if self.ranks < 1 or self.threads < 1:
             raise ValueError("ranks and threads must be at least 1")
-        if self.launcher.kind not in ("local", "mpirun", "slurm", "pool"):
-            raise ValueError("launcher %r: use local, mpirun, slurm or pool" % self.launcher.kind)
+        from .launchers import LAUNCHERS  # here: launchers.py imports this module
+        if self.launcher.kind not in LAUNCHERS:
+            raise ValueError("launcher %r: use %s" % (self.launcher.kind, ", ".join(LAUNCHERS)))
         for k in list(self.env) + list(self.env_prepend):
             if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
                 raise ValueError("environment variable name %r is not valid" % k)

@@ -24,6 +24,10 @@ class Launcher(abc.ABC):
 
     #: the ``launcher`` value of the clusters file this class serves
     kind = ""
+    #: the scheduler that runs its jobs: ``process`` (on the head node), ``slurm``, ``pool``
+    scheduler = "process"
+    #: a value users may give in the clusters file (not so the worker pool's)
+    configurable = True
 
     @abc.abstractmethod
     def command(self, spec: JobSpec, files: JobFiles) -> List[str]:
@@ -65,6 +69,7 @@ class MpirunLauncher(Launcher):
 class SrunLauncher(Launcher):
     """``srun`` inside a SLURM batch job; the ranks come from the allocation."""
     kind = "slurm"
+    scheduler = "slurm"
 
     def command(self, spec: JobSpec, files: JobFiles) -> List[str]:
         return list(spec.launcher.srun) + list(spec.argv)
@@ -73,12 +78,16 @@ class SrunLauncher(Launcher):
 class PoolLauncher(Launcher):
     """A job for a worker pool: one rank, started by the pool itself (see pool.py)."""
     kind = "pool"
+    scheduler = "pool"
+    configurable = False
 
     def command(self, spec: JobSpec, files: JobFiles) -> List[str]:
         return list(spec.argv)
 
 
-LAUNCHERS = {cls.kind: cls for cls in (LocalLauncher, MpirunLauncher, SrunLauncher, PoolLauncher)}
+#: the one registry of launchers: the clusters file, job validation, the scheduler that runs
+#: a job and the command line's ``--launcher`` all read it
+LAUNCHERS = {cls.kind: cls for cls in (MpirunLauncher, SrunLauncher, LocalLauncher, PoolLauncher)}
 
 
 def launcher_for(kind: str) -> Launcher:

@@ -26,6 +26,7 @@ import time
 from typing import Dict, NamedTuple, Optional, Tuple
 
 from .jobs import JobFiles, JobSpec, JobState
+from .launchers import LAUNCHERS
 from .pool import request_cancel
 
 log = logging.getLogger("cloudexec.agent")
@@ -333,4 +334,5 @@ class PoolScheduler(Scheduler):
 
 def scheduler_kind(launcher_kind: str) -> str:
     """Which scheduler serves a launcher: ``slurm``, ``pool`` or ``process``."""
-    return launcher_kind if launcher_kind in ("slurm", "pool") else "process"
+    launcher = LAUNCHERS.get(launcher_kind)
+    return launcher.scheduler if launcher is not None else "process"

@@ -18,12 +18,13 @@ named phases: ``process_messages``, ``collect_results``, ``reap_exits``,
 calls (sbatch, squeue, scancel...) never run on the loop (supervisor.py), so heartbeats
 and requests are answered whatever SLURM does.
 
-Shipped to the cluster: standard library and pyzmq only.
+Shipped to the cluster: standard library and pyzmq only. Over 400 lines: :class:`Agent`
+is one event loop and the message handlers that share its state (socket, watchers,
+journal, clients); starting it is daemon.py's, running jobs supervisor.py's.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import logging
@@ -41,7 +42,8 @@ import zmq
 
 from . import messages as m
 from ..version import PROTOCOL_VERSION, __version__
-from .daemon import AgentPaths, _read_state, lease_term, other_node, start_daemon, write_private
+from .daemon import (AgentPaths, _read_state, lease_term, other_node, retire_other_protocol,
+                     start_daemon, write_private)
 from .jobs import JobFiles, JobSpec, JobState
 from .journal import Journal
 from .schedulers import PoolScheduler, ProcessScheduler, Scheduler, scheduler_kind
@@ -537,97 +539,6 @@ class Agent:
             return
         self.send(identity, m.Done(rid=msg.rid, ok=True, detail="shutting down"))
         self.running = False
-
-
-def retire_other_protocol(workdir: str, wait: float = 20.0) -> Optional[Dict]:
-    """Run by ``start`` before it starts or reuses an agent: an agent of another protocol
-    version in this workdir cannot talk to this bundle's clients, so stop it (SIGTERM) if no
-    job is active in its journal; this bundle's agent then takes its place. Busy, it is left
-    alone and its state (no secret) with its active jobs (``jobs``) is returned; None when
-    the way is clear.
-
-    Jobs survive an agent's SIGTERM and the next agent adopts them, which is safe across
-    protocol versions only while the journal's rows still parse as this code's job specs:
-    checked once the old agent is gone (a job it accepted between the check and the
-    signal); if one does not, it is reported as busy too.
-    """
-    paths = AgentPaths(workdir)
-    if not os.path.exists(paths.state):
-        return None
-    os.makedirs(paths.dir, exist_ok=True)
-    with open(paths.lock, "w") as lock:  # the lock start_daemon takes: one starter at a time
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            with open(paths.state) as f:
-                state = json.load(f)
-            pid = int(state["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if state.get("protocol") == PROTOCOL_VERSION or not _agent_process(pid, workdir):
-            return None
-        public = {k: v for k, v in state.items() if k != "secret"}
-        jobs = _active_jobs(paths.journal)
-        if jobs:
-            return dict(public, jobs=jobs)
-        _note(paths, "stopping idle agent pid %d (protocol %s, version %s): a starter of "
-              "protocol %d takes its place" % (pid, state.get("protocol"), state.get("version"),
-                                                PROTOCOL_VERSION))
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + wait
-        while _agent_process(pid, workdir) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _agent_process(pid, workdir):  # no job to lose: it only holds the port
-            os.kill(pid, signal.SIGKILL)
-        unsafe = [j for j in _active_jobs(paths.journal) if not j.get("adoptable")]
-        if unsafe:
-            return dict(public, jobs=unsafe)
-    return None
-
-
-def _agent_process(pid: int, workdir: str) -> bool:
-    """*pid* runs (not a zombie) and is an agent of *workdir*: a stale agent.json's pid may
-    belong to another process by now."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            argv = f.read().decode(errors="replace").split("\0")
-        return os.path.normpath(workdir) in [os.path.normpath(a) for a in argv if a]
-    except (OSError, IndexError):
-        return False
-
-
-def _active_jobs(journal: str) -> List[Dict]:
-    """Active jobs of a journal (maybe another version's), each marked ``adoptable`` when
-    its spec parses as this code's JobSpec."""
-    if not os.path.exists(journal):
-        return []
-    import sqlite3
-    db = sqlite3.connect(journal, timeout=30)
-    try:
-        finals = [s.value for s in JobState if s.final]
-        rows = db.execute("SELECT job_id, label, client, state, spec FROM jobs WHERE state "
-                          "NOT IN (%s)" % ",".join("?" * len(finals)), finals).fetchall()
-    except sqlite3.Error as e:
-        return [{"job_id": "?", "label": "unreadable journal: %s" % e, "adoptable": False}]
-    finally:
-        db.close()
-    out = []
-    for job_id, label, client, state, spec in rows:
-        try:
-            JobSpec.from_dict(json.loads(spec)).validate()
-            ok = True
-        except (TypeError, ValueError, KeyError):
-            ok = False
-        out.append({"job_id": job_id, "label": label, "client": client, "state": state,
-                    "adoptable": ok})
-    return out
-
-
-def _note(paths: AgentPaths, text: str) -> None:
-    with open(paths.log, "a") as f:
-        f.write("%s INFO %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), text))
 
 
 def _peer(key: bytes) -> str:

@@ -6,7 +6,8 @@ project mirrors: inputs are hard links into the cache, run folders hold private 
 
 ``python agent.zip stage serve --workdir W`` then serves requests, one JSON line each, for as
 long as the channel stays open, so a client pays the SSH session start once. The requests,
-their answers and the version handshake are defined in :mod:`.stage_protocol`.
+their answers and the version handshake are defined in :mod:`.stage_protocol`. Over 400
+lines: one handler per request, each short; the cache they share is :mod:`.cache`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .cache import Cache, StageError
 from .hashing import BLOCK, HashCache, path_state
+from .paths import inside
 from .stage_protocol import (STAGE_PROTOCOL, BadRequest, CacheInfo, Hello, ListTree, Mirrors,
                              Remove, Request, Reset, Send, StageIn, decode, mismatch)
 
@@ -285,7 +287,7 @@ def cmd_list(cache: "Cache", hashes: HashCache, request: ListTree) -> None:
                 continue
             if stat.S_ISLNK(st.st_mode):
                 target = os.path.realpath(path)
-                if target != top and not target.startswith(top + os.sep):
+                if not inside(target, top):
                     refused.append([rel, "symbolic link to %s, outside %s"
                                     % (os.readlink(path), sub)])
                 else:

@@ -14,7 +14,9 @@ cancelled (``abandon``). A worker thread that cannot be started (``can't start n
 is started again with backoff, its calls waiting in its queue; a cancel that raised is
 tried again the same way.
 
-Shipped to the cluster with the agent: standard library only.
+Shipped to the cluster with the agent: standard library only. Over 400 lines: one job's
+life (submit, retries, status, cancel, end) across the worker threads is one state machine,
+which reads best whole.
 """
 from __future__ import annotations
 
@@ -347,7 +349,7 @@ class Supervisor:
             self.cancelled_pools.pop(pool, None)  # a new pool of that name starts afresh
 
     def _pool_served_by(self, job_id: str) -> Optional[str]:
-        """The worker pool that job *job_id* ran (see AgentClient.start_pool), or None."""
+        """The worker pool that job *job_id* ran (see ClusterSession.start_pool), or None."""
         sched = self.schedulers.get("pool")
         spec = self.journal.spec(job_id) if sched is not None else None
         argv = spec.argv if spec is not None else []

@@ -41,8 +41,8 @@ class _Cluster:
     failed_over: int = 0
 
     def view(self, cached: int = 0) -> ClusterView:
-        return ClusterView(self.name, self.slots, self.busy, True, self.seconds_per_job,
-                           self.gpus, cached)
+        return ClusterView(self.name, self.slots, self.busy, self.seconds_per_job, self.gpus,
+                           cached)
 
 
 class MultiClusterDispatcher:
@@ -111,13 +111,10 @@ class MultiClusterDispatcher:
         with self._cond:
             return any(c.down_until <= now for n, c in self.clusters.items() if n != name)
 
-    def _need(self, job: JobRequest) -> int:
-        return max(1, job.ranks * job.threads)
-
     def _acquire(self, job: JobRequest, prefer: Optional[str] = None) -> str:
         with self._cond:
             if prefer in self.clusters and self.clusters[prefer].down_until <= time.monotonic():
-                self.clusters[prefer].busy += self._need(job)
+                self.clusters[prefer].busy += job.slots
                 return prefer
             while True:
                 now = time.monotonic()
@@ -125,7 +122,7 @@ class MultiClusterDispatcher:
                            if c.down_until <= now]
                 name = self.policy.choose(job, healthy) if healthy else None
                 if name is not None:
-                    self.clusters[name].busy += self._need(job)
+                    self.clusters[name].busy += job.slots
                     return name
                 wake = [c.down_until - now for c in self.clusters.values() if c.down_until > now]
                 self._cond.wait(min(wake) if wake else None)
@@ -133,7 +130,7 @@ class MultiClusterDispatcher:
     def _release(self, name: str, job: JobRequest, seconds: Optional[float]) -> None:
         with self._cond:
             c = self.clusters[name]
-            c.busy -= self._need(job)
+            c.busy -= job.slots
             if seconds is not None:
                 c.done += 1
                 # recent jobs weigh most: a cluster that slows down gets less work soon

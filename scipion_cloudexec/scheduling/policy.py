@@ -19,11 +19,15 @@ from typing import Optional, Sequence, Tuple
 
 @dataclass(frozen=True)
 class JobRequest:
-    """What the policy knows of a job: its size and its inputs."""
+    """What the policy knows of a job: its size."""
     ranks: int = 1
     threads: int = 1
     gpus: Tuple[int, ...] = ()
-    input_bytes: int = 0
+
+    @property
+    def slots(self) -> int:
+        """The cores it takes: ranks times threads (at least one)."""
+        return max(1, self.ranks * self.threads)
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,6 @@ class ClusterView:
         name: the clusters-file name.
         slots: cores this plugin may use there (clusters file).
         busy: cores taken by this protocol's running jobs there.
-        healthy: False while the cluster is considered lost (it is then never offered).
         seconds_per_job: recent mean duration of this protocol's jobs there (0: unknown).
         gpus: GPU numbers the cluster offers.
         cached_bytes: how much of the job's input that cluster already holds (0: unknown).
@@ -42,7 +45,6 @@ class ClusterView:
     name: str
     slots: int
     busy: int
-    healthy: bool = True
     seconds_per_job: float = 0.0
     gpus: Tuple[int, ...] = ()
     cached_bytes: int = 0
@@ -75,7 +77,7 @@ class CapacityPolicy(Policy):
     """
 
     def choose(self, job: JobRequest, clusters: Sequence[ClusterView]) -> Optional[str]:
-        need = max(1, job.ranks * job.threads)
+        need = job.slots
         known = [c.seconds_per_job for c in clusters if c.seconds_per_job > 0]
         default = min(known) if known else 1.0
         fits = [c for c in clusters if c.free >= need or (c.busy == 0 and c.slots < need)]

@@ -125,7 +125,7 @@ def test_a_same_size_rewrite_within_the_mtime_granularity_is_hashed_again(tmp_pa
 
 def test_two_links_to_one_folder_are_both_walked(tmp_path):
     import os
-    from scipion_cloudexec.cluster.stager import _walk_dir
+    from scipion_cloudexec.cluster.local_files import _walk_dir
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
     (data / "sub" / "m.mrc").write_bytes(b"x")

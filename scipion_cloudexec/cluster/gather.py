@@ -1,0 +1,240 @@
+"""The receiving half of staging: a run folder's changes back from the cluster (three-way,
+see :mod:`.sync`) and ``fetch`` of any path under the workdir.
+
+Every file lands in a new temporary file beside its destination (created exclusively,
+never through a link) and is renamed into place only with the listing's hash; no path or
+link may lead out of the folder written into. Mixed into :class:`~.stager.Stager`, whose
+``_ask`` carries the requests.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..config import ClusterConfig
+from ..remote.hashing import BLOCK, HashCache, path_state
+from ..remote.paths import inside
+from ..remote.stage_protocol import ListTree, Send
+from .errors import DesktopFull, LinkLost, StagingError
+from .local_files import (TEMP_PREFIX, _UMASK, Progress, StageReport, _excluded, _temp_name,
+                          _tick)
+from .sync import DIR, GatherPlan, plan_gather, under
+
+
+class Gathering:
+    """``gather`` and ``fetch``, for :class:`~.stager.Stager`."""
+
+    cluster: ClusterConfig
+    hash_cache_path: str
+
+    def gather(self, project_root: str, project: str, run_dir: str, base: Dict[str, str],
+               exclude: Sequence[str] = (), progress: Optional[Progress] = None
+               ) -> StageReport:
+        """Bring what changed in the mirror's *run_dir* since *base* into the local run
+        folder (three-way, see :mod:`.sync`): files, folders (empty ones too), links that
+        stay inside the run folder, deletions. A path that changed locally too is left
+        alone and listed in ``report.conflicts``; a file that changed while it was sent
+        is left for the next gather (``report.deferred``); FIFOs, sockets and devices are
+        listed in ``report.skipped``. ``report.agreed`` holds the new base states."""
+        t0 = time.monotonic()
+        root = os.path.realpath(project_root)
+        run_dir = os.path.normpath(run_dir)
+        guard = os.path.realpath(os.path.join(root, run_dir))
+        remote_root = self.mirror_root(project)
+        _ch, listing = self._ask(ListTree(root=remote_root, dir=run_dir,
+                                          exclude=[os.path.relpath(e, run_dir) for e in exclude]))
+        if not listing.get("exists", True):
+            raise StagingError("the run folder %s is gone from the mirror on %s: nothing was "
+                               "changed locally; Restart the protocol" % (run_dir, self.cluster.name))
+        report = StageReport(refused=[tuple(r) for r in listing["refused"]],
+                             skipped=[tuple(r) for r in listing.get("skipped", [])])
+        remote: Dict[str, str] = {run_dir: DIR}
+        sizes: Dict[str, int] = {}
+        for rel, size, _mtime, sha in listing["files"]:
+            remote[rel], sizes[rel] = sha, size
+        remote.update((rel, DIR) for rel in listing.get("dirs", []))
+        remote.update((rel, "l:" + target) for rel, target in listing["links"])
+        for rel in [k for k in remote if not under(k, run_dir)]:  # no real walk says so
+            report.refused.append((rel, "outside %s" % run_dir))
+            del remote[rel]
+        remote = {k: v for k, v in remote.items() if not _excluded(k, exclude)}
+        base = {k: v for k, v in base.items() if under(k, run_dir) and not _excluded(k, exclude)}
+        memo = HashCache(self.hash_cache_path)
+        try:
+            plan = plan_gather(remote, sizes, base,
+                               lambda rel: path_state(os.path.join(root, rel), memo),
+                               self.cluster.name)
+        finally:
+            memo.close()
+        report.files = len(sizes)
+        report.bytes_total = sum(sizes.values())
+        report.conflicts = plan.conflicts
+        report.agreed.update(plan.agreed)
+        self._apply(plan, root, guard, remote_root, report, progress)
+        report.seconds = time.monotonic() - t0
+        return report
+
+    def _apply(self, plan: GatherPlan, root: str, guard: str, remote_root: str,
+               report: StageReport, progress: Optional[Progress]) -> None:
+        """Carry out a gather plan: files and links out of the way, folders, contents and
+        links, then folders the cluster removed (when empty)."""
+        def dest_of(rel: str) -> Optional[str]:
+            return self._guarded(root, guard, rel, report)
+
+        for rel, here in plan.delete:
+            if here != DIR and (dest := dest_of(rel)) is not None:
+                os.unlink(dest)
+                report.agreed[rel] = ""  # a folder made in its place below says so
+        for rel in sorted(plan.mkdirs, key=lambda r: r.count("/")):
+            if (dest := dest_of(rel)) is not None:
+                os.makedirs(dest, exist_ok=True)
+                report.agreed[rel] = DIR
+        for rel, target in plan.links:
+            if self._link(root, guard, rel, target, report):
+                report.agreed[rel] = "l:" + target
+        wanted = [(rel, dest, size, sha) for rel, size, sha in plan.fetch
+                  if (dest := dest_of(rel)) is not None]
+        if wanted:
+            self._receive(remote_root, wanted, report, progress)
+            fetched = set(report.fetched)
+            report.agreed.update((rel, sha) for rel, _d, _s, sha in wanted if rel in fetched)
+        for rel, here in sorted(plan.delete, key=lambda x: -x[0].count("/")):
+            if here == DIR and (dest := dest_of(rel)) is not None:
+                try:
+                    os.rmdir(dest)
+                    report.agreed[rel] = ""
+                except OSError:  # holds files made here since: they go up next time
+                    pass
+
+    def fetch(self, remote_path: str, to: str, progress: Optional[Progress] = None) -> StageReport:
+        """Copy a file or folder under the workdir (path relative to it) into folder *to*."""
+        rel = os.path.normpath(remote_path.strip("/"))
+        parent, name = os.path.split(rel)
+        remote_root = "%s/%s" % (self.cluster.workdir.rstrip("/"), parent) if parent \
+            else self.cluster.workdir
+        os.makedirs(to, exist_ok=True)
+        dest = os.path.realpath(to)
+        return self._fetch(remote_root, name, dest, dest, progress)
+
+    def _fetch(self, remote_root: str, sub: str, local_root: str, guard: str,
+               progress: Optional[Progress]) -> StageReport:
+        t0 = time.monotonic()
+        _ch, listing = self._ask(ListTree(root=remote_root, dir=sub))
+        report = StageReport(refused=[(r, why) for r, why in listing["refused"]])
+        wanted: List[Tuple[str, str, int, str]] = []
+        memo = HashCache(self.hash_cache_path)
+        try:
+            for rel, size, _mtime, sha in listing["files"]:
+                report.files += 1
+                report.bytes_total += size
+                report.hashes[rel] = sha
+                dest = self._guarded(local_root, guard, rel, report)
+                if dest is None:
+                    continue
+                if os.path.isfile(dest) and not os.path.islink(dest) and \
+                        os.path.getsize(dest) == size and memo.get(dest) == sha:
+                    report.unchanged += 1
+                    continue
+                wanted.append((rel, dest, size, sha))
+        finally:
+            memo.close()
+        for rel, target in listing["links"]:
+            self._link(local_root, guard, rel, target, report)
+        if wanted:
+            self._receive(remote_root, wanted, report, progress)
+        if report.deferred:
+            raise StagingError("files on %s changed while they were fetched: %s; fetch again "
+                               "once they are written" % (self.cluster.name,
+                                                          ", ".join(report.deferred)))
+        report.seconds = time.monotonic() - t0
+        return report
+
+    @staticmethod
+    def _guarded(local_root: str, guard: str, rel: str, report: StageReport) -> Optional[str]:
+        dest = os.path.join(local_root, rel)
+        parent = os.path.realpath(os.path.dirname(dest))
+        if os.path.isabs(rel) or ".." in rel.split(os.sep) or not inside(parent, guard) or (
+                os.path.islink(dest) and not inside(os.path.realpath(dest), guard, strictly=True)):
+            report.refused.append((rel, "would be written outside %s" % guard))
+            return None
+        return dest
+
+    def _link(self, local_root: str, guard: str, rel: str, target: str,
+              report: StageReport) -> bool:
+        """Make the symbolic link *rel* -> *target*, only if it resolves inside *guard*."""
+        dest = self._guarded(local_root, guard, rel, report)
+        if dest is None:
+            return False
+        resolved = os.path.realpath(os.path.join(os.path.dirname(dest), target))
+        if not inside(resolved, guard, strictly=True):
+            report.refused.append((rel, "symbolic link to %s, outside %s" % (target, guard)))
+            return False
+        if os.path.islink(dest) and os.readlink(dest) == target:
+            return True
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp = _temp_name(dest)
+        os.symlink(target, tmp)  # fails rather than follow anything already there
+        os.replace(tmp, dest)
+        report.fetched.append(rel)
+        return True
+
+    def _receive(self, remote_root: str, wanted: List[Tuple[str, str, int, str]],
+                 report: StageReport, progress: Optional[Progress]) -> None:
+        """Receive files ``(rel, dest, size, sha)``, *sha* from the listing. Each lands in
+        a new temporary file beside *dest* (created exclusively, never through a link) and
+        is renamed into place only with the listing's hash; one that changed since the
+        listing goes to ``report.deferred``, a corrupted one fails the gather."""
+        total = sum(w[2] for w in wanted)
+        ch, header = self._ask(Send(root=remote_root, paths=[w[0] for w in wanted]),
+                               bulk=self._wants_bulk(total))
+        bad: List[str] = []
+        try:
+            for i, (rel, dest, _size, sha) in enumerate(wanted):
+                if i:
+                    header = ch.line()
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                h = hashlib.sha256()
+                fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=os.path.dirname(dest))
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        left = header["size"]
+                        while left:
+                            block = ch.out.read(min(BLOCK, left))
+                            if not block:
+                                raise LinkLost("connection to %s lost while receiving %s"
+                                                   % (self.cluster.name, rel))
+                            f.write(block)
+                            h.update(block)
+                            left -= len(block)
+                            _tick(progress, report, len(block), total, i, len(wanted))
+                    trailer = ch.line()
+                    got = h.hexdigest()
+                    if got == sha:
+                        os.chmod(tmp, 0o666 & ~_UMASK)
+                        os.replace(tmp, dest)
+                        report.hashes[rel] = sha
+                        report.fetched.append(rel)
+                    elif got == trailer["sha256"]:
+                        report.deferred.append(rel)  # written to while sent: next time
+                    else:
+                        bad.append(rel)
+                finally:
+                    if os.path.lexists(tmp):
+                        os.unlink(tmp)
+        except OSError as e:
+            self._drop(ch)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DesktopFull(self.cluster.name, os.path.dirname(wanted[0][1]),
+                                  sum(w[2] for w in wanted)) from None
+            raise
+        except BaseException:
+            self._drop(ch)
+            raise
+        if bad:
+            raise StagingError("files from %s arrived corrupted and were not kept: %s"
+                               % (self.cluster.name, ", ".join(bad)))
+
