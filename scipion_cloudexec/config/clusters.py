@@ -43,8 +43,9 @@ def _seconds(value: str) -> float:
 
 
 def _launcher(value: str) -> str:
-    if value not in LAUNCHERS:
-        raise ValueError("must be one of: %s" % ", ".join(LAUNCHERS))
+    kinds = [kind for kind, cls in _LAUNCHERS.items() if cls.configurable]  # as registered now
+    if value not in kinds:
+        raise ValueError("must be one of: %s" % ", ".join(kinds))
     return value
 
 

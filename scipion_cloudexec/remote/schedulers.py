@@ -23,7 +23,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from .jobs import JobFiles, JobSpec, JobState
 from .launchers import LAUNCHERS
@@ -165,7 +165,7 @@ class ProcessScheduler(Scheduler):
     def submit(self, spec: JobSpec, files: JobFiles) -> Tuple[str, JobState]:
         try:
             with open(files.stdout, "ab") as out, open(files.stderr, "ab") as err:
-                proc = subprocess.Popen(["/bin/sh", files.script], stdin=subprocess.DEVNULL,
+                proc = subprocess.Popen(self.argv(files), stdin=subprocess.DEVNULL,
                                         stdout=out, stderr=err, close_fds=True,
                                         start_new_session=True)
         except OSError as e:  # nothing of the job ran: a fork or exec that failed
@@ -178,6 +178,10 @@ class ProcessScheduler(Scheduler):
             except (AttributeError, OSError):
                 pass  # no pidfd: status() polls instead
         return "%d:%s" % (proc.pid, _proc_start_time(proc.pid) or "?"), JobState.RUNNING
+
+    def argv(self, files: JobFiles) -> List[str]:
+        """The command that runs the job script (a subclass may put ``nice`` in front)."""
+        return ["/bin/sh", files.script]
 
     def exit_fds(self) -> Dict[int, str]:
         with self._lock:
@@ -330,6 +334,20 @@ class PoolScheduler(Scheduler):
         # queued, being taken or running: see pool.request_cancel for the handshake
         request_cancel(self.pool_dir(launcher_id.split(":", 1)[1]), os.path.basename(files.dir),
                        files.rc)
+
+
+def _slurm(workdir: str) -> Scheduler:
+    from .slurm import SlurmScheduler  # slurm.py imports this module
+    return SlurmScheduler()
+
+
+#: the one registry of schedulers: name -> factory given the agent's workdir; a launcher's
+#: ``scheduler`` names one, and the agent makes one of each
+SCHEDULERS: Dict[str, Callable[[str], Scheduler]] = {
+    "process": lambda workdir: ProcessScheduler(),
+    "slurm": _slurm,
+    "pool": lambda workdir: PoolScheduler(os.path.join(workdir, "pools")),
+}
 
 
 def scheduler_kind(launcher_kind: str) -> str:

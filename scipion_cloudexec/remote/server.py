@@ -46,8 +46,7 @@ from .daemon import (AgentPaths, _read_state, lease_term, other_node, retire_oth
                      start_daemon, write_private)
 from .jobs import JobFiles, JobSpec, JobState
 from .journal import Journal
-from .schedulers import PoolScheduler, ProcessScheduler, Scheduler, scheduler_kind
-from .slurm import SlurmScheduler
+from .schedulers import SCHEDULERS, Scheduler, scheduler_kind
 from .supervisor import Supervisor
 
 log = logging.getLogger("cloudexec.agent")
@@ -81,9 +80,8 @@ class Agent:
         self.heartbeat = heartbeat
         self.version = agent_version()
         self.secret = secrets.token_bytes(32)
-        self.schedulers: Dict[str, Scheduler] = {
-            "process": ProcessScheduler(), "slurm": SlurmScheduler(),
-            "pool": PoolScheduler(os.path.join(workdir, "pools"))}
+        self.schedulers: Dict[str, Scheduler] = {name: make(workdir)
+                                                 for name, make in SCHEDULERS.items()}
         self.clients: Dict[bytes, float] = {}            # identity -> last message (monotonic)
         self._drops: Dict[bytes, list] = {}  # peer -> [last warning, dropped since, reason]
         self.watchers: Dict[str, Dict[bytes, List[int]]] = {}  # job -> identity -> [out, err]

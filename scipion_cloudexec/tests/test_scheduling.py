@@ -118,19 +118,6 @@ def test_policy_prefers_faster_and_data_holding_clusters():
     assert p.choose(JobRequest(ranks=16), [ClusterView("idle-small", 8, 0)]) == "idle-small"
 
 
-def test_custom_policy_gpu_jobs_only_to_gpu_clusters():
-    class GpuJobsToGpuClusters(CapacityPolicy):
-        def choose(self, job, clusters):
-            if job.gpus:
-                clusters = [c for c in clusters if c.gpus]
-            return super().choose(job, clusters)
-
-    d = MultiClusterDispatcher([("cpu", 8, ()), ("gpu", 2, (0, 1))],
-                               policy=GpuJobsToGpuClusters())
-    where = [d.run(JobRequest(gpus=(0,)), lambda n, a: n, lambda e: False) for _ in range(5)]
-    assert where == ["gpu"] * 5
-
-
 def test_a_resumed_job_goes_back_where_it_was_sent():
     d = MultiClusterDispatcher([("small", 1, ()), ("big", 8, ())], down_for=60)
     assert d.run(JobRequest(), lambda n, a: n, lambda e: False) == "big"
