@@ -26,19 +26,22 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2> >(grep -v 'is ignored: it is neither' >&2)
   touch "$stamp"
 fi
-# pyzmq wheels for the system's bare python3, the Python of the tests' "nothing installed"
-# cluster (tests/test_provision.py): fetched here, so the tests reach no index themselves
+# pyzmq and mpi4py wheels for the system's bare python3, the Python of the tests' "nothing
+# installed" cluster (tests/test_provision.py): fetched here, so tests reach no index themselves
 BARE=/usr/bin/python3
-if [[ -x $BARE ]] && ! ls .venv/wheelhouse/pyzmq-*.whl >/dev/null 2>&1; then
-  echo "### downloading pyzmq wheels for $BARE into .venv/wheelhouse"
-  plats=$($BARE -c 'import platform as p; v = p.libc_ver()[1].split("."); m = p.machine()
-print(" ".join("--platform manylinux_2_%d_%s" % (i, m) for i in range(int(v[1]), 16, -1)),
-      "--platform manylinux2014_%s" % m)')
-  # shellcheck disable=SC2086
-  .venv/bin/pip download -q --disable-pip-version-check --only-binary=:all: --no-deps \
-    --python-version "$($BARE -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
-    --implementation cp $plats -d .venv/wheelhouse \
-    "pyzmq==$(.venv/bin/python -c 'import zmq; print(zmq.__version__)')" \
-    2> >(grep -v 'is ignored: it is neither' >&2)
-fi
+for pkg in pyzmq:zmq mpi4py:mpi4py; do
+  name=${pkg%%:*}; mod=${pkg##*:}
+  if [[ -x $BARE ]] && ! ls .venv/wheelhouse/"$name"-*.whl >/dev/null 2>&1; then
+    echo "### downloading a $name wheel for $BARE into .venv/wheelhouse"
+    plats=$($BARE -c 'import platform as p; v = p.libc_ver()[1].split("."); m = p.machine()
+print(" ".join("--platform manylinux_2_%d_%s" % (i, m) for i in range(int(v[1]), 4, -1)),
+      " ".join("--platform manylinux%s_%s" % (t, m) for t in ("2014", "2010", "1")))')
+    # shellcheck disable=SC2086
+    .venv/bin/pip download -q --disable-pip-version-check --only-binary=:all: --no-deps \
+      --python-version "$($BARE -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
+      --implementation cp $plats -d .venv/wheelhouse \
+      "$name==$(.venv/bin/python -c "import $mod; print($mod.__version__)")" \
+      2> >(grep -v 'is ignored: it is neither' >&2)
+  fi
+done
 echo "### ready: $(.venv/bin/python -c 'import scipion_cloudexec, pyworkflow, zmq, paramiko, mpi4py; print("scipion-cloudexec", scipion_cloudexec.__version__, "pyworkflow", pyworkflow.__version__, "pyzmq", zmq.__version__, "paramiko", paramiko.__version__, "mpi4py", mpi4py.__version__)')"

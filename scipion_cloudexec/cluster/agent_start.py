@@ -37,7 +37,7 @@ def start_agent(session: "ClusterSession") -> Dict:
     remote = provision.RemotePython.from_output(res.stdout.decode(errors="replace"))
     if res.exit_status != 0 and remote is not None:  # its python lacks pyzmq: add it
         try:
-            session.provisioned = provision.provide_pyzmq(ssh, c, remote)
+            session.provisioned = provision.provide(ssh, c, remote)
         except (provision.ProvisionError, OSError) as e:
             raise AgentStartError(str(e)) from None
         log.info("%s: %s", c.name, session.provisioned)
@@ -93,3 +93,23 @@ def replace_agent(session: "ClusterSession", welcome: m.Welcome) -> None:
         if session.ssh.run("kill -0 %d" % pid).exit_status != 0:
             return
         time.sleep(0.1)
+
+
+def ensure(session: "ClusterSession", module: str, package: str) -> None:
+    """Make *module* importable by the agent's python on the cluster, installing *package*
+    into the workdir if it is missing (see :mod:`.provision`).
+
+    Raises:
+        AgentStartError: it is missing and cannot be installed (says how to fix).
+    """
+    c = session.cluster
+    res = session.ssh.run(bundle.command(c, "has", module, package), timeout=60)
+    remote = provision.RemotePython.from_output(res.stdout.decode(errors="replace"))
+    if res.exit_status == 0 or remote is None:
+        return  # there (or the probe itself failed: the job will say why)
+    try:
+        done = provision.provide(session.ssh, c, remote)
+    except (provision.ProvisionError, OSError) as e:
+        raise AgentStartError(str(e)) from None
+    log.info("%s: %s", c.name, done)
+    session.provisioned = "; ".join(filter(None, (session.provisioned, done)))

@@ -30,7 +30,7 @@ from ..remote import messages as m
 from ..remote.jobs import JobSpec, LauncherSpec
 from ..version import PROTOCOL_VERSION
 from . import bundle
-from .agent_start import replace_agent, start_agent
+from .agent_start import ensure, replace_agent, start_agent
 from .agent_client import AgentClient, JobFuture, OutputCallback
 from .errors import InfraError, LinkLost, VersionMismatch
 from .ssh import SSHConnection, Target
@@ -222,7 +222,15 @@ class ClusterSession:
     def start_pool(self, name: str, ranks: int, job_id: Optional[str] = None) -> JobFuture:
         """Start an mpi4py worker pool of *ranks* ranks through the cluster's launcher; then
         ``submit(..., pool=name)`` queues single-rank jobs on it without an ``mpirun`` each.
-        Cancel its future's job to stop it. The cluster's python needs mpi4py."""
+        Cancel its future's job to stop it. When the cluster's python lacks mpi4py, it is
+        installed first as pyzmq is (:mod:`.provision`).
+
+        Raises:
+            AgentStartError: mpi4py is missing and cannot be installed (says how to fix).
+        """
+        with self._boundary():
+            self._ensure_started()
+            ensure(self, "mpi4py", "mpi4py")
         pool_dir = "%s/pools/%s" % (self.cluster.workdir.rstrip("/"), name)
         return self.submit(self.job([self.cluster.python, bundle.remote_path(self.cluster),
                                      "pool", "--dir", pool_dir], ranks=ranks,

@@ -127,8 +127,8 @@ KEYS: Dict[str, Key] = {k.name: k for k in [
         "remote root for the agent, job folders, project mirrors and the staging cache "
         "(absolute path on the cluster)", "/scratch/alice/cloudexec"),
     Key("python", _text, True, None,
-        "remote Python 3.9+ (pyzmq is added into the workdir if it lacks it; mpi4py for "
-        "the worker pool)", "/opt/cloudexec/venv/bin/python"),
+        "remote Python 3.9+ (pyzmq, and mpi4py for the worker pool, are added into the "
+        "workdir if it lacks them)", "/opt/cloudexec/venv/bin/python"),
     Key("launcher", _launcher, True, None,
         "how jobs start: mpirun (direct), slurm (sbatch + srun) or local (plain processes)", "mpirun"),
     Key("slots", _positive_int, True, None, "cores this plugin may use on the cluster", "32"),

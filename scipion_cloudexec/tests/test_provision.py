@@ -97,3 +97,20 @@ def test_no_wheel_anywhere_names_what_was_tried_and_the_fix(make_cluster, bare_p
     assert "cannot make pyzmq available to %s on %s" % (bare_python, c.name) in text
     assert "the cluster's package index:" in text and "pip download of pyzmq==" in text
     assert "'wheelhouse' in [cluster %s]" % c.name in text
+
+
+def test_worker_pool_on_a_bare_python_gets_mpi4py_too(make_cluster, bare_python):
+    """The pool needs mpi4py: it is added like pyzmq before the pool starts (its binary
+    wheel loads the cluster's own Open MPI at run time)."""
+    c = make_cluster("mpirun", python=bare_python, packages="upload", wheelhouse=WHEELHOUSE)
+    with ClusterSession(c) as client:
+        assert "from pyzmq-" in client.provisioned
+        pool = client.start_pool("bare", ranks=2)
+        assert "from mpi4py-" in client.provisioned, client.provisioned
+        out = {}
+        fut = client.submit(["/bin/sh", "-c", "echo on rank $CLOUDEXEC_POOL_RANK"],
+                            pool="bare", on_output=lambda s, d: out.setdefault(
+                                s, bytearray()).extend(d))
+        assert fut.result(120).exit_code == 0
+        assert bytes(out["stdout"]).startswith(b"on rank ")
+        client.cancel(pool.job_id)
