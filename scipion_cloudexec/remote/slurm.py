@@ -25,7 +25,9 @@ waited in a stalled slurmctld's socket) makes a job nobody releases, so it can n
 beside the retry. Such strays of a job whose ``sbatch`` was in doubt are looked for by name
 and folder while that job lives, and ``scancel``'d.
 
-Shipped to the cluster with the agent: standard library only.
+Shipped to the cluster with the agent: standard library only. Over 400 lines: every way
+SLURM answers or fails (held submits, strays, squeue, sacct, lost jobs) lives in this one
+scheduler, each next to the state it keeps.
 """
 from __future__ import annotations
 
