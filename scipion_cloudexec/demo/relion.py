@@ -69,12 +69,13 @@ def import_particles(project, stack: str, angpix: float, label: str = "import pa
     """pwem's ProtImportParticles for a stack (no CTF, no alignment), copied into the project
     so that the project holds its data; launched and waited for when *launch*."""
     from pwem.protocols import ProtImportParticles
-    prot = project.newProtocol(ProtImportParticles, objLabel=label,
+    prot = project.newProtocol(ProtImportParticles,
                                importFrom=ProtImportParticles.IMPORT_FROM_FILES,
                                filesPath=os.path.dirname(os.path.abspath(stack)),
                                filesPattern=os.path.basename(stack), samplingRate=angpix,
                                voltage=300.0, sphericalAberration=2.7, amplitudeContrast=0.1,
                                magnification=50000, copyFiles=True)
+    prot.setObjLabel(label)
     if launch:
         project.launchProtocol(prot, wait=True)
         prot = project.getProtocol(prot.getObjId())
@@ -86,10 +87,11 @@ def import_particles(project, stack: str, angpix: float, label: str = "import pa
 def import_micrographs(project, folder: str, angpix: float, label: str = "import micrographs"):
     """pwem's ProtImportMicrographs for ``mic_*.mrc`` in *folder*, copied into the project."""
     from pwem.protocols import ProtImportMicrographs
-    prot = project.newProtocol(ProtImportMicrographs, objLabel=label, filesPath=folder,
+    prot = project.newProtocol(ProtImportMicrographs, filesPath=folder,
                                filesPattern="mic_*.mrc", samplingRate=angpix, voltage=300.0,
                                sphericalAberration=2.7, amplitudeContrast=0.1,
                                magnification=50000, copyFiles=True)
+    prot.setObjLabel(label)
     project.launchProtocol(prot, wait=True)
     prot = project.getProtocol(prot.getObjId())
     if not prot.isFinished():
@@ -104,10 +106,11 @@ def classify2d(project, particles, classes: int, iterations: int, mpi: int,
     (a cloudexec queue of hosts.conf: a cluster name), its RELION job runs on that cluster.
     Not launched: ``project.launchProtocol(prot)``."""
     from relion.protocols import ProtRelionClassify2D
-    prot = project.newProtocol(ProtRelionClassify2D, objLabel=label, numberOfClasses=classes,
+    prot = project.newProtocol(ProtRelionClassify2D, numberOfClasses=classes,
                                numberOfIterations=iterations, doCTF=False, doGpu=False,
                                maskDiameterA=mask_diameter, numberOfMpi=mpi, numberOfThreads=1,
                                useParallelDisk=True, pooledParticles=3)
+    prot.setObjLabel(label)
     prot.inputParticles.set(particles)
     if queue:
         prot._useQueue.set(True)

@@ -71,17 +71,18 @@ def where_and_how_long(prot, desktop: Optional[str] = None,
     for index, step in enumerate(prot.loadSteps(), 1):
         name = step.funcName.get() if hasattr(step, "funcName") else type(step).__name__
         r = records.get(index)
+        status = step.getStatus() if hasattr(step, "getStatus") else "finished"
         if r is None:
-            where = "desktop (%s)" % desktop
+            where = "desktop (%s)" % desktop if status == "finished" else "(%s)" % status
             extra = ""
         else:
             host = (cluster_hosts or {}).get(r["cluster"], r.get("host", ""))
             where = "cluster %s: %s, %s, %d rank(s)" % (r["cluster"], host, r["launcher"],
                                                        r.get("ranks", 1))
             job = (r.get("ended") or 0) - (r.get("started") or 0)
-            extra = "  (job %.1f s there; %d file(s) staged in, %d gathered)" % (
-                job, len(r.get("inputs", {})), len(r.get("outputs", {})))
-        lines.append("    %-22s %-52s %6.1f s%s" % (name, where, _seconds(step), extra))
+            extra = "  (job %.1f s there, %s; %d file(s) staged in, %d gathered)" % (
+                job, r.get("state"), len(r.get("inputs", {})), len(r.get("outputs", {})))
+        lines.append("    %-19s %-50s %6.1f s%s" % (name, where, _seconds(step), extra))
     return lines
 
 

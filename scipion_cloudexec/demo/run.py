@@ -174,8 +174,9 @@ def demo(root: str, args) -> int:
         c2d = relion.classify2d(project, parts.outputParticles, args.classes, args.iterations,
                                 args.mpi, mask_diameter=150, label="relion 2D", queue=CLUSTER)
         from ..protocols import ProtCloudPowerSpectra
-        psd = project.newProtocol(ProtCloudPowerSpectra, objLabel="power spectra", downsample=2,
-                                  boxSize=128, numberOfThreads=3)
+        psd = project.newProtocol(ProtCloudPowerSpectra, downsample=2, boxSize=128,
+                                  numberOfThreads=3)
+        psd.setObjLabel("power spectra")
         psd.inputMicrographs.set(micsp.outputMicrographs)
         psd._useQueue.set(True)
         psd.setQueueParams([CLUSTER, {"QUEUE_FOR_JOBS": "Y"}])
@@ -219,18 +220,19 @@ def _report(clock: Clock, project, prots: list, host: PrivateHost, root: str, ar
     hosts = {CLUSTER: "%s (%s)" % (host.hostname, host.address)}
     out = ["", "=== where each step ran, and how long it took (steps + provenance) ==="]
     for p in prots:
-        out.append("  %s  [%s, %.1f s, %s]" % (p.getObjLabel(), p.getRunName(),
-                                               report.protocol_time(p), p.getStatus()))
+        out.append("  %s  (%s: %s, %.1f s)" % (p.getObjLabel(), os.path.basename(p.getWorkingDir()),
+                                               p.getStatus(), report.protocol_time(p)))
         out += report.where_and_how_long(p, desktop, hosts)
     out += ["", "=== output sets (project database %s) ===" % os.path.join(project.path,
                                                                           "project.sqlite")]
-    for p in prots:
-        out.append("  %-20s %s" % (p.getObjLabel(), "; ".join(report.output_sizes(p)) or "-"))
     c2d = prots[2]
-    if c2d.isFinished():
-        images, sizes = relion.class_averages(c2d)
-        out.append("  %-20s particles per class: %s (total %d of %d)"
-                   % ("", ", ".join(map(str, sizes)), sum(sizes), args.particles))
+    images, sizes = relion.class_averages(c2d) if c2d.isFinished() else (None, [])
+    for p in prots:
+        out.append("  %-19s %s" % (p.getObjLabel(), "; ".join(report.output_sizes(p)) or "-"))
+        if p is c2d and sizes:
+            out.append("  %-19s particles per class: %s (%d of the %d particles)"
+                       % ("", ", ".join(map(str, sizes)), sum(sizes), args.particles))
+    if sizes:
         png = project.path.rstrip("/") + "-class-averages.png"
         lib = synthetic.write_montage(png, images, ["%d ptcls" % s for s in sizes], zoom=2,
                                       title="RELION 2D classes, %d iterations on %s"
