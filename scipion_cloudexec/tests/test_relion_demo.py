@@ -1,0 +1,93 @@
+"""The demo's workflow as a test: RELION 2D classification (scipion-em-relion 3.1, Debian's
+RELION 3.1 with MPI) sent through the cloud executor to a host that cannot see the project,
+checked against the same run done locally: as many classes, every particle assigned, every
+iteration's files there, and the RELION job really ran on that host with its MPI ranks."""
+import os
+
+import pytest
+
+from scipion_cloudexec.config import ClusterConfig
+from scipion_cloudexec.demo import relion, synthetic
+from scipion_cloudexec.tests.conftest import _stop_agent
+from scipion_cloudexec.tests.test_executor import logs, provenance
+
+pytestmark = pytest.mark.slow
+
+PARTICLES, CLASSES, ITERATIONS, RANKS = 120, 3, 3, 2
+
+
+@pytest.fixture(scope="module")
+def relion_host(testbed, tmp_path_factory):
+    """A private host of this module's own (name, bridge and /24 apart from the
+    ``private_host`` fixture's), which sees the pytest base folder empty."""
+    from scipion_cloudexec.testbed.private import PrivateHost
+    why = relion.unavailable() or PrivateHost.unavailable()
+    if why:
+        pytest.skip(why)
+    host = PrivateHost(testbed, "r1", hide=[str(tmp_path_factory.getbasetemp())],
+                       bridge="cxrbr0", net="10.84.0")
+    try:
+        host.up()
+    except Exception as e:
+        host.down()
+        pytest.fail("the private host did not come up: %s" % e)
+    yield host
+    host.down()
+
+
+@pytest.fixture
+def relion_cluster(relion_host, testbed, tmp_path):
+    workdir = "%s/%s" % (relion_host.work, tmp_path.name)
+    yield ClusterConfig(
+        name="relionhost", host=relion_host.address, port=22, user=testbed.user,
+        identity_file=testbed.client_key, known_hosts=relion_host.known_hosts,
+        workdir=workdir, python=testbed.python, launcher="mpirun", slots=4, heartbeat=0.5,
+        connect_timeout=5.0, source="<test>",
+        mpirun=("mpirun", "--oversubscribe", "--bind-to", "none"))
+    if relion_host.pid is not None:
+        _stop_agent(relion_host.path(workdir))
+
+
+def test_relion_2d_on_a_private_host_matches_a_local_run(relion_cluster, relion_host,
+                                                         clusters_env, new_project, tmp_path,
+                                                         monkeypatch):
+    home = relion.relion_home(create_in=str(tmp_path))
+    assert home, "relion_refine_mpi is installed (checked by the fixture)"
+    monkeypatch.setenv("RELION_HOME", home)
+    clusters_env(relion_cluster)
+    data = tmp_path / "data"
+    volume = synthetic.test_volume(str(data / "volume.mrc"), 64, 3.0)
+    stack = synthetic.project_particles(volume, str(data / "particles"), PARTICLES, 3.0)
+    project = new_project("relion")
+    parts = relion.import_particles(project, stack, 3.0)
+    assert parts.outputParticles.getSize() == PARTICLES
+    runs = []
+    for queue in (None, relion_cluster.name):
+        prot = relion.classify2d(project, parts.outputParticles, CLASSES, ITERATIONS, RANKS,
+                                 mask_diameter=150, label="cloud" if queue else "local",
+                                 queue=queue)
+        project.launchProtocol(prot, wait=True)
+        runs.append(project.getProtocol(prot.getObjId()))
+    local, cloud = runs
+    assert local.isFinished(), logs(local)
+    assert cloud.isFinished(), logs(cloud)
+
+    for prot in (local, cloud):
+        classes = prot.outputClasses
+        assert classes.getSize() == CLASSES
+        sizes = [c.getSize() for c in classes]
+        assert sum(sizes) == PARTICLES, "every particle in a class: %s" % sizes
+        assert relion.iteration_files(prot, ITERATIONS) == [], "every iteration's files"
+        images, counts = relion.class_averages(prot)
+        assert images.shape == (CLASSES, 64, 64) and sorted(counts) == sorted(sizes)
+    assert sorted(os.listdir(cloud._getExtraPath())) == sorted(os.listdir(local._getExtraPath()))
+
+    # the RELION step ran on the private host, as an MPI job of RANKS ranks; the rest stayed
+    records = provenance(cloud)
+    assert [r["step"] for r in records] == [2], "only runRelionStep went to the cluster"
+    assert records[0]["host"] == relion_host.address and records[0]["ranks"] == RANKS
+    assert records[0]["exit_code"] == 0 and "relion_refine_mpi" in records[0]["command"]
+    text = logs(cloud)
+    assert "Number of MPI processes             = %d" % RANKS in text
+    assert "runs on host            = %s" % relion_host.hostname in text
+    assert not os.path.exists(os.path.join(local.getWorkingDir(), "logs", "cloudexec.jsonl"))
