@@ -100,16 +100,21 @@ def import_micrographs(project, folder: str, angpix: float, label: str = "import
 
 
 def classify2d(project, particles, classes: int, iterations: int, mpi: int,
-               mask_diameter: float, label: str = "relion 2D", queue: Optional[str] = None):
+               mask_diameter: float, label: str = "relion 2D", queue: Optional[str] = None,
+               seed: Optional[int] = 1):
     """scipion-em-relion's ProtRelionClassify2D on *particles* (a SetOfParticles), on the CPU,
     without CTF (the synthetic particles have none), *mpi* ranks of one thread. With *queue*
     (a cloudexec queue of hosts.conf: a cluster name), its RELION job runs on that cluster.
+    *seed*: RELION's ``--random_seed`` (None: RELION picks one from the clock), so that runs
+    of the same input with as many MPI ranks give the same classes wherever they run.
     Not launched: ``project.launchProtocol(prot)``."""
     from relion.protocols import ProtRelionClassify2D
     prot = project.newProtocol(ProtRelionClassify2D, numberOfClasses=classes,
                                numberOfIterations=iterations, doCTF=False, doGpu=False,
                                maskDiameterA=mask_diameter, numberOfMpi=mpi, numberOfThreads=1,
                                useParallelDisk=True, pooledParticles=3)
+    if seed is not None:
+        prot.extraParams.set("--random_seed %d" % seed)
     prot.setObjLabel(label)
     prot.inputParticles.set(particles)
     if queue:

@@ -56,6 +56,21 @@ def progress_of(prot) -> str:
     return words
 
 
+def relion_mpi_hosts(prot) -> str:
+    """RELION's own account of its MPI ranks and their hosts, from the step's log."""
+    path = os.path.join(prot.getWorkingDir(), "logs", "run.stdout")
+    try:
+        with open(path, errors="replace") as f:
+            text = _ANSI.sub("", f.read())
+    except OSError:
+        return ""
+    ranks = re.findall(r"Number of MPI processes\s*=\s*(\d+)", text)
+    hosts = re.findall(r"runs on host\s*=\s*(\S+)", text)
+    if not ranks:
+        return ""
+    return "RELION's log: %s MPI processes, on host %s" % (ranks[-1], ", ".join(sorted(set(hosts))))
+
+
 def _seconds(step) -> float:
     return step.getElapsedTime().total_seconds()
 

@@ -110,6 +110,36 @@ def _write_config(root: str, host: PrivateHost) -> None:
                    tb.python))
 
 
+def _seen_from_cluster(host: PrivateHost, path: str) -> str:
+    """What the cluster host sees at *path* (asked over SSH, as any login there would)."""
+    import subprocess
+    tb = host.tb
+    r = subprocess.run(["ssh", "-i", tb.client_key, "-o", "BatchMode=yes",
+                        "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=" +
+                        host.known_hosts, "%s@%s" % (tb.user, host.address),
+                        "hostname; test -e %s && echo present || echo absent" % path],
+                       capture_output=True, text=True, timeout=30)
+    words = r.stdout.split()
+    if r.returncode != 0 or len(words) != 2:
+        return "(could not ask the cluster: %s)" % (r.stderr.strip() or r.stdout.strip())
+    return "seen from %s: %s" % (words[0], "does not exist" if words[1] == "absent"
+                                 else "EXISTS (not a private host?)")
+
+
+def _gui_script(root: str) -> str:
+    """A script beside the demo's folders that opens the project in Scipion's GUI."""
+    path = os.path.join(root, "scipion-gui.sh")
+    env = "".join("export %s=%s\n" % (k, os.environ[k]) for k in (
+        "SCIPION_DOMAIN", "SCIPION_HOME", "SCIPION_USER_DATA", "SCIPION_CLOUDEXEC_CONFIG",
+        "RELION_HOME", "OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"))
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n# opens the demo's project in the Scipion GUI (written by the demo)\n"
+                "%sexec %s -O -m pyworkflow.apps.pw_project %s \"$@\"\n"
+                % (env, sys.executable, PROJECT))
+    os.chmod(path, 0o755)
+    return path
+
+
 def _wait(project, prots: list, clock: Clock) -> list:
     """Wait for protocols launched without waiting, showing where each one is."""
     import psutil
@@ -165,7 +195,8 @@ def demo(root: str, args) -> int:
             manager.deleteProject(PROJECT)
         project = manager.createProject(PROJECT)
         os.chdir(project.path)
-        clock.say("Scipion project %s at %s" % (PROJECT, project.path))
+        clock.say("Scipion project %s at %s; %s" % (PROJECT, project.path,
+                                                    _seen_from_cluster(host, project.path)))
         parts = relion.import_particles(project, stack, ANGPIX)
         clock.say("import particles (desktop): %s" % ", ".join(report.output_sizes(parts)))
         micsp = relion.import_micrographs(project, os.path.dirname(mics[0]), ANGPIX)
@@ -230,6 +261,7 @@ def _report(clock: Clock, project, prots: list, host: PrivateHost, root: str, ar
     for p in prots:
         out.append("  %-19s %s" % (p.getObjLabel(), "; ".join(report.output_sizes(p)) or "-"))
         if p is c2d and sizes:
+            out.append("  %-19s %s" % ("", report.relion_mpi_hosts(c2d)))
             out.append("  %-19s particles per class: %s (%d of the %d particles)"
                        % ("", ", ".join(map(str, sizes)), sum(sizes), args.particles))
     if sizes:
@@ -239,14 +271,11 @@ def _report(clock: Clock, project, prots: list, host: PrivateHost, root: str, ar
                                             % (args.iterations, host.hostname))
         out += ["", "=== class averages ===", "  %s  (%d classes, written with %s)"
                 % (png, len(sizes), lib)]
-    env = " ".join("%s=%s" % (k, os.environ[k]) for k in (
-        "SCIPION_HOME", "SCIPION_USER_DATA", "SCIPION_CLOUDEXEC_CONFIG", "RELION_HOME"))
     out += ["", "=== more ===",
-            "  provenance of the RELION step: %s -m scipion_cloudexec.cli provenance %s"
+            "  the RELION step's provenance (command, hashes of what was staged and gathered):",
+            "    %s -m scipion_cloudexec.cli provenance %s"
             % (sys.executable, os.path.join(project.path, c2d.getWorkingDir())),
-            "  open the project in the Scipion GUI:",
-            "    %s SCIPION_DOMAIN=pwem %s -O -m pyworkflow.apps.pw_project %s"
-            % (env, sys.executable, PROJECT)]
+            "  open the project in the Scipion GUI:", "    " + _gui_script(root)]
     if not args.keep:
         out.append("    (new runs on cluster %r need it up: run the demo with --keep)" % CLUSTER)
     clock.say("done in %.0f s" % (time.monotonic() - clock.t0))

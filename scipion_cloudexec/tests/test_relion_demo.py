@@ -1,9 +1,11 @@
 """The demo's workflow as a test: RELION 2D classification (scipion-em-relion 3.1, Debian's
 RELION 3.1 with MPI) sent through the cloud executor to a host that cannot see the project,
-checked against the same run done locally: as many classes, every particle assigned, every
-iteration's files there, and the RELION job really ran on that host with its MPI ranks."""
+checked against the same run done locally: as many classes, every particle assigned (to the
+same class: both runs use one random seed), every iteration's files there, the same class
+averages, and the RELION job really ran on that host with its MPI ranks."""
 import os
 
+import numpy as np
 import pytest
 
 from scipion_cloudexec.config import ClusterConfig
@@ -72,15 +74,22 @@ def test_relion_2d_on_a_private_host_matches_a_local_run(relion_cluster, relion_
     assert local.isFinished(), logs(local)
     assert cloud.isFinished(), logs(cloud)
 
+    seen = []
     for prot in (local, cloud):
         classes = prot.outputClasses
         assert classes.getSize() == CLASSES
-        sizes = [c.getSize() for c in classes]
-        assert sum(sizes) == PARTICLES, "every particle in a class: %s" % sizes
+        assignment = {p.getObjId(): c.getObjId() for c in classes.iterItems()
+                      for p in c.iterItems()}
+        assert sorted(assignment) == list(range(1, PARTICLES + 1)), "every particle in a class"
         assert relion.iteration_files(prot, ITERATIONS) == [], "every iteration's files"
         images, counts = relion.class_averages(prot)
-        assert images.shape == (CLASSES, 64, 64) and sorted(counts) == sorted(sizes)
+        assert images.shape == (CLASSES, 64, 64) and sum(counts) == PARTICLES
+        seen.append((assignment, images))
     assert sorted(os.listdir(cloud._getExtraPath())) == sorted(os.listdir(local._getExtraPath()))
+    # the same random seed and MPI ranks: the same classes, wherever RELION ran
+    assert seen[1][0] == seen[0][0], "each particle in the same class as in the local run"
+    scale = float(np.abs(seen[0][1]).max())
+    assert np.allclose(seen[1][1], seen[0][1], rtol=1e-5, atol=1e-5 * scale)
 
     # the RELION step ran on the private host, as an MPI job of RANKS ranks; the rest stayed
     records = provenance(cloud)
