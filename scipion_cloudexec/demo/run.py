@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -160,8 +161,15 @@ def _wait(project, prots: list, clock: Clock) -> list:
     return out
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt()
+
+
 def demo(root: str, args) -> int:
     clock = Clock()
+    # Ctrl-C, and a kill, stop what the demo started (even where the shell ignores SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     why = relion.unavailable() or PrivateHost.unavailable()
     if why:
         clock.say("cannot run the demo: %s" % why)
@@ -227,13 +235,17 @@ def demo(root: str, args) -> int:
         _report(clock, project, [parts, micsp, c2d, psd], host, root, args)
         return 1 if failed else 0
     except KeyboardInterrupt:
-        clock.say("interrupted")
+        clock.say("interrupted: stopping the protocols (their cluster jobs are cancelled) "
+                  "and the cluster")
         return 130
     finally:
         if project is not None:
             for prot in launched:  # interrupted: Scipion's Stop also cancels the cluster jobs
                 try:
-                    project.stopProtocol(project.getProtocol(prot.getObjId()))
+                    project._updateProtocol(prot)
+                    prot = project.getProtocol(prot.getObjId())
+                    if prot.isActive():
+                        project.stopProtocol(prot)
                 except Exception as e:
                     clock.say("could not stop %s: %s" % (prot.getObjLabel(), e))
         if args.keep:
