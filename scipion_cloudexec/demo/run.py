@@ -127,6 +127,12 @@ def _seen_from_cluster(host: PrivateHost, path: str) -> str:
                                  else "EXISTS (not a private host?)")
 
 
+def _cli() -> str:
+    """How to call the plugin's command line from here."""
+    script = os.path.join(os.path.dirname(sys.executable), "scipion-cloudexec")
+    return script if os.access(script, os.X_OK) else "%s -m scipion_cloudexec.cli" % sys.executable
+
+
 def _gui_script(root: str) -> str:
     """A script beside the demo's folders that opens the project in Scipion's GUI."""
     path = os.path.join(root, "scipion-gui.sh")
@@ -285,8 +291,7 @@ def _report(clock: Clock, project, prots: list, host: PrivateHost, root: str, ar
                 % (png, len(sizes), lib)]
     out += ["", "=== more ===",
             "  the RELION step's provenance (command, hashes of what was staged and gathered):",
-            "    %s -m scipion_cloudexec.cli provenance %s"
-            % (sys.executable, os.path.join(project.path, c2d.getWorkingDir())),
+            "    %s provenance %s" % (_cli(), os.path.join(project.path, c2d.getWorkingDir())),
             "  open the project in the Scipion GUI:", "    " + _gui_script(root)]
     if not args.keep:
         out.append("    (new runs on cluster %r need it up: run the demo with --keep)" % CLUSTER)
