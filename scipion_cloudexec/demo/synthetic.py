@@ -3,7 +3,8 @@
 * :func:`test_volume`: a 64^3 asymmetric "molecule" (a few Gaussian domains of different
   sizes), written as an MRC file.
 * :func:`project_particles`: RELION's own ``relion_project`` projects it at uniformly random
-  orientations and adds white Gaussian noise: a stack of particles and its STAR file.
+  orientations (drawn here, from a seed) and adds white Gaussian noise: a stack of particles
+  and its STAR file.
 * :func:`micrographs_from_particles`: a few micrographs made of those particles on a noisy
   background with CTF-like rings, for the power-spectra protocol.
 * :func:`write_montage`: the class averages side by side, each with its particle count, as a
@@ -41,12 +42,31 @@ def test_volume(path: str, size: int = 64, angpix: float = 3.0) -> str:
     return path
 
 
+def random_orientations(path: str, n: int, angpix: float, size: int, seed: int = 1) -> str:
+    """A RELION 3.1 particle STAR file of *n* orientations drawn uniformly over the sphere
+    (rot, psi uniform; cos(tilt) uniform) from *seed*, for ``relion_project --ang``."""
+    rng = np.random.default_rng(seed)
+    rot, psi = rng.uniform(0, 360, n), rng.uniform(0, 360, n)
+    tilt = np.degrees(np.arccos(rng.uniform(-1, 1, n)))
+    with open(path, "w") as f:
+        f.write("\n# version 30001\n\ndata_optics\n\nloop_\n_rlnOpticsGroup #1\n"
+                "_rlnOpticsGroupName #2\n_rlnImagePixelSize #3\n_rlnImageSize #4\n"
+                "_rlnImageDimensionality #5\n_rlnVoltage #6\n_rlnSphericalAberration #7\n"
+                "1 optics1 %.6f %d 2 300.0 2.7\n\n" % (angpix, size))
+        f.write("# version 30001\n\ndata_particles\n\nloop_\n_rlnAngleRot #1\n"
+                "_rlnAngleTilt #2\n_rlnAnglePsi #3\n_rlnOpticsGroup #4\n")
+        for a in zip(rot, tilt, psi):
+            f.write("%.4f %.4f %.4f 1\n" % a)
+    return path
+
+
 def project_particles(volume: str, out_root: str, n: int, angpix: float = 3.0,
-                      noise: float = 4.0, env: Optional[dict] = None,
+                      noise: float = 4.0, env: Optional[dict] = None, seed: int = 1,
                       program: str = "relion_project") -> str:
-    """Project *volume* at *n* uniformly random orientations with ``relion_project`` and add
-    white noise of standard deviation *noise*; returns the stack ``<out_root>.mrcs`` (its
-    orientations are in ``<out_root>.star``).
+    """Project *volume* with ``relion_project`` at *n* orientations drawn uniformly from
+    *seed* and add white noise of standard deviation *noise*; returns the stack
+    ``<out_root>.mrcs`` (its orientations are in ``<out_root>.star``). The same arguments
+    write the same bytes (``--nr_uniform`` would draw the orientations from the clock).
 
     Raises:
         FileNotFoundError: ``relion_project`` is not installed (``apt-get install relion``).
@@ -58,9 +78,14 @@ def project_particles(volume: str, out_root: str, n: int, angpix: float = 3.0,
                                 "scripts/setup.sh does)" % program)
     folder, name = os.path.split(os.path.abspath(out_root))
     os.makedirs(folder, exist_ok=True)
+    import mrcfile
+    with mrcfile.open(volume, header_only=True) as m:
+        size = int(m.header.nx)
+    angles = random_orientations(os.path.join(folder, name + "_angles.star"), n, angpix, size,
+                                 seed)
     r = subprocess.run([exe, "--i", os.path.abspath(volume), "--o", name,
-                        "--nr_uniform", str(n), "--add_noise", "--white_noise", str(noise),
-                        "--angpix", str(angpix)], cwd=folder, env=env,
+                        "--ang", os.path.basename(angles), "--add_noise",
+                        "--white_noise", str(noise), "--angpix", str(angpix)], cwd=folder, env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stack = os.path.join(folder, name + ".mrcs")
     if r.returncode != 0 or not os.path.exists(stack):

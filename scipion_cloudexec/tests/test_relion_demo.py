@@ -11,7 +11,7 @@ import pytest
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.demo import relion, synthetic
 from scipion_cloudexec.tests.conftest import _stop_agent
-from scipion_cloudexec.tests.test_executor import logs, provenance
+from scipion_cloudexec.tests.test_executor import logs, provenance, wait_done
 
 pytestmark = pytest.mark.slow
 
@@ -64,13 +64,13 @@ def test_relion_2d_on_a_private_host_matches_a_local_run(relion_cluster, relion_
     parts = relion.import_particles(project, stack, 3.0)
     assert parts.outputParticles.getSize() == PARTICLES
     runs = []
-    for queue in (None, relion_cluster.name):
+    for queue in (None, relion_cluster.name):  # at once: each has one RELION follower rank
         prot = relion.classify2d(project, parts.outputParticles, CLASSES, ITERATIONS, RANKS,
                                  mask_diameter=150, label="cloud" if queue else "local",
                                  queue=queue)
-        project.launchProtocol(prot, wait=True)
-        runs.append(project.getProtocol(prot.getObjId()))
-    local, cloud = runs
+        project.launchProtocol(prot, wait=False)
+        runs.append(prot)
+    local, cloud = [wait_done(project, prot, timeout=600) for prot in runs]
     assert local.isFinished(), logs(local)
     assert cloud.isFinished(), logs(cloud)
 
