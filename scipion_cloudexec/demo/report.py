@@ -14,7 +14,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"STARTED: (\w+), step (\d+)")
 _FINISHED = re.compile(r"FINISHED: (\w+), step (\d+)")
 _ITERATION = re.compile(r"Expectation iteration (\d+) of (\d+)")
-_CLOUD = re.compile(r"cloudexec: (job \S+ on cluster \S+|staged [^\n]*)")
+_ON_CLUSTER = re.compile(r"cloudexec: job \S+ on cluster (\S+)")
 
 
 def provenance(prot) -> Dict[int, dict]:
@@ -32,7 +32,8 @@ def provenance(prot) -> Dict[int, dict]:
 
 
 def progress_of(prot) -> str:
-    """A few words on where *prot* is, from its log: its step, RELION's iteration."""
+    """A few words on where *prot* is, from its log: the running step, where it runs, RELION's
+    iteration, how many steps are done."""
     path = os.path.join(prot.getWorkingDir(), "logs", "run.stdout")
     try:
         with open(path, errors="replace") as f:
@@ -40,20 +41,20 @@ def progress_of(prot) -> str:
     except OSError:
         return "starting"
     started = _STARTED.findall(text)
-    finished = len(_FINISHED.findall(text))
+    done = len(_FINISHED.findall(text))
     if not started:
         return "starting"
-    words = "%d/%d steps done" % (finished, max(len(started), finished))
-    running = [name for name, _ in started][finished:] if finished < len(started) else []
-    if running:
-        words += ", running %s" % running[-1]
-    it = _ITERATION.findall(text)
-    if it and running and "Relion" in running[-1]:
-        words += " (iteration %s of %s)" % it[-1]
-    elif running and _CLOUD.findall(text):
-        last = _CLOUD.findall(text)[-1]
-        words += " (%s)" % (last if len(last) < 60 else last[:57] + "...")
-    return words
+    words = ""
+    if done < len(started):
+        words = started[-1][0]
+        it = _ITERATION.findall(text)
+        cluster = _ON_CLUSTER.findall(text)
+        if cluster:
+            words += " on " + cluster[-1]
+        if it and "Relion" in words:
+            words += ", iteration %s/%s" % it[-1]
+        words += "; "
+    return words + "%d step(s) done" % done
 
 
 def relion_mpi_hosts(prot) -> str:
