@@ -96,7 +96,8 @@ def stop_cluster(root: str) -> int:
     return 0
 
 
-def _write_config(root: str, host: PrivateHost) -> None:
+def _write_config(host: PrivateHost) -> None:
+    """hosts.conf (the cluster as a cloudexec queue) and the clusters file."""
     home = os.environ["SCIPION_HOME"]
     os.makedirs(os.path.join(home, "config"), exist_ok=True)
     with open(os.path.join(home, "config", "hosts.conf"), "w") as f:
@@ -113,13 +114,17 @@ def _write_config(root: str, host: PrivateHost) -> None:
 
 def _seen_from_cluster(host: PrivateHost, path: str) -> str:
     """What the cluster host sees at *path* (asked over SSH, as any login there would)."""
+    import shlex
     import subprocess
     tb = host.tb
-    r = subprocess.run(["ssh", "-i", tb.client_key, "-o", "BatchMode=yes",
-                        "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=" +
-                        host.known_hosts, "%s@%s" % (tb.user, host.address),
-                        "hostname; test -e %s && echo present || echo absent" % path],
-                       capture_output=True, text=True, timeout=30)
+    try:
+        r = subprocess.run(["ssh", "-i", tb.client_key, "-o", "BatchMode=yes",
+                            "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=" +
+                            host.known_hosts, "%s@%s" % (tb.user, host.address),
+                            "hostname; test -e %s && echo present || echo absent"
+                            % shlex.quote(path)], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return "(could not ask the cluster: %s)" % e
     words = r.stdout.split()
     if r.returncode != 0 or len(words) != 2:
         return "(could not ask the cluster: %s)" % (r.stderr.strip() or r.stdout.strip())
@@ -150,10 +155,15 @@ def _gui_script(root: str) -> str:
 def _wait(project, prots: list, clock: Clock) -> list:
     """Wait for protocols launched without waiting, showing where each one is."""
     import psutil
+
+    def running(pid: int) -> bool:
+        try:
+            return bool(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
     pids = {p.getObjId(): p.getPid() for p in prots}
     while True:
-        alive = [p for p in prots if pids[p.getObjId()] and psutil.pid_exists(pids[p.getObjId()])
-                 and psutil.Process(pids[p.getObjId()]).status() != psutil.STATUS_ZOMBIE]
+        alive = [p for p in prots if running(pids[p.getObjId()])]
         clock.status(" | ".join("%s: %s" % (p.getObjLabel(), report.progress_of(p)
                                             if p in alive else "ended") for p in prots))
         if not alive:
@@ -188,7 +198,7 @@ def demo(root: str, args) -> int:
                   "sshd + OpenMPI, a filesystem view without %s/desktop"
                   % (host.hostname, host.ns, root))
         host.up()
-        _write_config(root, host)
+        _write_config(host)
         clock.say("cluster %r at %s:22 is up; hosts.conf queue %r -> it (SCIPION_HOME=%s)"
                   % (CLUSTER, host.address, CLUSTER, os.environ["SCIPION_HOME"]))
 
