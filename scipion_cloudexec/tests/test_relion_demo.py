@@ -13,8 +13,6 @@ from scipion_cloudexec.demo import relion, synthetic
 from scipion_cloudexec.tests.conftest import _stop_agent
 from scipion_cloudexec.tests.test_executor import logs, provenance, wait_done
 
-pytestmark = pytest.mark.slow
-
 PARTICLES, CLASSES, ITERATIONS, RANKS = 120, 3, 3, 2
 
 
@@ -50,6 +48,7 @@ def relion_cluster(relion_host, testbed, tmp_path):
         _stop_agent(relion_host.path(workdir))
 
 
+@pytest.mark.slow
 def test_relion_2d_on_a_private_host_matches_a_local_run(relion_cluster, relion_host,
                                                          clusters_env, new_project, tmp_path,
                                                          monkeypatch):
@@ -100,3 +99,51 @@ def test_relion_2d_on_a_private_host_matches_a_local_run(relion_cluster, relion_
     assert "Number of MPI processes             = %d" % RANKS in text
     assert "runs on host            = %s" % relion_host.hostname in text
     assert not os.path.exists(os.path.join(local.getWorkingDir(), "logs", "cloudexec.jsonl"))
+
+
+@pytest.mark.slow
+def test_the_demo_runs_end_to_end_and_stops_what_it_started(tmp_path):
+    """The README's first command, small: exit 0, the steps ran on the demo's host, the PNG
+    is written beside the project, and neither the host nor its namespace is left."""
+    import subprocess
+    import sys
+    from scipion_cloudexec.demo.run import BRIDGE, HOST_NAME
+    from scipion_cloudexec.testbed.private import PrivateHost
+    why = relion.unavailable() or PrivateHost.unavailable()
+    if why:
+        pytest.skip(why)
+    root = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "scipion_cloudexec.demo", "--root", str(root),
+                        "--particles", "60", "--classes", "2", "--iterations", "2", "--mpi", "2"],
+                       capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "seen from cluster-demo: does not exist" in out
+    assert "runRelionStep       cluster demo: cluster-demo" in out
+    assert "RELION's log: 2 MPI processes, on host cluster-demo" in out
+    assert "(60 of the 60 particles)" in out
+    png = root / "desktop" / "projects" / "relion_demo-class-averages.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.access(root / "scipion-gui.sh", os.X_OK)
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "cxp-" + HOST_NAME not in netns.split()
+    assert subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode != 0
+
+
+def test_montage_png_without_an_image_library_holds_the_pixels(tmp_path):
+    images = np.random.default_rng(0).normal(size=(3, 16, 16)).astype(np.float32)
+    grid = synthetic.montage_array(images, zoom=2)
+    assert grid.shape == (4 + 32 + 4, 3 * (32 + 4) + 4)
+    path = str(tmp_path / "m.png")
+    synthetic.write_png_gray(path, grid)
+    PIL = pytest.importorskip("PIL.Image")  # read back with an independent decoder
+    assert np.array_equal(np.asarray(PIL.open(path)), grid)
+
+
+def test_orientations_are_uniform_and_reproducible(tmp_path):
+    a = synthetic.random_orientations(str(tmp_path / "a.star"), 2000, 3.0, 64, seed=5)
+    b = synthetic.random_orientations(str(tmp_path / "b.star"), 2000, 3.0, 64, seed=5)
+    assert open(a).read() == open(b).read()
+    rows = [line.split() for line in open(a) if line.count(" ") == 3 and line[0].isdigit()]
+    tilt = np.radians([float(r[1]) for r in rows])
+    assert len(rows) == 2000 and abs(np.cos(tilt).mean()) < 0.05, "cos(tilt) uniform in [-1, 1]"
