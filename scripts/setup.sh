@@ -36,5 +36,23 @@ if [[ -n $refine && ! -e $relion_home/bin/relion_refine_mpi ]]; then
   mkdir -p "$relion_home/bin"
   for p in "$(dirname "$refine")"/relion_*; do ln -sfn "$p" "$relion_home/bin/"; done
 fi
+# pyzmq and mpi4py wheels for the system's bare python3, the Python of the tests' "nothing
+# installed" cluster (tests/test_provision.py): fetched here, so tests reach no index themselves
+BARE=/usr/bin/python3
+for pkg in pyzmq:zmq mpi4py:mpi4py; do
+  name=${pkg%%:*}; mod=${pkg##*:}
+  if [[ -x $BARE ]] && ! ls .venv/wheelhouse/"$name"-*.whl >/dev/null 2>&1; then
+    echo "### downloading a $name wheel for $BARE into .venv/wheelhouse"
+    plats=$($BARE -c 'import platform as p; v = p.libc_ver()[1].split("."); m = p.machine()
+print(" ".join("--platform manylinux_2_%d_%s" % (i, m) for i in range(int(v[1]), 4, -1)),
+      " ".join("--platform manylinux%s_%s" % (t, m) for t in ("2014", "2010", "1")))')
+    # shellcheck disable=SC2086
+    .venv/bin/pip download -q --disable-pip-version-check --only-binary=:all: --no-deps \
+      --python-version "$($BARE -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
+      --implementation cp $plats -d .venv/wheelhouse \
+      "$name==$(.venv/bin/python -c "import $mod; print($mod.__version__)")" \
+      2> >(grep -v 'is ignored: it is neither' >&2)
+  fi
+done
 echo "### ready: $(.venv/bin/python -c 'import scipion_cloudexec, pyworkflow, zmq, paramiko, mpi4py; print("scipion-cloudexec", scipion_cloudexec.__version__, "pyworkflow", pyworkflow.__version__, "pyzmq", zmq.__version__, "paramiko", paramiko.__version__, "mpi4py", mpi4py.__version__)')"
 echo "### RELION $(relion_refine --version 2>/dev/null | sed -n 's/^RELION version: *//p') in $relion_home, scipion-em-relion $(.venv/bin/python -c 'import relion; print(relion.__version__)')"
