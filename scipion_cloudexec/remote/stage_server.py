@@ -22,7 +22,7 @@ import stat
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import BinaryIO, Dict, List, Optional, Tuple
 
 from .cache import Cache, StageError
 from .hashing import BLOCK, HashCache, path_state
@@ -68,19 +68,29 @@ class StallingInput(io.RawIOBase):
 
 
 ALIVE = 1.0  # seconds between keep-alive lines while a request is worked on
-_OUT = threading.Lock()  # one writer of lines at a time: answers and keep-alives
 
 
-def _reply(obj) -> None:
-    with _OUT:
-        sys.stdout.buffer.write(json.dumps(obj).encode() + b"\n")
-        sys.stdout.buffer.flush()
+class Answers:
+    """The server's output stream: JSON lines (answers and keep-alives, one writer at a
+    time) and, for :class:`Send`, raw bytes between them."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream = stream
+        self._lock = threading.Lock()
+
+    def line(self, obj) -> None:
+        with self._lock:
+            self.stream.write(json.dumps(obj).encode() + b"\n")
+            self.stream.flush()
 
 
 class _KeepAlive:
     """While a request is worked on (hashing a large output, copying a large file), a
     ``{"alive": 1}`` line every ALIVE seconds: the client's dead-link timer measures the
     link, not the server's work. Not used while raw bytes are being sent."""
+
+    def __init__(self, out: Answers):
+        self.out = out
 
     def __enter__(self) -> "_KeepAlive":
         self._stop = threading.Event()
@@ -90,7 +100,7 @@ class _KeepAlive:
 
     def _beat(self) -> None:
         while not self._stop.wait(ALIVE):
-            _reply({"alive": 1})
+            self.out.line({"alive": 1})
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
@@ -101,8 +111,8 @@ class StreamBroken(StageError):
     """The byte stream is out of step with the requests: the server must stop."""
 
 
-def cmd_in(cache: "Cache", hashes: HashCache, request: StageIn, stdin: io.BufferedReader
-           ) -> None:
+def cmd_in(cache: "Cache", hashes: HashCache, request: StageIn, stdin: io.BufferedReader,
+           out: Answers) -> None:
     """Files of ``[rel, size, sha]`` are inputs: hard links into the cache. Files of
     ``[rel, size, sha, base, shared]`` belong to a run folder: written only where the
     mirror still holds *base* (what the client last synced; "" for nothing), as private
@@ -167,13 +177,13 @@ def cmd_in(cache: "Cache", hashes: HashCache, request: StageIn, stdin: io.Buffer
     if request.check:  # link what is here; the client sends the rest in a later request
         _count(cache, mirror, 0, 0)
         linked, same, errors = _link_all(cache, mirror_root, todo, set(missing), private)
-        _reply(dict(answer, linked=linked, unchanged=unchanged + same, repaired=repaired,
+        out.line(dict(answer, linked=linked, unchanged=unchanged + same, repaired=repaired,
                     errors=errors, conflicts=conflicts))
         return
     if needed > free:
-        _reply({"error": "nospace", "needed": needed, "free": max(free, 0)})
+        out.line({"error": "nospace", "needed": needed, "free": max(free, 0)})
         return
-    _reply(answer)
+    out.line(answer)
     errors: List[str] = []
     bad: List[str] = []  # arrived with another hash: changed while sent, or corrupted
     refused: set = set()  # could not resume: another upload took the partial file
@@ -199,7 +209,7 @@ def cmd_in(cache: "Cache", hashes: HashCache, request: StageIn, stdin: io.Buffer
                                           private)
     unchanged += same
     errors += link_errors
-    _reply({"received": received, "linked": linked, "unchanged": unchanged,
+    out.line({"received": received, "linked": linked, "unchanged": unchanged,
             "repaired": repaired, "errors": errors, "bad": bad, "conflicts": conflicts})
 
 
@@ -253,7 +263,7 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def cmd_list(cache: "Cache", hashes: HashCache, request: ListTree) -> None:
+def cmd_list(cache: "Cache", hashes: HashCache, request: ListTree, out: Answers) -> None:
     """Files (with hashes), folders and links under R/D, without following links and
     without opening anything but regular files; links must stay under R/D."""
     root = os.path.realpath(request.root)
@@ -297,7 +307,7 @@ def cmd_list(cache: "Cache", hashes: HashCache, request: ListTree) -> None:
             else:  # never opened: a FIFO would hang the listing, a socket fail it
                 skipped.append([rel, _KINDS.get(stat.S_IFMT(st.st_mode), "special file")])
     hashes.flush()
-    _reply({"files": files, "links": links, "refused": refused, "dirs": dirs,
+    out.line({"files": files, "links": links, "refused": refused, "dirs": dirs,
             "skipped": skipped, "exists": os.path.isdir(top)})
 
 
@@ -305,7 +315,7 @@ _KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "characte
           stat.S_IFBLK: "block device"}
 
 
-def cmd_reset(cache: "Cache", request: Reset) -> None:
+def cmd_reset(cache: "Cache", request: Reset, out: Answers) -> None:
     """Empty a run folder of a mirror (a restarted run starts from nothing)."""
     mirror = safe_rel(request.mirror)
     if not mirror.startswith("projects/"):
@@ -316,10 +326,10 @@ def cmd_reset(cache: "Cache", request: Reset) -> None:
             os.unlink(path)
         else:
             shutil.rmtree(path)
-    _reply({"ok": True})
+    out.line({"ok": True})
 
 
-def cmd_rm(cache: "Cache", hashes: HashCache, request: Remove) -> None:
+def cmd_rm(cache: "Cache", hashes: HashCache, request: Remove, out: Answers) -> None:
     """Delete ``[rel, expected]`` paths of a mirror where they still hold *expected*
     (files and links first, then folders deepest first, only when empty)."""
     mirror_root = os.path.join(cache.workdir, safe_rel(request.mirror))
@@ -340,15 +350,15 @@ def cmd_rm(cache: "Cache", hashes: HashCache, request: Remove) -> None:
         except OSError:  # a folder holding files the client does not know of
             conflicts.append([rel, now])
     hashes.flush()
-    _reply({"deleted": deleted, "conflicts": conflicts})
+    out.line({"deleted": deleted, "conflicts": conflicts})
 
 
-def cmd_send(cache: "Cache", request: Send) -> None:
+def cmd_send(cache: "Cache", request: Send, answers: Answers) -> None:
     """Each path: a header, its bytes, a trailer with their hash. A file gone since the
     listing is sent empty, one that is now a link or a FIFO likewise (never opened): the
     client sees the hash differ from the listing's and leaves it for the next gather."""
     root = request.root
-    out = sys.stdout.buffer
+    out = answers.stream
     for rel in request.paths:
         path = os.path.join(root, safe_rel(rel))
         try:
@@ -372,7 +382,7 @@ def cmd_send(cache: "Cache", request: Send) -> None:
     out.flush()
 
 
-def cmd_cache(cache: "Cache", request: CacheInfo) -> None:
+def cmd_cache(cache: "Cache", request: CacheInfo, out: Answers) -> None:
     """Entries and bytes of the cache; with gc, drop objects no mirror links to (under the
     publish lock, and only those old enough not to be on their way into a mirror)."""
     workdir, gc = cache.workdir, bool(request.gc)
@@ -402,25 +412,30 @@ def cmd_cache(cache: "Cache", request: CacheInfo) -> None:
             partial += os.path.getsize(os.path.join(cache.partial, n))
         except FileNotFoundError:  # published or cleaned up meanwhile
             pass
-    _reply({"entries": entries, "bytes": size, "partial_bytes": partial, "dropped": dropped,
+    out.line({"entries": entries, "bytes": size, "partial_bytes": partial, "dropped": dropped,
             "freed": freed, "free": shutil.disk_usage(workdir).free})
 
 
-def cmd_mirrors(cache: "Cache", request: Mirrors) -> None:
+def cmd_mirrors(cache: "Cache", request: Mirrors, out: Answers) -> None:
     rows = cache.db.execute("SELECT mirror, bytes, files, updated FROM mirrors").fetchall()
-    _reply({"mirrors": [dict(zip(("mirror", "bytes", "files", "updated"), r)) for r in rows]})
+    out.line({"mirrors": [dict(zip(("mirror", "bytes", "files", "updated"), r)) for r in rows]})
 
 
-def serve(workdir: str) -> int:
-    """Answer requests from stdin until it closes. The first must be a :class:`Hello` of
-    this protocol: another version is answered ``{"error": "protocol"}`` and the server
-    exits 3 without reading on (it would misread the requests)."""
+def serve(workdir: str, stdin_fd: int = 0, stdout: Optional[BinaryIO] = None) -> int:
+    """Answer requests from *stdin_fd* on *stdout* (the process's own by default) until
+    the input closes. The first must be a :class:`Hello` of this protocol: another version
+    is answered ``{"error": "protocol"}`` and the server exits 3 without reading on (it
+    would misread the requests)."""
     cache = Cache(workdir)
     hashes = HashCache(os.path.join(workdir, "cache", "hashes.sqlite"))
-    stdin = io.BufferedReader(StallingInput(sys.stdin.fileno()), BLOCK)
-    handlers = {StageIn: lambda c, r: cmd_in(c, hashes, r, stdin), CacheInfo: cmd_cache,
-                ListTree: lambda c, r: cmd_list(c, hashes, r), Reset: cmd_reset,
-                Remove: lambda c, r: cmd_rm(c, hashes, r), Mirrors: cmd_mirrors}
+    stdin = io.BufferedReader(StallingInput(stdin_fd), BLOCK)
+    out = Answers(stdout if stdout is not None else sys.stdout.buffer)
+    handlers = {StageIn: lambda c, r: cmd_in(c, hashes, r, stdin, out),
+                ListTree: lambda c, r: cmd_list(c, hashes, r, out),
+                Remove: lambda c, r: cmd_rm(c, hashes, r, out),
+                CacheInfo: lambda c, r: cmd_cache(c, r, out),
+                Reset: lambda c, r: cmd_reset(c, r, out),
+                Mirrors: lambda c, r: cmd_mirrors(c, r, out)}
     greeted = False
     try:
         while True:
@@ -434,20 +449,20 @@ def serve(workdir: str) -> int:
                         raise BadRequest("the first request must be hello, not %s" % request.CMD)
                     why = mismatch(request.protocol)
                     if why:
-                        _reply({"error": "protocol", "detail": why, "protocol": STAGE_PROTOCOL})
+                        out.line({"error": "protocol", "detail": why, "protocol": STAGE_PROTOCOL})
                         return 3
                     greeted = True
-                    _reply({"ok": True, "protocol": STAGE_PROTOCOL})
+                    out.line({"ok": True, "protocol": STAGE_PROTOCOL})
                 elif isinstance(request, Send):  # raw bytes: nothing may come between them
-                    cmd_send(cache, request)
+                    cmd_send(cache, request, out)
                 else:
-                    with _KeepAlive():
+                    with _KeepAlive(out):
                         handlers[type(request)](cache, request)
             except StreamBroken as e:
-                _reply({"error": "failed", "detail": str(e)})
+                out.line({"error": "failed", "detail": str(e)})
                 return 2
             except (StageError, OSError, ValueError, KeyError) as e:  # BadRequest too
-                _reply({"error": "failed", "detail": "%s: %s" % (type(e).__name__, e)})
+                out.line({"error": "failed", "detail": "%s: %s" % (type(e).__name__, e)})
     finally:
         hashes.close()
 

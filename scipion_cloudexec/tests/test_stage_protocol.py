@@ -97,6 +97,30 @@ def test_the_server_answers_a_hello_of_its_own_protocol_and_serves(tmp_path):
     assert lines == [{"ok": True, "protocol": sp.STAGE_PROTOCOL}, {"mirrors": []}]
 
 
+def test_the_server_runs_in_process_on_any_byte_stream(tmp_path):
+    """No SSH, no subprocess: the server's handlers answer on the stream they are given."""
+    import io
+    from scipion_cloudexec.remote.stage_server import serve
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d" / "f.txt").write_bytes(b"hello")
+    r, w = os.pipe()
+    os.write(w, sp.Hello().encode() + sp.ListTree(root=str(tree), dir="d").encode()
+             + sp.Send(root=str(tree), paths=["d/f.txt"]).encode())
+    os.close(w)
+    out = io.BytesIO()
+    try:
+        assert serve(str(tmp_path / "work"), stdin_fd=r, stdout=out) == 0
+    finally:
+        os.close(r)
+    lines = out.getvalue().split(b"\n")
+    assert json.loads(lines[0]) == {"ok": True, "protocol": sp.STAGE_PROTOCOL}
+    listing = json.loads(lines[1])
+    assert [f[0] for f in listing["files"]] == ["d/f.txt"] and listing["exists"]
+    assert json.loads(lines[2]) == {"path": "d/f.txt", "size": 5}
+    assert lines[3].startswith(b"hello") and b"sha256" in lines[3]
+
+
 def test_the_server_refuses_a_request_before_the_hello(tmp_path):
     proc = server(os.path.dirname(PKG), str(tmp_path / "work"))
     out, _err = proc.communicate(sp.Mirrors().encode(), timeout=30)
