@@ -183,9 +183,15 @@ class ClusterSession:
         ``slurm``), *pool* sends the job to a worker pool started by :meth:`start_pool`."""
         spec = JobSpec(job_id=job_id or _new_job_id(), argv=[str(a) for a in argv], ranks=ranks,
                        threads=threads, gpus=list(gpus), env=dict(env or {}),
-                       env_prepend=dict(env_prepend or {}), cwd=cwd,
-                       env_setup=self.cluster.env_setup, launcher=self.launcher_spec(),
-                       client=self.agent.client_name, label=label)
+                       env_prepend=dict(env_prepend or {}), cwd=cwd, label=label)
+        return self.for_cluster(spec, launcher, pool)
+
+    def for_cluster(self, spec: JobSpec, launcher: Optional[str] = None, pool: str = ""
+                    ) -> JobSpec:
+        """*spec* (as ``translate`` makes it) with this cluster's launcher, ``env_setup`` and
+        this client's name filled in; *launcher* and *pool* as for :meth:`job`."""
+        spec.env_setup, spec.launcher, spec.client = (self.cluster.env_setup,
+                                                       self.launcher_spec(), self.agent.client_name)
         if launcher:
             spec.launcher.kind = launcher
         if pool:

@@ -3,7 +3,7 @@
 ::
 
     run(step, runJob args)
-      translate -> RemoteCommand                 (translate.py)
+      translate -> RemoteCommand (a JobSpec)     (translate.py)
       stage_in(inputs, then the run folder)      inputs: what the cluster lacks; run folder:
                                                  what changed here since the last sync
       submit(job id = project-run-step-n)        the same id on resume: attach, never rerun;
@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import replace
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..cluster.agent_client import JobFuture
@@ -293,9 +294,7 @@ class ClusterRunner:
             out = sys.stdout if stream == "stdout" else sys.stderr
             out.write(data.decode(errors="replace"))
             out.flush()
-        spec = self.session.job(cmd.argv, ranks=cmd.ranks, threads=cmd.threads, gpus=cmd.gpus,
-                                env=cmd.env, env_prepend=cmd.env_prepend, cwd=cmd.cwd,
-                                job_id=job_id, label=label, pool=pool)
+        spec = self.session.for_cluster(replace(cmd.spec, job_id=job_id, label=label), pool=pool)
         return self.session.submit(spec, on_output=to_log)
 
     def stage_out(self, say: Callable[[str], None]) -> StageReport:

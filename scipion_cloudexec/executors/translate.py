@@ -16,10 +16,12 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from pyworkflow.constants import RUN_JOB_GPU_PARAM, RUN_JOB_GPU_PARAM_SEARCH
+
+from ..remote.jobs import JobSpec
 
 PATH_LIKE = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "LIBRARY_PATH", "CPATH", "MANPATH")
 # never sent: they describe the desktop session, not the program
@@ -30,15 +32,27 @@ LOCAL_ONLY = {"HOME", "USER", "LOGNAME", "PWD", "OLDPWD", "SHELL", "TERM", "DISP
 
 @dataclass
 class RemoteCommand:
-    """What the cluster runs for one ``runJob``."""
-    argv: List[str]
-    ranks: int
-    threads: int
-    gpus: List[int]
-    env: Dict[str, str] = field(default_factory=dict)
-    env_prepend: Dict[str, str] = field(default_factory=dict)
-    cwd: str = ""
-    shown: str = ""  # the command line as run there, for the log and provenance
+    """What the cluster runs for one ``runJob``: the job as the wire carries it (its id,
+    launcher and client are the session's to fill in) and the command line as run there,
+    for the log and provenance."""
+    spec: JobSpec
+    shown: str = ""
+
+    @property
+    def ranks(self) -> int:
+        return self.spec.ranks
+
+    @property
+    def threads(self) -> int:
+        return self.spec.threads
+
+    @property
+    def gpus(self) -> List[int]:
+        return self.spec.gpus
+
+    @property
+    def cwd(self) -> str:
+        return self.spec.cwd
 
 
 class PathMapper:
@@ -122,6 +136,7 @@ def translate(program: str, params, *, ranks: int, threads: int, gpus: Sequence[
     prepend = getattr(env, "getPrepend", lambda: "")() if env is not None else ""
     if prepend:
         line = "%s %s" % (mapper(prepend), line)
-    return RemoteCommand(argv=["/bin/sh", "-c", line], ranks=max(1, int(ranks)),
-                         threads=max(1, int(threads)), gpus=rgpus, env=sets,
-                         env_prepend=prepends, cwd=mapper.cwd(cwd, project_root), shown=line)
+    spec = JobSpec(job_id="", argv=["/bin/sh", "-c", line], ranks=max(1, int(ranks)),
+                   threads=max(1, int(threads)), gpus=rgpus, env=sets, env_prepend=prepends,
+                   cwd=mapper.cwd(cwd, project_root))
+    return RemoteCommand(spec, shown=line)
