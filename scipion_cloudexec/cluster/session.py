@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from typing import Dict, Iterator, List, Optional, Sequence, Union
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 def _new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
+
 
 #: an executor's client name: ``scipion:<mirror>:<protocol id>`` (status shows what each
 #: protocol staged through its mirror's name)
@@ -82,6 +84,7 @@ class ClusterSession:
         self.closed = False  # by close(): a call still under way fails as LinkLost
         self.provisioned = ""  # what was installed on the cluster for the agent, if anything
         self._started = False
+        self._start_lock = threading.Lock()  # two first submits start one agent
 
     # ---- life cycle ---------------------------------------------------------------------
 
@@ -114,9 +117,12 @@ class ClusterSession:
             InfraError: ``HostUnreachable``, ``UnknownHostKey``, ``HostKeyChanged``,
                 ``AuthRefused``, ``SSHError``.
         """
-        if not self.ssh.active:
-            with self._boundary():
-                self.ssh.connect()
+        if self.ssh.active:
+            return
+        if self._started:  # the agent's tunnel went with it: no quiet new connection
+            raise LinkLost("connection to %s lost" % self.cluster.name)
+        with self._boundary():
+            self.ssh.connect()
 
     def start(self) -> m.Welcome:
         """Connect, start or reuse the agent, open the tunnel and shake hands.
@@ -336,8 +342,9 @@ class ClusterSession:
     # ---- the boundary -----------------------------------------------------------------------
 
     def _ensure_started(self) -> None:
-        if not self._started:
-            self.start()
+        with self._start_lock:
+            if not self._started:
+                self.start()
 
     @contextlib.contextmanager
     def _boundary(self) -> Iterator[None]:
