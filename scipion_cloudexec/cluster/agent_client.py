@@ -87,6 +87,7 @@ class AgentClient:
         self._broken: Optional[AgentLost] = None
         self._lock = threading.Lock()
         self.last_heard = 0.0
+        self._direct = False  # connected without SSH (connect's *address*)
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -94,9 +95,10 @@ class AgentClient:
     def _version(self) -> str:
         return bundle.build()[1]
 
-    def connect(self, state: Dict) -> m.Welcome:
+    def connect(self, state: Dict, address: str = "") -> m.Welcome:
         """Open the tunnel to the agent of *state* (its ``READY`` line), start the IO
-        thread and shake hands.
+        thread and shake hands. With *address* (``tcp://127.0.0.1:PORT``), connect there
+        directly instead, without SSH: an agent on this machine (tests of the agent logic).
 
         Raises:
             VersionMismatch: the agent refused this client's protocol.
@@ -105,12 +107,14 @@ class AgentClient:
         self.disconnect()
         self._secret = bytes.fromhex(state["secret"])
         self.agent_state = {k: v for k, v in state.items() if k != "secret"}
-        fwd = self.ssh.forward(int(state["port"]))
+        self._direct = bool(address)
+        if not address:
+            address = self.ssh.forward(int(state["port"])).address
         self._broken = None
         self._stop.clear()
         self._wake_r, self._wake_w = os.pipe()
         self.last_heard = time.monotonic()
-        self._thread = threading.Thread(target=self._io_loop, args=(fwd.address,),
+        self._thread = threading.Thread(target=self._io_loop, args=(address,),
                                         name="cloudexec-io-%s" % self.cluster.name, daemon=True)
         self._thread.start()
         hello = m.Hello(client=self.client_name, version=self._version, protocol=PROTOCOL_VERSION)
@@ -278,8 +282,9 @@ class AgentClient:
                     sock.send_multipart(m.encode(m.Ping(), self._secret))
                     next_ping = now + hb
                 silent = now - self.last_heard
-                if silent > 3 * hb or not self.ssh.active:
-                    why = ("SSH connection closed" if not self.ssh.active else
+                ssh_gone = not (self._direct or self.ssh.active)
+                if silent > 3 * hb or ssh_gone:
+                    why = ("SSH connection closed" if ssh_gone else
                            "no heartbeat for %.1f s (bound %.1f s)" % (silent, 3 * hb))
                     self._fail_all(AgentLost(self.cluster.name, self.cluster.host, why))
                     return

@@ -34,6 +34,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from typing import Deque, Dict, List, Optional, Tuple
@@ -168,7 +169,8 @@ class Agent:
                         previous.get("pid"), time.time() - float(previous.get("lease_until", 0)))
         self.jobs.adopt()
         self.write_state()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        if threading.current_thread() is threading.main_thread():  # else: run in-process
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         log.info("agent %s pid %d listening on 127.0.0.1:%d", self.version, os.getpid(), self.port)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
