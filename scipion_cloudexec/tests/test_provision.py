@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -16,8 +17,7 @@ from scipion_cloudexec.agent.client import AgentClient, AgentStartError
 from scipion_cloudexec.agent.jobs import JobState
 
 BARE = "/usr/bin/python3"
-WHEELHOUSE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), ".venv", "wheelhouse")
+WHEELHOUSE = os.path.join(sys.prefix, "wheelhouse")  # the venv's: .venv/wheelhouse
 
 
 @pytest.fixture(scope="module")
