@@ -11,6 +11,7 @@
     scipion-cloudexec [--config FILE] cache NAME [--gc]
     scipion-cloudexec [--config FILE] status [NAME...]
     scipion-cloudexec provenance RUN_DIR [--json] [-v]
+    scipion-cloudexec [--config FILE] hostsconf [--write [HOSTS_CONF]] [--host NAME]
     scipion-cloudexec demo [--root DIR] [--keep]
     scipion-cloudexec testbed up|down|status [--root DIR]
 
@@ -410,6 +411,46 @@ def cmd_status(args) -> int:
     return 0 if all(r["reachable"] for r in rows) else 1
 
 
+def cmd_hostsconf(args) -> int:
+    """Print (or merge into Scipion's hosts.conf) the cloudexec queues of the clusters file."""
+    from . import hostsconf
+    from .config import default_config_path, load_groups
+    path = os.path.abspath(default_config_path(args.config))
+    clusters, groups = load_clusters(path), load_groups(path)
+    values = hostsconf.host_values(clusters, groups, config_path=path)
+    if args.write is None:
+        sys.stdout.write(hostsconf.merge("", values, args.host, path))
+        return 0
+    target = os.path.abspath(args.write or hostsconf.scipion_hosts_path())
+    try:
+        changed, backup = hostsconf.write(target, values, args.host, path)
+    except hostsconf.HostsConfError as e:
+        _say("scipion-cloudexec: %s: %s" % (target, e))
+        return EXIT_CONFIG
+    print("%s: %s [%s] with queues %s%s" % (
+        target, "wrote" if changed else "already up to date:", args.host,
+        ", ".join(hostsconf.queues(clusters, groups)),
+        " (previous file kept as %s)" % backup if backup else ""))
+    return 0
+
+
+def cmd_queue_submit(args) -> int:
+    """hosts.conf SUBMIT_COMMAND: Scipion tried to send a whole protocol to a cloudexec
+    queue; say what to pick instead and fail (exit 1)."""
+    from . import hostsconf
+    from .config import load_groups
+    try:
+        clusters = list(load_clusters(args.config))
+        known = clusters + [g for g in load_groups(args.config) if g not in clusters] + (
+            ["all"] if len(clusters) > 1 else [])
+    except ConfigError as e:
+        known = []
+        _say("scipion-cloudexec: %s" % e)
+    text = hostsconf.refuse_submit(args.queue, args.steps, known)
+    sys.stderr.write(text + ("\n" if sys.stderr.isatty() else ""))  # Scipion shows it as is
+    return 1
+
+
 def cmd_testbed(args) -> int:
     from .testbed import LocalTestbed
     tb = LocalTestbed(os.path.abspath(args.root))
@@ -479,6 +520,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("provenance", help="where each remote step of a protocol run ran")
     s.add_argument("run_dir", help="the protocol's run folder, e.g. Runs/000123_ProtRelionRefine3D")
     s.add_argument("--json", action="store_true", help="the raw records")
+    s = sub.add_parser("hostsconf", help="the cloudexec part of Scipion's hosts.conf, from the "
+                                         "clusters file (printed, or merged with --write)")
+    s.add_argument("--write", nargs="?", const="", metavar="HOSTS_CONF",
+                   help="merge into this hosts.conf (default: the one Scipion reads), keeping "
+                        "a backup; running it again changes nothing")
+    s.add_argument("--host", default="localhost", help="host section (default localhost)")
+    s = sub.add_parser("queue-submit", help="hosts.conf SUBMIT_COMMAND: refuses, explaining "
+                                            "what to pick in the queue dialog")
+    s.add_argument("--queue", default="")
+    s.add_argument("--steps", default="")
+    s.add_argument("script", nargs="?")
     s = sub.add_parser("demo", help="start a local test bed and run check and an MPI job on it")
     s.add_argument("--root", default=os.path.join(os.getcwd(), ".testbed"),
                    help="test bed folder (default ./.testbed)")
@@ -520,6 +572,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_provenance(args)
         if args.cmd == "status":
             return cmd_status(args)
+        if args.cmd == "hostsconf":
+            return cmd_hostsconf(args)
+        if args.cmd == "queue-submit":
+            return cmd_queue_submit(args)
         clusters = load_clusters(args.config)
         if getattr(args, "job_id", "") is None and ":" in args.name:
             args.name, args.job_id = args.name.split(":", 1)
