@@ -349,15 +349,19 @@ def cmd_provenance(args) -> int:
         print(json.dumps(records, indent=1, sort_keys=True))
         return 0
     for r in records:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("started") or 0))
-        print("step %s  job %s  %s on %s (%s, launcher id %s)  %s, %.1f s, exit %s"
+        start, end = r.get("started") or 0, r.get("ended") or 0
+        when = ("%s, %.1f s" % (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)),
+                                end - start) if start and end else
+                "started %s" % time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start))
+                if start else "never started")
+        print("step %s  job %s  %s on %s (%s, launcher id %s)  %s, exit %s"
               % (r.get("step"), r["job_id"], r.get("state"), r["cluster"], r["launcher"],
-                 r.get("launcher_id"), when, (r.get("ended") or 0) - (r.get("started") or 0),
-                 r.get("exit_code")))
+                 r.get("launcher_id"), when, "-" if r.get("exit_code") is None
+                 else r.get("exit_code")))
         print("    command: %s" % r["command"])
         print("    %d input file(s) staged, %d output file(s) gathered"
               % (len(r.get("inputs", {})), len(r.get("outputs", {}))))
-        if args.verbose:
+        if args.verbose or args.files:
             for kind in ("inputs", "outputs"):
                 for rel, sha in sorted(r.get(kind, {}).items()):
                     print("      %-7s %s  %s" % (kind[:-1], sha[:16], rel))
@@ -520,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("provenance", help="where each remote step of a protocol run ran")
     s.add_argument("run_dir", help="the protocol's run folder, e.g. Runs/000123_ProtRelionRefine3D")
     s.add_argument("--json", action="store_true", help="the raw records")
+    s.add_argument("-v", "--verbose", dest="files", action="store_true",
+                   help="also each input and output file with its hash")
     s = sub.add_parser("hostsconf", help="the cloudexec part of Scipion's hosts.conf, from the "
                                          "clusters file (printed, or merged with --write)")
     s.add_argument("--write", nargs="?", const="", metavar="HOSTS_CONF",
