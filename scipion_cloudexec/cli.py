@@ -76,7 +76,8 @@ def _capture(client, argv: List[str], timeout: float = 300, **kw):
 
 
 def cmd_check(cluster: ClusterConfig, args) -> int:
-    """Connect, start the agent, probe the cluster, run a 2-rank mpi4py job."""
+    """Connect, start the agent, probe the cluster, run a 2-rank mpi4py job (launcher
+    local: 2 plain processes, said as such)."""
     from .transport.ssh import fingerprint
     print("cluster %s: %s (launcher %s, %d slots)"
           % (cluster.name, cluster.address, cluster.launcher, cluster.slots))
@@ -105,16 +106,26 @@ def cmd_check(cluster: ClusterConfig, args) -> int:
             print("  %-10s %s %s" % (label, "ok   " if good else "FAIL " if required else "--   ",
                                      text))
             ok &= good or not required
-        code = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
-                "print('rank %d/%d on %s' % (c.rank, c.size, MPI.Get_processor_name()))")
         t1 = time.monotonic()
-        good, out, err = _capture(client, [cluster.python, "-c", code], ranks=2)
-        ranks = sorted(ln for ln in out.splitlines() if ln.startswith("rank"))
-        size = "/2 " if cluster.launcher != "local" else "/1 "  # local: 2 plain processes
-        good = good and len(ranks) == 2 and all(size in ln for ln in ranks)
-        print("  MPI job    %s 2 ranks through %s: %s (%.2f s)"
-              % ("ok   " if good else "FAIL ", cluster.launcher, "; ".join(ranks) or err,
-                 time.monotonic() - t1))
+        if cluster.launcher == "local":  # plain processes, no MPI: say so
+            code = ("import os, socket; "
+                    "print('process %d on %s' % (os.getpid(), socket.gethostname()))")
+            good, out, err = _capture(client, [cluster.python, "-c", code], ranks=2)
+            procs = sorted(ln for ln in out.splitlines() if ln.startswith("process"))
+            good = good and len(procs) == 2
+            print("  processes  %s 2 single processes through launcher local (it starts plain "
+                  "processes, not an MPI job): %s (%.2f s)"
+                  % ("ok   " if good else "FAIL ", "; ".join(procs) or err,
+                     time.monotonic() - t1))
+        else:
+            code = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
+                    "print('rank %d/%d on %s' % (c.rank, c.size, MPI.Get_processor_name()))")
+            good, out, err = _capture(client, [cluster.python, "-c", code], ranks=2)
+            ranks = sorted(ln for ln in out.splitlines() if ln.startswith("rank"))
+            good = good and len(ranks) == 2 and all("/2 " in ln for ln in ranks)
+            print("  MPI job    %s 2 ranks through %s: %s (%.2f s)"
+                  % ("ok   " if good else "FAIL ", cluster.launcher, "; ".join(ranks) or err,
+                     time.monotonic() - t1))
         ok &= good
     print("%s: %s" % (cluster.name, "ready" if ok else "NOT ready (see FAIL above)"))
     return 0 if ok else 1

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
+from scipion_cloudexec.tests.test_cli import conf  # noqa: F401  (fixture)
 from scipion_cloudexec.tests.test_executor import launch, logs, provenance
 
 PY = sys.executable
@@ -43,3 +44,14 @@ def test_provenance_shows_when_each_step_started_and_its_files_with_v(make_clust
     assert "1970" not in shown.stdout
     assert shown.stdout.count("      output  ") == 4 and "extra/f_3.txt" in shown.stdout
     assert cli("provenance", prot.getWorkingDir()).stdout.count("      output  ") == 0
+
+
+def test_check_local_says_it_ran_two_plain_processes_not_an_mpi_job(conf):
+    # was: "MPI job ok 2 ranks through local: rank 0/1 on h; rank 0/1 on h"
+    r = cli("--config", conf("local"), "check", "c")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "MPI job    " not in r.stdout and "rank 0/1" not in r.stdout
+    line = [ln for ln in r.stdout.splitlines() if "processes" in ln][0]
+    assert line.startswith("  processes  ok    2 single processes through launcher local "
+                           "(it starts plain processes, not an MPI job): process ")
+    assert line.count("process ") == 2 and "c: ready" in r.stdout
