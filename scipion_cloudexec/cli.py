@@ -180,16 +180,23 @@ def cmd_jobs(cluster: ClusterConfig, args) -> int:
                                              "LABEL"))
     for r in rows:
         print("%-28s %-10s %5s %-16s %-19s %s" % (
-            r["job_id"], r["state"], "" if r["exit_code"] is None else r["exit_code"],
+            r["job_id"], r["state"], "-" if r["exit_code"] is None else r["exit_code"],
             r["launcher_id"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["submitted"])),
             r["label"]))
     return 0
 
 
 def cmd_cancel(cluster: ClusterConfig, args) -> int:
+    from .runrecords import find_run_dir, note_cancel
     with _client(cluster) as client:
         state = client.cancel(args.job_id)
+        # Scipion's Stop runs this in the project folder: the run's log and provenance say so
+        run_dir = find_run_dir(args.job_id)
+        row = next((r for r in client.jobs(1000) if r["job_id"] == args.job_id), None) \
+            if run_dir else None
     print("cancel sent to job %s (was %s)" % (args.job_id, state))
+    if run_dir:
+        note_cancel(run_dir, args.job_id, cluster.name, state, row)
     return 0
 
 
@@ -348,13 +355,11 @@ def _target(cluster: ClusterConfig):
 def cmd_provenance(args) -> int:
     """Where each remote step of a protocol run ran, from Runs/<id>/logs/cloudexec.jsonl."""
     import json
-    path = os.path.join(args.run_dir, "logs", "cloudexec.jsonl")
-    try:
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
+    from .runrecords import read_records
+    records = read_records(args.run_dir)
+    if not records:
         _say("scipion-cloudexec: %s not found: no step of %s ran on a cluster"
-             % (path, args.run_dir))
+             % (os.path.join(args.run_dir, "logs", "cloudexec.jsonl"), args.run_dir))
         return 1
     if args.json:
         print(json.dumps(records, indent=1, sort_keys=True))
@@ -366,10 +371,12 @@ def cmd_provenance(args) -> int:
                 "started %s" % time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start))
                 if start else "never started")
         print("step %s  job %s  %s on %s (%s, launcher id %s)  %s, exit %s"
-              % (r.get("step"), r["job_id"], r.get("state"), r["cluster"], r["launcher"],
+              % (r.get("step"), r["job_id"], r.get("state"), r["cluster"], r.get("launcher"),
                  r.get("launcher_id"), when, "-" if r.get("exit_code") is None
                  else r.get("exit_code")))
-        print("    command: %s" % r["command"])
+        if r.get("reason"):
+            print("    %s" % r["reason"])
+        print("    command: %s" % r.get("command"))
         print("    %d input file(s) staged, %d output file(s) gathered"
               % (len(r.get("inputs", {})), len(r.get("outputs", {}))))
         if args.verbose or args.files:

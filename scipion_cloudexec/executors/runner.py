@@ -33,6 +33,7 @@ import time
 import uuid
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .. import runrecords
 from ..agent.client import AgentClient, JobError, JobFuture, JobLost, RequestRefused
 from ..agent.jobs import JobState
 from ..config import ClusterConfig
@@ -353,6 +354,7 @@ class ClusterRunner:
                   "launcher": "pool" if pool else self.cluster.launcher, "command": cmd.shown, "ranks": cmd.ranks,
                   "threads": cmd.threads, "gpus": cmd.gpus, "cwd": cmd.cwd, "step": step_id,
                   "inputs": dict(sin.hashes), "staged_at": t0}
+        runrecords.write_pending(self.run.logs, record)  # Stop completes it (cancel)
         error: Optional[JobError] = None
         try:
             result = fut.result()
@@ -381,6 +383,7 @@ class ClusterRunner:
         os.makedirs(self.run.logs, exist_ok=True)
         with self._stage_lock, open(os.path.join(self.run.logs, "cloudexec.jsonl"), "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        runrecords.drop_pending(self.run.logs, record["job_id"])
 
 
 _RUN_AGAIN = {s.value for s in (JobState.FAILED, JobState.CANCELLED, JobState.LOST,

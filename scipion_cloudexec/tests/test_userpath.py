@@ -55,3 +55,68 @@ def test_check_local_says_it_ran_two_plain_processes_not_an_mpi_job(conf):
     assert line.startswith("  processes  ok    2 single processes through launcher local "
                            "(it starts plain processes, not an MPI job): process ")
     assert line.count("process ") == 2 and "c: ready" in r.stdout
+
+
+def test_the_protocol_log_holds_cloudexec_lines_not_paramikos(make_cluster, clusters_env,
+                                                              new_project):
+    c = make_cluster("local")
+    clusters_env(c)
+    project = new_project("quietlog")
+    prot = launch(project, project.newProtocol(ProtCloudShellSteps, chain="echo hi"), c)
+    assert prot.isFinished(), logs(prot)
+    text = logs(prot)
+    assert "cloudexec: job" in text and "hi" in text
+    for paramiko_line in ("Connected (version", "Authentication (publickey) successful",
+                          "Opened sftp connection", "paramiko.transport"):
+        assert paramiko_line not in text
+
+
+def _wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["mpirun", pytest.param("slurm", marks=pytest.mark.slurm)])
+def test_after_stop_the_log_provenance_and_jobs_say_what_happened(make_cluster, clusters_env,
+                                                                  new_project, tmp_path,
+                                                                  launcher):
+    c = make_cluster(launcher)
+    conf = clusters_env(c)
+    project = new_project("stopped")
+    started = tmp_path / "started"
+    prot = project.newProtocol(ProtCloudShellSteps, chain="echo before\n"
+                               "touch %s; sleep 300" % started)
+    os.makedirs(prot._getExtraPath(), exist_ok=True)
+    prot._useQueue.set(True)
+    prot.setQueueParams([c.name, {"QUEUE_FOR_JOBS": "Y"}])
+    project.launchProtocol(prot, wait=False)
+    _wait_for(started.exists)
+    prot = project.getProtocol(prot.getObjId())
+    project._updateProtocol(prot)  # its run.db: the jobs it runs
+    (job_ref,) = prot.getJobIds()
+    job = job_ref.split(":", 1)[1]
+    project.stopProtocol(prot)  # Scipion's Stop button (cwd: the project, as in the GUI)
+    text = logs(project.getProtocol(prot.getObjId()))
+    assert "cloudexec: cancel sent to job %s on %s (Scipion's Stop)" % (job, c.name) in text
+
+    # the journal: cancelled, with no exit code of a program that was killed
+    def cancelled():
+        rows = cli("--config", conf, "jobs", c.name).stdout.splitlines()
+        return any(job in ln and "cancelled" in ln for ln in rows)
+    _wait_for(cancelled, 30)
+    row = [ln for ln in cli("--config", conf, "jobs", c.name).stdout.splitlines()
+           if job in ln][0]
+    assert row.split()[1:3] == ["cancelled", "-"], row  # was "cancelled 0"
+
+    shown = cli("provenance", prot.getWorkingDir())
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert any("done on %s" % c.name in ln for ln in lines), "the first step, done"
+    stopped = [ln for ln in lines if job in ln]
+    assert len(stopped) == 1 and "cancelled on %s" % c.name in stopped[0], shown.stdout
+    assert "exit -" in stopped[0] and "1970" not in stopped[0]
