@@ -245,33 +245,6 @@ def cmd_demo(args) -> int:
             _say("### test bed stopped (use --keep to leave it running)")
 
 
-class ProgressLine:
-    """A one-line progress display on stderr: files, bytes, rate, time left."""
-
-    def __init__(self, label: str):
-        self.label = label
-        self.t0 = time.monotonic()
-        self.last = 0.0
-        self.shown = False
-
-    def __call__(self, done: int, total: int, files_done: int, files: int) -> None:
-        now = time.monotonic()
-        if now - self.last < 0.25 and done < total:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-6)
-        left = (total - done) / rate if rate else 0
-        sys.stderr.write("\r%s: file %d/%d, %s / %s, %s/s, %s left   " % (
-            self.label, min(files_done + 1, files), files, _human(done), _human(total),
-            _human(rate), time.strftime("%H:%M:%S", time.gmtime(left))))
-        sys.stderr.flush()
-        self.shown = True
-
-    def end(self) -> None:
-        if self.shown:
-            sys.stderr.write("\n")
-
-
 def _human(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -281,12 +254,13 @@ def _human(n: float) -> str:
 
 
 def cmd_stage(cluster: ClusterConfig, args) -> int:
+    from .progress import for_terminal
     from .staging.client import Stager, StagingError
     from .transport.ssh import SSHConnection
     root = os.path.abspath(args.project_root)
     project = args.project or os.path.basename(root)
     with SSHConnection(_target(cluster)) as ssh:
-        bar = ProgressLine("staging to %s" % cluster.name)
+        bar = for_terminal("staging to %s" % cluster.name)
         stager = Stager(ssh, cluster)
         try:
             r = stager.stage_in(root, args.paths, project, progress=bar, keep_hashes=False)
@@ -305,13 +279,14 @@ def cmd_stage(cluster: ClusterConfig, args) -> int:
 
 
 def cmd_fetch(cluster: ClusterConfig, args) -> int:
+    from .progress import for_terminal
     from .staging.client import Stager, StagingError
     from .transport.ssh import SSHConnection
     code = 0
     with SSHConnection(_target(cluster)) as ssh:
         stager = Stager(ssh, cluster)
         for path in args.remote_paths:
-            bar = ProgressLine("fetching %s" % path)
+            bar = for_terminal("fetching %s" % path)
             try:
                 r = stager.fetch(path, args.to, progress=bar)
             except StagingError as e:

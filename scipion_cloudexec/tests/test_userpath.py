@@ -86,7 +86,7 @@ def test_after_stop_the_log_provenance_and_jobs_say_what_happened(make_cluster, 
                                                                   new_project, tmp_path,
                                                                   launcher):
     c = make_cluster(launcher)
-    conf = clusters_env(c)
+    conf_path = clusters_env(c)
     project = new_project("stopped")
     started = tmp_path / "started"
     prot = project.newProtocol(ProtCloudShellSteps, chain="echo before\n"
@@ -106,10 +106,10 @@ def test_after_stop_the_log_provenance_and_jobs_say_what_happened(make_cluster, 
 
     # the journal: cancelled, with no exit code of a program that was killed
     def cancelled():
-        rows = cli("--config", conf, "jobs", c.name).stdout.splitlines()
+        rows = cli("--config", conf_path, "jobs", c.name).stdout.splitlines()
         return any(job in ln and "cancelled" in ln for ln in rows)
     _wait_for(cancelled, 30)
-    row = [ln for ln in cli("--config", conf, "jobs", c.name).stdout.splitlines()
+    row = [ln for ln in cli("--config", conf_path, "jobs", c.name).stdout.splitlines()
            if job in ln][0]
     assert row.split()[1:3] == ["cancelled", "-"], row  # was "cancelled 0"
 
@@ -120,3 +120,29 @@ def test_after_stop_the_log_provenance_and_jobs_say_what_happened(make_cluster, 
     stopped = [ln for ln in lines if job in ln]
     assert len(stopped) == 1 and "cancelled on %s" % c.name in stopped[0], shown.stdout
     assert "exit -" in stopped[0] and "1970" not in stopped[0]
+
+
+def test_transfer_progress_in_a_log_is_plain_lines_at_most_every_interval():
+    from scipion_cloudexec.progress import TransferProgress
+    lines = []
+    progress = TransferProgress("cloudexec: staging to hpc", say=lines.append, every=0.2)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.0:  # a 1 s upload of 4 files, called very often
+        done = int((time.monotonic() - t0) * 10e6)
+        progress(min(done, 10_000_000), 10_000_000, done * 4 // 10_000_000, 4)
+    progress.end()
+    assert 2 <= len(lines) <= 6, lines  # about one per 0.2 s, the first after 0.2 s
+    for line in lines:
+        assert line.startswith("cloudexec: staging to hpc: ") and "MB / 10.0MB" in line
+        assert ", file " in line and " of 4, " in line and "B/s" in line and "left" in line
+        assert "\r" not in line and "\x1b" not in line
+
+
+def test_stage_to_a_pipe_writes_no_terminal_control_characters(conf, tmp_path):
+    (tmp_path / "p" / "Runs").mkdir(parents=True)
+    (tmp_path / "p" / "Runs" / "mic.mrc").write_bytes(os.urandom(3_000_000))
+    r = cli("--config", conf("local"), "stage", "c", "Runs", "--project-root",
+            str(tmp_path / "p"))
+    assert r.returncode == 0, r.stderr
+    assert "1 file(s), 3.0 MB: 3.0 MB sent" in r.stdout
+    assert "\r" not in r.stderr and "\x1b" not in r.stderr
