@@ -428,6 +428,16 @@ def cmd_hostsconf(args) -> int:
         target, "wrote" if changed else "already up to date:", args.host,
         ", ".join(hostsconf.queues(clusters, groups)),
         " (previous file kept as %s)" % backup if backup else ""))
+    try:
+        default = os.path.abspath(default_config_path())
+    except ConfigError:
+        default = ""
+    sys.stdout.flush()
+    if default != path:  # the executor in Scipion's protocol processes reads the default
+        _say("note: Scipion's protocols read the clusters file %s; to use %s, set "
+             "SCIPION_CLOUDEXEC_CONFIG = %s in Scipion's config (scipion.conf)"
+             % (default or "from $SCIPION_CLOUDEXEC_CONFIG or $SCIPION_HOME/config/cloudexec.conf",
+                path, path))
     return 0
 
 
