@@ -90,6 +90,8 @@ def cmd_check(cluster: ClusterConfig, args) -> int:
         print("  agent      ok    version %s, pid %d on %s, %d active job(s)"
               % (w.version, w.pid, w.host, w.active_jobs))
         print("  python     ok    %s (%s)" % (w.python, cluster.python))
+        if client.provisioned:
+            print("  pyzmq      ok    %s" % client.provisioned)
         print("  workdir    ok    %s, %.1f GB free" % (w.workdir, w.disk_free / 1e9))
         ok = True
         probes = [

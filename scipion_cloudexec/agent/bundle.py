@@ -38,15 +38,49 @@ MODULES = (
     "staging/remote.py",
 )
 _INITS = ("__init__.py", "transport/__init__.py", "agent/__init__.py", "staging/__init__.py")
-_MAIN = b"""import sys
+_MAIN = b"""import os, sys
 if sys.version_info < (3, 9):
     sys.exit("cloudexec agent: Python 3.9 or newer is needed, this is %s" % sys.version.split()[0])
 if sys.argv[1:2] == ["stage"]:  # stdlib only: starts fast, even under python -S
     from scipion_cloudexec.staging.remote import main
     sys.exit(main(sys.argv[2:]))
-try:
-    import zmq  # noqa: F401
-except ImportError:
+import platform
+# packages put there by the desktop when this Python lacked them (agent/provision.py)
+PYLIB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(sys.argv[0]))), "pylib",
+                     "py%d%d-%s" % (sys.version_info[0], sys.version_info[1], platform.machine()))
+if sys.argv[1:2] == ["unpack"]:  # a wheel is a zip: unpacked beside, renamed into place
+    import shutil, zipfile
+    into = os.path.join(PYLIB, sys.argv[3])
+    part = "%s.part-%d" % (into, os.getpid())
+    with zipfile.ZipFile(sys.argv[2]) as z:
+        z.extractall(part)
+    if os.path.isdir(into):
+        shutil.rmtree(part)
+    else:
+        os.rename(part, into)
+    sys.exit(0)
+for package in ("pyzmq", "mpi4py"):
+    if os.path.isdir(os.path.join(PYLIB, package)):
+        sys.path.insert(0, os.path.join(PYLIB, package))
+
+
+def lacks(module, package):
+    try:
+        __import__(module)
+        return False
+    except ImportError:
+        import importlib.util, json
+        print("NOMODULE " + json.dumps({
+            "package": package, "python": sys.executable, "machine": platform.machine(),
+            "version": "%d.%d" % sys.version_info[:2], "pylib": os.path.join(PYLIB, package),
+            "libc": " ".join(platform.libc_ver()).strip(),
+            "pip": importlib.util.find_spec("pip") is not None}), flush=True)
+        return True
+
+
+if sys.argv[1:2] == ["has"]:  # has MODULE PACKAGE
+    sys.exit(3 if lacks(sys.argv[2], sys.argv[3]) else 0)
+if lacks("zmq", "pyzmq"):
     sys.exit("cloudexec agent: No module named 'zmq': install pyzmq for %s" % sys.executable)
 if sys.argv[1:2] == ["pool"]:
     from scipion_cloudexec.agent.pool import main

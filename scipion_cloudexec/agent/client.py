@@ -35,7 +35,7 @@ from ..config import ClusterConfig
 from ..transport import messages as m
 from ..transport.ssh import SSHConnection, Target
 from ..version import PROTOCOL_VERSION
-from . import bundle
+from . import bundle, provision
 from .jobs import JobSpec, JobState, LauncherSpec
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ class AgentClient:
         self._broken: Optional[AgentLost] = None
         self._lock = threading.Lock()
         self.last_heard = 0.0
+        self.provisioned = ""  # what was installed on the cluster for the agent, if anything
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -222,6 +223,14 @@ class AgentClient:
         cmd = bundle.command(c, "start", "--workdir", c.workdir, "--idle-timeout",
                              "%g" % c.agent_idle_timeout, "--heartbeat", "%g" % c.heartbeat)
         res = self.ssh.run(cmd, timeout=60)
+        remote = provision.RemotePython.from_output(res.stdout.decode(errors="replace"))
+        if res.exit_status != 0 and remote is not None:  # its python lacks pyzmq: add it
+            try:
+                self.provisioned = provision.provide(self.ssh, c, remote)
+            except (provision.ProvisionError, OSError) as e:
+                raise AgentStartError(str(e)) from None
+            log.info("%s: %s", c.name, self.provisioned)
+            res = self.ssh.run(cmd, timeout=60)
         out = res.stdout.decode(errors="replace")
         err = res.stderr.decode(errors="replace").strip()
         if "BUSY " in out:  # a busy agent of another protocol: left alone (server.py)
@@ -386,11 +395,32 @@ class AgentClient:
     def start_pool(self, name: str, ranks: int, job_id: Optional[str] = None) -> JobFuture:
         """Start an mpi4py worker pool of *ranks* ranks through the cluster's launcher; then
         ``submit(..., pool=name)`` queues single-rank jobs on it without an ``mpirun`` each.
-        Cancel its future's job to stop it. The cluster's python needs mpi4py."""
+        Cancel its future's job to stop it. When the cluster's python lacks mpi4py, it is
+        installed first as pyzmq is (:mod:`.provision`).
+
+        Raises:
+            AgentStartError: mpi4py is missing and cannot be installed (says how to fix).
+        """
+        self.ensure("mpi4py", "mpi4py")
         pool_dir = "%s/pools/%s" % (self.cluster.workdir.rstrip("/"), name)
         return self.submit([self.cluster.python, bundle.remote_path(self.cluster), "pool",
                             "--dir", pool_dir], ranks=ranks, job_id=job_id or "pool-" + name,
                            label="worker pool %s" % name)
+
+    def ensure(self, module: str, package: str) -> None:
+        """Make *module* importable by the agent's python on the cluster, installing
+        *package* into the workdir if it is missing (see :mod:`.provision`)."""
+        c = self.cluster
+        res = self.ssh.run(bundle.command(c, "has", module, package), timeout=60)
+        remote = provision.RemotePython.from_output(res.stdout.decode(errors="replace"))
+        if res.exit_status == 0 or remote is None:
+            return  # there (or the probe itself failed: the job will say why)
+        try:
+            done = provision.provide(self.ssh, c, remote)
+        except (provision.ProvisionError, OSError) as e:
+            raise AgentStartError(str(e)) from None
+        log.info("%s: %s", c.name, done)
+        self.provisioned = "; ".join(filter(None, (self.provisioned, done)))
 
     def jobs(self, limit: int = 100) -> List[Dict]:
         """The agent's journal, newest first (dicts with job_id, state, exit_code...)."""

@@ -105,7 +105,7 @@ class Scheduler(abc.ABC):
         :meth:`status` must keep being called even with no job."""
         return False
 
-    def abandon(self, job_id: str) -> None:
+    def abandon(self, job_id: str, files: JobFiles) -> None:
         """A submit whose outcome is unknown was given up: make sure nothing of it runs."""
 
     def restore(self, journal_path: str) -> None:

@@ -16,8 +16,14 @@ scancels not done yet are kept in the journal (``pending_cancels``) and the next
 issues them again, and when SLURM last reported a job is in the journal too (``seen``), so
 an adopting agent does not start the grace period afresh. An ``sbatch`` that fails for
 SLURM's sake (timeout, controller down) raises a *transient* :class:`SubmitError`: the agent
-tries again, and the next try first looks the job up by name, since a timed-out ``sbatch``
-may still have created it.
+tries again, and the next try first looks the job up by name and working folder, since a
+timed-out ``sbatch`` may still have created it.
+
+Every job is submitted held (``sbatch -H``) and released (``scontrol release``) only once
+its SLURM id is known here: a timed-out ``sbatch`` that SLURM carries out later (its request
+waited in a stalled slurmctld's socket) makes a job nobody releases, so it can never run
+beside the retry. Such strays of a job whose ``sbatch`` was in doubt are looked for by name
+and folder while that job lives, and ``scancel``'d.
 
 Shipped to the cluster with the agent: standard library only.
 """
@@ -44,6 +50,8 @@ TRANSIENT = re.compile(r"timed out|Unable to contact|Connection refused|temporar
                        r"Resource temporarily unavailable", re.I)
 #: SLURM answered: the id is not (or no longer) known
 UNKNOWN_ID = "Invalid job id"
+#: exit codes of a command ended by SIGTERM or SIGKILL: cancelled, timed out, or its own end
+SIGNALLED = (128 + 15, 128 + 9)
 
 
 class Entry(NamedTuple):
@@ -67,6 +75,7 @@ class SlurmScheduler(Scheduler):
     query_timeout = 30.0  # one squeue/sacct/scontrol/scancel call
     submit_timeout = 60.0
     submit_for = 300.0    # transient sbatch failures are retried this long, then LOST
+    sweep_for = 600.0     # strays of a doubtful sbatch are looked for at least this long
     confirm = 2           # answers in a row without a job before it counts as gone
 
     def __init__(self, lost_after: Optional[float] = None, user: Optional[str] = None):
@@ -78,6 +87,9 @@ class SlurmScheduler(Scheduler):
         self._last: Dict[str, str] = {}        # SLURM id -> last SLURM state seen
         self._cancelled: Set[str] = set()      # SLURM ids we were asked to cancel
         self._uncertain: Set[str] = set()      # job ids whose sbatch may have worked anyway
+        self._killed: Set[str] = set()         # job ids whose rc says a signal ended them
+        # job name -> (the SLURM id kept or None, job folder, until): strays to scancel
+        self._sweep: Dict[str, Tuple[Optional[str], str, float]] = {}
         self._scancel: Dict[str, List[str]] = {}  # scancel commands to retry until they work
         self._scancel_at = 0.0                 # when to retry them (backoff)
         self._scancel_failures = 0
@@ -97,7 +109,7 @@ class SlurmScheduler(Scheduler):
             log.warning("cannot keep pending scancels in %s: %s", journal_path, e)
             return
         for key, argv in left.items():
-            self._scancel[key] = argv
+            self._scancel[key] = argv  # scancels, and releases (key "release-<id>")
             if key.isdigit():
                 self._cancelled.add(key)
         if left:
@@ -107,6 +119,8 @@ class SlurmScheduler(Scheduler):
     def adopt(self, job_id: str, launcher_id: str, seen: float) -> None:
         if seen:  # the grace period goes on from there, not from this agent's start
             self._seen[launcher_id] = time.monotonic() - max(0.0, time.time() - seen)
+        else:  # never seen: the agent may have stopped before releasing it (harmless if not)
+            self._want_scancel("release-" + launcher_id, ["scontrol", "release", launcher_id])
 
     def _want_scancel(self, key: str, argv: List[str]) -> None:
         self._scancel[key] = argv
@@ -145,17 +159,14 @@ class SlurmScheduler(Scheduler):
         if spec.job_id in self._uncertain:  # an earlier sbatch failed: did it make the job?
             # by name *and* working folder: another agent's job (another workdir, or a job id
             # used again) may bear the same name, and may have ended already
-            code, out, err = self._run(["squeue", "-h", "-t", "all", "-u", self.user, "-n", name,
-                                        "-o", "%i|%j|%Z"], self.query_timeout)
-            if code != 0:
-                raise SubmitError("cannot ask SLURM whether job %s exists" % name, err,
-                                  transient=True)
-            for line in out.splitlines():
-                lid, jname, workdir = (line.strip().split("|", 2) + ["", ""])[:3]
-                if jname == name and lid.isdigit() and _same_dir(workdir, files.dir):
-                    self._started(spec.job_id)
-                    return lid, JobState.QUEUED
-        argv = ["sbatch", "--parsable", "-J", name, "-o", files.stdout, "-e", files.stderr,
+            found = self._named([name], {name: files.dir})
+            if found is None:
+                raise SubmitError("cannot ask SLURM whether job %s exists" % name,
+                                  self._last_error, transient=True)
+            if found:  # held, as every sbatch of ours: keep the first, scancel the others
+                keep = min(found, key=lambda f: int(f[0]))[0]
+                return self._submitted(spec.job_id, name, keep, files.dir), JobState.QUEUED
+        argv = ["sbatch", "--parsable", "-H", "-J", name, "-o", files.stdout, "-e", files.stderr,
                 "-n", str(spec.ranks), "-c", str(spec.threads), "-D", files.dir]
         for opt, value in (("-p", spec.launcher.partition), ("-A", spec.launcher.account),
                            ("-t", spec.launcher.time)):
@@ -164,23 +175,64 @@ class SlurmScheduler(Scheduler):
         code, out, err = self._run(argv + [files.script], self.submit_timeout)
         m = re.match(r"^(\d+)", out.strip())
         if code == 0 and m:
-            self._started(spec.job_id)
-            return m.group(1), JobState.QUEUED
+            return self._submitted(spec.job_id, name, m.group(1), files.dir), JobState.QUEUED
         if code == -1 or TRANSIENT.search(err):
             self._uncertain.add(spec.job_id)
             raise SubmitError("SLURM did not take the job (sbatch exit %d)" % code, err + out,
                               transient=True)
         raise SubmitError("sbatch refused the job (exit %d)" % code, err + out)
 
-    def _started(self, job_id: str) -> None:
-        self._uncertain.discard(job_id)
+    def _submitted(self, job_id: str, name: str, lid: str, folder: str) -> str:
+        """*lid* is the job: release it; if its sbatch was in doubt, sweep for strays."""
+        if job_id in self._uncertain:
+            self._uncertain.discard(job_id)
+            self._sweep[name] = (lid, folder, time.monotonic() + self.sweep_for)
+            self._sweep_strays()
+        self._want_scancel("release-" + lid, ["scontrol", "release", lid])
+        self._retry_scancels(force=True)
         self._changed = time.monotonic()
         self._next_query = min(self._next_query, self._changed + self.fast)
+        return lid
 
-    def abandon(self, job_id: str) -> None:
-        """Make sure nothing runs of a job whose sbatch outcome is unknown."""
+    def abandon(self, job_id: str, files: JobFiles) -> None:
+        """A job whose sbatch outcome is unknown was given up: it was submitted held, so
+        nothing of it runs; what SLURM made of it (name and folder match) is scancel'd."""
         self._uncertain.discard(job_id)
-        self._want_scancel("cx-" + job_id, ["scancel", "-u", self.user, "-n", "cx-" + job_id])
+        self._sweep["cx-" + job_id] = (None, files.dir, time.monotonic() + self.sweep_for)
+        self._sweep_strays()
+
+    def _named(self, names: List[str], folders: Dict[str, str]
+               ) -> Optional[List[Tuple[str, str, str]]]:
+        """[(SLURM id, name, state)] of this user's jobs named *names* in their folder
+        (another agent's job may bear the same name), or None when SLURM did not answer."""
+        code, out, err = self._run(["squeue", "-h", "-t", "all", "-u", self.user, "-n",
+                                    ",".join(names), "-o", "%i|%j|%T|%Z"], self.query_timeout)
+        if code != 0:
+            self._last_error = "squeue: " + (err.strip() or "exit %d" % code)
+            return None
+        found = []
+        for line in out.splitlines():
+            lid, name, state, folder = (line.strip().split("|", 3) + ["", "", ""])[:4]
+            if lid.isdigit() and name in folders and _same_dir(folder, folders[name]):
+                found.append((lid, name, state))
+        return found
+
+    def _sweep_strays(self) -> None:
+        """scancel the jobs a doubtful sbatch may have made besides the one kept."""
+        now = time.monotonic()
+        for name, (keep, _, until) in list(self._sweep.items()):
+            if now > until and (keep is None or keep not in self._seen):
+                del self._sweep[name]
+        if not self._sweep:
+            return
+        found = self._named(list(self._sweep), {n: v[1] for n, v in self._sweep.items()})
+        for lid, name, state in found or ():
+            final = SLURM_STATES.get(state, JobState.RUNNING).final
+            if lid != self._sweep[name][0] and not final and lid not in self._cancelled:
+                log.warning("job %s: SLURM job %s was made by an sbatch that timed out; "
+                            "cancelled (it never ran: it was held)", name[3:], lid)
+                self._cancelled.add(lid)
+                self._want_scancel(lid, ["scancel", lid])
         self._retry_scancels(force=True)
 
     def cancel(self, launcher_id: str, files: JobFiles) -> None:
@@ -196,7 +248,8 @@ class SlurmScheduler(Scheduler):
             return
         for key, argv in list(self._scancel.items()):
             code, _, err = self._run(argv, self.query_timeout)
-            if code == 0 or UNKNOWN_ID in err:
+            released = key.startswith("release-") and code != -1 and not TRANSIENT.search(err)
+            if code == 0 or UNKNOWN_ID in err or released:  # released: or ended already
                 self._scancel_done(key)
                 self._scancel_failures = 0
             else:  # SLURM does not answer: the others would hang the same way
@@ -206,7 +259,7 @@ class SlurmScheduler(Scheduler):
                 return
 
     def pending_work(self) -> bool:
-        return bool(self._scancel)
+        return bool(self._scancel or self._sweep)
 
     # ---- states ---------------------------------------------------------------------------
 
@@ -220,9 +273,16 @@ class SlurmScheduler(Scheduler):
             self._retry_scancels()
         result: Dict[str, Status] = {}
         open_jobs: Dict[str, Tuple[str, JobFiles]] = {}
+        killed: Dict[str, int] = {}  # job id -> its rc, when a signal ended its command
         for job_id, (lid, files) in jobs.items():
             rc = files.read_rc()
-            if rc is not None:  # the job script's own word: it has ended
+            if rc in SIGNALLED:  # a scancel (ours or not) or SLURM itself: SLURM says which
+                if job_id not in self._killed:
+                    self._killed.add(job_id)
+                    self._next_query = 0.0
+                killed[job_id] = rc
+                open_jobs[job_id] = (lid, files)
+            elif rc is not None:  # the job script's own word: it has ended
                 result[job_id] = final_from_rc(rc)
                 self._forget(lid)
             else:
@@ -237,6 +297,13 @@ class SlurmScheduler(Scheduler):
         now = time.monotonic()  # the answer's time: a hung squeue may have taken 20 s
         for job_id, (lid, files) in open_jobs.items():
             st = self._judge(job_id, lid, queued, accounted, now)
+            if job_id in killed:
+                if st is None or not st.state.final:  # SLURM has not settled it (or is mute)
+                    st = final_from_rc(killed[job_id]) if queued is None else None
+                elif st.state in (JobState.DONE, JobState.FAILED):
+                    st = final_from_rc(killed[job_id])
+                if st is not None:
+                    self._killed.discard(job_id)
             if st is not None:
                 result[job_id] = st
                 if st.state.final:
@@ -246,6 +313,8 @@ class SlurmScheduler(Scheduler):
             delay = min(30.0, 2.0 ** min(self._failures, 5))
         else:
             self._failures = 0
+            if self._sweep:
+                self._sweep_strays()
             delay = min(self.slow, max(self.fast, (time.monotonic() - self._changed) / 6.0))
         self._next_query = time.monotonic() + delay
         return result

@@ -212,7 +212,8 @@ class Supervisor:
                                            "the agent stopped before the job started"))
                 if sched in self.schedulers:  # its submit may have gone through all the same
                     self._call(sched, "abandon", job_id,
-                               lambda s=self.schedulers[sched], j=job_id: s.abandon(j))
+                               lambda s=self.schedulers[sched], j=job_id:
+                               s.abandon(j, JobFiles(self.jobs_root, j)))
                 continue
             files = JobFiles(self.jobs_root, job_id)
             self.active[job_id] = (sched, row["launcher_id"], files)
@@ -252,7 +253,8 @@ class Supervisor:
                 self._cancel_lid(c.sched, c.job_id, c.result[0], JobFiles(self.jobs_root, c.job_id))
             elif isinstance(c.error, SubmitError) and c.error.transient:
                 s = self.schedulers[c.sched]
-                self._call(c.sched, "abandon", c.job_id, lambda: s.abandon(c.job_id))
+                self._call(c.sched, "abandon", c.job_id, lambda: s.abandon(
+                    c.job_id, JobFiles(self.jobs_root, c.job_id)))
             return
         sched = self.schedulers[st.sched]
         e = c.error
@@ -266,7 +268,7 @@ class Supervisor:
                             str(e).replace("\n", " "), st.retry_at - time.monotonic())
                 return
             if transient:
-                self._call(st.sched, "abandon", c.job_id, lambda: sched.abandon(c.job_id))
+                self._call(st.sched, "abandon", c.job_id, lambda: sched.abandon(c.job_id, st.files))
                 if st.tries:
                     e = SubmitError("%s\n(tried %d times over %.0f s)" % (
                         e, st.tries + 1, time.monotonic() - st.first), transient=True)
@@ -301,7 +303,7 @@ class Supervisor:
         elif job_id in self.starting and self.starting[job_id].retry_at:
             st = self.starting[job_id]  # waiting to retry a submit: stop here
             sched = self.schedulers[st.sched]
-            self._call(st.sched, "abandon", job_id, lambda: sched.abandon(job_id))
+            self._call(st.sched, "abandon", job_id, lambda: sched.abandon(job_id, st.files))
             self.finish(job_id, Status(JobState.CANCELLED, None, "cancelled before the "
                                        "scheduler took the job"))
         # a submit in flight: _submitted cancels the job once it has an id

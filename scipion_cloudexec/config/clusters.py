@@ -46,6 +46,13 @@ def _launcher(value: str) -> str:
 
 
 TRANSFERS = ("auto", "openssh", "paramiko")
+PACKAGES = ("auto", "index", "upload", "no")
+
+
+def _packages(value: str) -> str:
+    if value not in PACKAGES:
+        raise ValueError("must be one of: %s" % ", ".join(PACKAGES))
+    return value
 
 
 def _transfer(value: str) -> str:
@@ -116,7 +123,8 @@ KEYS: Dict[str, Key] = {k.name: k for k in [
         "remote root for the agent, job folders, project mirrors and the staging cache "
         "(absolute path on the cluster)", "/scratch/alice/cloudexec"),
     Key("python", _text, True, None,
-        "remote Python 3.9+ with pyzmq (and mpi4py for MPI work)", "/opt/cloudexec/venv/bin/python"),
+        "remote Python 3.9+ (pyzmq, and mpi4py for the worker pool, are added into the "
+        "workdir if it lacks them)", "/opt/cloudexec/venv/bin/python"),
     Key("launcher", _launcher, True, None,
         "how jobs start: mpirun (direct), slurm (sbatch + srun) or local (plain processes)", "mpirun"),
     Key("slots", _positive_int, True, None, "cores this plugin may use on the cluster", "32"),
@@ -146,6 +154,13 @@ KEYS: Dict[str, Key] = {k.name: k for k in [
         "what carries large uploads: openssh (the system's ssh client, its C ciphers are "
         "~1.8x faster than paramiko), paramiko, or auto (openssh when `ssh` is installed)",
         "auto"),
+    Key("packages", _packages, False, "auto",
+        "how the agent gets pyzmq when `python` lacks it, into the workdir: index (the "
+        "cluster's pip and package index), upload (wheels sent from the desktop), auto (index, "
+        "else upload) or no (fail, saying how to install it)", "auto"),
+    Key("wheelhouse", _path, False, "",
+        "a desktop folder of wheels to upload when the cluster has no package index "
+        "(empty: downloaded with pip on the desktop when needed)", "~/cloudexec-wheels"),
 ]}
 
 
@@ -175,6 +190,8 @@ class ClusterConfig:
     connect_timeout: float = 15.0
     agent_idle_timeout: float = 3600.0
     transfer: str = "auto"
+    packages: str = "auto"
+    wheelhouse: str = ""
     source: str = field(default="", compare=False)
 
     @property

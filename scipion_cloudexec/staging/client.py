@@ -200,7 +200,7 @@ class Stager:
                     self._bulk_refused = True
                     continue
                 if isinstance(e, StagingError):
-                    raise
+                    raise e from None  # a bare raise would re-raise the OSError, not e
                 raise LinkLost("connection to %s lost: %s" % (self.cluster.name, e)) from None
         raise LinkLost("the staging server on %s cannot start: the agent bundle is "
                            "missing after upload" % self.cluster.name)

@@ -85,8 +85,10 @@ def make_cluster(testbed: LocalTestbed, tmp_path) -> Iterator[Callable[..., Clus
         values = dict(
             name="%s%d" % (launcher, len(workdirs)), host="127.0.0.1", port=testbed.sshd_port,
             user=testbed.user, identity_file=testbed.client_key, known_hosts=testbed.known_hosts,
-            workdir=workdir, python=PYTHON, launcher=launcher, slots=4, heartbeat=0.5,
-            connect_timeout=10.0, source="<test>",
+            workdir=workdir, python=PYTHON, launcher=launcher, slots=4,
+            # 1 s beats: a loss is seen within 3 s, and a 2 s stall of this loaded 2-core
+            # machine is not taken for one (tests about losses set their own)
+            heartbeat=1.0, connect_timeout=10.0, source="<test>",
             mpirun=("mpirun", "--oversubscribe", "--bind-to", "none"),
             srun=("srun", "--mpi=pmix"))
         values.update(overrides)

@@ -20,8 +20,9 @@ from typing import Callable, Dict, Iterator, List
 
 import pytest
 
-from scipion_cloudexec.agent.client import AgentClient, JobCancelled, JobLost
-from scipion_cloudexec.agent.jobs import JobState
+from scipion_cloudexec.agent.client import AgentClient, JobCancelled, JobFailed, JobLost
+from scipion_cloudexec.agent.jobs import JobFiles, JobSpec, JobState, LauncherSpec
+from scipion_cloudexec.agent.slurm import SlurmScheduler
 from scipion_cloudexec.tests.test_agent import wait_until
 
 PY = sys.executable
@@ -73,10 +74,7 @@ def stop_agent(workdir: str) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.parametrize("stall", [20, pytest.param(60, marks=(
-    pytest.mark.slow, pytest.mark.matrix,
-    pytest.mark.xfail(strict=True, reason="open defect (issue 10): an sbatch that timed out "
-                      "during a 60 s stall can still create its job after a lookup by name "
-                      "found none, so the job runs twice")))])
+    pytest.mark.slow, pytest.mark.matrix))])
 def test_slurmctld_stall_loses_no_job_and_heartbeats_keep_flowing(make_cluster, testbed,
                                                                   tmp_path, reliability, stall):
     """slurmctld frozen for *stall* seconds (60 s: -m matrix, for docs/RELIABILITY.md)."""
@@ -115,6 +113,73 @@ def test_slurmctld_stall_loses_no_job_and_heartbeats_keep_flowing(make_cluster, 
                 when="mid-job, and a submit during it", seen="nothing: heartbeats flow, the "
                 "jobs end DONE, the submit made during the stall runs once after it",
                 recover_s="none needed", worst_ping_ms=round(worst * 1000, 1), lost=0, twice=0)
+
+
+def _slurm_state(testbed, lid: str) -> str:
+    out = slurm(testbed, "squeue", "-h", "-t", "all", "-j", lid, "-o", "%T").stdout.strip()
+    return out or "GONE"
+
+
+@pytest.mark.slurm
+def test_a_doubtful_sbatch_never_runs_a_job_twice_nor_touches_another_agents_job(
+        make_cluster, testbed, tmp_path, monkeypatch):
+    """The agent's SLURM scheduler driven directly against the real slurmctld.
+
+    FAKE: the job that a timed-out ``sbatch`` makes when SLURM carries it out late is made by
+    hand (the very ``sbatch -H`` the scheduler sends), at the worst moment: after the retry's
+    lookup found nothing. Before held submission, that job ran beside the retry (the 60 s
+    stall test above caught it end to end); before the lookup and the abandon matched the
+    job's folder, another agent's job of the same name was taken for ours, or scancel'd."""
+    make_cluster("slurm")  # skips without SLURM
+    monkeypatch.setenv("SLURM_CONF", testbed.slurm_conf)
+    runs = tmp_path / "runs"
+
+    def job(root, job_id: str):
+        files = JobFiles(str(root), job_id)
+        os.makedirs(files.dir)
+        with open(files.script, "w") as f:
+            f.write("#!/bin/sh\necho %s >> %s\necho 0 > %s\n" % (root.name, runs, files.rc))
+        return JobSpec(job_id=job_id, argv=["true"], launcher=LauncherSpec(kind="slurm")), files
+
+    def by_hand(files: JobFiles, name: str) -> str:  # held: nothing runs until we say so
+        r = slurm(testbed, "sbatch", "--parsable", "-H", "-J", name, "-o", files.stdout,
+                  "-e", files.stderr, "-D", files.dir, files.script)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip().split(";")[0]
+
+    spec, files = job(tmp_path / "ours", "doubt-1")
+    _, theirs = job(tmp_path / "theirs", "doubt-1")  # another agent: same job id, other folder
+    their_lid = by_hand(theirs, "cx-doubt-1")
+    sched = SlurmScheduler()
+    try:
+        sched._uncertain.add(spec.job_id)  # FAKE: its first sbatch timed out
+        lid, _ = sched.submit(spec, files)
+        assert lid != their_lid, "another agent's job of the same name was taken for ours"
+        late = by_hand(files, "cx-doubt-1")  # the timed-out sbatch, carried out now
+        deadline = time.monotonic() + 120
+        while True:
+            st = sched.status({spec.job_id: (lid, files)}).get(spec.job_id)
+            if st is not None and st.state.final:
+                break
+            assert time.monotonic() < deadline, "job %s did not end" % lid
+            time.sleep(sched.next_poll())
+        assert st.state == JobState.DONE, st
+        wait_until(lambda: _slurm_state(testbed, late) in ("CANCELLED", "GONE"), 30,
+                   "the late job of the timed-out sbatch cancelled")
+        assert runs.read_text() == "ours\n", "ran exactly once, and only ours"
+
+        # a submit given up while in doubt: what SLURM made of it goes, in its folder only
+        spec2, files2 = job(tmp_path / "ours", "doubt-2")
+        _, theirs2 = job(tmp_path / "theirs", "doubt-2")
+        stray, their2 = by_hand(files2, "cx-doubt-2"), by_hand(theirs2, "cx-doubt-2")
+        sched.abandon(spec2.job_id, files2)
+        wait_until(lambda: (sched.status({}), _slurm_state(testbed, stray))[1]
+                   in ("CANCELLED", "GONE"), 30, "the abandoned job's stray cancelled")
+        assert _slurm_state(testbed, their2) == "PENDING"
+        assert _slurm_state(testbed, their_lid) == "PENDING"
+        assert runs.read_text() == "ours\n"
+    finally:
+        slurm(testbed, "scancel", "-u", sched.user, "-n", "cx-doubt-1,cx-doubt-2")
 
 
 @contextlib.contextmanager
@@ -257,6 +322,18 @@ def test_job_scancelled_behind_the_agents_back_ends_cancelled_with_the_reason(ma
         print("\nscancel behind the agent's back seen after %.1f s: %s"
               % (time.monotonic() - t0, e.value.result.reason))
     assert "SLURM job %s was cancelled outside cloudexec" % slurm_id in e.value.result.reason
+
+
+@pytest.mark.slurm
+def test_a_command_killed_by_its_own_signal_fails_with_that_code(make_cluster):
+    """rc 143 from a command that SIGTERMs itself is the program's failure, not a cancel:
+    SLURM is asked which (a scancel's rc is 143 too), and says the job ended by itself."""
+    c = make_cluster("slurm")
+    with AgentClient(c) as client:
+        fut = client.submit(["/bin/sh", "-c", "echo going; kill -TERM $$"], job_id="selfkill")
+        with pytest.raises(JobFailed) as e:
+            fut.result(60)
+    assert e.value.result.exit_code == 143
 
 
 @pytest.mark.slurm

@@ -377,10 +377,19 @@ def test_auto_transfer_falls_back_to_paramiko_when_ssh_cannot_log_in(
     assert "Permission denied" in caplog.text
 
 
+@pytest.mark.parametrize("ssh_gone_first", [False, True])
 def test_openssh_transfer_that_cannot_log_in_is_a_clear_error(
-        make_cluster, stager_for, tmp_path, monkeypatch):
+        make_cluster, stager_for, tmp_path, monkeypatch, ssh_gone_first):
     monkeypatch.setenv("PATH", _fake_ssh(tmp_path / "bin", "Permission denied (publickey)")
                        + os.pathsep + os.environ["PATH"])
+    if ssh_gone_first:  # a busy desktop writes its request after ssh has exited: EPIPE
+        from scipion_cloudexec.staging import channels
+        start = channels.OpenSSHChannel.__init__
+
+        def start_then_wait(self, *a, **kw):
+            start(self, *a, **kw)
+            self.proc.wait(30)
+        monkeypatch.setattr(channels.OpenSSHChannel, "__init__", start_then_wait)
     c = make_cluster("local", transfer="openssh")
     proj = tmp_path / "proj"
     (proj / "movies").mkdir(parents=True)
