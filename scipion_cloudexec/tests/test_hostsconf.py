@@ -119,7 +119,9 @@ def test_launching_without_a_usable_queue_choice_says_what_to_pick(make_cluster,
     hosts = tmp_path / "generated-hosts.conf"
     r = cli("--config", conf, "hostsconf", "--write", str(hosts))
     assert r.returncode == 0, r.stderr
-    project._loadHosts(str(hosts))  # the project's own .config/hosts.conf from now on
+    # the project reads it (as it would read $SCIPION_HOME/config/hosts.conf at start);
+    # the session's own hosts.conf is left as it is
+    project._hosts = load_hosts(hosts)
     prot = project.newProtocol(ProtCloudShellSteps, chain="echo never > extra/ran.txt")
     os.makedirs(prot._getExtraPath(), exist_ok=True)
     prot._useQueue.set(True)  # "Use queue? Yes"
