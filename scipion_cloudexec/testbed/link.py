@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import socket
@@ -64,7 +65,7 @@ import tempfile
 import time
 from typing import Dict, Optional, Tuple
 
-__all__ = ["Link", "LinkError"]
+__all__ = ["Link", "LinkError", "calibrate"]
 
 READ_SIZE = 256 << 10  # bytes per read (asyncio's selector transports read at most this)
 BUFFER_S = 0.010  # default buffer in front of the rate limit, as time at the rate
@@ -592,6 +593,70 @@ class Link:
             raise LinkError("the link proxy (pid %d) stopped: %s" % (self.proc.pid,
                                                                      err.strip() or "no output"))
         return json.loads(line)
+
+    def cpu_seconds(self) -> float:
+        """CPU time the proxy process has used so far (user + system)."""
+        with open("/proc/%d/stat" % self.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def calibrate(delay_ms: float, rate_mbit: float, nbytes: int = 100 << 20,
+              pings: int = 20) -> dict:
+    """Measure what a link with these parameters delivers, through a fresh proxy to a
+    loopback server of this process: the median round trip of *pings* 100-byte exchanges
+    (ms) and the rate of *nbytes* sent one way (Mbit/s, first to last byte at the far end,
+    so the delay does not count). Returns {"rtt_ms", "rate_mbit", "proxy_cpu_s"}."""
+    import statistics
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    got = {"n": 0, "first": 0.0, "last": 0.0}
+    done = threading.Event()
+
+    def serve() -> None:
+        for mode in ("echo", "sink"):
+            c, _ = srv.accept()
+            with c, contextlib.suppress(OSError):  # the link resets it when it closes
+                while True:
+                    d = c.recv(1 << 20)
+                    if not d:
+                        break
+                    if mode == "echo":
+                        c.sendall(d)
+                        continue
+                    now = time.perf_counter()
+                    got["first"] = got["first"] or now
+                    got["n"] += len(d)
+                    if got["n"] >= nbytes:
+                        got["last"] = now
+                        done.set()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with Link(srv.getsockname(), delay_ms=delay_ms, rate_mbit=rate_mbit) as link:
+            rtts = []
+            with socket.create_connection(link.address) as c:
+                for _ in range(pings):
+                    t0 = time.perf_counter()
+                    c.sendall(b"p" * 100)
+                    n = 0
+                    while n < 100:
+                        n += len(c.recv(100))
+                    rtts.append(time.perf_counter() - t0)
+            with socket.create_connection(link.address) as c:
+                block, left = os.urandom(1 << 20), nbytes
+                while left:
+                    c.sendall(block[:min(left, len(block))])
+                    left -= min(left, len(block))
+                if not done.wait(120):
+                    raise LinkError("calibration: %d of %d bytes arrived" % (got["n"], nbytes))
+            cpu = link.cpu_seconds()
+    finally:
+        srv.close()
+    return {"rtt_ms": statistics.median(rtts) * 1e3,
+            "rate_mbit": nbytes * 8 / 1e6 / (got["last"] - got["first"]), "proxy_cpu_s": cpu}
 
 
 if __name__ == "__main__":
