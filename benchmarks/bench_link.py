@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -229,6 +230,7 @@ def main():
         print("  %-6s %-12s rtt %5.0f ms  %7.2f s" % (case, who, rtt, seconds), flush=True)
 
     started = time.time()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))  # clean up
     try:
         conf = tb.up(slurm=False)
         base = load_clusters(conf)["local"]

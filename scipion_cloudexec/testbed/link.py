@@ -215,6 +215,9 @@ class _End(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         transport.set_write_buffer_limits(high=1 << 20)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a link adds no Nagle wait (ssh and sshd ask for none either)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.pipe_in.src = transport
         self.pipe_out.dst = transport
         if self.conn.proxy.model.blackholed:  # a dead link carries nothing either way
@@ -618,6 +621,7 @@ def calibrate(delay_ms: float, rate_mbit: float, nbytes: int = 100 << 20,
     def serve() -> None:
         for mode in ("echo", "sink"):
             c, _ = srv.accept()
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with c, contextlib.suppress(OSError):  # the link resets it when it closes
                 while True:
                     d = c.recv(1 << 20)
@@ -638,6 +642,7 @@ def calibrate(delay_ms: float, rate_mbit: float, nbytes: int = 100 << 20,
         with Link(srv.getsockname(), delay_ms=delay_ms, rate_mbit=rate_mbit) as link:
             rtts = []
             with socket.create_connection(link.address) as c:
+                c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 for _ in range(pings):
                     t0 = time.perf_counter()
                     c.sendall(b"p" * 100)

@@ -39,6 +39,7 @@ class _Server:
             threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     def _serve(self, c):
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             with c:
                 while True:
@@ -69,6 +70,7 @@ def echo():
 
 
 def _exchange(sock, n=100):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     t0 = time.perf_counter()
     sock.sendall(b"p" * n)
     got = 0
