@@ -9,7 +9,8 @@ faults (blackhole, reset). This kernel has no ``netem``; this is the user-space 
     [proxy process] --- up pipe:   queue of (due, bytes), FIFO ------->|
                     <-- down pipe: queue of (due, bytes), FIFO --------'
     each chunk read at time t leaves at due = max(t, end of the previous chunk's
-    serialisation) + len * 8 / rate  +  delay         (per direction)
+    serialisation) + len * 8 / rate  +  delay   (one serialiser per direction, shared by
+    every connection: N streams share the rate as on a real link)
 
     with Link(("127.0.0.1", 2222), delay_ms=50, rate_mbit=1000) as link:   # 100 ms RTT
         cluster = link.cluster(cluster)     # same cluster, reached through the link
@@ -108,7 +109,7 @@ class _Pipe:
         self.dst: Optional[asyncio.Transport] = None
         self.queue: "collections.deque[Tuple[float, Optional[bytes]]]" = collections.deque()
         self.queued = 0
-        self.free_at = 0.0  # when the rate limit can start the next chunk
+        self.not_before = 0.0  # nothing leaves before (the handshake's round trip)
         self.last_due = 0.0
         self.src_paused = False
         self.dst_paused = False
@@ -119,14 +120,13 @@ class _Pipe:
     def push(self, data: Optional[bytes]) -> None:
         """Data read from the source, or _EOF (it half-closed), or _CLOSE (it closed: the
         destination is closed once what precedes is delivered)."""
-        m = self.proxy.model
+        m, link = self.proxy.model, self.proxy.free_at
         now = time.monotonic()
-        if data and m.rate:
-            start = max(now, self.free_at)
-            self.free_at = start + len(data) / m.rate
-            due = self.free_at + m.delay
+        if data and m.rate:  # one serialiser per direction, shared by all connections
+            link[self.direction] = max(now, link[self.direction]) + len(data) / m.rate
+            due = max(link[self.direction], self.not_before) + m.delay
         else:
-            due = max(now, self.free_at) + m.delay
+            due = max(now, self.not_before) + m.delay
         due = max(due, self.last_due)  # FIFO even when the delay was lowered
         self.last_due = due
         self.queue.append((due, data))
@@ -140,13 +140,14 @@ class _Pipe:
 
     def full(self, now: float, buffer: float) -> bool:
         m = self.proxy.model
-        return self.queued >= m.limit or bool(m.rate) and (self.free_at - now) * m.rate > buffer
+        backlog = (self.proxy.free_at[self.direction] - now) * m.rate
+        return self.queued >= m.limit or bool(m.rate) and backlog > buffer
 
     def arm_resume(self) -> None:
         """Read again when the rate limit has worked half its buffer off."""
         m = self.proxy.model
         if m.rate and self.resume_timer is None and not self.closed:
-            at = self.free_at - m.buffer / 2 / m.rate
+            at = self.proxy.free_at[self.direction] - m.buffer / 2 / m.rate
             self.resume_timer = self.proxy.loop.call_at(at, self.try_resume)
 
     def try_resume(self) -> None:
@@ -304,6 +305,9 @@ class _Proxy:
         self.conns: set = set()
         self.stats: Dict[str, int] = {"up": 0, "down": 0, "connections": 0, "resets": 0}
         self.reset_at: Optional[Tuple[str, int]] = None  # (direction, total bytes)
+        #: per direction, when the rate limit can start the next chunk (the link's rate is
+        #: shared by every connection crossing it)
+        self.free_at: Dict[str, float] = {"up": 0.0, "down": 0.0}
         self.blackhole_lifted = asyncio.Event()
         self.blackhole_lifted.set()
 
@@ -346,7 +350,7 @@ class _Proxy:
         self.stats["connections"] += 1
         conn.client = _End(conn, conn.up, conn.down)
         # the client may send once the handshake's first round trip is over
-        conn.up.free_at = time.monotonic() + 2 * self.model.delay
+        conn.up.not_before = time.monotonic() + 2 * self.model.delay
         conn.task = self.loop.create_task(self.dial(conn))
         return conn.client
 

@@ -28,6 +28,7 @@ class _Server:
         self.done = threading.Event()
         self.first_at = self.done_at = 0.0
         self.errors = []
+        self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -49,12 +50,13 @@ class _Server:
                     if self.mode == "echo":
                         c.sendall(d)
                         continue
-                    if not self.received:
-                        self.first_at = time.perf_counter()
-                    self.received += len(d)
-                    if self.expect and self.received >= self.expect:
-                        self.done_at = time.perf_counter()
-                        self.done.set()
+                    with self.lock:
+                        if not self.received:
+                            self.first_at = time.perf_counter()
+                        self.received += len(d)
+                        if self.expect and self.received >= self.expect:
+                            self.done_at = time.perf_counter()
+                            self.done.set()
         except OSError as e:
             self.errors.append(e)
 
@@ -95,22 +97,29 @@ def test_round_trip_is_twice_the_delay_and_a_connection_pays_the_handshake(echo)
     assert 0.95 <= first / 0.080 <= 1.4, "first exchange %.1f ms, 80 expected" % (first * 1e3)
 
 
-def _push(model, nbytes):
-    """Send *nbytes* one way into a sink through *address*; the achieved rate in bytes/s,
-    counted from the first byte's arrival to the last's (so the delay does not count)."""
+def _push(model, nbytes, streams=1):
+    """Send *nbytes* one way into a sink through a link with *model*, over *streams*
+    connections at once; the achieved rate in bytes/s, counted from the first byte's
+    arrival to the last's (so the delay does not count)."""
     sink = _Server("sink", expect=nbytes)
+    block = os.urandom(1 << 20)
+
+    def send(address, left):
+        with socket.create_connection(address) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            while left:
+                n = min(left, len(block))
+                s.sendall(block[:n])
+                left -= n
+            assert sink.done.wait(60), "only %d of %d bytes arrived" % (sink.received, nbytes)
     try:
         with Link(sink.address, **model) as link:
-            with socket.create_connection(link.address) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-                block = os.urandom(1 << 20)
-                left = nbytes
-                while left:
-                    n = min(left, len(block))
-                    s.sendall(block[:n])
-                    left -= n
-                assert sink.done.wait(60), "only %d of %d bytes arrived" % (sink.received,
-                                                                             nbytes)
+            threads = [threading.Thread(target=send, args=(link.address, nbytes // streams))
+                       for _ in range(streams)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
             assert link.stats()["up"] == nbytes
     finally:
         sink.close()
@@ -121,6 +130,14 @@ def _push(model, nbytes):
 def test_rate_limit_is_what_it_claims(rate_mbit, delay_ms):
     claimed = rate_mbit * 1e6 / 8
     rate = _push(dict(delay_ms=delay_ms, rate_mbit=rate_mbit), int(claimed * 1.0))
+    assert 0.9 <= rate / claimed <= 1.05, "%.1f MB/s for %.1f claimed" % (rate / 1e6,
+                                                                          claimed / 1e6)
+
+
+def test_parallel_connections_share_the_rate():
+    """The rate is the link's, not each connection's: 4 streams together get what 1 does."""
+    claimed = 200e6 / 8
+    rate = _push(dict(delay_ms=10, rate_mbit=200), 24 << 20, streams=4)
     assert 0.9 <= rate / claimed <= 1.05, "%.1f MB/s for %.1f claimed" % (rate / 1e6,
                                                                           claimed / 1e6)
 
