@@ -164,6 +164,20 @@ class Bench:
         return dt
 
 
+def rm(folder):
+    """Delete a destination; the cluster's staging server may still be exiting (its
+    sqlite files go away under us): try again."""
+    for _ in range(20):
+        try:
+            shutil.rmtree(folder)
+            return
+        except FileNotFoundError:
+            continue
+        except OSError:
+            time.sleep(0.1)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def tree_bytes(folder):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
 
@@ -277,20 +291,20 @@ def main():
                         wd = B.fresh("ours")
                         s = B.ours(["big"], wd, os.path.join(wd, "hashes.sqlite"))
                         assert B.last_sent == big_bytes, B.last_sent
-                        shutil.rmtree(wd)
+                        rm(wd)
                         note("big", "ours", rtt, s)
 
                     def run_tool(name):
                         d = B.fresh(name)
                         s = (B.rsync if name == "rsync" else B.scp)(big, d)
                         assert tree_bytes(d) == big_bytes, name
-                        shutil.rmtree(d)
+                        rm(d)
                         note("big", name, rtt, s)
 
                     def run_cat():
                         d = B.fresh("cat")
                         note("big", "ssh cat x4", rtt, B.cat_streams(big_files, 4, d))
-                        shutil.rmtree(d)
+                        rm(d)
                     order = [run_ours, lambda: run_tool("rsync"), lambda: run_tool("scp"),
                              run_cat]
                     k = r % len(order)
@@ -307,7 +321,7 @@ def main():
                     for n in order:
                         d = B.fresh("streams")
                         note("streams", "x%d" % n, rtt, B.cat_streams(big_files, n, d))
-                        shutil.rmtree(d)
+                        rm(d)
 
             rtt = a.small_rtt
             with Link((base.host, base.port), delay_ms=rtt / 2, rate_mbit=a.rate_mbit) as ln:

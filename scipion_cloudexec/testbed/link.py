@@ -41,7 +41,12 @@ What it models, and what it does not:
   router's buffer; default 10 ms at the rate, at least 512 kB); beyond that the proxy stops
   reading and the sender's own TCP stalls, so the claimed rate is not exceeded and the
   queueing delay stays bounded.
+  A real long link can only be slower for one stream (slow start, loss, the kernel's
+  buffer limits): what parallel streams gain here, they gain at least as much there.
 - No loss, no reordering, no jitter.
+
+``calibrate(delay_ms, rate_mbit)`` measures what a link with those parameters delivers
+(RTT of small exchanges, rate of 100 MB one way): benchmarks print it beside their figures.
 
 Run alone (commands are read as JSON lines on stdin, e.g. ``{"cmd": "blackhole", "on": true}``)::
 
