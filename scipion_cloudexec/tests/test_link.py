@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.staging.client import Stager, StagingError
 from scipion_cloudexec.testbed.link import Link, LinkError
 from scipion_cloudexec.transport.ssh import SSHConnection, Target
@@ -207,13 +208,10 @@ def test_link_process_ends_with_its_handle(echo):
 
 # ---- staging at high latency ---------------------------------------------------------------
 
-@pytest.mark.slow
-@pytest.mark.parametrize("transfer", ["paramiko", "openssh"])
-def test_staging_reset_mid_file_at_100ms_rtt_resumes(make_cluster, tmp_path, transfer):
-    """A 24 MB upload through a 100 ms RTT, 400 Mbit/s link is reset once 8 MB have gone
-    up: the staging fails naming the cluster; staging again through the same link sends
-    only what had not arrived, and the mirror holds exactly the source's bytes."""
-    c = make_cluster("local", transfer=transfer)
+def _reset_mid_file_then_resume(c, tmp_path):
+    """A 24 MB upload to cluster *c* through a 100 ms RTT, 400 Mbit/s link is reset once
+    8 MB have gone up: the staging fails naming the cluster; staging again through the same
+    link sends only what had not arrived, and the mirror holds exactly the source's bytes."""
     proj = tmp_path / "proj"
     movie = proj / "movies" / "movie.tiff"
     movie.parent.mkdir(parents=True)
@@ -251,3 +249,40 @@ def test_staging_reset_mid_file_at_100ms_rtt_resumes(make_cluster, tmp_path, tra
         for st in opened:
             st.close()
             st.ssh.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transfer", ["paramiko", "openssh"])
+def test_staging_reset_mid_file_at_100ms_rtt_resumes(make_cluster, tmp_path, transfer):
+    """Through the link in front of the loopback sshd (see _reset_mid_file_then_resume)."""
+    _reset_mid_file_then_resume(make_cluster("local", transfer=transfer), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def far_host(testbed):
+    """One namespaced host of this module's own (10.82.0.11, bridge cxbr-link: the shared
+    sets of other tests stay untouched), taken down at the end."""
+    from scipion_cloudexec.testbed.netns import NetnsClusters
+    if not NetnsClusters.available():
+        pytest.skip("network namespaces need root and iproute2 (ip netns)")
+    n = NetnsClusters(testbed, 1, prefix="lk", net="10.82.0", bridge="cxbr-link")
+    try:
+        n.up()
+    except Exception as e:
+        n.down()
+        pytest.fail("the namespaced host did not come up: %s" % e)
+    yield n
+    n.down()
+
+
+@pytest.mark.slow
+def test_staging_through_a_link_to_a_namespaced_cluster_resumes(far_host, testbed, tmp_path):
+    """The same in front of a namespaced cluster's sshd (its own host, address and host
+    key), over the system's OpenSSH."""
+    name = far_host.names()[0]
+    c = ClusterConfig(name=name, host=far_host.address(name), port=22, user=testbed.user,
+                      identity_file=testbed.client_key, known_hosts=far_host.known_hosts,
+                      workdir=str(tmp_path / "remote"), python=testbed.python,
+                      launcher="local", slots=1, heartbeat=0.5, connect_timeout=5.0,
+                      transfer="openssh")
+    _reset_mid_file_then_resume(c, tmp_path)
