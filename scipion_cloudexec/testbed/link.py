@@ -107,20 +107,21 @@ class _Model:
 class _Pipe:
     """One direction of one connection: a FIFO of (due, bytes) drained on time."""
 
-    def __init__(self, proxy: "_Proxy", direction: str):
-        self.proxy = proxy
+    def __init__(self, proxy: "_Proxy", conn: "_Conn", direction: str):
+        self.proxy, self.conn = proxy, conn
         self.direction = direction  # "up" (client -> target) or "down"
         self.src: Optional[asyncio.Transport] = None
         self.dst: Optional[asyncio.Transport] = None
         self.queue: "collections.deque[Tuple[float, Optional[bytes]]]" = collections.deque()
         self.queued = 0
-        self.not_before = 0.0  # nothing leaves before (the handshake's round trip)
+        self.not_before = 0.0  # the source cannot send before (the handshake's round trip)
         self.last_due = 0.0
         self.src_paused = False
         self.dst_paused = False
         self.timer: Optional[asyncio.TimerHandle] = None
         self.resume_timer: Optional[asyncio.TimerHandle] = None
         self.closed = False
+        self.eof_sent = False
 
     def push(self, data: Optional[bytes]) -> None:
         """Data read from the source, or _EOF (it half-closed), or _CLOSE (it closed: the
@@ -129,7 +130,7 @@ class _Pipe:
         now = time.monotonic()
         if data and m.rate:  # one serialiser per direction, shared by all connections
             link[self.direction] = max(now, link[self.direction]) + len(data) / m.rate
-            due = max(link[self.direction], self.not_before) + m.delay
+            due = link[self.direction] + m.delay
         else:
             due = max(now, self.not_before) + m.delay
         due = max(due, self.last_due)  # FIFO even when the delay was lowered
@@ -192,6 +193,10 @@ class _Pipe:
             if data is _EOF:
                 if self.dst.can_write_eof():
                     self.dst.write_eof()
+                self.eof_sent = True
+                if self.conn.up.eof_sent and self.conn.down.eof_sent:
+                    self.conn.finish()  # both ends said goodbye: close both sockets
+                    return
                 continue
             self.queued -= len(data)
             self.dst.write(data)
@@ -226,9 +231,14 @@ class _End(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.pipe_in.src = transport
         self.pipe_out.dst = transport
+        pipe = self.pipe_in
         if self.conn.proxy.model.blackholed:  # a dead link carries nothing either way
-            self.pipe_in.src_paused = True
+            pipe.src_paused = True
             transport.pause_reading()
+        elif pipe.not_before > time.monotonic():  # the client's connect has not returned
+            pipe.src_paused = True  # on the modelled link yet: it cannot send
+            transport.pause_reading()
+            pipe.resume_timer = self.conn.proxy.loop.call_at(pipe.not_before, pipe.try_resume)
         self.pipe_out.schedule()
 
     def data_received(self, data: bytes) -> None:
@@ -255,7 +265,7 @@ class _Conn:
 
     def __init__(self, proxy: "_Proxy"):
         self.proxy = proxy
-        self.up, self.down = _Pipe(proxy, "up"), _Pipe(proxy, "down")
+        self.up, self.down = _Pipe(proxy, self, "up"), _Pipe(proxy, self, "down")
         self.client: Optional[_End] = None
         self.server: Optional[_End] = None
         self.task: Optional[asyncio.Task] = None
@@ -267,6 +277,8 @@ class _Conn:
         other = self.server if end is self.client else self.client
         if not self.done:
             end.pipe_in.push(_CLOSE)
+        if other is None and self.task is not None and not self.done:
+            return  # still dialling the target: what the client sent goes there, then closes
         if other is None or other.transport is None or other.transport.is_closing() \
                 or self.done:
             self.finish()

@@ -176,6 +176,23 @@ def test_blackhole_holds_everything_and_loses_nothing(echo):
             late.close()
 
 
+def test_what_a_client_sent_before_closing_still_arrives():
+    """A client that sends and closes at once (before the link's handshake is over): its
+    bytes reach the target, then the close; once both ends closed, the link holds nothing."""
+    sink = _Server("sink", expect=1000)
+    try:
+        with Link(sink.address, delay_ms=30) as link:
+            with socket.create_connection(link.address) as s:
+                s.sendall(b"x" * 1000)
+            assert sink.done.wait(5), "%d of 1000 bytes arrived" % sink.received
+            deadline = time.monotonic() + 5  # both ends closed: the link lets go of both
+            while link.stats()["open"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert link.stats()["open"] == 0
+    finally:
+        sink.close()
+
+
 def test_reset_and_reset_after_bytes(echo):
     with Link(echo.address, delay_ms=2) as link:
         s = socket.create_connection(link.address)
