@@ -11,6 +11,7 @@
     scipion-cloudexec [--config FILE] cache NAME [--gc]
     scipion-cloudexec [--config FILE] status [NAME...]
     scipion-cloudexec provenance RUN_DIR [--json] [-v]
+    scipion-cloudexec [--config FILE] hostsconf [--write [HOSTS_CONF]] [--host NAME]
     scipion-cloudexec demo [--root DIR] [--keep]
     scipion-cloudexec testbed up|down|status [--root DIR]
 
@@ -79,7 +80,8 @@ def _capture(client, argv: List[str], timeout: float = 300, **kw):
 
 
 def cmd_check(cluster: ClusterConfig, args) -> int:
-    """Connect, start the agent, probe the cluster, run a 2-rank mpi4py job."""
+    """Connect, start the agent, probe the cluster, run a 2-rank mpi4py job (launcher
+    local: 2 plain processes, said as such)."""
     from .cluster.ssh import fingerprint
     print("cluster %s: %s (launcher %s, %d slots)"
           % (cluster.name, cluster.address, cluster.launcher, cluster.slots))
@@ -110,16 +112,26 @@ def cmd_check(cluster: ClusterConfig, args) -> int:
             print("  %-10s %s %s" % (label, "ok   " if good else "FAIL " if required else "--   ",
                                      text))
             ok &= good or not required
-        code = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
-                "print('rank %d/%d on %s' % (c.rank, c.size, MPI.Get_processor_name()))")
         t1 = time.monotonic()
-        good, out, err = _capture(client, [cluster.python, "-c", code], ranks=2)
-        ranks = sorted(ln for ln in out.splitlines() if ln.startswith("rank"))
-        size = "/2 " if cluster.launcher != "local" else "/1 "  # local: 2 plain processes
-        good = good and len(ranks) == 2 and all(size in ln for ln in ranks)
-        print("  MPI job    %s 2 ranks through %s: %s (%.2f s)"
-              % ("ok   " if good else "FAIL ", cluster.launcher, "; ".join(ranks) or err,
-                 time.monotonic() - t1))
+        if cluster.launcher == "local":  # plain processes, no MPI: say so
+            code = ("import os, socket; "
+                    "print('process %d on %s' % (os.getpid(), socket.gethostname()))")
+            good, out, err = _capture(client, [cluster.python, "-c", code], ranks=2)
+            procs = sorted(ln for ln in out.splitlines() if ln.startswith("process"))
+            good = good and len(procs) == 2
+            print("  processes  %s 2 single processes through launcher local (it starts plain "
+                  "processes, not an MPI job): %s (%.2f s)"
+                  % ("ok   " if good else "FAIL ", "; ".join(procs) or err,
+                     time.monotonic() - t1))
+        else:
+            code = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
+                    "print('rank %d/%d on %s' % (c.rank, c.size, MPI.Get_processor_name()))")
+            good, out, err = _capture(client, [cluster.python, "-c", code], ranks=2)
+            ranks = sorted(ln for ln in out.splitlines() if ln.startswith("rank"))
+            good = good and len(ranks) == 2 and all("/2 " in ln for ln in ranks)
+            print("  MPI job    %s 2 ranks through %s: %s (%.2f s)"
+                  % ("ok   " if good else "FAIL ", cluster.launcher, "; ".join(ranks) or err,
+                     time.monotonic() - t1))
         ok &= good
     print("%s: %s" % (cluster.name, "ready" if ok else "NOT ready (see FAIL above)"))
     return 0 if ok else 1
@@ -174,16 +186,23 @@ def cmd_jobs(cluster: ClusterConfig, args) -> int:
                                              "LABEL"))
     for r in rows:
         print("%-28s %-10s %5s %-16s %-19s %s" % (
-            r["job_id"], r["state"], "" if r["exit_code"] is None else r["exit_code"],
+            r["job_id"], r["state"], "-" if r["exit_code"] is None else r["exit_code"],
             r["launcher_id"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["submitted"])),
             r["label"]))
     return 0
 
 
 def cmd_cancel(cluster: ClusterConfig, args) -> int:
+    from .runrecords import find_run_dir, note_cancel
     with _client(cluster) as client:
         state = client.cancel(args.job_id)
+        # Scipion's Stop runs this in the project folder: the run's log and provenance say so
+        run_dir = find_run_dir(args.job_id)
+        row = next((r for r in client.jobs(1000) if r["job_id"] == args.job_id), None) \
+            if run_dir else None
     print("cancel sent to job %s (was %s)" % (args.job_id, state))
+    if run_dir:
+        note_cancel(run_dir, args.job_id, cluster.name, state, row)
     return 0
 
 
@@ -232,33 +251,6 @@ def cmd_demo(args) -> int:
             _say("### test bed stopped (use --keep to leave it running)")
 
 
-class ProgressLine:
-    """A one-line progress display on stderr: files, bytes, rate, time left."""
-
-    def __init__(self, label: str):
-        self.label = label
-        self.t0 = time.monotonic()
-        self.last = 0.0
-        self.shown = False
-
-    def __call__(self, done: int, total: int, files_done: int, files: int) -> None:
-        now = time.monotonic()
-        if now - self.last < 0.25 and done < total:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-6)
-        left = (total - done) / rate if rate else 0
-        sys.stderr.write("\r%s: file %d/%d, %s / %s, %s/s, %s left   " % (
-            self.label, min(files_done + 1, files), files, _human(done), _human(total),
-            _human(rate), time.strftime("%H:%M:%S", time.gmtime(left))))
-        sys.stderr.flush()
-        self.shown = True
-
-    def end(self) -> None:
-        if self.shown:
-            sys.stderr.write("\n")
-
-
 def _human(n: float) -> str:
     from .cluster.errors import human_bytes
     return human_bytes(n)
@@ -266,10 +258,11 @@ def _human(n: float) -> str:
 
 def cmd_stage(cluster: ClusterConfig, args) -> int:
     from .cluster.errors import InputMissing, StagingError
+    from .progress import for_terminal
     root = os.path.abspath(args.project_root)
     project = args.project or os.path.basename(root)
     with _staging(cluster) as session:
-        bar = ProgressLine("staging to %s" % cluster.name)
+        bar = for_terminal("staging to %s" % cluster.name)
         try:
             r = session.stage_in(root, args.paths, project, progress=bar, keep_hashes=False)
         except (StagingError, InputMissing) as e:
@@ -286,10 +279,11 @@ def cmd_stage(cluster: ClusterConfig, args) -> int:
 
 def cmd_fetch(cluster: ClusterConfig, args) -> int:
     from .cluster.errors import StagingError
+    from .progress import for_terminal
     code = 0
     with _staging(cluster) as session:
         for path in args.remote_paths:
-            bar = ProgressLine("fetching %s" % path)
+            bar = for_terminal("fetching %s" % path)
             try:
                 r = session.fetch(path, args.to, progress=bar)
             except StagingError as e:
@@ -333,27 +327,31 @@ def _staging(cluster: ClusterConfig) -> Iterator:
 def cmd_provenance(args) -> int:
     """Where each remote step of a protocol run ran, from Runs/<id>/logs/cloudexec.jsonl."""
     import json
-    path = os.path.join(args.run_dir, "logs", "cloudexec.jsonl")
-    try:
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
+    from .runrecords import read_records
+    records = read_records(args.run_dir)
+    if not records:
         _say("scipion-cloudexec: %s not found: no step of %s ran on a cluster"
-             % (path, args.run_dir))
+             % (os.path.join(args.run_dir, "logs", "cloudexec.jsonl"), args.run_dir))
         return 1
     if args.json:
         print(json.dumps(records, indent=1, sort_keys=True))
         return 0
     for r in records:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("started") or 0))
-        print("step %s  job %s  %s on %s (%s, launcher id %s)  %s, %.1f s, exit %s"
-              % (r.get("step"), r["job_id"], r.get("state"), r["cluster"], r["launcher"],
-                 r.get("launcher_id"), when, (r.get("ended") or 0) - (r.get("started") or 0),
-                 r.get("exit_code")))
-        print("    command: %s" % r["command"])
+        start, end = r.get("started") or 0, r.get("ended") or 0
+        when = ("%s, %.1f s" % (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)),
+                                end - start) if start and end else
+                "started %s" % time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start))
+                if start else "never started")
+        print("step %s  job %s  %s on %s (%s, launcher id %s)  %s, exit %s"
+              % (r.get("step"), r["job_id"], r.get("state"), r["cluster"], r.get("launcher"),
+                 r.get("launcher_id"), when, "-" if r.get("exit_code") is None
+                 else r.get("exit_code")))
+        if r.get("reason"):
+            print("    %s" % r["reason"])
+        print("    command: %s" % r.get("command"))
         print("    %d input file(s) staged, %d output file(s) gathered"
               % (len(r.get("inputs", {})), len(r.get("outputs", {}))))
-        if args.verbose:
+        if args.verbose or args.files:
             for kind in ("inputs", "outputs"):
                 for rel, sha in sorted(r.get(kind, {}).items()):
                     print("      %-7s %s  %s" % (kind[:-1], sha[:16], rel))
@@ -390,6 +388,56 @@ def cmd_status(args) -> int:
             ", ".join("%s (%s staged)" % (c, _human(r["staged"][c])) if c in r["staged"] else c
                       for c in r["clients"]) or "-"))
     return 0 if all(r["reachable"] for r in rows) else 1
+
+
+def cmd_hostsconf(args) -> int:
+    """Print (or merge into Scipion's hosts.conf) the cloudexec queues of the clusters file."""
+    from . import hostsconf
+    from .config import default_config_path, load_groups
+    path = os.path.abspath(default_config_path(args.config))
+    clusters, groups = load_clusters(path), load_groups(path)
+    values = hostsconf.host_values(clusters, groups, config_path=path)
+    if args.write is None:
+        sys.stdout.write(hostsconf.merge("", values, args.host, path))
+        return 0
+    target = os.path.abspath(args.write or hostsconf.scipion_hosts_path())
+    try:
+        changed, backup = hostsconf.write(target, values, args.host, path)
+    except hostsconf.HostsConfError as e:
+        _say("scipion-cloudexec: %s: %s" % (target, e))
+        return EXIT_CONFIG
+    print("%s: %s [%s] with queues %s%s" % (
+        target, "wrote" if changed else "already up to date:", args.host,
+        ", ".join(hostsconf.queues(clusters, groups)),
+        " (previous file kept as %s)" % backup if backup else ""))
+    try:
+        default = os.path.abspath(default_config_path())
+    except ConfigError:
+        default = ""
+    sys.stdout.flush()
+    if default != path:  # the executor in Scipion's protocol processes reads the default
+        _say("note: Scipion's protocols read the clusters file %s; to use %s, set "
+             "SCIPION_CLOUDEXEC_CONFIG = %s in Scipion's config (scipion.conf)"
+             % (default or "from $SCIPION_CLOUDEXEC_CONFIG or $SCIPION_HOME/config/cloudexec.conf",
+                path, path))
+    return 0
+
+
+def cmd_queue_submit(args) -> int:
+    """hosts.conf SUBMIT_COMMAND: Scipion tried to send a whole protocol to a cloudexec
+    queue; say what to pick instead and fail (exit 1)."""
+    from . import hostsconf
+    from .config import load_groups
+    try:
+        clusters = list(load_clusters(args.config))
+        known = clusters + [g for g in load_groups(args.config) if g not in clusters] + (
+            ["all"] if len(clusters) > 1 else [])
+    except ConfigError as e:
+        known = []
+        _say("scipion-cloudexec: %s" % e)
+    text = hostsconf.refuse_submit(args.queue, args.steps, known)
+    sys.stderr.write(text + ("\n" if sys.stderr.isatty() else ""))  # Scipion shows it as is
+    return 1
 
 
 def cmd_testbed(args) -> int:
@@ -461,6 +509,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("provenance", help="where each remote step of a protocol run ran")
     s.add_argument("run_dir", help="the protocol's run folder, e.g. Runs/000123_ProtRelionRefine3D")
     s.add_argument("--json", action="store_true", help="the raw records")
+    s.add_argument("-v", "--verbose", dest="files", action="store_true",
+                   help="also each input and output file with its hash")
+    s = sub.add_parser("hostsconf", help="the cloudexec part of Scipion's hosts.conf, from the "
+                                         "clusters file (printed, or merged with --write)")
+    s.add_argument("--write", nargs="?", const="", metavar="HOSTS_CONF",
+                   help="merge into this hosts.conf (default: the one Scipion reads), keeping "
+                        "a backup; running it again changes nothing")
+    s.add_argument("--host", default="localhost", help="host section (default localhost)")
+    s = sub.add_parser("queue-submit", help="hosts.conf SUBMIT_COMMAND: refuses, explaining "
+                                            "what to pick in the queue dialog")
+    s.add_argument("--queue", default="")
+    s.add_argument("--steps", default="")
+    s.add_argument("script", nargs="?")
     s = sub.add_parser("demo", help="start a local test bed and run check and an MPI job on it")
     s.add_argument("--root", default=os.path.join(os.getcwd(), ".testbed"),
                    help="test bed folder (default ./.testbed)")
@@ -500,6 +561,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_provenance(args)
         if args.cmd == "status":
             return cmd_status(args)
+        if args.cmd == "hostsconf":
+            return cmd_hostsconf(args)
+        if args.cmd == "queue-submit":
+            return cmd_queue_submit(args)
         clusters = load_clusters(args.config)
         if getattr(args, "job_id", "") is None and ":" in args.name:
             args.name, args.job_id = args.name.split(":", 1)

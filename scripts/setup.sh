@@ -54,5 +54,5 @@ print(" ".join("--platform manylinux_2_%d_%s" % (i, m) for i in range(int(v[1]),
       2> >(grep -v 'is ignored: it is neither' >&2)
   fi
 done
-echo "### ready: $(.venv/bin/python -c 'import scipion_cloudexec, pyworkflow, zmq, paramiko, mpi4py; print("scipion-cloudexec", scipion_cloudexec.__version__, "pyworkflow", pyworkflow.__version__, "pyzmq", zmq.__version__, "paramiko", paramiko.__version__, "mpi4py", mpi4py.__version__)')"
+echo "### ready: $(.venv/bin/python -c 'import scipion_cloudexec, pyworkflow, zmq, paramiko, mpi4py, tqdm; print("scipion-cloudexec", scipion_cloudexec.__version__, "pyworkflow", pyworkflow.__version__, "pyzmq", zmq.__version__, "paramiko", paramiko.__version__, "mpi4py", mpi4py.__version__)')"
 echo "### RELION $(relion_refine --version 2>/dev/null | sed -n 's/^RELION version: *//p') in $relion_home, scipion-em-relion $(.venv/bin/python -c 'import relion; print(relion.__version__)')"

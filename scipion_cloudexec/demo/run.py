@@ -32,19 +32,12 @@ PROJECT = "relion_demo"
 ANGPIX = 3.0
 HOST_NAME, BRIDGE, NET = "d1", "cxdbr0", "10.83.0"  # apart from the tests' private hosts
 
-HOSTS_CONF = """\
-; written by the scipion-cloudexec demo: the cluster "{cluster}" as a queue of the
-; queue system cloudexec (see the README, "Running a Scipion protocol on a cluster")
+#: what hosts.conf holds besides the queues that `scipion-cloudexec hostsconf` writes
+HOSTS_BASE = """\
+; written by the scipion-cloudexec demo; the cloudexec keys below come from
+; 'scipion-cloudexec hostsconf --write', as a user would run it
 [localhost]
 PARALLEL_COMMAND = mpirun --oversubscribe -np %_(JOB_NODES)d %_(COMMAND)s
-NAME = cloudexec
-MANDATORY = 0
-SUBMIT_COMMAND = true
-SUBMIT_TEMPLATE = #!/bin/sh
-    %_(JOB_COMMAND)s
-CHECK_COMMAND = true
-CANCEL_COMMAND = {python} -m scipion_cloudexec.cli cancel %_(JOB_ID)s
-QUEUES = {{"{cluster}": [["QUEUE_FOR_JOBS", "Y", "Steps on the cluster", "Keep Y"]]}}
 """
 
 
@@ -98,18 +91,26 @@ def stop_cluster(root: str) -> int:
 
 def _write_config(host: PrivateHost) -> None:
     """hosts.conf (the cluster as a cloudexec queue) and the clusters file."""
+    from .. import hostsconf
+    from ..config import load_clusters, load_groups
     home = os.environ["SCIPION_HOME"]
     os.makedirs(os.path.join(home, "config"), exist_ok=True)
-    with open(os.path.join(home, "config", "hosts.conf"), "w") as f:
-        f.write(HOSTS_CONF.format(cluster=CLUSTER, python=sys.executable))
     tb = host.tb
-    with open(os.environ["SCIPION_CLOUDEXEC_CONFIG"], "w") as f:
+    clusters_file = os.environ["SCIPION_CLOUDEXEC_CONFIG"]
+    with open(clusters_file, "w") as f:
         f.write("# written by the scipion-cloudexec demo: a host in its own network namespace\n"
                 "[cluster %s]\nhost = %s\nport = 22\nuser = %s\nidentity_file = %s\n"
                 "known_hosts = %s\nworkdir = %s/cloudexec\npython = %s\nlauncher = mpirun\n"
                 "mpirun = mpirun --oversubscribe --bind-to none\nslots = 4\nheartbeat = 1\n"
                 % (CLUSTER, host.address, tb.user, tb.client_key, host.known_hosts, host.work,
                    tb.python))
+    hosts = os.path.join(home, "config", "hosts.conf")
+    with open(hosts, "w") as f:
+        f.write(HOSTS_BASE)
+    hostsconf.write(hosts, hostsconf.host_values(load_clusters(clusters_file),
+                                                 load_groups(clusters_file),
+                                                 config_path=clusters_file),
+                    source=clusters_file)
 
 
 def _seen_from_cluster(host: PrivateHost, path: str) -> str:

@@ -37,17 +37,18 @@ import uuid
 from dataclasses import replace
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .. import runrecords
 from ..cluster.agent_client import JobFuture
 from ..cluster.errors import JobError, JobLost, RequestRefused
-from ..cluster.session import ClusterSession
 from ..cluster.local_files import EXTERNAL, StageReport, mirror_path
+from ..cluster.session import ClusterSession
 from ..cluster.sync import SyncConflict, SyncState, under
 from ..config import ClusterConfig
+from ..progress import TransferProgress
 from ..remote.jobs import JobState
 from .translate import PathMapper, RemoteCommand, translate
 
 log = logging.getLogger(__name__)
-LOG_EVERY = 10.0  # seconds between progress lines in the protocol log
 EXCLUDE = ("logs/",)  # pyworkflow writes these locally while the protocol runs
 ABANDONED_STOP = 120  # seconds a job left on a lost cluster may take to stop when it is back
 
@@ -236,10 +237,13 @@ class ClusterRunner:
                     self._stop_abandoned(say)
                 self.session.reset(run.mirror, run.run_dir)
                 run.sync.met(name)
-            report = self.session.stage_in(
-                run.project_root, paths, run.mirror, exclude=self._exclude(),
-                progress=_Throttle(say, "staging to %s" % name),
-                run_dir=run.run_dir, base=run.sync.base(name))
+            progress = TransferProgress("cloudexec: staging to %s" % name, say=say)
+            try:
+                report = self.session.stage_in(
+                    run.project_root, paths, run.mirror, exclude=self._exclude(),
+                    progress=progress, run_dir=run.run_dir, base=run.sync.base(name))
+            finally:
+                progress.end()
             run.sync.update(name, report.agreed)
             self._inputs_staged = True
             self.bytes_in_place = max(self.bytes_in_place, report.bytes_total)
@@ -305,9 +309,13 @@ class ClusterRunner:
         """
         run, name = self.run, self.cluster.name
         with self._stage_lock:
-            report = self.session.stage_out(run.project_root, run.mirror, run.run_dir,
-                                        run.sync.base(name), exclude=self._exclude(),
-                                        progress=_Throttle(say, "gathering from %s" % name))
+            progress = TransferProgress("cloudexec: gathering from %s" % name, say=say)
+            try:
+                report = self.session.stage_out(run.project_root, run.mirror, run.run_dir,
+                                                 run.sync.base(name), exclude=self._exclude(),
+                                                 progress=progress)
+            finally:
+                progress.end()
             run.sync.update(name, report.agreed)
         for rel, why in report.refused:
             say("cloudexec: REFUSED %s from %s: %s" % (rel, name, why))
@@ -352,6 +360,7 @@ class ClusterRunner:
                   "launcher": "pool" if pool else self.cluster.launcher, "command": cmd.shown, "ranks": cmd.ranks,
                   "threads": cmd.threads, "gpus": cmd.gpus, "cwd": cmd.cwd, "step": step_id,
                   "inputs": dict(sin.hashes), "staged_at": t0}
+        runrecords.write_pending(self.run.logs, record)  # Stop completes it (cancel)
         error: Optional[JobError] = None
         try:
             result = fut.result()
@@ -380,25 +389,8 @@ class ClusterRunner:
         os.makedirs(self.run.logs, exist_ok=True)
         with self._stage_lock, open(os.path.join(self.run.logs, "cloudexec.jsonl"), "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        runrecords.drop_pending(self.run.logs, record["job_id"])
 
 
 _RUN_AGAIN = {s.value for s in (JobState.FAILED, JobState.CANCELLED, JobState.LOST,
                                 JobState.TIMEOUT)}
-
-
-class _Throttle:
-    """A staging progress callback that writes a log line at most every LOG_EVERY seconds."""
-
-    def __init__(self, say: Callable[[str], None], label: str):
-        self.say, self.label = say, label
-        self.t0 = self.last = time.monotonic()
-
-    def __call__(self, done: int, total: int, files_done: int, files: int) -> None:
-        now = time.monotonic()
-        if now - self.last < LOG_EVERY:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-6)
-        self.say("cloudexec: %s: %.1f / %.1f MB, file %d of %d, %.1f MB/s, %.0f s left"
-                 % (self.label, done / 1e6, total / 1e6, files_done + 1, files, rate / 1e6,
-                    (total - done) / rate if rate else 0))

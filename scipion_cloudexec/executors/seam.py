@@ -58,6 +58,9 @@ def make_executor(protocol, stock, queue: str, params: Dict[str, Any]):
     """The cloud executor replacing *stock*, with its threads and GPUs."""
     from ..config import ConfigError, load_clusters, load_groups
     from .cloud import CloudStepExecutor
+    # pyworkflow logs INFO into the protocol's log: paramiko's "Connected (version 2.0 ...)",
+    # "Authentication (publickey) successful!" lines are not the user's business
+    logging.getLogger("paramiko").setLevel(logging.WARNING)
     threads = getattr(stock, "numberOfProcs", 1)
     gpus = getattr(stock, "gpuList", None)
     host = getattr(stock, "hostConfig", None)

@@ -128,7 +128,15 @@ class JobFiles:
         self.stdout = os.path.join(self.dir, "stdout")
         self.stderr = os.path.join(self.dir, "stderr")
         self.rc = os.path.join(self.dir, "rc")
+        self.started = os.path.join(self.dir, "started")  # made when the job script starts
         self.hostfile = os.path.join(self.dir, "hostfile")
+
+    def read_started(self) -> float:
+        """When the job script started (its ``started`` file's time), or 0 if it has not."""
+        try:
+            return os.stat(self.started).st_mtime
+        except OSError:
+            return 0.0
 
     def read_rc(self) -> Optional[int]:
         """The exit code the job script recorded, or None if it has not ended."""
@@ -146,7 +154,8 @@ def job_script(spec: JobSpec, files: JobFiles, command: List[str]) -> str:
     agent restart; the command's own exit code is the script's.
     """
     q = shlex.quote
-    lines = ["#!/bin/sh", "# cloudexec job %s" % spec.job_id]
+    lines = ["#!/bin/sh", "# cloudexec job %s" % spec.job_id,
+             ": > %s 2>/dev/null  # its time is the job's start" % q(files.started)]
     if spec.env_setup.strip():
         lines += ["# env_setup from the clusters file", spec.env_setup.strip()]
     exports = {"OMP_NUM_THREADS": str(spec.threads), "CLOUDEXEC_JOB_ID": spec.job_id}

@@ -337,8 +337,15 @@ class Supervisor:
             state = JobState.CANCELLED  # killed with its pool (rc 143 or no rc)
             st = Status(state, None, "worker pool %s was cancelled (job %s)"
                         % (pool, self.cancelled_pools[pool]))
-        self.journal.update(job_id, state=state, exit_code=st.exit_code, reason=st.reason,
-                            ended=time.time())
+        fields = {}
+        if row and not row["started"]:  # never seen running (a short SLURM or pool job):
+            files = (self.active.get(job_id) or (None, None, None))[2] or getattr(
+                self.starting.get(job_id), "files", None)  # its script says when it started
+            fields["started"] = files.read_started() if files is not None else 0.0
+        # a cancelled program has no exit code of its own (SLURM says 0 for a scancel)
+        exit_code = None if state == JobState.CANCELLED else st.exit_code
+        self.journal.update(job_id, state=state, exit_code=exit_code, reason=st.reason,
+                            ended=time.time(), **fields)
         self.active.pop(job_id, None)
         self.starting.pop(job_id, None)
         log.info("job %s %s (exit %s) %s", job_id, state.value, st.exit_code, st.reason)

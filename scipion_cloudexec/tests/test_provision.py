@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -17,8 +18,7 @@ from scipion_cloudexec.cluster.session import ClusterSession
 from scipion_cloudexec.remote.jobs import JobState
 
 BARE = "/usr/bin/python3"
-WHEELHOUSE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), ".venv", "wheelhouse")
+WHEELHOUSE = os.path.join(sys.prefix, "wheelhouse")  # the venv's: .venv/wheelhouse
 
 
 @pytest.fixture(scope="module")

@@ -142,11 +142,14 @@ def test_a_doubtful_sbatch_never_runs_a_job_twice_nor_touches_another_agents_job
             f.write("#!/bin/sh\necho %s >> %s\necho 0 > %s\n" % (root.name, runs, files.rc))
         return JobSpec(job_id=job_id, argv=["true"], launcher=LauncherSpec(kind="slurm")), files
 
+    made: List[str] = []
+
     def by_hand(files: JobFiles, name: str) -> str:  # held: nothing runs until we say so
         r = slurm(testbed, "sbatch", "--parsable", "-H", "-J", name, "-o", files.stdout,
                   "-e", files.stderr, "-D", files.dir, files.script)
         assert r.returncode == 0, r.stderr
-        return r.stdout.strip().split(";")[0]
+        made.append(r.stdout.strip().split(";")[0])
+        return made[-1]
 
     spec, files = job(tmp_path / "ours", "doubt-1")
     _, theirs = job(tmp_path / "theirs", "doubt-1")  # another agent: same job id, other folder
@@ -179,8 +182,10 @@ def test_a_doubtful_sbatch_never_runs_a_job_twice_nor_touches_another_agents_job
         assert _slurm_state(testbed, their2) == "PENDING"
         assert _slurm_state(testbed, their_lid) == "PENDING"
         assert runs.read_text() == "ours\n"
-    finally:
-        slurm(testbed, "scancel", "-u", sched.user, "-n", "cx-doubt-1,cx-doubt-2")
+    finally:  # the test bed is shared: leave no held job behind (scancel -n takes one name)
+        slurm(testbed, "scancel", *made)
+        for lid in made:
+            wait_until(lambda: _slurm_state(testbed, lid) != "PENDING", 30, "%s gone" % lid)
 
 
 @contextlib.contextmanager
