@@ -36,6 +36,7 @@ from .gather import Gathering
 from .local_files import (BATCH, BATCH_BYTES, Progress, StageReport, _Batch, _Batches, _entry,
                           _excluded, _InSync, _Local, _tick, _walk_dir, mirror_path)
 from .ssh import SSHConnection
+from . import streams
 
 log = logging.getLogger(__name__)
 __all__ = ["Stager", "StageReport", "StagingError", "LinkLost", "InputMissing", "NoSpace",
@@ -74,6 +75,7 @@ class Stager(Gathering):
         self._bulk_chan: Optional[ServerChannel] = None
         self._bulk_refused = cluster.transfer == "paramiko" or (
             cluster.transfer == "auto" and shutil.which("ssh") is None)
+        self._pool: Optional[streams.StreamPool] = None
 
     def _channel(self, bulk: bool = False) -> ServerChannel:
         """The staging server on the control (or bulk) stream, started on first use."""
@@ -138,6 +140,8 @@ class Stager(Gathering):
         for ch in (self._chan, self._bulk_chan):
             if ch is not None:
                 self._drop(ch)
+        if self._pool is not None:
+            self._pool.close()
 
     def mirror(self, project: str) -> str:
         """The project's mirror, relative to the workdir."""
@@ -279,6 +283,10 @@ class Stager(Gathering):
                   report: StageReport, progress: Optional[Progress]) -> List[str]:
         """Send the contents of *entries* (their checks said missing), verified and linked
         by the cluster; on the bulk stream when large. Returns the problems."""
+        problems = self._chunked(entries, report, progress)
+        if problems:  # not published: not linked either
+            entries = [e for e in entries if e[3] not in problems]
+        problems_chunked = list(problems.values())
         total_new = sum(e[2] for e in entries)
         entries = list(entries)
         # the server gives up (and lets go of a partial upload) once data stops this long
@@ -312,7 +320,32 @@ class Stager(Gathering):
                              for rel, _now in final.get("conflicts", [])]
         # the cluster verifies every hash; a mismatch means the file moved while it was read
         changed = sorted({local_of[sha][0] for sha in final.get("bad", [])})
-        return ["%s changed during the upload" % c for c in changed] + final["errors"]
+        return (problems_chunked + ["%s changed during the upload" % c for c in changed]
+                + final["errors"])
+
+    @property
+    def streams_used(self) -> int:
+        """Parallel streams the last chunked upload ended with (0: none ran)."""
+        return self._pool.used if self._pool is not None else 0
+
+    def _chunked(self, entries: List[Tuple[str, str, int, str]], report: StageReport,
+                 progress: Optional[Progress]) -> Dict[str, str]:
+        """Files of CHUNKED_MIN bytes or more go in chunks over parallel OpenSSH streams
+        (:mod:`.streams`) straight into the cluster's cache; the StageIn that follows then
+        only links them. Returns {sha: problem} for those not published."""
+        if self._bulk_refused or streams.fixed_streams(self.cluster) == 1:
+            return {}
+        big: Dict[str, Tuple[str, int, str]] = {}
+        for e in entries:
+            if e[2] >= streams.CHUNKED_MIN:
+                big.setdefault(e[3], (e[1], e[2], e[3]))
+        if not big:
+            return {}
+        if self._pool is None:
+            self._pool = streams.StreamPool(self.cluster, self._send_file)
+        total = report.bytes_sent + sum(f[1] for f in big.values())
+        return self._pool.upload(list(big.values()), lambda n: _tick(
+            progress, report, n, total, 0, len(big)))
 
     @staticmethod
     def _send_file(ch: ServerChannel, local: str, size: int, offset: int,

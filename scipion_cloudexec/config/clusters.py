@@ -65,6 +65,22 @@ def _transfer(value: str) -> str:
     return value
 
 
+STREAMS_MAX = 16
+
+
+def _streams(value: str) -> str:
+    value = value.strip().lower()
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= STREAMS_MAX:
+        raise ValueError("must be auto or a number of streams from 1 to %d" % STREAMS_MAX)
+    return str(n)
+
+
 def _gpus(value: str) -> Tuple[int, ...]:
     items = [v for v in re.split(r"[,\s]+", value.strip()) if v]
     try:
@@ -158,6 +174,10 @@ KEYS: Dict[str, Key] = {k.name: k for k in [
         "what carries large uploads: openssh (the system's ssh client, its C ciphers are "
         "~1.8x faster than paramiko), paramiko, or auto (openssh when `ssh` is installed)",
         "auto"),
+    Key("streams", _streams, False, "auto",
+        "parallel OpenSSH streams for files of 64 MB and more (cut into chunks): auto (start "
+        "at 4, add 2 while throughput grows by 10%, at most 16) or a fixed number 1-16",
+        "auto"),
     Key("packages", _packages, False, "auto",
         "how the agent gets pyzmq when `python` lacks it, into the workdir: index (the "
         "cluster's pip and package index), upload (wheels sent from the desktop), auto (index, "
@@ -194,6 +214,7 @@ class ClusterConfig:
     connect_timeout: float = 15.0
     agent_idle_timeout: float = 3600.0
     transfer: str = "auto"
+    streams: str = "auto"
     packages: str = "auto"
     wheelhouse: str = ""
     source: str = field(default="", compare=False)

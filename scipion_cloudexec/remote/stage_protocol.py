@@ -9,6 +9,8 @@ JSON line each on the server's stdin, ``cmd`` naming the request::
       StageIn / ListTree / Send / Reset / Remove
       / CacheInfo / Mirrors ---------------------->  answers: JSON lines (and raw bytes for
                                                      StageIn's contents and Send's files)
+      ChunkPlan / Chunk (+ bytes) / Publish ------>  large files in byte ranges, over several
+                                                     streams at once (see remote/chunks.py)
       <------------------------------------------  {"alive": 1} while it works on a request
 
 The server of a bundle is always the client's own code (the bundle's name is its hash), so
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Type
 
 #: the shape of the requests and answers below; bump when an old peer would misread them
-STAGE_PROTOCOL = 1
+STAGE_PROTOCOL = 2  # 2: ChunkPlan, Chunk, Publish (large files over parallel streams)
 
 
 class BadRequest(ValueError):
@@ -118,8 +120,45 @@ class Mirrors(Request):
     CMD: ClassVar[str] = "mirrors"
 
 
+@dataclass
+class ChunkPlan(Request):
+    """A large file to be sent in byte ranges of *chunk* bytes over several streams (each a
+    staging server of its own). Answer ``{"present": bool, "have": [chunk indexes already
+    written]}``; chunk *i* covers ``i*chunk .. min(size, (i+1)*chunk)``."""
+    CMD: ClassVar[str] = "plan"
+    sha256: str = ""
+    size: int = 0
+    chunk: int = 0
+
+
+@dataclass
+class Chunk(Request):
+    """Chunk *index* of a planned file: its bytes follow this line at once. The server
+    writes them at their offset (several servers write one file at once) and records the
+    chunk as done. Answer ``{"ok": true}`` (or ``{"present": true}`` when the object was
+    published meanwhile: the bytes are read and dropped). *stall* as for StageIn."""
+    CMD: ClassVar[str] = "chunk"
+    sha256: str = ""
+    size: int = 0
+    chunk: int = 0
+    index: int = 0
+    stall: float = 60.0
+
+
+@dataclass
+class Publish(Request):
+    """Every chunk sent: hash the whole file once and publish it into the cache. Answer
+    ``{"ok": true}``, ``{"missing": [indexes]}`` (chunks not recorded as written), or
+    ``{"bad": digest}`` (another hash: the chunks are dropped, nothing is published)."""
+    CMD: ClassVar[str] = "publish"
+    sha256: str = ""
+    size: int = 0
+    chunk: int = 0
+
+
 REQUESTS: Dict[str, Type[Request]] = {cls.CMD: cls for cls in (
-    Hello, StageIn, ListTree, Send, Reset, Remove, CacheInfo, Mirrors)}
+    Hello, StageIn, ListTree, Send, Reset, Remove, CacheInfo, Mirrors, ChunkPlan, Chunk,
+    Publish)}
 
 
 def decode(line: bytes) -> Request:

@@ -24,11 +24,13 @@ import threading
 import time
 from typing import BinaryIO, Dict, List, Optional, Tuple
 
+from . import chunks
 from .cache import Cache, StageError
 from .hashing import BLOCK, HashCache, path_state
 from .paths import inside
-from .stage_protocol import (STAGE_PROTOCOL, BadRequest, CacheInfo, Hello, ListTree, Mirrors,
-                             Remove, Request, Reset, Send, StageIn, decode, mismatch)
+from .stage_protocol import (STAGE_PROTOCOL, BadRequest, CacheInfo, Chunk, ChunkPlan, Hello,
+                             ListTree, Mirrors, Publish, Remove, Request, Reset, Send, StageIn,
+                             decode, mismatch)
 
 RESERVE = 0.01  # keep 1% of the disk free
 
@@ -416,6 +418,18 @@ def cmd_cache(cache: "Cache", request: CacheInfo, out: Answers) -> None:
             "freed": freed, "free": shutil.disk_usage(workdir).free})
 
 
+def cmd_chunk(cache: "Cache", request: Chunk, stdin: io.BufferedReader, out: Answers) -> None:
+    """One chunk of a large file (its bytes follow the request): see :mod:`.chunks`."""
+    stdin.raw.timeout = float(request.stall)
+    try:
+        answer = chunks.receive(cache, request, stdin)
+    except StageError as e:
+        raise StreamBroken(str(e)) from None
+    finally:
+        stdin.raw.timeout = None
+    out.line(answer)
+
+
 def cmd_mirrors(cache: "Cache", request: Mirrors, out: Answers) -> None:
     rows = cache.db.execute("SELECT mirror, bytes, files, updated FROM mirrors").fetchall()
     out.line({"mirrors": [dict(zip(("mirror", "bytes", "files", "updated"), r)) for r in rows]})
@@ -435,7 +449,10 @@ def serve(workdir: str, stdin_fd: int = 0, stdout: Optional[BinaryIO] = None) ->
                 Remove: lambda c, r: cmd_rm(c, hashes, r, out),
                 CacheInfo: lambda c, r: cmd_cache(c, r, out),
                 Reset: lambda c, r: cmd_reset(c, r, out),
-                Mirrors: lambda c, r: cmd_mirrors(c, r, out)}
+                Mirrors: lambda c, r: cmd_mirrors(c, r, out),
+                ChunkPlan: lambda c, r: out.line(chunks.plan(c, r)),
+                Chunk: lambda c, r: cmd_chunk(c, r, stdin, out),
+                Publish: lambda c, r: out.line(chunks.publish(c, r))}
     greeted = False
     try:
         while True:

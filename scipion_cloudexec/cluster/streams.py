@@ -1,0 +1,199 @@
+"""Large files over several OpenSSH streams at once (issue 13: a single SSH channel is
+capped by its window, about 2 MB per round trip, whatever the link).
+
+::
+
+    desktop                                        cluster (one staging server per stream)
+      ChunkPlan(sha, size, chunk) per file ----->  which chunks are written already
+      N workers, each its own OpenSSHChannel:
+        Chunk(sha, index) + its bytes ---------->  pwrite at index*chunk, record it when whole
+        (the next chunk goes before the answer of this one is read: one in flight ahead)
+      Publish(sha) per file -------------------->  hash the whole file once, rename into the
+                                                   cache if right; else drop every chunk
+
+N is the cluster's ``streams`` key, or with ``auto`` adapted to the link: START streams,
+then STEP more while the measured throughput grows by at least GROWTH, at most CAP. The
+count reached is kept for the next files of the same stager. After a cut link, staging again
+asks the plan and sends only the chunks not recorded (per-chunk resume); the whole-file
+hash is checked once, on the cluster, before anything enters the cache.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+from ..config import ClusterConfig
+from ..remote.stage_protocol import Chunk, ChunkPlan, Publish
+from .channels import OpenSSHChannel, ServerChannel, dead_link_seconds
+from .errors import LinkLost, StagingError
+
+log = logging.getLogger(__name__)
+
+CHUNKED_MIN = 64 << 20  # files from this size go in chunks over parallel streams
+CHUNK = 32 << 20  # bytes per chunk: the unit of resume
+START, STEP, CAP, GROWTH = 4, 2, 16, 1.10
+INTERVAL = 2.0  # seconds of transfer per throughput measurement (auto)
+
+File = Tuple[str, int, str]  # local path, size, sha256
+
+
+def fixed_streams(cluster: ClusterConfig) -> Optional[int]:
+    """The cluster's fixed stream count, or None for ``auto``."""
+    value = getattr(cluster, "streams", "auto")
+    return None if value == "auto" else int(value)
+
+
+class StreamPool:
+    """OpenSSH staging servers used side by side for the chunks of large files."""
+
+    def __init__(self, cluster: ClusterConfig, send_file: Callable[..., None]):
+        self.cluster = cluster
+        self._send_file = send_file  # Stager._send_file(ch, local, end, start, tick)
+        self.channels: List[ServerChannel] = []
+        fixed = fixed_streams(cluster)
+        self.count = fixed or START  # the count to start the next upload with
+        self.adapt = fixed is None
+        self.used = 0  # streams the last upload ended with
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.close()
+        self.channels = []
+
+    def _chan(self, i: int) -> ServerChannel:
+        while len(self.channels) <= i:
+            self.channels.append(OpenSSHChannel(self.cluster))
+        if not self.channels[i].alive:
+            self.channels[i].close()
+            self.channels[i] = OpenSSHChannel(self.cluster)
+        return self.channels[i]
+
+    def upload(self, files: List[File], tick: Callable[[int], None]) -> Dict[str, str]:
+        """Send the chunks of *files* the cluster lacks and publish each file into the
+        cluster's cache. Returns {sha: problem} for files not published (another hash).
+
+        Raises:
+            LinkLost: a stream broke (what was recorded stays: staging again resumes).
+        """
+        try:
+            return self._upload(files, tick)
+        except (OSError, EOFError, StagingError) as e:
+            self.close()
+            if isinstance(e, LinkLost):
+                raise LinkLost("%s; what arrived is kept: stage again to resume" % e) from None
+            raise LinkLost("connection to %s lost during a parallel upload (%s); what "
+                           "arrived is kept: stage again to resume"
+                           % (self.cluster.name, e)) from None
+
+    def _upload(self, files: List[File], tick: Callable[[int], None]) -> Dict[str, str]:
+        ch = self._chan(0)
+        for _local, size, sha in files:  # every plan asked, then every answer read
+            ch.send(ChunkPlan(sha256=sha, size=size, chunk=CHUNK))
+        work: "queue.Queue[Tuple[File, int]]" = queue.Queue()
+        for f in files:
+            plan = ch.line()
+            if plan.get("present"):
+                continue
+            have = set(plan["have"])
+            for i in range(max(1, -(-f[1] // CHUNK))):
+                if i not in have:
+                    work.put((f, i))
+        if work.qsize():
+            self._send_chunks(work, tick)
+        return self._publish(files)
+
+    def _send_chunks(self, work: "queue.Queue[Tuple[File, int]]",
+                     tick: Callable[[int], None]) -> None:
+        lock = threading.Lock()
+        sent = [0]
+        failed: List[BaseException] = []
+        stall = max(5.0, dead_link_seconds(self.cluster) / 2)
+
+        def counted(n: int) -> None:
+            with lock:
+                sent[0] += n
+                tick(n)
+
+        def worker(i: int, started: threading.Event) -> None:
+            try:
+                ch = self._chan(i)
+                pending = 0
+                while not failed:
+                    try:
+                        (local, size, sha), index = work.get_nowait()
+                    except queue.Empty:
+                        break
+                    start = index * CHUNK
+                    ch.send(Chunk(sha256=sha, size=size, chunk=CHUNK, index=index,
+                                  stall=stall))
+                    started.set()
+                    self._send_file(ch, local, min(size, start + CHUNK), start, counted)
+                    if pending:
+                        ch.line()
+                    pending = 1
+                if pending:
+                    ch.line()
+            except BaseException as e:  # noqa: B902 - handed to the caller
+                failed.append(e)
+            finally:
+                started.set()
+
+        threads: List[threading.Thread] = []
+
+        def grow(n: int) -> None:
+            events = []
+            n = min(n, CAP, len(threads) + work.qsize())
+            for i in range(len(threads), n):
+                self._chan(i)  # started here: the list is only grown by this thread
+                ev = threading.Event()
+                t = threading.Thread(target=worker, args=(i, ev), daemon=True,
+                                     name="cloudexec-stream-%d" % i)
+                t.start()
+                threads.append(t)
+                events.append(ev)
+            for ev in events:  # measure once the new streams are logged in and sending
+                ev.wait(dead_link_seconds(self.cluster))
+
+        grow(self.count)
+        prev = None
+        stopped = False
+        while self.adapt and not failed and work.qsize() and len(threads) < CAP:
+            with lock:
+                b0, t0 = sent[0], time.monotonic()
+            time.sleep(INTERVAL)
+            with lock:
+                rate = (sent[0] - b0) / (time.monotonic() - t0)
+            if prev is not None and rate < GROWTH * prev:
+                stopped = True  # the last streams added did not pay: stop here
+                break
+            prev = rate
+            log.debug("%d streams: %.1f MB/s, adding %d", len(threads), rate / 1e6, STEP)
+            grow(len(threads) + STEP)
+        for t in threads:
+            t.join()
+        self.used = len(threads)
+        if self.adapt and prev is not None:  # measured: start there next time
+            self.count = len(threads) - STEP if stopped else len(threads)
+        if failed:
+            raise failed[0]
+
+    def _publish(self, files: List[File]) -> Dict[str, str]:
+        """One Publish per file, spread over the streams (the cluster hashes them at once)."""
+        problems: Dict[str, str] = {}
+        n = max(1, min(len(files), len(self.channels) or 1))
+        chans = [self._chan(i) for i in range(n)]
+        for k, (_local, size, sha) in enumerate(files):
+            chans[k % n].send(Publish(sha256=sha, size=size, chunk=CHUNK))
+        for k, (local, _size, sha) in enumerate(files):
+            answer = chans[k % n].line()
+            if "bad" in answer:
+                problems[sha] = ("%s changed during the upload or arrived corrupted (its "
+                                 "chunks on %s hash to %s); not published"
+                                 % (local, self.cluster.name, answer["bad"][:12]))
+            elif "missing" in answer:
+                problems[sha] = ("%s: %d chunks did not arrive on %s; stage again"
+                                 % (local, len(answer["missing"]), self.cluster.name))
+        return problems
