@@ -54,13 +54,15 @@ ssh = SSHConnection(Target.of(c))
 ssh.connect()
 st = Stager(ssh, c, hash_cache=a["hashes"])
 if a["warm"]:
-    st._ask({"cmd": "ping"})
+    from scipion_cloudexec.remote.stage_protocol import Mirrors
+    st._ask(Mirrors())  # logged in and serving
     t0 = time.perf_counter()
 r = st.stage_in(a["root"], a["paths"], "bench", keep_hashes=False)
 dt = time.perf_counter() - t0
 st.close()
 ssh.close()
-print(json.dumps({"seconds": dt, "sent": r.bytes_sent, "files": r.files}))
+print(json.dumps({"seconds": dt, "sent": r.bytes_sent, "files": r.files,
+                  "streams": st.streams_used}))
 """
 
 
@@ -93,6 +95,7 @@ class Bench:
                   if f.name in ("name", "host", "port", "user", "identity_file", "known_hosts",
                                 "workdir", "python", "launcher", "slots", "heartbeat",
                                 "connect_timeout", "transfer")}
+        fields["streams"] = self.a.ours_streams
         arg = json.dumps({"cluster": fields, "hashes": hashes, "warm": warm,
                           "root": self.data, "paths": paths})
         settle()
@@ -101,6 +104,7 @@ class Bench:
             raise RuntimeError("ours failed: %s" % out.stderr[-2000:])
         r = json.loads(out.stdout.strip().splitlines()[-1])
         self.last_sent = r["sent"]
+        self.last_streams = r.get("streams", 0)
         return r["seconds"]
 
     def timed(self, argv, **kw):
@@ -223,6 +227,10 @@ def main():
     p.add_argument("--small-rtt", type=float, default=20.0)
     p.add_argument("--plot", default=os.path.join(HERE, "..", "docs", "bench_link_rtt.png"))
     p.add_argument("--json", help="also write the raw figures here")
+    p.add_argument("--contenders", default="ours,rsync,scp,ssh cat x4",
+                   help="which run in (1), comma-separated (ours and rsync at least)")
+    p.add_argument("--no-small", action="store_true", help="skip (3) and (4)")
+    p.add_argument("--ours-streams", default="auto", help="the cluster key streams for ours")
     a = p.parse_args()
     big_mb = a.big_mb or (500.0 if a.full else 100.0)
     small_n = a.small or (10000 if a.full else 2000)
@@ -293,6 +301,7 @@ def main():
                         assert B.last_sent == big_bytes, B.last_sent
                         rm(wd)
                         note("big", "ours", rtt, s)
+                        print("         ours ended with %d streams" % B.last_streams, flush=True)
 
                     def run_tool(name):
                         d = B.fresh(name)
@@ -305,8 +314,9 @@ def main():
                         d = B.fresh("cat")
                         note("big", "ssh cat x4", rtt, B.cat_streams(big_files, 4, d))
                         rm(d)
-                    order = [run_ours, lambda: run_tool("rsync"), lambda: run_tool("scp"),
-                             run_cat]
+                    every = {"ours": run_ours, "rsync": lambda: run_tool("rsync"),
+                             "scp": lambda: run_tool("scp"), "ssh cat x4": run_cat}
+                    order = [every[w] for w in a.contenders.split(",")]
                     k = r % len(order)
                     for fn in order[k:] + order[:k]:
                         fn()
@@ -323,6 +333,8 @@ def main():
                         note("streams", "x%d" % n, rtt, B.cat_streams(big_files, n, d))
                         rm(d)
 
+            if a.no_small:
+                continue
             rtt = a.small_rtt
             with Link((base.host, base.port), delay_ms=rtt / 2, rate_mbit=a.rate_mbit) as ln:
                 B.c = ln.cluster(base)
@@ -360,20 +372,22 @@ def main():
         print("proxy CPU during (1): %.0f s over %.0f s (%.0f%% of one core), %.2f s per GB"
               % (cpu, wall, 100 * cpu / wall, cpu / (nbytes / 1e9)))
     mb = big_bytes / 1e6
-    who_big = ["ours", "rsync", "scp", "ssh cat x4"]
+    who_big = a.contenders.split(",")
     speed = {w: {rtt: mb / med(T[("big", w, rtt)]) for rtt in rtts} for w in who_big}
     print("\n(1) 4 files, %.0f MB in all, %.0f Mbit/s: MB/s, median of %d [min-max seconds]"
           % (mb, a.rate_mbit, a.rounds))
-    print("| RTT | " + " | ".join(who_big) + " | ours / rsync | ssh cat x4 / rsync |")
-    print("|---" * (len(who_big) + 3) + "|")
+    cat = "ssh cat x4" in who_big
+    print("| RTT | " + " | ".join(who_big) + " | ours / rsync |" + (" ssh cat x4 / rsync |"
+                                                                   if cat else ""))
+    print("|---" * (len(who_big) + 2 + cat) + "|")
     for rtt in rtts:
         cells = []
         for w in who_big:
             v = T[("big", w, rtt)]
             cells.append("%.0f [%.1f-%.1f s]" % (speed[w][rtt], min(v), max(v)))
-        print("| %g ms | %s | %.2fx | %.2fx |" % (
-            rtt, " | ".join(cells), speed["ours"][rtt] / speed["rsync"][rtt],
-            speed["ssh cat x4"][rtt] / speed["rsync"][rtt]))
+        print("| %g ms | %s | %.2fx |" % (
+            rtt, " | ".join(cells), speed["ours"][rtt] / speed["rsync"][rtt])
+            + (" %.2fx |" % (speed["ssh cat x4"][rtt] / speed["rsync"][rtt]) if cat else ""))
     if streams:
         print("\n(2) N `ssh cat` streams, same set, RTT %g ms: MB/s, median of %d"
               % (a.streams_rtt, a.rounds))
@@ -381,6 +395,8 @@ def main():
         print("|---" * (len(streams) + 1) + "|")
         print("| MB/s | " + " | ".join(
             "%.0f" % (mb / med(T[("streams", "x%d" % n, a.streams_rtt)])) for n in streams) + " |")
+    if a.no_small:
+        return 0
     smb = small_bytes / 1e6
     t_o, t_r = med(T[("small", "ours", a.small_rtt)]), med(T[("small", "rsync", a.small_rtt)])
     print("\n(3) %d files of 100 kB, RTT %g ms: ours %.2f s (%.0f MB/s), rsync %.2f s (%.0f MB/s):"

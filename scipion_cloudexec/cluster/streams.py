@@ -8,7 +8,8 @@ capped by its window, about 2 MB per round trip, whatever the link).
       N workers, each its own OpenSSHChannel:
         Chunk(sha, index) + its bytes ---------->  pwrite at index*chunk, record it when whole
         (the next chunk goes before the answer of this one is read: one in flight ahead)
-      Publish(sha) per file -------------------->  hash the whole file once, rename into the
+      Publish(sha), by the stream that got the
+        last answer of the file's chunks ------->  hash the whole file once, rename into the
                                                    cache if right; else drop every chunk
 
 N is the cluster's ``streams`` key, or with ``auto`` adapted to the link: START streams,
@@ -93,17 +94,26 @@ class StreamPool:
         for _local, size, sha in files:  # every plan asked, then every answer read
             ch.send(ChunkPlan(sha256=sha, size=size, chunk=CHUNK))
         work: "queue.Queue[Tuple[File, int]]" = queue.Queue()
+        self._left: Dict[str, int] = {}  # chunks of each file not yet answered
+        self._problems: Dict[str, str] = {}
+        to_publish = []
         for f in files:
             plan = ch.line()
             if plan.get("present"):
                 continue
             have = set(plan["have"])
-            for i in range(max(1, -(-f[1] // CHUNK))):
-                if i not in have:
-                    work.put((f, i))
+            todo = [i for i in range(max(1, -(-f[1] // CHUNK))) if i not in have]
+            for i in todo:
+                work.put((f, i))
+            if todo:
+                self._left[f[2]] = len(todo)
+            else:
+                to_publish.append(f)
         if work.qsize():
             self._send_chunks(work, tick)
-        return self._publish(files)
+        for f in to_publish:  # all there from an earlier try: publish now
+            self._publish(ch, f)
+        return self._problems
 
     def _send_chunks(self, work: "queue.Queue[Tuple[File, int]]",
                      tick: Callable[[int], None]) -> None:
@@ -116,6 +126,16 @@ class StreamPool:
             with lock:
                 sent[0] += n
                 tick(n)
+
+        def answered(ch: ServerChannel, f: File) -> None:
+            """The answer to a chunk of *f*; the stream that sent its last chunk publishes
+            it (the cluster hashes it while the other streams carry on)."""
+            ch.line()
+            with lock:
+                self._left[f[2]] -= 1
+                last = self._left[f[2]] == 0
+            if last:
+                self._publish(ch, f)
 
         def worker(i: int, started: threading.Event) -> None:
             try:
@@ -132,10 +152,10 @@ class StreamPool:
                     started.set()
                     self._send_file(ch, local, min(size, start + CHUNK), start, counted)
                     if pending:
-                        ch.line()
-                    pending = 1
+                        answered(ch, pending)
+                    pending = (local, size, sha)
                 if pending:
-                    ch.line()
+                    answered(ch, pending)
             except BaseException as e:  # noqa: B902 - handed to the caller
                 failed.append(e)
             finally:
@@ -180,20 +200,15 @@ class StreamPool:
         if failed:
             raise failed[0]
 
-    def _publish(self, files: List[File]) -> Dict[str, str]:
-        """One Publish per file, spread over the streams (the cluster hashes them at once)."""
-        problems: Dict[str, str] = {}
-        n = max(1, min(len(files), len(self.channels) or 1))
-        chans = [self._chan(i) for i in range(n)]
-        for k, (_local, size, sha) in enumerate(files):
-            chans[k % n].send(Publish(sha256=sha, size=size, chunk=CHUNK))
-        for k, (local, _size, sha) in enumerate(files):
-            answer = chans[k % n].line()
-            if "bad" in answer:
-                problems[sha] = ("%s changed during the upload or arrived corrupted (its "
-                                 "chunks on %s hash to %s); not published"
-                                 % (local, self.cluster.name, answer["bad"][:12]))
-            elif "missing" in answer:
-                problems[sha] = ("%s: %d chunks did not arrive on %s; stage again"
-                                 % (local, len(answer["missing"]), self.cluster.name))
-        return problems
+    def _publish(self, ch: ServerChannel, f: File) -> None:
+        """Ask the cluster to hash the assembled file once and put it into the cache."""
+        local, size, sha = f
+        ch.send(Publish(sha256=sha, size=size, chunk=CHUNK))
+        answer = ch.line()
+        if "bad" in answer:
+            self._problems[sha] = ("%s changed during the upload or arrived corrupted (its "
+                                   "chunks on %s hash to %s); not published"
+                                   % (local, self.cluster.name, answer["bad"][:12]))
+        elif "missing" in answer:
+            self._problems[sha] = ("%s: %d chunks did not arrive on %s; stage again"
+                                   % (local, len(answer["missing"]), self.cluster.name))
