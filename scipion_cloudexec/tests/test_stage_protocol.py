@@ -80,7 +80,10 @@ def test_every_request_travels_as_one_typed_line():
                     sp.ListTree(root="/r", dir="d", exclude=["logs"]),
                     sp.Send(root="/r", paths=["a"]), sp.Reset(mirror="projects/p", dir="d"),
                     sp.Remove(mirror="projects/p", paths=[["a", "x"]]),
-                    sp.CacheInfo(gc=True, min_age=1.0), sp.Mirrors()):
+                    sp.CacheInfo(gc=True, min_age=1.0), sp.Mirrors(),
+                    sp.ChunkPlan(sha256="a" * 64, size=3 << 20, chunk=1 << 20),
+                    sp.Chunk(sha256="a" * 64, size=3 << 20, chunk=1 << 20, index=2, stall=5.0),
+                    sp.Publish(sha256="a" * 64, size=3 << 20, chunk=1 << 20)):
         line = request.encode()
         assert line.endswith(b"\n") and line.count(b"\n") == 1
         assert json.loads(line)["cmd"] == request.CMD
@@ -156,3 +159,63 @@ def test_the_client_reports_a_server_of_another_staging_protocol_as_version_mism
     assert "cluster c" in text
     assert "staging protocol %d, this client %d" % (other, sp.STAGE_PROTOCOL) in text
     assert "this staging server speaks %d" % other in text
+
+
+def _serve_bytes(workdir, data: bytes) -> list:
+    """Run the server in-process on *data*; its answers (keep-alives left out)."""
+    import io
+    import threading
+    from scipion_cloudexec.remote.stage_server import serve
+    r, w = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(w, data), os.close(w)))
+    writer.start()
+    out = io.BytesIO()
+    try:
+        serve(workdir, stdin_fd=r, stdout=out)
+    finally:
+        writer.join()
+        os.close(r)
+    return [a for a in map(json.loads, out.getvalue().splitlines()) if a != {"alive": 1}]
+
+
+def test_chunks_written_by_two_servers_out_of_order_are_published_once_whole(tmp_path):
+    """Protocol 2: chunks land at their offsets whichever server writes them; Publish says
+    what is missing until every chunk is recorded, then hashes and publishes the file."""
+    import hashlib
+    mb = 1 << 20
+    data = os.urandom(3 * mb + 17)
+    sha = hashlib.sha256(data).hexdigest()
+    work = str(tmp_path / "work")
+    plan = dict(sha256=sha, size=len(data), chunk=mb)
+
+    def chunk(i):
+        return sp.Chunk(index=i, **plan).encode() + data[i * mb:(i + 1) * mb]
+
+    first = _serve_bytes(work, sp.Hello().encode() + chunk(3) + chunk(1)
+                         + sp.Publish(**plan).encode())
+    assert first[1:] == [{"ok": True}, {"ok": True}, {"missing": [0, 2]}]
+    second = _serve_bytes(work, sp.Hello().encode() + sp.ChunkPlan(**plan).encode() + chunk(0)
+                          + chunk(2) + sp.Publish(**plan).encode() + sp.ChunkPlan(**plan).encode())
+    assert second[1:] == [{"present": False, "have": [1, 3]}, {"ok": True}, {"ok": True},
+                          {"ok": True}, {"present": True, "have": []}]
+    with open(os.path.join(work, "cache", "objects", sha[:2], sha), "rb") as f:
+        assert f.read() == data
+    assert os.listdir(os.path.join(work, "cache", "chunks")) == []
+
+
+def test_a_file_of_another_hash_is_not_published_and_its_chunks_are_dropped(tmp_path):
+    import hashlib
+    mb = 1 << 20
+    data = os.urandom(2 * mb)
+    sha = hashlib.sha256(data).hexdigest()
+    bad = bytearray(data)
+    bad[mb + 5] ^= 1
+    work = str(tmp_path / "work")
+    plan = dict(sha256=sha, size=len(data), chunk=mb)
+    answers = _serve_bytes(work, sp.Hello().encode()
+                           + sp.Chunk(index=0, **plan).encode() + bytes(bad[:mb])
+                           + sp.Chunk(index=1, **plan).encode() + bytes(bad[mb:])
+                           + sp.Publish(**plan).encode() + sp.ChunkPlan(**plan).encode())
+    assert answers[3] == {"bad": hashlib.sha256(bad).hexdigest()}
+    assert answers[4] == {"present": False, "have": []}
+    assert not os.path.exists(os.path.join(work, "cache", "objects", sha[:2], sha))
