@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import time
 from typing import BinaryIO, List, Optional, Set, Tuple
 
 from .cache import Cache, StageError, _same, _unlink_quiet
@@ -159,3 +160,26 @@ def publish(cache: Cache, request: Publish) -> dict:
     finally:
         os.close(fd)
     return {"ok": True}
+
+
+def sweep(cache: Cache, min_age: Optional[float]) -> int:
+    """Bytes of chunked uploads in progress; with *min_age*, first drop those untouched for
+    that long (abandoned: their desktop will send them again)."""
+    folder = os.path.join(cache.root, "chunks")
+    total = 0
+    now = time.time()
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if min_age is not None and now - st.st_mtime >= min_age:
+            _unlink_quiet(path)
+            continue
+        total += st.st_size
+    return total

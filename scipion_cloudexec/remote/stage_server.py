@@ -414,6 +414,7 @@ def cmd_cache(cache: "Cache", request: CacheInfo, out: Answers) -> None:
             partial += os.path.getsize(os.path.join(cache.partial, n))
         except FileNotFoundError:  # published or cleaned up meanwhile
             pass
+    partial += chunks.sweep(cache, min_age if gc else None)
     out.line({"entries": entries, "bytes": size, "partial_bytes": partial, "dropped": dropped,
             "freed": freed, "free": shutil.disk_usage(workdir).free})
 
