@@ -23,6 +23,7 @@ from .errors import DesktopFull, LinkLost, StagingError
 from .local_files import (TEMP_PREFIX, _UMASK, Progress, StageReport, _excluded, _temp_name,
                           _tick)
 from .sync import DIR, GatherPlan, plan_gather, under
+from . import streams
 
 
 class Gathering:
@@ -189,9 +190,19 @@ class Gathering:
         is renamed into place only with the listing's hash; one that changed since the
         listing goes to ``report.deferred``, a corrupted one fails the gather."""
         total = sum(w[2] for w in wanted)
+        bad: List[str] = []
+        big = [w for w in wanted if w[2] >= streams.CHUNKED_MIN]
+        if big and self.bulk_available and streams.fixed_streams(self.cluster) != 1:
+            bad += self._receive_chunked(remote_root, big, report, progress, total)
+            wanted = [w for w in wanted if w[2] < streams.CHUNKED_MIN]
+            if not wanted:
+                if bad:
+                    raise StagingError("files from %s arrived corrupted or changed while "
+                                       "sent, not kept: %s; gather again"
+                                       % (self.cluster.name, ", ".join(bad)))
+                return
         ch, header = self._ask(Send(root=remote_root, paths=[w[0] for w in wanted]),
                                bulk=self._wants_bulk(total))
-        bad: List[str] = []
         try:
             for i, (rel, dest, _size, sha) in enumerate(wanted):
                 if i:
@@ -237,4 +248,46 @@ class Gathering:
         if bad:
             raise StagingError("files from %s arrived corrupted and were not kept: %s"
                                % (self.cluster.name, ", ".join(bad)))
+
+    def _receive_chunked(self, remote_root: str, big: List[Tuple[str, str, int, str]],
+                         report: StageReport, progress: Optional[Progress], total: int
+                         ) -> List[str]:
+        """Large files in chunks over parallel OpenSSH streams (:mod:`.streams`), each
+        into a new temporary file beside its destination, renamed into place only when the
+        whole file has the listing's hash. Returns the files refused."""
+        if self._pool is None:
+            self._pool = streams.StreamPool(self.cluster, self._send_file)
+        temps = []
+        bad: List[str] = []
+        try:
+            for rel, dest, size, _sha in big:
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=os.path.dirname(dest))
+                os.close(fd)
+                temps.append(tmp)
+            try:
+                self._pool.download(remote_root, [(w[0], t, w[2]) for w, t in zip(big, temps)],
+                                    lambda n: _tick(progress, report, n, total, 0, len(big)))
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DesktopFull(self.cluster.name, os.path.dirname(big[0][1]),
+                                      sum(w[2] for w in big)) from None
+                raise
+            for (rel, dest, _size, sha), tmp in zip(big, temps):
+                h = hashlib.sha256()
+                with open(tmp, "rb") as f:
+                    for block in iter(lambda: f.read(8 * BLOCK), b""):
+                        h.update(block)
+                if h.hexdigest() == sha:
+                    os.chmod(tmp, 0o666 & ~_UMASK)
+                    os.replace(tmp, dest)
+                    report.hashes[rel] = sha
+                    report.fetched.append(rel)
+                else:
+                    bad.append(rel)
+        finally:
+            for tmp in temps:
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+        return bad
 

@@ -21,13 +21,15 @@ hash is checked once, on the cluster, before anything enters the cache.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..config import ClusterConfig
-from ..remote.stage_protocol import Chunk, ChunkPlan, Publish
+from ..remote.hashing import BLOCK
+from ..remote.stage_protocol import Chunk, ChunkPlan, Publish, SendRange
 from .channels import OpenSSHChannel, ServerChannel, dead_link_seconds
 from .errors import LinkLost, StagingError
 
@@ -110,24 +112,17 @@ class StreamPool:
             else:
                 to_publish.append(f)
         if work.qsize():
-            self._send_chunks(work, tick)
+            self._parallel(work, tick, self._chunk_sender)
         for f in to_publish:  # all there from an earlier try: publish now
             self._publish(ch, f)
         return self._problems
 
-    def _send_chunks(self, work: "queue.Queue[Tuple[File, int]]",
-                     tick: Callable[[int], None]) -> None:
-        lock = threading.Lock()
-        sent = [0]
-        failed: List[BaseException] = []
+    def _chunk_sender(self, ch: ServerChannel, work: "queue.Queue", counted: Callable[[int], None],
+                      started: threading.Event, failed: list, lock: threading.Lock) -> None:
+        """One stream's loop for uploads: the next chunk goes before this one's answer."""
         stall = max(5.0, dead_link_seconds(self.cluster) / 2)
 
-        def counted(n: int) -> None:
-            with lock:
-                sent[0] += n
-                tick(n)
-
-        def answered(ch: ServerChannel, f: File) -> None:
+        def answered(f: File) -> None:
             """The answer to a chunk of *f*; the stream that sent its last chunk publishes
             it (the cluster hashes it while the other streams carry on)."""
             ch.line()
@@ -137,25 +132,38 @@ class StreamPool:
             if last:
                 self._publish(ch, f)
 
+        pending = None
+        while not failed:
+            try:
+                (local, size, sha), index = work.get_nowait()
+            except queue.Empty:
+                break
+            start = index * CHUNK
+            ch.send(Chunk(sha256=sha, size=size, chunk=CHUNK, index=index, stall=stall))
+            started.set()
+            self._send_file(ch, local, min(size, start + CHUNK), start, counted)
+            if pending:
+                answered(pending)
+            pending = (local, size, sha)
+        if pending:
+            answered(pending)
+
+    def _parallel(self, work: "queue.Queue", tick: Callable[[int], None],
+                  body: Callable[..., None]) -> None:
+        """Run *body* on START (or the fixed count of) streams taking items from *work*;
+        with ``auto``, add STEP streams while throughput grows by GROWTH, up to CAP."""
+        lock = threading.Lock()
+        sent = [0]
+        failed: List[BaseException] = []
+
+        def counted(n: int) -> None:
+            with lock:
+                sent[0] += n
+                tick(n)
+
         def worker(i: int, started: threading.Event) -> None:
             try:
-                ch = self._chan(i)
-                pending = 0
-                while not failed:
-                    try:
-                        (local, size, sha), index = work.get_nowait()
-                    except queue.Empty:
-                        break
-                    start = index * CHUNK
-                    ch.send(Chunk(sha256=sha, size=size, chunk=CHUNK, index=index,
-                                  stall=stall))
-                    started.set()
-                    self._send_file(ch, local, min(size, start + CHUNK), start, counted)
-                    if pending:
-                        answered(ch, pending)
-                    pending = (local, size, sha)
-                if pending:
-                    answered(ch, pending)
+                body(self._chan(i), work, counted, started, failed, lock)
             except BaseException as e:  # noqa: B902 - handed to the caller
                 failed.append(e)
             finally:
@@ -199,6 +207,73 @@ class StreamPool:
             self.count = len(threads) - STEP if stopped else len(threads)
         if failed:
             raise failed[0]
+
+    # ---- downloads ----------------------------------------------------------------------
+
+    def download(self, remote_root: str, files: List[Tuple[str, str, int]],
+                 tick: Callable[[int], None]) -> None:
+        """Receive files ``(rel under remote_root, local temporary file, size)`` in chunks
+        over the streams, each written at its offset; the caller hashes and renames them.
+
+        Raises:
+            LinkLost: a stream broke (the caller deletes the temporary files).
+        """
+        work: "queue.Queue" = queue.Queue()
+        for rel, tmp, size in files:
+            with open(tmp, "r+b") as f:
+                f.truncate(size)
+            for i in range(max(1, -(-size // CHUNK))):
+                work.put((rel, tmp, size, i))
+        try:
+            self._parallel(work, tick, lambda *a: self._chunk_receiver(remote_root, *a))
+        except (OSError, EOFError, StagingError) as e:
+            self.close()
+            if isinstance(e, LinkLost):
+                raise
+            raise LinkLost("connection to %s lost during a parallel download (%s)"
+                           % (self.cluster.name, e)) from None
+
+    @staticmethod
+    def _chunk_receiver(remote_root: str, ch: ServerChannel, work: "queue.Queue",
+                        counted: Callable[[int], None], started: threading.Event,
+                        failed: list, lock: threading.Lock) -> None:
+        """One stream's loop for downloads: two ranges asked ahead, each written at its
+        offset as it comes."""
+        inflight: List[tuple] = []
+        fds: Dict[str, int] = {}
+        try:
+            while not failed:
+                while len(inflight) < 2:
+                    try:
+                        rel, tmp, size, index = work.get_nowait()
+                    except queue.Empty:
+                        break
+                    start = index * CHUNK
+                    ch.send(SendRange(root=remote_root, path=rel, offset=start,
+                                      length=min(size, start + CHUNK) - start))
+                    inflight.append((tmp, start))
+                if not inflight:
+                    break
+                tmp, offset = inflight.pop(0)
+                left = ch.line()["size"]
+                started.set()
+                if tmp not in fds:
+                    fds[tmp] = os.open(tmp, os.O_WRONLY)
+                while left:
+                    block = ch.out.read1(min(8 * BLOCK, left)) if hasattr(ch.out, "read1") \
+                        else ch.out.read(min(BLOCK, left))
+                    if not block:
+                        raise LinkLost("the stream to %s ended mid-chunk" % ch.cluster.name)
+                    view = memoryview(block)
+                    while view:
+                        w = os.pwrite(fds[tmp], view, offset)
+                        view = view[w:]
+                        offset += w
+                    left -= len(block)
+                    counted(len(block))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def _publish(self, ch: ServerChannel, f: File) -> None:
         """Ask the cluster to hash the assembled file once and put it into the cache."""

@@ -156,9 +156,22 @@ class Publish(Request):
     chunk: int = 0
 
 
+@dataclass
+class SendRange(Request):
+    """Bytes *offset* .. *offset + length* of *path* under *root* (a chunk of a large file
+    gathered over several streams): a header line ``{"size": length}``, then exactly that
+    many bytes (zeros past the end of a file that shrank: the desktop's whole-file hash
+    against the listing refuses it)."""
+    CMD: ClassVar[str] = "range"
+    root: str = ""
+    path: str = ""
+    offset: int = 0
+    length: int = 0
+
+
 REQUESTS: Dict[str, Type[Request]] = {cls.CMD: cls for cls in (
     Hello, StageIn, ListTree, Send, Reset, Remove, CacheInfo, Mirrors, ChunkPlan, Chunk,
-    Publish)}
+    Publish, SendRange)}
 
 
 def decode(line: bytes) -> Request:

@@ -29,8 +29,8 @@ from .cache import Cache, StageError
 from .hashing import BLOCK, HashCache, path_state
 from .paths import inside
 from .stage_protocol import (STAGE_PROTOCOL, BadRequest, CacheInfo, Chunk, ChunkPlan, Hello,
-                             ListTree, Mirrors, Publish, Remove, Request, Reset, Send, StageIn,
-                             decode, mismatch)
+                             ListTree, Mirrors, Publish, Remove, Request, Reset, Send, SendRange,
+                             StageIn, decode, mismatch)
 
 RESERVE = 0.01  # keep 1% of the disk free
 
@@ -384,6 +384,36 @@ def cmd_send(cache: "Cache", request: Send, answers: Answers) -> None:
     out.flush()
 
 
+def cmd_send_range(request: SendRange, answers: Answers) -> None:
+    """A header, then exactly *length* bytes of the file from *offset* (zeros past its end:
+    the stream stays in step; the desktop's whole-file hash refuses the file)."""
+    out = answers.stream
+    left, offset = int(request.length), int(request.offset)
+    if left < 0 or offset < 0:
+        raise StageError("range %d+%d" % (offset, left))
+    path = os.path.join(request.root, safe_rel(request.path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            fd = -1
+    except OSError:
+        fd = -1
+    out.write(json.dumps({"size": left}).encode() + b"\n")
+    try:
+        while left:
+            block = os.pread(fd, min(8 * BLOCK, left), offset) if fd >= 0 else b""
+            if not block:
+                block = b"\0" * min(BLOCK, left)
+            out.write(block)
+            offset += len(block)
+            left -= len(block)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    out.flush()
+
+
 def cmd_cache(cache: "Cache", request: CacheInfo, out: Answers) -> None:
     """Entries and bytes of the cache; with gc, drop objects no mirror links to (under the
     publish lock, and only those old enough not to be on their way into a mirror)."""
@@ -473,6 +503,8 @@ def serve(workdir: str, stdin_fd: int = 0, stdout: Optional[BinaryIO] = None) ->
                     out.line({"ok": True, "protocol": STAGE_PROTOCOL})
                 elif isinstance(request, Send):  # raw bytes: nothing may come between them
                     cmd_send(cache, request, out)
+                elif isinstance(request, SendRange):
+                    cmd_send_range(request, out)
                 else:
                     with _KeepAlive(out):
                         handlers[type(request)](cache, request)

@@ -133,3 +133,47 @@ def test_a_corrupted_chunk_is_caught_by_the_whole_file_hash_and_not_published(
     assert r.bytes_sent == len(big)  # the bad chunks were dropped: all sent again
     assert _mirrored(c, "movies/big.mrcs") == big
     assert os.path.exists(_object(c, big))
+
+
+@pytest.mark.parametrize("n", ["4", "auto"])
+def test_a_large_file_fetched_over_n_streams_arrives_identical(make_cluster, tmp_path, stagers,
+                                                               n):
+    c = make_cluster("local", streams=n, transfer="openssh")
+    out = os.path.join(c.workdir, "projects", "proj", "Runs", "000002_X")
+    os.makedirs(out)
+    big = os.urandom(19 * MB + 333)  # 10 chunks, the last one short
+    with open(os.path.join(out, "big.mrcs"), "wb") as f:
+        f.write(big)
+    with open(os.path.join(out, "small.star"), "wb") as f:
+        f.write(b"data_\n")
+    st = stagers(c)
+    dest = tmp_path / "back"
+    r = st.fetch("projects/proj/Runs/000002_X", str(dest))
+    assert (dest / "000002_X" / "big.mrcs").read_bytes() == big
+    assert (dest / "000002_X" / "small.star").read_bytes() == b"data_\n"
+    assert sorted(r.fetched) == ["000002_X/big.mrcs", "000002_X/small.star"]
+    assert st.streams_used >= 4
+    assert not [p for p in os.listdir(dest / "000002_X") if p.startswith(".")], "no temporaries"
+
+
+def test_a_fetched_file_not_matching_the_listing_is_not_kept(make_cluster, tmp_path, stagers,
+                                                            monkeypatch):
+    c = make_cluster("local", streams="4", transfer="openssh")
+    out = os.path.join(c.workdir, "data")
+    os.makedirs(out)
+    with open(os.path.join(out, "big.mrcs"), "wb") as f:
+        f.write(os.urandom(9 * MB))
+    st = stagers(c)
+    real = streams.StreamPool.download
+
+    def flipping(self, remote_root, files, tick):
+        real(self, remote_root, files, tick)
+        with open(files[0][1], "r+b") as f:  # one byte changed after arrival
+            f.seek(5)
+            b = f.read(1)
+            f.seek(5)
+            f.write(bytes([b[0] ^ 1]))
+    monkeypatch.setattr(streams.StreamPool, "download", flipping)
+    with pytest.raises(StagingError, match="corrupted"):
+        st.fetch("data/big.mrcs", str(tmp_path / "back"))
+    assert os.listdir(tmp_path / "back") == []
