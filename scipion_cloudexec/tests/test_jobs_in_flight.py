@@ -1,0 +1,77 @@
+"""Jobs in flight bounded by the cluster, not the desktop (issue 13): a step waiting on its
+cluster job lends its desktop thread, so more jobs run at once than the form's threads; the
+queue parameter CLOUD_JOBS caps them, and by default the clusters' slots do. The outputs are
+those of a local run."""
+import threading
+import time
+
+from scipion_cloudexec.executors.cloud import _DesktopSlots
+from scipion_cloudexec.tests.harness import assert_same_run
+from scipion_cloudexec.tests.test_executor import launch, logs, provenance
+from scipion_cloudexec.tests.test_trustworthy import shell
+
+STEP = "sleep 2; echo {i} > extra/f_{i}.txt"
+
+
+def most_at_once(records):
+    """The most jobs running at once, from the agent's start and end times of each job."""
+    events = sorted([(r["started"], 1) for r in records] + [(r["ended"], -1) for r in records],
+                    key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
+    most = now = 0
+    for _, d in events:
+        now += d
+        most = max(most, now)
+    return most
+
+
+def cloud_and_local(project, cluster, **queue):
+    params = dict(numberOfThreads=3, fanCopies=12, fan=STEP)  # 2 desktop threads
+    local = launch(project, shell(project, "local", **params))
+    assert local.isFinished(), logs(local)
+    cloud = launch(project, shell(project, "cloud", **params), cluster, **queue)
+    assert cloud.isFinished(), logs(cloud)
+    return local, cloud
+
+
+def test_cloud_jobs_lets_more_jobs_run_than_the_desktop_threads(make_cluster, clusters_env,
+                                                                new_project):
+    c = make_cluster("local", slots=8)
+    clusters_env(c)
+    project = new_project("jobs6")
+    local, cloud = cloud_and_local(project, c, CLOUD_JOBS="6")
+    records = provenance(cloud)
+    assert len(records) == 12
+    most = most_at_once(records)
+    assert 2 < most <= 6, "jobs at once: %d (2 desktop threads, CLOUD_JOBS 6)" % most
+    assert "jobs on the cluster(s) at once: 6" in logs(cloud)
+    assert_same_run(local, cloud)
+
+
+def test_by_default_the_clusters_free_slots_bound_the_jobs(make_cluster, clusters_env,
+                                                           new_project):
+    c = make_cluster("local", slots=4)
+    clusters_env(c)
+    project = new_project("jobsdefault")
+    local, cloud = cloud_and_local(project, c)
+    most = most_at_once(provenance(cloud))
+    assert 2 < most <= 4, "jobs at once: %d (2 desktop threads, 4 slots)" % most
+    assert "as many as the slots take (4)" in logs(cloud)
+    assert_same_run(local, cloud)
+
+
+def test_a_step_coming_back_from_its_cluster_goes_before_new_steps():
+    wake = threading.Event()
+    desk = _DesktopSlots(1, wake)
+    assert desk.take_free() == 1 and desk.take_free() == 0
+    desk.lend()  # the step waits on its job: its slot may start another step
+    assert wake.is_set() and desk.take_free() == 1
+    back = threading.Thread(target=desk.take_back)
+    back.start()  # its job ended: it waits for a slot...
+    time.sleep(0.2)
+    assert back.is_alive()
+    desk.give()  # ...the other step ends
+    back.join(5)
+    assert not back.is_alive()
+    assert desk.take_free() == 0, "the slot went to the returning step"
+    desk.give()
+    assert desk.take_free() == 1 and desk.used == 1 and desk.lent == 0
