@@ -412,6 +412,9 @@ class CloudStepExecutor(ThreadStepExecutor):
                 if not launched:
                     self._ended.wait(stepsCheckSecs)
             stepsCheckCallback()
+            if self.most_in_flight:
+                logger.info("cloudexec: at most %d job(s) of this protocol ran on the "
+                            "cluster(s) at once", self.most_in_flight)
         finally:
             for name in list(self.runners):
                 self._drop_runner(name)

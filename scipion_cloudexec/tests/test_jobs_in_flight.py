@@ -75,3 +75,132 @@ def test_a_step_coming_back_from_its_cluster_goes_before_new_steps():
     assert desk.take_free() == 0, "the slot went to the returning step"
     desk.give()
     assert desk.take_free() == 1 and desk.used == 1 and desk.lent == 0
+
+
+class _Count:
+    def __init__(self):
+        self.now = self.most = 0
+        self.lock = threading.Lock()
+
+    def __enter__(self):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.now -= 1
+
+
+class _FakeProtocol:
+    lastStatus = None
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def getProject(self):
+        return None
+
+    def getWorkingDir(self):
+        return self.folder
+
+    def getObjId(self):
+        return 1
+
+    def getRunName(self):
+        return "fake"
+
+    def iterInputAttributes(self):
+        return iter(())
+
+    def appendJobId(self, ref):
+        pass
+
+    def removeJobId(self, ref):
+        pass
+
+    def _store(self, *args):
+        pass
+
+
+def test_local_code_stays_bounded_by_the_desktop_threads_while_jobs_go_beyond(
+        cluster, tmp_path, monkeypatch):
+    """Each step runs local code, a job, local code again: the local parts never exceed the
+    desktop's 2 threads, the jobs reach the clusters' 4 slots (CLOUD_JOBS 0) and every step's
+    code after its job runs (the thread came back)."""
+    from dataclasses import replace
+
+    from pyworkflow.protocol.protocol import FunctionStep
+
+    from scipion_cloudexec.executors.cloud import CloudStepExecutor
+    monkeypatch.chdir(tmp_path)
+    local, remote, after = _Count(), _Count(), []
+
+    class FakeRunner:
+        bytes_in_place = 0
+        connected = True
+
+        def run_job(self, *args, **kwargs):
+            with remote:
+                time.sleep(0.6)
+            return {}
+
+        def close(self):
+            pass
+
+    ex = CloudStepExecutor(None, 2, replace(cluster, slots=4))
+    ex.protocol = _FakeProtocol(str(tmp_path / "Runs" / "000001_Fake"))
+    ex._runner = lambda name: FakeRunner()
+
+    def work(i):
+        with local:
+            time.sleep(0.1)
+        ex.runJob(None, "prog", "")
+        with local:
+            time.sleep(0.1)
+            after.append(i)
+
+    steps = []
+    for i in range(12):
+        s = FunctionStep(work, "work", i)
+        s.setObjId(i + 1)
+        s.setIndex(i + 1)
+        steps.append(s)
+    ex.runSteps(steps, lambda s: None, lambda s: True, lambda: None, stepsCheckSecs=1)
+    assert sorted(after) == list(range(12)) and all(s.isFinished() for s in steps)
+    assert local.most <= 2, "local code of %d steps at once on 2 desktop threads" % local.most
+    assert 2 < remote.most <= 4, "jobs at once: %d (4 slots)" % remote.most
+    assert ex.most_in_flight == remote.most and ex._desktop.used == 0
+
+
+def test_cloud_jobs_caps_jobs_below_the_slots(cluster, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from pyworkflow.protocol.protocol import FunctionStep
+
+    from scipion_cloudexec.executors.cloud import CloudStepExecutor
+    monkeypatch.chdir(tmp_path)
+    remote = _Count()
+
+    class FakeRunner:
+        bytes_in_place = 0
+        connected = True
+
+        def run_job(self, *args, **kwargs):
+            with remote:
+                time.sleep(0.4)
+            return {}
+
+    ex = CloudStepExecutor(None, 1, replace(cluster, slots=16), jobs=3)
+    ex.protocol = _FakeProtocol(str(tmp_path / "Runs" / "000001_Fake"))
+    ex._runner = lambda name: FakeRunner()
+    ex._drop_runner = lambda name, only=None: None
+    steps = []
+    for i in range(9):
+        s = FunctionStep(lambda: ex.runJob(None, "prog", ""), "work")
+        s.setObjId(i + 1)
+        s.setIndex(i + 1)
+        steps.append(s)
+    ex.runSteps(steps, lambda s: None, lambda s: True, lambda: None, stepsCheckSecs=1)
+    assert all(s.isFinished() for s in steps)
+    assert remote.most == 3, "CLOUD_JOBS 3, 1 desktop thread, 16 slots: %d" % remote.most
