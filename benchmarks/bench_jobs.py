@@ -97,7 +97,8 @@ def main():
                                                 platform.python_version()))
     print("%d steps of sleep %g s, %d slots, %d Scipion threads (%d step threads)"
           % (a.steps, a.seconds, a.slots, a.threads, a.threads - 1))
-    print("| case | wall time | ideal N*S/slots | ratio | most jobs at once |\n|---|---|---|---|---|")
+    print("| case | wall time | ideal N*S/slots | ratio | most jobs at once |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print("| %s |" % " | ".join(r))
 
