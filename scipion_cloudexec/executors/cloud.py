@@ -36,6 +36,7 @@ from ..config import ClusterConfig
 from ..scheduling.dispatcher import MultiClusterDispatcher
 from ..scheduling.policy import JobRequest, Policy
 from .runner import ClusterRunner, ProtocolRun
+from .slots import DesktopSlots
 
 __all__ = ["CloudStepExecutor", "first_line"]
 RECONNECT_PAUSE = 2.0  # seconds between attempts to reach a cluster contact was lost with
@@ -48,54 +49,6 @@ def _never_cured(error: BaseException) -> bool:
 
 
 logger = logging.getLogger(__name__)
-
-
-class _DesktopSlots:
-    """pyworkflow's threads as slots for local work. The loop takes one per step it starts
-    and gets it back when the step has ended; a step lends its slot while its job runs on a
-    cluster (:meth:`lend`) and takes one back (:meth:`take_back`) before going on, ahead of
-    new steps (:meth:`take_free` gives none while one waits): it never starves behind them."""
-
-    def __init__(self, n: int, wake: threading.Event):
-        self.n = max(1, n)
-        self.used = 0
-        self.returning = 0
-        self.lent = 0
-        self._cond = threading.Condition()
-        self._wake = wake
-
-    def take_free(self) -> int:
-        """Takes every slot free for new steps (none while a step waits to come back);
-        the loop gives back those it did not use."""
-        with self._cond:
-            n = 0 if self.returning else max(0, self.n - self.used)
-            self.used += n
-            return n
-
-    def give(self, n: int = 1) -> None:
-        if n:
-            with self._cond:
-                self.used -= n
-                self._cond.notify_all()
-
-    def lend(self) -> None:
-        """The calling step waits on the cluster: its slot may start another step."""
-        with self._cond:
-            self.used -= 1
-            self.lent += 1
-            self._cond.notify_all()
-        self._wake.set()
-
-    def take_back(self) -> None:
-        with self._cond:
-            self.returning += 1
-            try:
-                while self.used >= self.n:
-                    self._cond.wait()
-                self.used += 1
-                self.lent -= 1
-            finally:
-                self.returning -= 1
 
 
 class _WakingStepThread(StepThread):
@@ -156,7 +109,7 @@ class CloudStepExecutor(ThreadStepExecutor):
         self._run: Optional[ProtocolRun] = None
         self._runner_lock = threading.Lock()
         self._ended = threading.Event()
-        self._desktop = _DesktopSlots(self.numberOfProcs, self._ended)
+        self._desktop = DesktopSlots(self.numberOfProcs, self._ended)
         self._flight_lock = threading.Lock()
         self.in_flight = 0  # jobs of this protocol on a cluster now, and the most at once
         self.most_in_flight = 0

@@ -5,7 +5,7 @@ those of a local run."""
 import threading
 import time
 
-from scipion_cloudexec.executors.cloud import _DesktopSlots
+from scipion_cloudexec.executors.slots import DesktopSlots
 from scipion_cloudexec.tests.harness import assert_same_run
 from scipion_cloudexec.tests.test_executor import launch, logs, provenance
 from scipion_cloudexec.tests.test_trustworthy import shell
@@ -61,7 +61,7 @@ def test_by_default_the_clusters_free_slots_bound_the_jobs(make_cluster, cluster
 
 def test_a_step_coming_back_from_its_cluster_goes_before_new_steps():
     wake = threading.Event()
-    desk = _DesktopSlots(1, wake)
+    desk = DesktopSlots(1, wake)
     assert desk.take_free() == 1 and desk.take_free() == 0
     desk.lend()  # the step waits on its job: its slot may start another step
     assert wake.is_set() and desk.take_free() == 1
