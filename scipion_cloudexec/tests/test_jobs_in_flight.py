@@ -204,3 +204,22 @@ def test_cloud_jobs_caps_jobs_below_the_slots(cluster, tmp_path, monkeypatch):
     ex.runSteps(steps, lambda s: None, lambda s: True, lambda: None, stepsCheckSecs=1)
     assert all(s.isFinished() for s in steps)
     assert remote.most == 3, "CLOUD_JOBS 3, 1 desktop thread, 16 slots: %d" % remote.most
+
+
+def test_the_queue_parameter_reaches_the_executor_or_refuses(make_cluster, clusters_env):
+    import pytest
+
+    from scipion_cloudexec.executors.seam import make_executor
+
+    class Stock:
+        numberOfProcs, gpuList, hostConfig = 3, None, None
+
+    c = make_cluster("local", slots=8)
+    clusters_env(c)
+    ex = make_executor(None, Stock(), c.name, {"QUEUE_FOR_JOBS": "Y", "CLOUD_JOBS": "6"})
+    assert ex.jobs == 6 and ex.numberOfProcs == 3 and "jobs=6" in str(ex)
+    assert make_executor(None, Stock(), c.name, {"CLOUD_JOBS": ""}).jobs == 0
+    for bad in ("six", "-1"):
+        refusing = make_executor(None, Stock(), c.name, {"CLOUD_JOBS": bad})
+        with pytest.raises(RuntimeError, match="CLOUD_JOBS"):
+            refusing.runJob(None, "prog", "")
