@@ -68,7 +68,7 @@ def main():
         os.environ["SCIPION_CLOUDEXEC_CONFIG"] = clusters
         project = Manager().createProject("bench", location=a.root)
         os.chdir(project.path)
-        ideal = a.steps * a.seconds / a.slots
+        ideal = max(a.steps * a.seconds / a.slots, 1e-9)  # --seconds 0: the overhead alone
         cases = [("default (the cluster's slots)", {})]
         if a.capped:
             cases.append(("CLOUD_JOBS = %d (the old bound: step threads)" % (a.threads - 1),
