@@ -75,6 +75,11 @@ def _queue_params(clusters: Sequence[ClusterConfig], summary: str) -> List[List[
         ["CLOUD_RECONNECT", "30", "Reconnect for (s)",
          "Seconds a step tries to reach its cluster again after losing contact (its job goes "
          "on there) before the job moves to another cluster"],
+        ["CLOUD_JOBS", "0", "Jobs at once",
+         "At most this many of the protocol's jobs on the cluster(s) at once (empty or 0: as "
+         "many as the clusters' free slots take, ranks x threads each). The form's threads "
+         "then bound only the steps running on this desktop: a step waiting on its cluster "
+         "job lends its thread to the next step"],
     ]
     return params
 

@@ -1,13 +1,19 @@
 """``CloudStepExecutor``: pyworkflow's steps executor, with ``runJob`` sent to a cluster.
 
 It keeps what pyworkflow's ``ThreadStepExecutor`` does (steps in threads, dependencies, GPU
-slots) and changes three things:
+slots) and changes four things:
 
 * event-driven: a step that ends wakes the loop at once (stock code sleeps 3 s whenever a
   pass launches nothing);
 * every step's true end is recorded, also siblings still running when one step failed;
 * ``runJob`` runs on the cluster through :class:`~.runner.ClusterRunner`: staged inputs,
-  remote MPI job, output into the step's log, outputs gathered, failure raised.
+  remote MPI job, output into the step's log, outputs gathered, failure raised;
+* the desktop's threads bound local work only: a step holds one of them (a *desktop slot*)
+  while it runs Python on the desktop, and lends it out while its ``runJob`` waits on the
+  cluster, so another step can start. Remote jobs in flight are bounded by the clusters'
+  slots (the dispatcher: ``ranks * threads`` each) and by ``jobs`` (queue parameter
+  ``CLOUD_JOBS``), not by the form's threads. A step whose job ended takes a desktop slot
+  back before its code goes on, ahead of any new step.
 
 The protocol's own Python steps (conversions, ``createOutputStep``) stay local.
 """
@@ -30,6 +36,7 @@ from ..config import ClusterConfig
 from ..scheduling.dispatcher import MultiClusterDispatcher
 from ..scheduling.policy import JobRequest, Policy
 from .runner import ClusterRunner, ProtocolRun
+from .slots import DesktopSlots
 
 __all__ = ["CloudStepExecutor", "first_line"]
 RECONNECT_PAUSE = 2.0  # seconds between attempts to reach a cluster contact was lost with
@@ -50,6 +57,7 @@ class _WakingStepThread(StepThread):
     def __init__(self, step, lock, ended: threading.Event):
         super().__init__(step, lock)
         self.ended = ended
+        self.lends = False  # the step's runJob lends its desktop slot
 
     def run(self) -> None:
         try:
@@ -74,14 +82,21 @@ class CloudStepExecutor(ThreadStepExecutor):
         down_for: seconds a cluster found down gets no work.
         reconnect_for: seconds a job tries to reach its cluster again after losing contact
             (its job goes on there) before it is failed over.
+        jobs: at most that many of the protocol's jobs in flight at once (``CLOUD_JOBS``);
+            0: as many as the clusters' slots take (``ranks * threads`` each). The desktop's
+            *nThreads* bound only steps running on the desktop.
     """
 
     def __init__(self, hostConfig, nThreads: int,
                  cluster: Union[ClusterConfig, Sequence[ClusterConfig]],
                  gpuList: Optional[List[int]] = None, wall_time: str = "", pool_ranks: int = 0,
                  policy: Optional[Policy] = None, retries: int = 2, down_for: float = 30.0,
-                 reconnect_for: float = 30.0):
+                 reconnect_for: float = 30.0, jobs: int = 0):
         super().__init__(hostConfig, max(1, nThreads), gpuList=gpuList)
+        if jobs < 0:
+            raise ValueError("jobs in flight must be >= 0 (0: the clusters' slots)")
+        self.jobs = jobs
+        self._job_slots = threading.BoundedSemaphore(jobs) if jobs else None
         clusters = [cluster] if isinstance(cluster, ClusterConfig) else list(cluster)
         if wall_time:
             clusters = [replace(c, time=wall_time) for c in clusters]
@@ -94,12 +109,17 @@ class CloudStepExecutor(ThreadStepExecutor):
         self._run: Optional[ProtocolRun] = None
         self._runner_lock = threading.Lock()
         self._ended = threading.Event()
+        self._desktop = DesktopSlots(self.numberOfProcs, self._ended)
+        self._flight_lock = threading.Lock()
+        self.in_flight = 0  # jobs of this protocol on a cluster now, and the most at once
+        self.most_in_flight = 0
         self._jobs_lock = threading.Lock()
         self._worked: set = set()  # clusters that ran a job of this run
 
     def __str__(self) -> str:
-        return "CloudStepExecutor(cluster%s=%s, threads=%d)" % (
-            "s" if len(self.clusters) > 1 else "", ",".join(self.clusters), self.numberOfProcs)
+        return "CloudStepExecutor(cluster%s=%s, threads=%d, jobs=%s)" % (
+            "s" if len(self.clusters) > 1 else "", ",".join(self.clusters), self.numberOfProcs,
+            self.jobs or "slots")
 
     # ---- runJob -----------------------------------------------------------------------
 
@@ -163,6 +183,8 @@ class CloudStepExecutor(ThreadStepExecutor):
                              gpus=tuple(gpus))
         current = {"id": earlier[0] if earlier else base_id,
                    "cluster": earlier[1] if earlier else None}
+        # a step thread of runSteps lends its desktop slot once its job has a cluster's slots
+        lend = {"can": isinstance(thread, _WakingStepThread) and thread.lends, "lent": False}
 
         def renew(name: str) -> str:
             current["id"] = run.next_attempt(base_id)
@@ -178,8 +200,12 @@ class CloudStepExecutor(ThreadStepExecutor):
             if attempt or current["cluster"] not in (None, name):
                 current["id"] = run.latest_on(base_id, name) or run.next_attempt(base_id)
             current["cluster"] = name
+            if lend["can"] and not lend["lent"]:
+                self._desktop.lend()
+                lend["lent"] = True
             run.place(current["id"], name)
             ref = "%s:%s" % (name, current["id"])
+            self._flying(+1)
             self._track(ref, add=True)
             lost_at = 0.0
             try:
@@ -202,6 +228,7 @@ class CloudStepExecutor(ThreadStepExecutor):
                             % (name, time.monotonic() - lost_at))
                     return record
             finally:
+                self._flying(-1)
                 self._track(ref, add=False)
                 if current["id"] != ref.split(":", 1)[1]:
                     self._track("%s:%s" % (name, current["id"]), add=False)
@@ -230,9 +257,22 @@ class CloudStepExecutor(ThreadStepExecutor):
             return cannot_use(error) and not (isinstance(error, HostUnreachable) and
                                               current.get("cluster") in self._worked)
 
-        self.dispatcher.run(request, work, is_infra, failover,
-                            prefer=earlier[1] if earlier else None, is_down=cluster_down,
-                            is_permanent=permanent)
+        if self._job_slots is not None:
+            self._job_slots.acquire()  # CLOUD_JOBS: waited for with the desktop slot held
+        try:
+            self.dispatcher.run(request, work, is_infra, failover,
+                                prefer=earlier[1] if earlier else None, is_down=cluster_down,
+                                is_permanent=permanent)
+        finally:
+            if self._job_slots is not None:
+                self._job_slots.release()
+            if lend["lent"]:
+                self._desktop.take_back()  # the step's own code goes on: a desktop slot
+
+    def _flying(self, delta: int) -> None:
+        with self._flight_lock:
+            self.in_flight += delta
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
 
     def _reconnect(self, name: str, runner: ClusterRunner, error: BaseException,
                    lost_at: float, say) -> bool:
@@ -275,20 +315,25 @@ class CloudStepExecutor(ThreadStepExecutor):
     def runSteps(self, steps, stepStartedCallback, stepFinishedCallback, stepsCheckCallback,
                  stepsCheckSecs=5):
         lock = threading.Lock()
-        running: Dict[int, StepThread] = {}
-        free = list(range(1, self.numberOfProcs + 1))
+        running: List[_WakingStepThread] = []
+        desktop = self._desktop
         delta = datetime.timedelta(seconds=stepsCheckSecs)
         last_check = datetime.datetime.now()
         stop = False
         ended_as = None
+        logger.info("cloudexec: %d desktop thread(s) for steps running here; jobs on the "
+                    "cluster(s) at once: %s", desktop.n,
+                    self.jobs or "as many as the slots take (%d)"
+                    % sum(c.slots for c in self.clusters.values()))
         try:
             while True:
                 self._ended.clear()  # before looking: an end after this wakes the wait below
                 with lock:
-                    done = [n for n, t in running.items() if not t.step.isRunning()]
-                for node in done:
-                    step = running.pop(node).step
-                    free.append(node)
+                    done = [t for t in running if not t.step.isRunning()]
+                for t in done:
+                    running.remove(t)
+                    step = t.step
+                    desktop.give()  # a step ends holding a desktop slot (runJob took it back)
                     self.freeGpusSlot(step.getObjId())
                     if not stepFinishedCallback(step):
                         if not stop:  # the protocol ends with the first failure's status
@@ -297,17 +342,20 @@ class CloudStepExecutor(ThreadStepExecutor):
                     if stop:  # a sibling's later end must not turn the protocol "finished"
                         self.protocol.lastStatus = ended_as
                 launched = False
-                if not stop and free:
+                free = desktop.take_free() if not stop else 0
+                if free:
                     with lock:
-                        for step in self._getRunnable(steps, len(free)):
+                        for step in self._getRunnable(steps, free):
                             step.setRunning()
                             stepStartedCallback(step)
-                            node = free.pop(0)
+                            free -= 1
                             t = _WakingStepThread(step, lock, self._ended)
+                            t.lends = True
                             t.daemon = True
-                            running[node] = t
+                            running.append(t)
                             t.start()
                             launched = True
+                    desktop.give(free)  # those no runnable step took
                 if not running and not launched and (stop or not self._arePending(steps)):
                     break
                 now = datetime.datetime.now()
@@ -317,6 +365,9 @@ class CloudStepExecutor(ThreadStepExecutor):
                 if not launched:
                     self._ended.wait(stepsCheckSecs)
             stepsCheckCallback()
+            if self.most_in_flight:
+                logger.info("cloudexec: at most %d job(s) of this protocol ran on the "
+                            "cluster(s) at once", self.most_in_flight)
         finally:
             for name in list(self.runners):
                 self._drop_runner(name)

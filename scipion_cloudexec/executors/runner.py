@@ -17,8 +17,6 @@ Job ids are derived from the project, the run, a token kept in the run's logs fo
 restart gets a new one, a resume keeps it), the step and the call's rank within the step;
 ``.2``, ``.3``... mark later attempts. The sync model is in :mod:`..cluster.sync`; the
 cluster itself (SSH, agent, staging) is one :class:`~..cluster.session.ClusterSession`.
-Over 400 lines: a run's identity (ProtocolRun) and its work on one cluster (ClusterRunner)
-share the placement records and the sync state, and read best side by side.
 """
 from __future__ import annotations
 

@@ -16,6 +16,9 @@ protocol itself runs on the desktop and only its jobs go out):
     CLOUD_RETRIES = 2      tries after an infrastructure failure (lost cluster, node, agent)
     CLOUD_RECONNECT = 30   seconds a step tries to reach its cluster again after losing
                            contact (its job goes on there) before it moves elsewhere
+    CLOUD_JOBS = 16        at most 16 of the protocol's jobs on the cluster(s) at once
+                           (empty or 0: as many as the clusters' slots take); the form's
+                           threads bound only the steps running on the desktop
 
 The queue name is a cluster of the clusters file, a ``[group NAME]`` of it, several cluster
 names joined by commas, or ``all``: a
@@ -84,9 +87,16 @@ def make_executor(protocol, stock, queue: str, params: Dict[str, Any]):
     except ValueError:
         return _Refusing(host, "queue parameter CLOUD_POOL=%r is not a number of ranks"
                          % params.get("CLOUD_POOL"))
+    try:
+        jobs = int(params.get("CLOUD_JOBS") or 0)
+        if jobs < 0:
+            raise ValueError
+    except ValueError:
+        return _Refusing(host, "queue parameter CLOUD_JOBS=%r is not a number of jobs (empty or "
+                         "0: as many as the clusters' slots take)" % params.get("CLOUD_JOBS"))
     return CloudStepExecutor(host, threads, [clusters[n] for n in names], gpuList=gpus,
                              wall_time=str(params.get("CLOUD_TIME", "") or ""), pool_ranks=pool,
-                             retries=retries, reconnect_for=reconnect)
+                             retries=retries, reconnect_for=reconnect, jobs=jobs)
 
 
 def install() -> None:

@@ -57,6 +57,7 @@ WINDOW = 16               # output chunks in flight (not yet on the wire) per wa
 STREAM_EVERY = 0.05       # seconds between output reads while someone watches
 BACKLOG_EVERY = 0.005     # ... while a watcher's window is full: refill it soon
 MISSED_BEATS = 3          # a client silent for this many heartbeats is gone
+SEND_LAST_MS = 1000       # at exit, queued replies get this long to reach their clients
 BATCH = 200               # most messages handled per loop turn
 DROP_LOG_EVERY = 60.0     # seconds between two warnings about one peer's dropped messages
 DROP_PEERS = 64           # peers counted apart; beyond, drops are counted together
@@ -112,7 +113,9 @@ class Agent:
         os.makedirs(self.paths.jobs, exist_ok=True)
         self.journal = Journal(self.paths.journal)
         self.jobs = Supervisor(self.journal, self.paths.jobs, self.schedulers, self._job_ended)
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        # its own context: terminated at exit, which is what sends the last replies
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100000)
@@ -237,8 +240,9 @@ class Agent:
                 pass
         if self.jobs is not None:
             self.jobs.stop()
-        if self.sock is not None:
-            self.sock.close(0)
+        if self.sock is not None:  # a moment for the last replies (Shutdown's Done) to leave:
+            self.sock.close(linger=SEND_LAST_MS)  # the daemon ends in os._exit, so wait here
+            self.ctx.term()
         if self.journal is not None:
             self.journal.close()
         log.info("agent %d stopped", os.getpid())

@@ -212,7 +212,8 @@ def private_cluster(private_host, testbed, tmp_path) -> Iterator[ClusterConfig]:
     """A ``ClusterConfig`` (mpirun) on the private host, its workdir in the host's own work
     area (named after this test's tmp_path, so unique); its agent is stopped and its workdir
     deleted afterwards."""
-    workdir = "%s/%s" % (private_host.work, tmp_path.name)
+    # pytest-N/test-name: two sessions sharing the private host never share a workdir
+    workdir = "%s/%s-%s" % (private_host.work, tmp_path.parent.name, tmp_path.name)
     yield ClusterConfig(
         name="private", host=private_host.address, port=22, user=testbed.user,
         identity_file=testbed.client_key, known_hosts=private_host.known_hosts,

@@ -78,7 +78,8 @@ def test_hostsconf_writes_queues_scipion_reads_and_merges_idempotently(clusters_
     params = {p[0]: p for p in qs.queues[b.name]}
     assert params["QUEUE_FOR_JOBS"][1] == "Y" and "mpirun launcher, 4 slots" in \
         params["QUEUE_FOR_JOBS"][3]
-    assert set(params) == {"QUEUE_FOR_JOBS", "CLOUD_POOL", "CLOUD_RETRIES", "CLOUD_RECONNECT"}
+    assert set(params) == {"QUEUE_FOR_JOBS", "CLOUD_POOL", "CLOUD_RETRIES", "CLOUD_RECONNECT",
+                           "CLOUD_JOBS"}
     for cmd in (local.getSubmitCommand(), local.getCancelCommand()):
         exe = cmd.split()[0]
         assert os.path.isabs(exe) and os.access(exe, os.X_OK), cmd

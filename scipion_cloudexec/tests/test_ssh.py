@@ -79,7 +79,7 @@ def test_missing_remote_python_names_the_key(make_cluster):
 
 def test_remote_python_without_pyzmq_is_explained(make_cluster):
     from scipion_cloudexec.cluster.errors import AgentStartError
-    c = make_cluster("local", python="/usr/bin/python3")
+    c = make_cluster("local", python="/usr/bin/python3", packages="no")  # else installed
     probe = subprocess.run(["/usr/bin/python3", "-c", "import zmq"], capture_output=True)
     if probe.returncode == 0:
         pytest.skip("the system python has pyzmq here")

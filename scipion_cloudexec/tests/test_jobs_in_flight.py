@@ -1,0 +1,225 @@
+"""Jobs in flight bounded by the cluster, not the desktop (issue 13): a step waiting on its
+cluster job lends its desktop thread, so more jobs run at once than the form's threads; the
+queue parameter CLOUD_JOBS caps them, and by default the clusters' slots do. The outputs are
+those of a local run."""
+import threading
+import time
+
+from scipion_cloudexec.executors.slots import DesktopSlots
+from scipion_cloudexec.tests.harness import assert_same_run
+from scipion_cloudexec.tests.test_executor import launch, logs, provenance
+from scipion_cloudexec.tests.test_trustworthy import shell
+
+STEP = "sleep 2; echo {i} > extra/f_{i}.txt"
+
+
+def most_at_once(records):
+    """The most jobs running at once, from the agent's start and end times of each job."""
+    events = sorted([(r["started"], 1) for r in records] + [(r["ended"], -1) for r in records],
+                    key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
+    most = now = 0
+    for _, d in events:
+        now += d
+        most = max(most, now)
+    return most
+
+
+def cloud_and_local(project, cluster, **queue):
+    params = dict(numberOfThreads=3, fanCopies=12, fan=STEP)  # 2 desktop threads
+    local = launch(project, shell(project, "local", **params))
+    assert local.isFinished(), logs(local)
+    cloud = launch(project, shell(project, "cloud", **params), cluster, **queue)
+    assert cloud.isFinished(), logs(cloud)
+    return local, cloud
+
+
+def test_cloud_jobs_lets_more_jobs_run_than_the_desktop_threads(make_cluster, clusters_env,
+                                                                new_project):
+    c = make_cluster("local", slots=8)
+    clusters_env(c)
+    project = new_project("jobs6")
+    local, cloud = cloud_and_local(project, c, CLOUD_JOBS="6")
+    records = provenance(cloud)
+    assert len(records) == 12
+    most = most_at_once(records)
+    assert 2 < most <= 6, "jobs at once: %d (2 desktop threads, CLOUD_JOBS 6)" % most
+    assert "jobs on the cluster(s) at once: 6" in logs(cloud)
+    assert_same_run(local, cloud)
+
+
+def test_by_default_the_clusters_free_slots_bound_the_jobs(make_cluster, clusters_env,
+                                                           new_project):
+    c = make_cluster("local", slots=4)
+    clusters_env(c)
+    project = new_project("jobsdefault")
+    local, cloud = cloud_and_local(project, c)
+    most = most_at_once(provenance(cloud))
+    assert 2 < most <= 4, "jobs at once: %d (2 desktop threads, 4 slots)" % most
+    assert "as many as the slots take (4)" in logs(cloud)
+    assert_same_run(local, cloud)
+
+
+def test_a_step_coming_back_from_its_cluster_goes_before_new_steps():
+    wake = threading.Event()
+    desk = DesktopSlots(1, wake)
+    assert desk.take_free() == 1 and desk.take_free() == 0
+    desk.lend()  # the step waits on its job: its slot may start another step
+    assert wake.is_set() and desk.take_free() == 1
+    back = threading.Thread(target=desk.take_back)
+    back.start()  # its job ended: it waits for a slot...
+    time.sleep(0.2)
+    assert back.is_alive()
+    desk.give()  # ...the other step ends
+    back.join(5)
+    assert not back.is_alive()
+    assert desk.take_free() == 0, "the slot went to the returning step"
+    desk.give()
+    assert desk.take_free() == 1 and desk.used == 1 and desk.lent == 0
+
+
+class _Count:
+    def __init__(self):
+        self.now = self.most = 0
+        self.lock = threading.Lock()
+
+    def __enter__(self):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.now -= 1
+
+
+class _FakeProtocol:
+    lastStatus = None
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def getProject(self):
+        return None
+
+    def getWorkingDir(self):
+        return self.folder
+
+    def getObjId(self):
+        return 1
+
+    def getRunName(self):
+        return "fake"
+
+    def iterInputAttributes(self):
+        return iter(())
+
+    def appendJobId(self, ref):
+        pass
+
+    def removeJobId(self, ref):
+        pass
+
+    def _store(self, *args):
+        pass
+
+
+def test_local_code_stays_bounded_by_the_desktop_threads_while_jobs_go_beyond(
+        cluster, tmp_path, monkeypatch):
+    """Each step runs local code, a job, local code again: the local parts never exceed the
+    desktop's 2 threads, the jobs reach the clusters' 4 slots (CLOUD_JOBS 0) and every step's
+    code after its job runs (the thread came back)."""
+    from dataclasses import replace
+
+    from pyworkflow.protocol.protocol import FunctionStep
+
+    from scipion_cloudexec.executors.cloud import CloudStepExecutor
+    monkeypatch.chdir(tmp_path)
+    local, remote, after = _Count(), _Count(), []
+
+    class FakeRunner:
+        bytes_in_place = 0
+        connected = True
+
+        def run_job(self, *args, **kwargs):
+            with remote:
+                time.sleep(0.6)
+            return {}
+
+        def close(self):
+            pass
+
+    ex = CloudStepExecutor(None, 2, replace(cluster, slots=4))
+    ex.protocol = _FakeProtocol(str(tmp_path / "Runs" / "000001_Fake"))
+    ex._runner = lambda name: FakeRunner()
+
+    def work(i):
+        with local:
+            time.sleep(0.1)
+        ex.runJob(None, "prog", "")
+        with local:
+            time.sleep(0.1)
+            after.append(i)
+
+    steps = []
+    for i in range(12):
+        s = FunctionStep(work, "work", i)
+        s.setObjId(i + 1)
+        s.setIndex(i + 1)
+        steps.append(s)
+    ex.runSteps(steps, lambda s: None, lambda s: True, lambda: None, stepsCheckSecs=1)
+    assert sorted(after) == list(range(12)) and all(s.isFinished() for s in steps)
+    assert local.most <= 2, "local code of %d steps at once on 2 desktop threads" % local.most
+    assert 2 < remote.most <= 4, "jobs at once: %d (4 slots)" % remote.most
+    assert ex.most_in_flight == remote.most and ex._desktop.used == 0
+
+
+def test_cloud_jobs_caps_jobs_below_the_slots(cluster, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from pyworkflow.protocol.protocol import FunctionStep
+
+    from scipion_cloudexec.executors.cloud import CloudStepExecutor
+    monkeypatch.chdir(tmp_path)
+    remote = _Count()
+
+    class FakeRunner:
+        bytes_in_place = 0
+        connected = True
+
+        def run_job(self, *args, **kwargs):
+            with remote:
+                time.sleep(0.4)
+            return {}
+
+    ex = CloudStepExecutor(None, 1, replace(cluster, slots=16), jobs=3)
+    ex.protocol = _FakeProtocol(str(tmp_path / "Runs" / "000001_Fake"))
+    ex._runner = lambda name: FakeRunner()
+    ex._drop_runner = lambda name, only=None: None
+    steps = []
+    for i in range(9):
+        s = FunctionStep(lambda: ex.runJob(None, "prog", ""), "work")
+        s.setObjId(i + 1)
+        s.setIndex(i + 1)
+        steps.append(s)
+    ex.runSteps(steps, lambda s: None, lambda s: True, lambda: None, stepsCheckSecs=1)
+    assert all(s.isFinished() for s in steps)
+    assert remote.most == 3, "CLOUD_JOBS 3, 1 desktop thread, 16 slots: %d" % remote.most
+
+
+def test_the_queue_parameter_reaches_the_executor_or_refuses(make_cluster, clusters_env):
+    import pytest
+
+    from scipion_cloudexec.executors.seam import make_executor
+
+    class Stock:
+        numberOfProcs, gpuList, hostConfig = 3, None, None
+
+    c = make_cluster("local", slots=8)
+    clusters_env(c)
+    ex = make_executor(None, Stock(), c.name, {"QUEUE_FOR_JOBS": "Y", "CLOUD_JOBS": "6"})
+    assert ex.jobs == 6 and ex.numberOfProcs == 3 and "jobs=6" in str(ex)
+    assert make_executor(None, Stock(), c.name, {"CLOUD_JOBS": ""}).jobs == 0
+    for bad in ("six", "-1"):
+        refusing = make_executor(None, Stock(), c.name, {"CLOUD_JOBS": bad})
+        with pytest.raises(RuntimeError, match="CLOUD_JOBS"):
+            refusing.runJob(None, "prog", "")
