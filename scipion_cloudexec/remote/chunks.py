@@ -138,7 +138,8 @@ def publish(cache: Cache, request: Publish) -> dict:
             return {"ok": True}
         return {"missing": list(range(_count(size, chunk)))}
     try:
-        missing: List[int] = sorted(set(range(_count(size, chunk))) - _done(done, _count(size, chunk)))
+        n = _count(size, chunk)
+        missing: List[int] = sorted(set(range(n)) - _done(done, n))
         if missing:
             return {"missing": missing}
         h = hashlib.sha256()
