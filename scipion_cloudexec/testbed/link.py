@@ -53,7 +53,9 @@ Run alone (commands are read as JSON lines on stdin, e.g. ``{"cmd": "blackhole",
     python -m scipion_cloudexec.testbed.link --target 127.0.0.1:2222 --delay-ms 50 \
         --rate-mbit 1000 [--listen 127.0.0.1:0]
 
-This module uses the standard library only (the proxy runs it as a script).
+This module uses the standard library only (the proxy runs it as a script). Over 400
+lines: the proxy process and the ``Link`` that drives it speak one small command protocol,
+kept in one file so that the script the proxy runs is this very module.
 """
 from __future__ import annotations
 
