@@ -278,7 +278,11 @@ class SlurmScheduler(Scheduler):
         killed: Dict[str, int] = {}  # job id -> its rc, when a signal ended its command
         for job_id, (lid, files) in jobs.items():
             rc = files.read_rc()
-            if rc in SIGNALLED:  # a scancel (ours or not) or SLURM itself: SLURM says which
+            if rc in SIGNALLED and lid in self._cancelled:  # our own scancel: no need to ask
+                result[job_id] = Status(JobState.CANCELLED, None, "")
+                self._killed.discard(job_id)
+                self._forget(lid)
+            elif rc in SIGNALLED:  # another's scancel, or SLURM itself: SLURM says which
                 if job_id not in self._killed:
                     self._killed.add(job_id)
                     self._next_query = 0.0

@@ -11,6 +11,7 @@ import pytest
 
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.cluster.stager import Stager, StagingError
+from scipion_cloudexec.remote.stage_protocol import Mirrors
 from scipion_cloudexec.testbed.link import Link, LinkError
 from scipion_cloudexec.cluster.ssh import SSHConnection, Target
 
@@ -248,7 +249,7 @@ def _reset_mid_file_then_resume(c, tmp_path):
         with Link((c.host, c.port), delay_ms=50, rate_mbit=400) as link:
             far = link.cluster(c)
             st = stager(far)
-            st._ask({"cmd": "ping"})  # logged in and serving: count only the upload
+            st._ask(Mirrors())  # logged in and serving: count only the upload
             link.reset_after(8 << 20)
             with pytest.raises(StagingError, match="lost|stopped") as err:
                 st.stage_in(str(proj), ["movies"], "proj")
