@@ -240,3 +240,23 @@ def reliability(request):
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
     return record
+
+
+@pytest.fixture
+def stager_for(tmp_path) -> Iterator[Callable[[ClusterConfig], object]]:
+    """``stager_for(cluster)``: a connected Stager, closed (with its OpenSSH clients, by
+    their processes) at the end of the test."""
+    from scipion_cloudexec.cluster.ssh import SSHConnection, Target
+    from scipion_cloudexec.cluster.stager import Stager
+    opened = []
+
+    def make(cluster: ClusterConfig) -> "Stager":
+        ssh = SSHConnection(Target.of(cluster))
+        ssh.connect()
+        st = Stager(ssh, cluster, hash_cache=str(tmp_path / "hashes.sqlite"))
+        opened.append(st)
+        return st
+    yield make
+    for st in opened:
+        st.close()
+        st.ssh.close()

@@ -7,7 +7,6 @@ import pytest
 
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.cluster.stager import NoSpace, Stager, StagingError
-from scipion_cloudexec.cluster.ssh import SSHConnection, Target
 from scipion_cloudexec.remote.stage_protocol import ListTree
 
 NAMES = ["mic 001 é.mrc", "empty.bin", "sub dir/ñ-micrograph.mrc", "big.mrc"]
@@ -23,22 +22,6 @@ def make_project(root, sizes=(200_000, 0, 50_000, 3_000_000)):
         path.write_bytes(content)
         data["Runs/000002_ProtImportMicrographs/extra/" + name] = content
     return data
-
-
-@pytest.fixture
-def stager_for(tmp_path):
-    opened = []
-
-    def make(cluster):
-        ssh = SSHConnection(Target.of(cluster))
-        ssh.connect()
-        st = Stager(ssh, cluster, hash_cache=str(tmp_path / "hashes.sqlite"))
-        opened.append(st)
-        return st
-    yield make
-    for st in opened:
-        st.close()  # stops the OpenSSH client it started, by its process
-        st.ssh.close()
 
 
 def mirror_file(cluster, project, rel):

@@ -9,7 +9,6 @@ import os
 import pytest
 
 from scipion_cloudexec.cluster import streams
-from scipion_cloudexec.cluster.ssh import SSHConnection, Target
 from scipion_cloudexec.cluster.stager import Stager, StagingError
 from scipion_cloudexec.testbed.link import Link
 
@@ -22,23 +21,6 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(streams, "CHUNK", 2 * MB)
     monkeypatch.setattr(streams, "CHUNKED_MIN", 4 * MB)
     monkeypatch.setattr(streams, "INTERVAL", 0.3)
-
-
-@pytest.fixture
-def stagers(tmp_path):
-    opened = []
-
-    def make(cluster):
-        ssh = SSHConnection(Target.of(cluster))
-        ssh.connect()
-        st = Stager(ssh, cluster, hash_cache=str(tmp_path / "hashes.sqlite"))
-        opened.append(st)
-        return st
-
-    yield make
-    for st in opened:
-        st.close()
-        st.ssh.close()
 
 
 def _project(tmp_path, size):
@@ -61,25 +43,25 @@ def _object(c, data):
 
 
 @pytest.mark.parametrize("n", ["4", "7"])
-def test_multi_chunk_upload_over_n_streams_arrives_identical(make_cluster, tmp_path, stagers, n):
+def test_multi_chunk_upload_over_n_streams_arrives_identical(make_cluster, tmp_path, stager_for, n):
     c = make_cluster("local", streams=n, transfer="openssh")
     proj, big = _project(tmp_path, 21 * MB + 12345)  # 11 chunks, the last one short
-    st = stagers(c)
+    st = stager_for(c)
     r = st.stage_in(str(proj), ["movies"], "proj")
     assert st.streams_used == int(n)
     assert _mirrored(c, "movies/big.mrcs") == big
     assert _mirrored(c, "movies/small.star") == b"data_\n" * 100
     assert r.bytes_sent == len(big) + 600
     assert os.listdir(os.path.join(c.workdir, "cache", "chunks")) == []  # published, no leftovers
-    again = stagers(c).stage_in(str(proj), ["movies"], "proj")
+    again = stager_for(c).stage_in(str(proj), ["movies"], "proj")
     assert again.bytes_sent == 0 and again.unchanged == 2
 
 
 def test_auto_starts_at_four_streams_and_adds_while_throughput_grows(make_cluster, tmp_path,
-                                                                     stagers):
+                                                                     stager_for):
     c = make_cluster("local", transfer="openssh")  # streams = auto
     proj, big = _project(tmp_path, 60 * MB)
-    st = stagers(c)
+    st = stager_for(c)
     st.stage_in(str(proj), ["movies"], "proj")
     assert streams.START <= st.streams_used <= streams.CAP
     assert _mirrored(c, "movies/big.mrcs") == big
@@ -87,29 +69,29 @@ def test_auto_starts_at_four_streams_and_adds_while_throughput_grows(make_cluste
 
 @pytest.mark.slow
 def test_link_reset_mid_transfer_then_staging_again_resends_only_missing_chunks(
-        make_cluster, tmp_path, stagers):
+        make_cluster, tmp_path, stager_for):
     c = make_cluster("local", streams="4", transfer="openssh")
     proj, big = _project(tmp_path, 40 * MB)
     with Link((c.host, c.port), delay_ms=10, rate_mbit=400) as link:
         far = link.cluster(c)
         link.reset_after(16 * MB)
         with pytest.raises(StagingError, match="lost|stopped") as err:
-            stagers(far).stage_in(str(proj), ["movies"], "proj")
+            stager_for(far).stage_in(str(proj), ["movies"], "proj")
         assert c.name in str(err.value)
         assert link.stats()["resets"] >= 1
         done = [n for n in os.listdir(os.path.join(c.workdir, "cache", "chunks"))
                 if n.endswith(".done")]
         assert done, "chunks written whole before the cut are recorded"
-        r = stagers(far).stage_in(str(proj), ["movies"], "proj")
+        r = stager_for(far).stage_in(str(proj), ["movies"], "proj")
     assert 0 < r.bytes_sent < len(big), "resumed per chunk: %d bytes sent again" % r.bytes_sent
     assert _mirrored(c, "movies/big.mrcs") == big
 
 
 def test_a_corrupted_chunk_is_caught_by_the_whole_file_hash_and_not_published(
-        make_cluster, tmp_path, stagers):
+        make_cluster, tmp_path, stager_for):
     c = make_cluster("local", streams="4", transfer="openssh")
     proj, big = _project(tmp_path, 9 * MB)
-    st = stagers(c)
+    st = stager_for(c)
 
     def corrupting(ch, local, end, start, tick):
         if start == streams.CHUNK:  # chunk 1: one byte flipped on the way
@@ -129,14 +111,14 @@ def test_a_corrupted_chunk_is_caught_by_the_whole_file_hash_and_not_published(
     assert not os.path.exists(os.path.join(c.workdir, "projects", "proj", "movies",
                                            "big.mrcs"))
     assert _mirrored(c, "movies/small.star") == b"data_\n" * 100
-    r = stagers(c).stage_in(str(proj), ["movies"], "proj")
+    r = stager_for(c).stage_in(str(proj), ["movies"], "proj")
     assert r.bytes_sent == len(big)  # the bad chunks were dropped: all sent again
     assert _mirrored(c, "movies/big.mrcs") == big
     assert os.path.exists(_object(c, big))
 
 
 @pytest.mark.parametrize("n", ["4", "auto"])
-def test_a_large_file_fetched_over_n_streams_arrives_identical(make_cluster, tmp_path, stagers,
+def test_a_large_file_fetched_over_n_streams_arrives_identical(make_cluster, tmp_path, stager_for,
                                                                n):
     c = make_cluster("local", streams=n, transfer="openssh")
     out = os.path.join(c.workdir, "projects", "proj", "Runs", "000002_X")
@@ -146,7 +128,7 @@ def test_a_large_file_fetched_over_n_streams_arrives_identical(make_cluster, tmp
         f.write(big)
     with open(os.path.join(out, "small.star"), "wb") as f:
         f.write(b"data_\n")
-    st = stagers(c)
+    st = stager_for(c)
     dest = tmp_path / "back"
     r = st.fetch("projects/proj/Runs/000002_X", str(dest))
     assert (dest / "000002_X" / "big.mrcs").read_bytes() == big
@@ -156,14 +138,14 @@ def test_a_large_file_fetched_over_n_streams_arrives_identical(make_cluster, tmp
     assert not [p for p in os.listdir(dest / "000002_X") if p.startswith(".")], "no temporaries"
 
 
-def test_a_fetched_file_not_matching_the_listing_is_not_kept(make_cluster, tmp_path, stagers,
+def test_a_fetched_file_not_matching_the_listing_is_not_kept(make_cluster, tmp_path, stager_for,
                                                             monkeypatch):
     c = make_cluster("local", streams="4", transfer="openssh")
     out = os.path.join(c.workdir, "data")
     os.makedirs(out)
     with open(os.path.join(out, "big.mrcs"), "wb") as f:
         f.write(os.urandom(9 * MB))
-    st = stagers(c)
+    st = stager_for(c)
     real = streams.StreamPool.download
 
     def flipping(self, remote_root, files, tick):

@@ -12,7 +12,6 @@ import pytest
 
 from scipion_cloudexec.cluster.stager import Stager
 from scipion_cloudexec.remote.stage_protocol import ListTree
-from scipion_cloudexec.tests.test_staging import stager_for  # noqa: F401  (fixture)
 
 RUN = "Runs/000010_ProtX"
 
