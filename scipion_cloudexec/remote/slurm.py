@@ -322,6 +322,8 @@ class SlurmScheduler(Scheduler):
             if self._sweep:
                 self._sweep_strays()
             delay = min(self.slow, max(self.fast, (time.monotonic() - self._changed) / 6.0))
+            if any(lid in self._cancelled for lid, _ in open_jobs.values()):
+                delay = self.fast  # a Stop waits on it: show its end as soon as SLURM does
         self._next_query = time.monotonic() + delay
         return result
 

@@ -298,7 +298,10 @@ def test_stopping_a_protocol_cancels_its_remote_jobs(make_cluster, clusters_env,
                                env=dict(os.environ, SLURM_CONF=conf)).stdout
         assert "RUNNING" not in queue and "PENDING" not in queue, queue
     from scipion_cloudexec.cluster.session import ClusterSession
-    with ClusterSession(c) as client:
+    with ClusterSession(c) as client:  # SLURM may still be ending it (COMPLETING): seconds
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and client.jobs()[0]["state"] == "running":
+            time.sleep(0.2)
         assert [j["state"] for j in client.jobs()] == ["cancelled"]
 
 
