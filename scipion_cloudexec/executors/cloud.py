@@ -37,6 +37,7 @@ from ..scheduling.dispatcher import MultiClusterDispatcher
 from ..scheduling.policy import JobRequest, Policy
 from .runner import ClusterRunner, ProtocolRun
 from .slots import DesktopSlots
+from .translate import RunJobCall
 
 __all__ = ["CloudStepExecutor", "first_line"]
 RECONNECT_PAUSE = 2.0  # seconds between attempts to reach a cluster contact was lost with
@@ -179,6 +180,8 @@ class CloudStepExecutor(ThreadStepExecutor):
         run = self._protocol_run()
         base_id = run.job_id(step_id)
         earlier = run.latest(base_id)  # Continue: the job an earlier process sent, if any
+        call = RunJobCall(programName, params, ranks=numberOfMpi, threads=numberOfThreads,
+                          gpus=tuple(gpus), env=env, cwd=cwd)
         request = JobRequest(ranks=max(1, int(numberOfMpi)), threads=max(1, int(numberOfThreads)),
                              gpus=tuple(gpus))
         current = {"id": earlier[0] if earlier else base_id,
@@ -213,8 +216,7 @@ class CloudStepExecutor(ThreadStepExecutor):
                     runner = self._runner(name)
                     try:
                         record = runner.run_job(
-                            programName, params, ranks=numberOfMpi, threads=numberOfThreads,
-                            gpus=gpus, env=env, cwd=cwd, step_id=step_id, job_id=current["id"],
+                            call, step_id=step_id, job_id=current["id"],
                             label="%s step %s" % (self.protocol.getRunName(), step_id),
                             say=say, renew=renew)
                     except BaseException as e:

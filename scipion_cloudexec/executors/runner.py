@@ -3,7 +3,7 @@
 ::
 
     run(step, runJob args)
-      translate -> RemoteCommand (a JobSpec)     (translate.py)
+      translate(RunJobCall) -> JobSpec        (translate.py)
       stage_in(inputs, then the run folder)      inputs: what the cluster lacks; run folder:
                                                  what changed here since the last sync
       submit(job id = project-run-step-n)        the same id on resume: attach, never rerun;
@@ -43,8 +43,8 @@ from ..cluster.session import ClusterSession
 from ..cluster.sync import SyncConflict, SyncState, under
 from ..config import ClusterConfig
 from ..progress import TransferProgress
-from ..remote.jobs import JobState
-from .translate import PathMapper, RemoteCommand, translate
+from ..remote.jobs import JobSpec, JobState
+from .translate import PathMapper, RunJobCall, shown, translate
 
 log = logging.getLogger(__name__)
 EXCLUDE = ("logs/",)  # pyworkflow writes these locally while the protocol runs
@@ -209,12 +209,11 @@ class ClusterRunner:
 
     # ---- one job ----------------------------------------------------------------------
 
-    def prepare(self, program: str, params, *, ranks: int, threads: int, gpus: Sequence[int],
-                env, cwd: Optional[str]) -> RemoteCommand:
+    def prepare(self, call: RunJobCall) -> JobSpec:
+        """*call* as this cluster runs it (connects first: the mapper needs the mirror)."""
         self.connect()
         assert self.mapper is not None
-        return translate(program, params, ranks=ranks, threads=threads, gpus=gpus, env=env,
-                         cwd=cwd, project_root=self.run.project_root, mapper=self.mapper,
+        return translate(call, project_root=self.run.project_root, mapper=self.mapper,
                          cluster_gpus=self.cluster.gpus)
 
     def stage_in(self, say: Callable[[str], None]) -> StageReport:
@@ -291,12 +290,12 @@ class ClusterRunner:
                     out.append(path)
         return out
 
-    def submit(self, cmd: RemoteCommand, job_id: str, label: str, pool: str = "") -> JobFuture:
+    def submit(self, spec: JobSpec, job_id: str, label: str, pool: str = "") -> JobFuture:
         def to_log(stream: str, data: bytes) -> None:
             out = sys.stdout if stream == "stdout" else sys.stderr
             out.write(data.decode(errors="replace"))
             out.flush()
-        spec = self.session.for_cluster(replace(cmd.spec, job_id=job_id, label=label), pool=pool)
+        spec = self.session.for_cluster(replace(spec, job_id=job_id, label=label), pool=pool)
         return self.session.submit(spec, on_output=to_log)
 
     def stage_out(self, say: Callable[[str], None]) -> StageReport:
@@ -326,8 +325,7 @@ class ClusterRunner:
             raise SyncConflict(name, report.conflicts)
         return report
 
-    def run_job(self, program: str, params, *, ranks: int, threads: int, gpus: Sequence[int],
-                env, cwd: Optional[str], step_id: int, job_id: str, label: str,
+    def run_job(self, call: RunJobCall, *, step_id: int, job_id: str, label: str,
                 say: Callable[[str], None],
                 renew: Optional[Callable[[str], str]] = None) -> dict:
         """Everything for one runJob; returns its provenance record or raises RemoteStepError.
@@ -335,28 +333,28 @@ class ClusterRunner:
         *job_id* attaches to the job of that id if an earlier process sent it (finished:
         its result is reused; running: followed). If that job had failed, been cancelled or
         been lost, ``renew(cluster)`` names a new attempt, which runs."""
-        cmd = self.prepare(program, params, ranks=ranks, threads=threads, gpus=gpus, env=env,
-                           cwd=cwd)
+        spec = self.prepare(call)
+        line = shown(spec)
         t0 = time.time()
         sin = self.stage_in(say)
         if sin.bytes_sent:
             say("cloudexec: staged %d file(s), %.1f MB sent to %s in %.1f s"
                 % (sin.files, sin.bytes_sent / 1e6, self.cluster.name, sin.seconds))
-        pool = self._pool_name(say) if self.pool_ranks and cmd.ranks == 1 else ""
-        fut = self.submit(cmd, job_id, label, pool)
+        pool = self._pool_name(say) if self.pool_ranks and spec.ranks == 1 else ""
+        fut = self.submit(spec, job_id, label, pool)
         if renew is not None and fut.accepted.wait(self.cluster.connect_timeout * 6) and \
                 fut.existed and fut.accepted_state in _RUN_AGAIN:
             job_id = renew(self.cluster.name)
             say("cloudexec: job %s had ended %s before: the step runs again as job %s"
                 % (fut.job_id, fut.accepted_state, job_id))
-            fut = self.submit(cmd, job_id, label, pool)
+            fut = self.submit(spec, job_id, label, pool)
         say("cloudexec: job %s on cluster %s (%s, %d rank(s) x %d thread(s)%s): %s"
             % (fut.job_id, self.cluster.name, "worker pool" if pool else
-               "%s launcher" % self.cluster.launcher, cmd.ranks, cmd.threads,
-               ", GPUs %s" % ",".join(map(str, cmd.gpus)) if cmd.gpus else "", cmd.shown))
+               "%s launcher" % self.cluster.launcher, spec.ranks, spec.threads,
+               ", GPUs %s" % ",".join(map(str, spec.gpus)) if spec.gpus else "", line))
         record = {"job_id": fut.job_id, "cluster": self.cluster.name, "host": self.cluster.host,
-                  "launcher": "pool" if pool else self.cluster.launcher, "command": cmd.shown, "ranks": cmd.ranks,
-                  "threads": cmd.threads, "gpus": cmd.gpus, "cwd": cmd.cwd, "step": step_id,
+                  "launcher": "pool" if pool else self.cluster.launcher, "command": line,
+                  "ranks": spec.ranks, "threads": spec.threads, "gpus": spec.gpus, "cwd": spec.cwd, "step": step_id,
                   "inputs": dict(sin.hashes), "staged_at": t0}
         runrecords.write_pending(self.run.logs, record)  # Stop completes it (cancel)
         error: Optional[JobError] = None
@@ -380,7 +378,7 @@ class ClusterRunner:
         if error is not None:
             raise RemoteStepError("command failed on cluster %s (%s, exit code %s): %s\n%s"
                                   % (self.cluster.name, result.state.value, result.exit_code,
-                                     cmd.shown, result.stderr_tail.strip()[-4000:]))
+                                     line, result.stderr_tail.strip()[-4000:]))
         return record
 
     def _record(self, record: dict) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -30,29 +31,24 @@ LOCAL_ONLY = {"HOME", "USER", "LOGNAME", "PWD", "OLDPWD", "SHELL", "TERM", "DISP
               "SHLVL", "XDG_RUNTIME_DIR", "MAIL"}
 
 
-@dataclass
-class RemoteCommand:
-    """What the cluster runs for one ``runJob``: the job as the wire carries it (its id,
-    launcher and client are the session's to fill in) and the command line as run there,
-    for the log and provenance."""
-    spec: JobSpec
-    shown: str = ""
+@dataclass(frozen=True)
+class RunJobCall:
+    """One ``runJob`` as the protocol made it on the desktop: desktop paths, pyworkflow's
+    GPU slots. :func:`translate` turns it into the cluster's :class:`JobSpec`."""
+    program: str
+    params: object  # a string or a list, as runJob takes it
+    ranks: int = 1
+    threads: int = 1
+    gpus: Tuple[int, ...] = ()
+    env: Optional[Mapping[str, str]] = None
+    cwd: Optional[str] = None
 
-    @property
-    def ranks(self) -> int:
-        return self.spec.ranks
 
-    @property
-    def threads(self) -> int:
-        return self.spec.threads
-
-    @property
-    def gpus(self) -> List[int]:
-        return self.spec.gpus
-
-    @property
-    def cwd(self) -> str:
-        return self.spec.cwd
+def shown(spec: JobSpec) -> str:
+    """The command line of *spec* as the cluster's shell reads it (log and provenance)."""
+    if spec.argv[:2] == ["/bin/sh", "-c"] and len(spec.argv) == 3:
+        return spec.argv[2]
+    return " ".join(shlex.quote(a) for a in spec.argv)
 
 
 class PathMapper:
@@ -124,19 +120,21 @@ def remote_gpus(assigned: Sequence[int], cluster_gpus: Sequence[int]) -> List[in
     return [cluster_gpus[int(g) % len(cluster_gpus)] for g in assigned]
 
 
-def translate(program: str, params, *, ranks: int, threads: int, gpus: Sequence[int],
-              env: Optional[Mapping[str, str]], cwd: Optional[str], project_root: str,
-              mapper: PathMapper, cluster_gpus: Sequence[int] = (),
-              local_env: Mapping[str, str] = os.environ) -> RemoteCommand:
-    """The cluster's version of ``runJob(program, params, ...)``."""
-    rgpus = remote_gpus(gpus, cluster_gpus)
-    uses_placeholder = RUN_JOB_GPU_PARAM_SEARCH in str(params) or RUN_JOB_GPU_PARAM_SEARCH in program
-    line = mapper(command_line(program, params, rgpus if uses_placeholder else [], ranks))
-    sets, prepends = environment(env, local_env, mapper)
+def translate(call: RunJobCall, *, project_root: str, mapper: PathMapper,
+              cluster_gpus: Sequence[int] = (),
+              local_env: Mapping[str, str] = os.environ) -> JobSpec:
+    """The cluster's version of *call*: the job as the wire carries it (its id, launcher
+    and client are the session's to fill in)."""
+    rgpus = remote_gpus(call.gpus, cluster_gpus)
+    uses_placeholder = (RUN_JOB_GPU_PARAM_SEARCH in str(call.params) or
+                        RUN_JOB_GPU_PARAM_SEARCH in call.program)
+    line = mapper(command_line(call.program, call.params, rgpus if uses_placeholder else [],
+                               call.ranks))
+    sets, prepends = environment(call.env, local_env, mapper)
+    env = call.env
     prepend = getattr(env, "getPrepend", lambda: "")() if env is not None else ""
     if prepend:
         line = "%s %s" % (mapper(prepend), line)
-    spec = JobSpec(job_id="", argv=["/bin/sh", "-c", line], ranks=max(1, int(ranks)),
-                   threads=max(1, int(threads)), gpus=rgpus, env=sets, env_prepend=prepends,
-                   cwd=mapper.cwd(cwd, project_root))
-    return RemoteCommand(spec, shown=line)
+    return JobSpec(job_id="", argv=["/bin/sh", "-c", line], ranks=max(1, int(call.ranks)),
+                   threads=max(1, int(call.threads)), gpus=rgpus, env=sets,
+                   env_prepend=prepends, cwd=mapper.cwd(call.cwd, project_root))

@@ -4,7 +4,7 @@ import pytest
 
 from scipion_cloudexec.cluster.session import ClusterSession
 from scipion_cloudexec.remote.jobs import JobSpec
-from scipion_cloudexec.executors.translate import PathMapper
+from scipion_cloudexec.executors.translate import PathMapper, RunJobCall
 
 
 @pytest.mark.parametrize("field,value,named", [
@@ -200,9 +200,9 @@ def test_inputs_outside_the_project_are_named_by_their_staged_copy(private_clust
             line = "cat %s %s/b.txt %s > extra/out.txt" % tuple(
                 shlex.quote(p) for p in (str(ext / "gain.mrc"), str(ext / "stack"),
                                          str(shared / "ref.txt")))
-            record = runner.run_job("/bin/sh", "-c %s" % shlex.quote(line), ranks=1, threads=1,
-                                    gpus=[], env=None, cwd=str(run_dir), step_id=1,
-                                    job_id=run.job_id(1), label="external", say=lambda s: None)
+            call = RunJobCall("/bin/sh", "-c %s" % shlex.quote(line), cwd=str(run_dir))
+            record = runner.run_job(call, step_id=1, job_id=run.job_id(1), label="external",
+                                    say=lambda s: None)
         finally:
             runner.close()
         assert record["state"] == "done", record
