@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from dataclasses import replace
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from .. import runrecords
 from ..cluster.agent_client import JobFuture
