@@ -10,34 +10,64 @@ import time
 import pytest
 
 from scipion_cloudexec.cluster.agent_client import AgentClient
-from scipion_cloudexec.cluster.errors import JobFailed
+from scipion_cloudexec.cluster.errors import JobCancelled, JobFailed, RequestRefused
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.remote.jobs import JobSpec, LauncherSpec
 from scipion_cloudexec.remote.server import Agent
 
 
+class InProcess:
+    """Agents on threads of this process, each on a workdir; clients connected straight to
+    their port (what the SSH forward gives the real path)."""
+
+    def __init__(self):
+        self.agents = []
+        self.clients = []
+
+    def start(self, workdir: str):
+        agent = Agent(workdir, idle_timeout=60.0, heartbeat=0.5)
+        # serve() binds on its own thread: the journal's sqlite connection belongs to it
+        thread = threading.Thread(target=agent.serve, name="agent-in-process", daemon=True)
+        state_path = os.path.join(workdir, "agent", "agent.json")
+        if os.path.exists(state_path):
+            os.unlink(state_path)  # the previous agent's: wait for this one's
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not os.path.exists(state_path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open(state_path) as f:
+            state = json.load(f)
+        cluster = ClusterConfig(name="inproc", host="127.0.0.1", user="u", identity_file="",
+                                python=sys.executable, launcher="local", slots=2,
+                                workdir=workdir, heartbeat=0.5)
+        c = AgentClient(cluster, client_name="test")
+        c.connect(state, address="tcp://127.0.0.1:%d" % state["port"])
+        self.agents.append((agent, thread))
+        self.clients.append(c)
+        return c
+
+    def stop_agent(self, index: int = -1) -> None:
+        agent, thread = self.agents[index]
+        agent.running = False
+        thread.join(10)
+
+    def close(self):
+        for c in self.clients:
+            c.close()
+        for i in range(len(self.agents)):
+            self.stop_agent(i)
+
+
 @pytest.fixture
-def client(tmp_path):
-    workdir = str(tmp_path / "work")
-    agent = Agent(workdir, idle_timeout=60.0, heartbeat=0.5)
-    # serve() binds on its own thread: the journal's sqlite connection belongs to it
-    thread = threading.Thread(target=agent.serve, name="agent-in-process", daemon=True)
-    thread.start()
-    state_path = os.path.join(workdir, "agent", "agent.json")
-    deadline = time.monotonic() + 10
-    while not os.path.exists(state_path) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    with open(state_path) as f:
-        state = json.load(f)
-    cluster = ClusterConfig(name="inproc", host="127.0.0.1", user="u", identity_file="",
-                            python=sys.executable, launcher="local", slots=2, workdir=workdir,
-                            heartbeat=0.5)
-    c = AgentClient(cluster, client_name="test")
-    c.connect(state, address="tcp://127.0.0.1:%d" % state["port"])
-    yield c
-    c.close()
-    agent.running = False
-    thread.join(10)
+def inproc():
+    ip = InProcess()
+    yield ip
+    ip.close()
+
+
+@pytest.fixture
+def client(inproc, tmp_path):
+    return inproc.start(str(tmp_path / "work"))
 
 
 def spec(job_id: str, shell: str, ranks: int = 1) -> JobSpec:
@@ -61,3 +91,42 @@ def test_a_failed_job_and_a_resubmit_that_attaches(client):
         again.result(30)
     assert again.existed and "oops" in e.value.result.stderr_tail
     assert [j["job_id"] for j in client.jobs()] == ["j-2"]
+
+
+def test_an_unknown_job_is_refused_and_a_bad_spec_never_leaves(client):
+    with pytest.raises(RequestRefused, match="no job nope"):
+        client.attach("nope").result(10)
+    with pytest.raises(ValueError, match="job_id"):
+        client.submit(spec("../../etc", "true"))
+    assert client.jobs() == []
+
+
+def test_cancel_ends_the_job_and_its_processes(client, tmp_path):
+    pid_file = tmp_path / "pid"
+    fut = client.submit(spec("j-3", "echo $$ > %s; exec sleep 120" % pid_file))
+    deadline = time.monotonic() + 20
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    assert client.cancel("j-3") in ("running", "cancelled")
+    with pytest.raises(JobCancelled):
+        fut.result(30)
+    deadline = time.monotonic() + 15
+    while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists("/proc/%d" % pid), "the job's process survived its cancel"
+
+
+def test_a_new_agent_on_the_workdir_adopts_a_running_job(inproc, tmp_path):
+    workdir = str(tmp_path / "work")
+    first = inproc.start(workdir)
+    go = tmp_path / "go"
+    first.submit(spec("j-4", "while [ ! -e %s ]; do sleep 0.05; done; echo finished" % go))
+    time.sleep(0.5)
+    inproc.stop_agent()  # the agent ends; its job does not
+    second = inproc.start(workdir)
+    out = bytearray()
+    fut = second.attach("j-4", on_output=lambda stream, data: out.extend(data))
+    go.write_text("")
+    assert fut.result(30).exit_code == 0
+    assert b"finished" in bytes(out)
