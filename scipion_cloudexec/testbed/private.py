@@ -10,6 +10,7 @@ Needs root, ``ip netns``, ``unshare`` and ``nsenter``. Every process is stopped 
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shlex
@@ -18,7 +19,7 @@ import signal
 import socket
 import subprocess
 import time
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .local import SSHD, SSHD_CONFIG, LocalTestbed, TestbedError, _read_pid, _stop_pid
 
@@ -33,6 +34,30 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def lease_name(root: str, prefix: str, count: int = 9) -> Tuple[str, Callable[[], None]]:
+    """A host name ``<prefix>1`` .. ``<prefix><count>`` that no live process holds, and the
+    function that frees it. Test sessions running at once (CI, a developer, helpers) each
+    get their own host: ``PrivateHost.up`` clears a host of that name first."""
+    folder = os.path.join(root, "private-leases")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for i in range(1, count + 1):
+            path = os.path.join(folder, "%s%d" % (prefix, i))
+            holder = _read_pid(path)  # None when absent or its process is gone
+            if holder is not None and holder != os.getpid():
+                continue
+            with open(path, "w") as f:
+                f.write(str(os.getpid()))
+
+            def release(path: str = path) -> None:
+                if _read_pid(path) == os.getpid():
+                    os.unlink(path)
+            return "%s%d" % (prefix, i), release
+    raise TestbedError("all %d private hosts %s1..%s%d are held by running sessions (%s)"
+                       % (count, prefix, prefix, count, folder))
 
 
 class PrivateHost:

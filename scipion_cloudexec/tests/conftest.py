@@ -197,14 +197,25 @@ def private_host(testbed, tmp_path_factory):
     reason = PrivateHost.unavailable()
     if reason:
         pytest.skip(reason)
-    host = PrivateHost(testbed, "p1", hide=[str(tmp_path_factory.getbasetemp())])
+    yield from leased_private_host(testbed, "p", hide=[str(tmp_path_factory.getbasetemp())])
+
+
+def leased_private_host(testbed, prefix: str, **kw):
+    """A ``PrivateHost`` named ``<prefix>N`` that no other running test session holds (each
+    hides its own pytest folder), up for the caller's scope, then down and freed."""
+    from scipion_cloudexec.testbed.private import PrivateHost, lease_name
+    name, release = lease_name(testbed.root, prefix)
+    host = PrivateHost(testbed, name, **kw)
     try:
-        host.up()
-    except Exception as e:
+        try:
+            host.up()
+        except Exception as e:
+            host.down()
+            pytest.fail("the private host %s did not come up: %s" % (name, e))
+        yield host
         host.down()
-        pytest.fail("the private host did not come up: %s" % e)
-    yield host
-    host.down()
+    finally:
+        release()
 
 
 @pytest.fixture

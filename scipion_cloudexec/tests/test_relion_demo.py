@@ -10,7 +10,7 @@ import pytest
 
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.demo import relion, synthetic
-from scipion_cloudexec.tests.conftest import _stop_agent
+from scipion_cloudexec.tests.conftest import _stop_agent, leased_private_host
 from scipion_cloudexec.tests.test_executor import logs, provenance, wait_done
 
 PARTICLES, CLASSES, ITERATIONS, RANKS = 120, 3, 3, 2
@@ -24,15 +24,8 @@ def relion_host(testbed, tmp_path_factory):
     why = relion.unavailable() or PrivateHost.unavailable()
     if why:
         pytest.skip(why)
-    host = PrivateHost(testbed, "r1", hide=[str(tmp_path_factory.getbasetemp())],
-                       bridge="cxrbr0", net="10.84.0")
-    try:
-        host.up()
-    except Exception as e:
-        host.down()
-        pytest.fail("the private host did not come up: %s" % e)
-    yield host
-    host.down()
+    yield from leased_private_host(testbed, "r", hide=[str(tmp_path_factory.getbasetemp())],
+                                   bridge="cxrbr0", net="10.84.0")
 
 
 @pytest.fixture
