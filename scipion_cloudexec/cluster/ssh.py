@@ -2,6 +2,9 @@
 
 An unknown host key is refused with its fingerprint and the exact known_hosts line to add
 once checked; a changed key is refused as a possible attack. Nothing is accepted silently.
+
+Over 400 lines: the connection and its port forward share paramiko's transport and its
+threading rules; apart, each would re-explain the other.
 """
 from __future__ import annotations
 
@@ -167,6 +170,10 @@ class SSHConnection:
                                                                         e.strerror or e)) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = paramiko.Transport(sock)
+        # paramiko's own defaults (15 s banner and handshake, 30 s auth) would let a link
+        # that dies after the TCP connect hold a reconnect well past connect_timeout
+        transport.banner_timeout = transport.handshake_timeout = t.connect_timeout
+        transport.auth_timeout = t.connect_timeout
         opts = transport.get_security_options()
         opts.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in opts.ciphers) + tuple(
             c for c in opts.ciphers if c not in PREFERRED_CIPHERS)
@@ -180,6 +187,13 @@ class SSHConnection:
             transport.close()
             raise HostUnreachable("%s:%d answered but the SSH handshake failed: %s"
                                   % (t.host, t.port, e)) from None
+        if not transport.is_active() or not transport.initial_kex_done:
+            # start_client returns quietly when its time is up, handshake or not
+            transport.close()
+            raise HostUnreachable("%s:%d accepted the connection but did not complete the SSH "
+                                  "handshake within %.0f s (connect_timeout): is it an SSH "
+                                  "server, and is the link to it up?"
+                                  % (t.host, t.port, t.connect_timeout))
         try:
             self._check_host_key(transport.get_remote_server_key(), known)
             self._authenticate(transport)

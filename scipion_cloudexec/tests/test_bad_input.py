@@ -83,6 +83,41 @@ def test_a_damaged_bundle_on_the_cluster_is_replaced_not_run(make_cluster, tmp_p
         assert f.read() == bundle.build()[0], "uploaded again"
 
 
+@pytest.mark.parametrize("says", [b"", b"SSH-2.0-OpenSSH_9.2\r\n"],
+                         ids=["silent", "banner-then-silent"])
+def test_a_port_that_accepts_but_never_completes_ssh_is_unreachable_after_connect_timeout(
+        testbed, says):
+    """A link that dies after the TCP connect, or a port that is not SSH: paramiko's
+    start_client returned quietly when its time was up, and the next call raised a bare
+    'No existing session' (and its banner/auth waits were 15-30 s, not connect_timeout)."""
+    import socket
+    import threading
+    from scipion_cloudexec.cluster.ssh import HostUnreachable, SSHConnection, Target
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    held = []
+
+    def answer():
+        conn, _ = server.accept()
+        held.append(conn)
+        conn.sendall(says)  # then nothing more
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    try:
+        with pytest.raises(HostUnreachable) as e:
+            SSHConnection(Target("127.0.0.1", port, testbed.user, testbed.client_key,
+                                 "/nonexistent/known_hosts", connect_timeout=1.0)).connect()
+        assert "127.0.0.1:%d" % port in str(e.value)
+        assert "did not complete the SSH handshake within 1 s" in str(e.value)
+    finally:
+        thread.join(5)
+        for c in held:
+            c.close()
+        server.close()
+
+
 def test_an_unreachable_cluster_fails_the_step_at_once_with_its_name_and_the_fix(
         make_cluster, clusters_env, new_project):
     import socket
