@@ -25,6 +25,14 @@ from scipion_cloudexec.testbed import LocalTestbed, TestbedError
 PYTHON = sys.executable
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Mark ``bed`` every test that needs the test bed (sshd, SLURM, namespaces), through
+    any of its fixtures: ``-m "not bed"`` is the logic alone, in seconds."""
+    for item in items:
+        if "testbed" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.bed)
+
+
 @pytest.fixture(scope="session")
 def testbed() -> Iterator[LocalTestbed]:
     root = os.environ.get("CLOUDEXEC_TESTBED") or "/tmp/cloudexec-testbed"

@@ -132,6 +132,7 @@ def assert_received(results: dict, names=None) -> None:
             assert rest == TRAILER, "%s left the stream out of step" % name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [6 * MB, 1 * MB], ids=["large", "small"])
 def test_same_content_uploaded_by_four_at_once(tmp_path, size, reliability):
     assert (size > SMALL) == (size == 6 * MB)
@@ -170,6 +171,7 @@ def test_present_never_deletes_what_others_publish(tmp_path, size):
         assert_received(got)
 
 
+@pytest.mark.slow
 def test_resumed_upload_racing_a_fresh_one(tmp_path):
     """An upload cut at 2 MB; then a resume (told offset 2 MB) and an upload from 0 at
     once; and a second resume (the first one's client retrying, say) with them, a moment
@@ -206,6 +208,7 @@ def test_resumed_upload_racing_a_fresh_one(tmp_path):
     print("resumes: %s" % sorted(outcomes.items(), key=str))
 
 
+@pytest.mark.slow
 def test_partial_size_waits_for_a_writer_only_while_it_may_give_up(tmp_path):
     """A check (partial_size) while another server has the partial file: a live upload is
     not waited for beyond GRACE (0: not resumable now); a server whose client died (it

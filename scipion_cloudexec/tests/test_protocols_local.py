@@ -24,6 +24,8 @@ from pyworkflow.project import Manager, Project
 from scipion_cloudexec.programs import powerspectrum, read_mrc
 from scipion_cloudexec.tests.datagen import write_micrographs
 
+pytestmark = pytest.mark.slow  # real protocol processes (mpirun): seconds each
+
 N_MICS = 4
 SHAPE = (256, 256)
 BOX = 128

@@ -95,6 +95,7 @@ def test_relion_2d_on_a_private_host_matches_a_local_run(relion_cluster, relion_
 
 
 @pytest.mark.slow
+@pytest.mark.bed  # the demo starts its own host and sshd
 def test_the_demo_runs_end_to_end_and_stops_what_it_started(tmp_path):
     """The README's first command, small: exit 0, the steps ran on the demo's host, the PNG
     is written beside the project, and neither the host nor its namespace is left."""
