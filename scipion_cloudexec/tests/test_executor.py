@@ -5,6 +5,7 @@ import os
 import pytest
 
 from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
+from scipion_cloudexec.tests.harness import assert_same_run
 
 
 def launch(project, prot, cluster=None, wait=True, **queue_params):
@@ -13,6 +14,16 @@ def launch(project, prot, cluster=None, wait=True, **queue_params):
         prot.setQueueParams([cluster.name, dict(QUEUE_FOR_JOBS="Y", **queue_params)])
     project.launchProtocol(prot, wait=wait)
     return project.getProtocol(prot.getObjId())
+
+
+def local_twin(project, prot):
+    """The same protocol (a copy of its form) run locally, for assert_same_run."""
+    twin = project.copyProtocol(prot)
+    twin.setObjLabel("local twin of %s" % prot.getObjLabel())
+    twin._useQueue.set(False)
+    twin = launch(project, twin)
+    assert twin.isFinished(), logs(twin)
+    return twin
 
 
 def wait_done(project, prot, timeout=180):
@@ -257,6 +268,7 @@ def test_killed_protocol_continues_without_running_any_job_twice(make_cluster, c
         with ClusterSession(cluster) as client:
             jobs += client.jobs()
     assert len(jobs) == 3, [j["job_id"] for j in jobs]
+    assert_same_run(local_twin(project, prot), prot)
     reliability(fault="desktop protocol process SIGKILL (%d cluster%s)"
                 % (n_clusters, "s" if n_clusters > 1 else ""), when="mid-job",
                 seen="the protocol shows failed; Continue attaches to the running job ('had "
@@ -345,6 +357,7 @@ def test_jobs_are_shared_between_clusters_by_capacity(make_cluster, clusters_env
     assert len(where) == 16 and where.count(big.name) > where.count(small.name) > 0, where
     for i in range(16):
         assert open(os.path.join(prot._getExtraPath(), "out_%d.txt" % i)).read() == "%d\n" % i
+    assert_same_run(local_twin(project, prot), prot)
 
 
 @pytest.mark.slow
@@ -376,6 +389,7 @@ def test_losing_a_cluster_mid_protocol_moves_its_jobs(make_cluster, clusters_env
     records = provenance(prot)
     assert len(records) == 12 and len({r["step"] for r in records}) == 12
     assert any(r["cluster"] == other.name for r in records)
+    assert_same_run(local_twin(project, prot), prot)
 
 
 def test_two_protocols_at_once_on_shared_clusters(make_cluster, clusters_env, new_project):
@@ -400,6 +414,7 @@ def test_two_protocols_at_once_on_shared_clusters(make_cluster, clusters_env, ne
         records = provenance(prot)
         assert len(records) == 6
         assert all("-%d-" % prot.getObjId() in r["job_id"] for r in records), "its own jobs only"
+        assert_same_run(local_twin(project, prot), prot)
 
 
 def test_a_queue_naming_no_cluster_fails_the_step_with_the_fix(make_cluster, clusters_env,
