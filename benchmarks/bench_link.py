@@ -230,12 +230,13 @@ def main():
     p.add_argument("--contenders", default="ours,rsync,scp,ssh cat x4",
                    help="which run in (1), comma-separated (ours and rsync at least)")
     p.add_argument("--no-small", action="store_true", help="skip (3) and (4)")
+    p.add_argument("--small-only", action="store_true", help="only (3) and (4)")
     p.add_argument("--ours-streams", default="auto", help="the cluster key streams for ours")
     a = p.parse_args()
     big_mb = a.big_mb or (500.0 if a.full else 100.0)
     small_n = a.small or (10000 if a.full else 2000)
-    rtts = [float(x) for x in a.rtts.split(",")]
-    streams = [int(x) for x in a.streams.split(",") if x]
+    rtts = [] if a.small_only else [float(x) for x in a.rtts.split(",") if x]
+    streams = [] if a.small_only else [int(x) for x in a.streams.split(",") if x]
     rate_mb = a.rate_mbit / 8
 
     from scipion_cloudexec.config import load_clusters
@@ -260,7 +261,9 @@ def main():
         os.makedirs(remote)
         big = os.path.join(data, "big")
         small = os.path.join(data, "small")
-        if not os.path.isdir(big) or len(os.listdir(big)) != 4 or \
+        if a.small_only:
+            os.makedirs(big, exist_ok=True)
+        elif not os.path.isdir(big) or len(os.listdir(big)) != 4 or \
                 os.path.getsize(os.path.join(big, "f000000.mrc")) != int(big_mb * 1e6):
             shutil.rmtree(big, ignore_errors=True)
             make_files(big, 4, int(big_mb * 1e6))
@@ -372,22 +375,23 @@ def main():
         print("proxy CPU during (1): %.0f s over %.0f s (%.0f%% of one core), %.2f s per GB"
               % (cpu, wall, 100 * cpu / wall, cpu / (nbytes / 1e9)))
     mb = big_bytes / 1e6
-    who_big = a.contenders.split(",")
+    who_big = a.contenders.split(",") if rtts else []
     speed = {w: {rtt: mb / med(T[("big", w, rtt)]) for rtt in rtts} for w in who_big}
-    print("\n(1) 4 files, %.0f MB in all, %.0f Mbit/s: MB/s, median of %d [min-max seconds]"
-          % (mb, a.rate_mbit, a.rounds))
-    cat = "ssh cat x4" in who_big
-    print("| RTT | " + " | ".join(who_big) + " | ours / rsync |" + (" ssh cat x4 / rsync |"
-                                                                   if cat else ""))
-    print("|---" * (len(who_big) + 2 + cat) + "|")
-    for rtt in rtts:
-        cells = []
-        for w in who_big:
-            v = T[("big", w, rtt)]
-            cells.append("%.0f [%.1f-%.1f s]" % (speed[w][rtt], min(v), max(v)))
-        print("| %g ms | %s | %.2fx |" % (
-            rtt, " | ".join(cells), speed["ours"][rtt] / speed["rsync"][rtt])
-            + (" %.2fx |" % (speed["ssh cat x4"][rtt] / speed["rsync"][rtt]) if cat else ""))
+    if rtts:
+        print("\n(1) 4 files, %.0f MB in all, %.0f Mbit/s: MB/s, median of %d [min-max seconds]"
+              % (mb, a.rate_mbit, a.rounds))
+        cat = "ssh cat x4" in who_big
+        print("| RTT | " + " | ".join(who_big) + " | ours / rsync |" + (" ssh cat x4 / rsync |"
+                                                                       if cat else ""))
+        print("|---" * (len(who_big) + 2 + cat) + "|")
+        for rtt in rtts:
+            cells = []
+            for w in who_big:
+                v = T[("big", w, rtt)]
+                cells.append("%.0f [%.1f-%.1f s]" % (speed[w][rtt], min(v), max(v)))
+            print("| %g ms | %s | %.2fx |" % (
+                rtt, " | ".join(cells), speed["ours"][rtt] / speed["rsync"][rtt])
+                + (" %.2fx |" % (speed["ssh cat x4"][rtt] / speed["rsync"][rtt]) if cat else ""))
     if streams:
         print("\n(2) N `ssh cat` streams, same set, RTT %g ms: MB/s, median of %d"
               % (a.streams_rtt, a.rounds))
@@ -412,7 +416,7 @@ def main():
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "calibration": cal,
                        "times": {"|".join(map(str, k)): v for k, v in T.items()}}, f, indent=1)
-    if a.plot:
+    if a.plot and rtts:
         try:
             plot(a.plot, rtts, speed, rate_mb, "4 files, %.0f MB, %.0f Mbit/s link model, "
                  "median of %d (benchmarks/bench_link.py)" % (mb, a.rate_mbit, a.rounds))

@@ -1,0 +1,228 @@
+"""Small files over several OpenSSH streams at once (issue 13: one SSH channel moves at
+most its 2 MB window per round trip, and one cluster process verifies and writes file
+after file).
+
+::
+
+    stager (main thread)                         the pool's streams, each a staging server
+      walk + hash, StageIn(check) per batch ---> (control stream: links what the cache has)
+      what the checks say missing, in
+      requests of SUB_FILES / SUB_BYTES -------> N workers, each on its own stream:
+                                                   StageIn(files) -> missing, resume offsets
+                                                   the contents   -> verified, published
+                                                   (the next request goes before this
+                                                   one's report is read: one ahead)
+                                                 <- report: linked, bad, errors
+
+Every request is the ordinary :class:`StageIn` (the wire does not change): the cluster
+verifies each file's hash, publishes atomically, resumes a partial upload from its offset
+and links only what it verified. A cut stream stops every worker after its request; what
+was published stays in the cache and the next staging's check links it, so staging again
+sends only what is missing.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, List, Optional, Tuple
+
+from ..remote.stage_protocol import StageIn
+from .channels import NO_BUNDLE, NoBundle, ServerChannel
+from .errors import LinkLost, NoSpace, StagingError, VersionMismatch
+from .streams import StreamPool
+
+SUB_FILES = 256  # files per request on a stream
+SUB_BYTES = 16 << 20  # and bytes: long enough to keep a stream busy between its answers
+START_AT = 64 << 20  # new content from which a staging sends its small files this way
+
+Entry = tuple  # (mirror path, local path, size, sha256[, base])
+#: (entries, first answer, report) of each request served
+Result = Tuple[List[Entry], dict, dict]
+
+
+class BatchUploader:
+    """Requests of small files sent side by side over the streams of *pool*.
+
+    Args:
+        pool: the stager's :class:`StreamPool` (its streams are this uploader's until
+            :meth:`finish` returns).
+        request: builds the StageIn of a list of entries.
+        send_file: ``send_file(ch, local, size, offset, tick)``.
+        tick: called with the bytes sent (from several threads, serialized here).
+        streams: how many streams to use.
+    """
+
+    _STOP = object()
+
+    def __init__(self, pool: StreamPool, request: Callable[[List[Entry]], StageIn],
+                 send_file: Callable[..., None], tick: Callable[[int], None], streams: int):
+        self.pool = pool
+        self._request = request
+        self._send_file = send_file
+        self._lock = threading.Lock()
+        self._tick = tick
+        self._work: "queue.Queue" = queue.Queue()
+        self._pending: List[Entry] = []
+        self._pending_bytes = 0
+        self.planned = 0  # bytes put, for progress
+        self.results: List[Result] = []
+        self.failed: List[BaseException] = []
+        self.refused = False  # a stream's ssh never reached the server (not the link)
+        self._flushed: List[List[Entry]] = []
+        self.count = max(1, streams)
+        for i in range(self.count):  # logins start now, while the checks travel
+            pool._chan(i)
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True,
+                                          name="cloudexec-batch-%d" % i)
+                         for i in range(self.count)]
+        for t in self._threads:
+            t.start()
+
+    # ---- the caller's side --------------------------------------------------------------
+
+    def put(self, entries: List[Entry]) -> None:
+        """Queue *entries* (their check said missing); sent as soon as a stream is free.
+
+        Raises:
+            the first failure of a stream (the staging stops there).
+        """
+        self._raise()
+        for e in entries:
+            self.planned += e[2]
+            self._pending.append(e)
+            self._pending_bytes += e[2]
+            if len(self._pending) >= SUB_FILES or self._pending_bytes >= SUB_BYTES:
+                self._flush()
+        if self._work.unfinished_tasks == 0:
+            self._flush()  # streams idle: don't wait for a full request
+
+    def abort(self) -> None:
+        """Stop: what is queued is not sent; waits for the workers (no error raised)."""
+        self.failed.append(LinkLost("staging stopped"))
+        self._pending = []
+        try:
+            self.finish(fallback=True)
+        except Exception:  # noqa: BLE001 - the caller is already raising its own error
+            pass
+
+    def finish(self, fallback: bool = False) -> Tuple[List[Result], List[Entry]]:
+        """Send what is left, wait for every answer and stop the workers. Returns the
+        results and, with *fallback* when OpenSSH could not reach the server at all, the
+        entries not sent (for the caller's other carrier).
+
+        Raises:
+            LinkLost: a stream broke (what the cluster verified stays: stage again);
+            NoSpace, StagingError: the cluster refused a request.
+        """
+        self._flush()
+        for _t in self._threads:
+            self._work.put(self._STOP)
+        for t in self._threads:
+            t.join()
+        if fallback and self.refused:
+            done = {id(item) for item, _a, _r in self.results}
+            return self.results, [e for item in self._flushed if id(item) not in done
+                                  for e in item]
+        self._raise()
+        return self.results, []
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._flushed.append(self._pending)
+            self._work.put(self._pending)
+            self._pending, self._pending_bytes = [], 0
+
+    def _raise(self) -> None:
+        if self.failed:
+            e = self.failed[0]
+            if isinstance(e, (StagingError, VersionMismatch)):  # LinkLost, NoSpace too
+                raise e
+            raise LinkLost("connection to %s lost during the upload (%s); what arrived is "
+                           "kept: stage again to resume" % (self.pool.cluster.name, e))
+
+    # ---- one worker per stream ----------------------------------------------------------
+
+    def _next(self, block: bool) -> Optional[List[Entry]]:
+        """The next request's entries; None when there is none now (or STOP, which
+        is put back for the blocking get that ends the loop)."""
+        try:
+            item = self._work.get(block)
+        except queue.Empty:
+            return None
+        if item is self._STOP:
+            if not block:
+                self._work.task_done()
+                self._work.put(item)
+            return None
+        return item
+
+    def _run(self, i: int) -> None:
+        while True:
+            item = self._next(block=True)
+            if item is None:
+                self._work.task_done()
+                return
+            if self.failed:  # another stream broke: drain the queue, send nothing
+                self._work.task_done()
+                continue
+            try:
+                self._serve(i, item)
+            except BaseException as e:  # noqa: B902 - handed to the caller
+                ch = self.pool.channels[i] if i < len(self.pool.channels) else None
+                if ch is not None and not ch._greeted and not isinstance(e, VersionMismatch):
+                    self.refused = True
+                self.failed.append(e)
+                if i < len(self.pool.channels):
+                    self.pool.channels[i].close()  # out of step: a new one next time
+
+    def _serve(self, i: int, item: List[Entry]) -> None:
+        """Send *item*, then the requests queued meanwhile, each one before the report of
+        the one before is read. Every item taken is marked done, sent or not."""
+        held = [item]  # taken from the queue, not yet marked done
+        try:
+            ch, answer = self._open(i, item)
+            while True:
+                self._send(ch, item, answer)
+                nxt = self._next(block=False) if not self.failed else None
+                if nxt is not None:
+                    held.append(nxt)
+                    ch.send(self._request(nxt))
+                self.results.append((item, answer, ch.line()))
+                held.remove(item)
+                self._work.task_done()
+                if nxt is None:
+                    return
+                item, answer = nxt, self._answer(ch)
+        finally:
+            for _ in held:
+                self._work.task_done()
+
+    def _open(self, i: int, item: List[Entry]) -> Tuple[ServerChannel, dict]:
+        """Stream *i* with *item*'s request sent and its first answer read. A stream
+        started before the bundle was uploaded exited for want of it: started again."""
+        for attempt in range(2):
+            ch = self.pool._chan(i)
+            try:
+                ch.send(self._request(item))
+                return ch, self._answer(ch)
+            except (NoBundle, OSError, EOFError, LinkLost):
+                if attempt or ch._greeted or ch.exit_status() != NO_BUNDLE:
+                    raise
+                ch.close()  # the bundle is there now: the caller's check answered
+        raise AssertionError("unreachable")
+
+    def _answer(self, ch: ServerChannel) -> dict:
+        answer = ch.line()
+        if answer.get("error") == "nospace":
+            raise NoSpace(self.pool.cluster.name, answer["needed"], answer["free"])
+        return answer
+
+    def _send(self, ch: ServerChannel, item: List[Entry], answer: dict) -> None:
+        local_of = {e[3]: (e[1], e[2]) for e in item}
+        for sha, offset in answer["missing"]:
+            local, size = local_of[sha]
+            self._send_file(ch, local, size, offset, self._counted)
+
+    def _counted(self, n: int) -> None:
+        with self._lock:
+            self._tick(n)
