@@ -50,12 +50,15 @@ class BatchUploader:
         send_file: ``send_file(ch, local, size, offset, tick)``.
         tick: called with the bytes sent (from several threads, serialized here).
         streams: how many streams to use.
+        fallback: when OpenSSH cannot reach the server at all, hand back what was not sent
+            (``auto`` mode) instead of failing.
     """
 
     _STOP = object()
 
     def __init__(self, pool: StreamPool, request: Callable[[List[Entry]], StageIn],
-                 send_file: Callable[..., None], tick: Callable[[int], None], streams: int):
+                 send_file: Callable[..., None], tick: Callable[[int], None], streams: int,
+                 fallback: bool = False):
         self.pool = pool
         self._request = request
         self._send_file = send_file
@@ -68,6 +71,7 @@ class BatchUploader:
         self.results: List[Result] = []
         self.failed: List[BaseException] = []
         self.refused = False  # a stream's ssh never reached the server (not the link)
+        self.fallback = fallback
         self._flushed: List[List[Entry]] = []
         self.count = max(1, streams)
         for i in range(self.count):  # logins start now, while the checks travel
@@ -86,7 +90,8 @@ class BatchUploader:
         Raises:
             the first failure of a stream (the staging stops there).
         """
-        self._raise()
+        if not (self.refused and self.fallback):  # else: handed back by finish()
+            self._raise()
         for e in entries:
             self.planned += e[2]
             self._pending.append(e)
@@ -100,14 +105,15 @@ class BatchUploader:
         """Stop: what is queued is not sent; waits for the workers (no error raised)."""
         self.failed.append(LinkLost("staging stopped"))
         self._pending = []
+        self.fallback = True  # nothing raised here
         try:
-            self.finish(fallback=True)
+            self.finish()
         except Exception:  # noqa: BLE001 - the caller is already raising its own error
             pass
 
-    def finish(self, fallback: bool = False) -> Tuple[List[Result], List[Entry]]:
+    def finish(self) -> Tuple[List[Result], List[Entry]]:
         """Send what is left, wait for every answer and stop the workers. Returns the
-        results and, with *fallback* when OpenSSH could not reach the server at all, the
+        results and, with ``fallback`` when OpenSSH could not reach the server at all, the
         entries not sent (for the caller's other carrier).
 
         Raises:
@@ -119,7 +125,7 @@ class BatchUploader:
             self._work.put(self._STOP)
         for t in self._threads:
             t.join()
-        if fallback and self.refused:
+        if self.fallback and self.refused:
             done = {id(item) for item, _a, _r in self.results}
             return self.results, [e for item in self._flushed if id(item) not in done
                                   for e in item]
@@ -205,9 +211,12 @@ class BatchUploader:
             try:
                 ch.send(self._request(item))
                 return ch, self._answer(ch)
-            except (NoBundle, OSError, EOFError, LinkLost):
-                if attempt or ch._greeted or ch.exit_status() != NO_BUNDLE:
+            except (NoBundle, OSError, EOFError, LinkLost) as e:
+                if ch._greeted:
                     raise
+                if attempt or ch.exit_status() != NO_BUNDLE:  # its own words say why
+                    raise LinkLost("the staging server on %s did not start (%s): %s" % (
+                        self.pool.cluster.name, ch.kind, ch.stderr() or e)) from None
                 ch.close()  # the bundle is there now: the caller's check answered
         raise AssertionError("unreachable")
 

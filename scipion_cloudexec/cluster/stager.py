@@ -349,7 +349,8 @@ class Stager(Gathering):
             _tick(progress, report, n, base + up[0].planned, 0, report.files)
         up.append(BatchUploader(self._pool, lambda entries: self._upload_request(project,
                                                                                  entries),
-                                self._send_file, tick, self._pool.count))
+                                self._send_file, tick, self._pool.count,
+                                fallback=self.cluster.transfer == "auto"))
         return up[0]
 
     def _settle(self, up: Optional[BatchUploader], report: StageReport, problems: List[str],
@@ -359,8 +360,8 @@ class Stager(Gathering):
         for the control stream (said once, like the bulk stream's fallback)."""
         if up is None:
             return None
-        results, unsent = up.finish(fallback=self.cluster.transfer == "auto")
-        if unsent or up.refused and self.cluster.transfer == "auto":
+        results, unsent = up.finish()
+        if up.refused and up.fallback:
             log.warning("OpenSSH transfers to %s unavailable, using paramiko: %s",
                         self.cluster.name, up.failed[0] if up.failed else "")
             self._bulk_refused = True
