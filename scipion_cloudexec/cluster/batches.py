@@ -22,14 +22,19 @@ sends only what is missing.
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from typing import Callable, List, Optional, Tuple
 
+from ..config import ClusterConfig
 from ..remote.stage_protocol import StageIn
 from .channels import NO_BUNDLE, NoBundle, ServerChannel
 from .errors import LinkLost, NoSpace, StagingError, VersionMismatch
-from .streams import StreamPool
+from .local_files import Progress, StageReport, _tick
+from .streams import StreamPool, fixed_streams
+
+log = logging.getLogger("scipion_cloudexec.cluster.stager")  # said as the stager's
 
 SUB_FILES = 256  # files per request on a stream
 SUB_BYTES = 16 << 20  # and bytes: long enough to keep a stream busy between its answers
@@ -235,3 +240,50 @@ class BatchUploader:
     def _counted(self, n: int) -> None:
         with self._lock:
             self._tick(n)
+
+
+class SmallFilesOverStreams:
+    """The :class:`~.stager.Stager`'s side of the uploader (a mixin: it uses the stager's
+    ``cluster``, ``_pool``, ``_bulk_refused``, ``_send_file``, ``_upload_request`` and
+    ``_reported``)."""
+
+    cluster: ClusterConfig
+    _pool: Optional[StreamPool]
+    _bulk_refused: bool
+
+    def _parallel_ok(self) -> bool:
+        """Whether several OpenSSH streams may be used (not refused, not ``streams = 1``)."""
+        return not self._bulk_refused and fixed_streams(self.cluster) != 1
+
+    def _uploader(self, project: str, report: StageReport,
+                  progress: Optional[Progress]) -> BatchUploader:
+        """An uploader on the pool's streams (their logins start now)."""
+        if self._pool is None:
+            self._pool = StreamPool(self.cluster, self._send_file)
+        base, up = report.bytes_sent, []
+
+        def tick(n: int) -> None:  # serialized by the uploader; the total grows with checks
+            _tick(progress, report, n, base + up[0].planned, 0, report.files)
+        up.append(BatchUploader(self._pool, lambda entries: self._upload_request(project,
+                                                                                 entries),
+                                self._send_file, tick, self._pool.count,
+                                fallback=self.cluster.transfer == "auto"))
+        return up[0]
+
+    def _settle(self, up: Optional[BatchUploader], report: StageReport, problems: List[str],
+                to_send: List[Tuple[str, str, int, str]]) -> None:
+        """Wait for every request of *up*, count what its reports say. When OpenSSH could
+        not reach the server in ``auto`` mode, what it did not send goes into *to_send*
+        for the control stream (said once, like the bulk stream's fallback)."""
+        if up is None:
+            return None
+        results, unsent = up.finish()
+        if up.refused and up.fallback:
+            log.warning("OpenSSH transfers to %s unavailable, using paramiko: %s",
+                        self.cluster.name, up.failed[0] if up.failed else "")
+            self._bulk_refused = True
+            self._pool.close()
+            to_send.extend(unsent)
+        for entries, _answer, final in results:
+            problems.extend(self._reported(entries, final, report))
+        return None

@@ -139,6 +139,27 @@ class ServerChannel:
                 % (self.cluster.name, theirs, STAGE_PROTOCOL, ": %s" % detail if detail else ""))
 
 
+def _exec_at_once(chan, command: str) -> None:
+    """Start *command* on *chan* without waiting for the server's reply (one round trip
+    less before the first answer): sshd handles the requests of a channel in order, so
+    what is sent next reaches the command's stdin. A refused exec shows as a server that
+    does not answer (LinkLost naming the dead-link time)."""
+    try:
+        from paramiko.common import cMSG_CHANNEL_REQUEST
+        from paramiko.message import Message
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_REQUEST)
+        m.add_int(chan.remote_chanid)
+        m.add_string("exec")
+        m.add_boolean(False)  # want_reply
+        m.add_string(command)
+        send = chan.transport._send_user_message
+    except (ImportError, AttributeError):  # another paramiko: the documented way
+        chan.exec_command(command)
+        return
+    send(m)
+
+
 class ParamikoChannel(ServerChannel):
     """The server on an exec channel of an open paramiko connection."""
 
@@ -148,7 +169,7 @@ class ParamikoChannel(ServerChannel):
         super().__init__(cluster)
         self.chan = ssh._require().open_session(window_size=WINDOW, max_packet_size=32768)
         self.chan.settimeout(dead_link_seconds(cluster))
-        self.chan.exec_command(server_command(cluster))
+        _exec_at_once(self.chan, server_command(cluster))
         self.out = self.chan.makefile("rb", BLOCK)
         self._sending: Optional[float] = None
         self._closed = threading.Event()

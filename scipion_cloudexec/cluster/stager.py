@@ -3,8 +3,12 @@
 ::
 
     stage_in(paths)                              cluster (python agent.zip stage in)
-      manifest [(rel, size, sha256)] -------->   which hashes are not in cache/objects?
-      <--- missing [(sha256, resume offset)]     (free space checked first: NoSpace)
+      check: manifest [(rel, size, sha256)] ->   which hashes are not in cache/objects?
+                                                 hard-link every file it has into the mirror
+      <--- missing [(sha256, resume offset)]
+      then, per request of missing files:
+      manifest ------------------------------>   (free space checked first: NoSpace)
+      <--- missing [(sha256, resume offset)]
       the missing contents, back to back ---->   hash while writing, publish if right
       <--- report                                hard-link every file into the mirror
 
@@ -15,7 +19,13 @@
       or link leaving the run folder (the sync model: .sync)
 
 Local files are only read by ``stage_in``; hashes of unchanged files come from a memo in
-``~/.cache/scipion-cloudexec/hashes.sqlite``.
+``~/.cache/scipion-cloudexec/hashes.sqlite``. With much new content, what the checks say
+missing travels over several OpenSSH streams while the walk and the checks go on
+(:mod:`.batches`); large files go in chunks (:mod:`.streams`).
+
+Over 400 lines: ``stage_in``'s pipeline (checks in flight, a missing bundle, transfers on
+three carriers) and its error handling read best in one class; the walk is in
+:mod:`.local_files`, the uploader in :mod:`.batches`, the receiving side in :mod:`.gather`.
 """
 from __future__ import annotations
 
@@ -31,7 +41,7 @@ from ..remote.hashing import BLOCK
 from ..remote.stage_protocol import CacheInfo, Mirrors, Remove, Request, Reset, StageIn
 from . import batches as batches_mod
 from . import bundle
-from .batches import BatchUploader
+from .batches import BatchUploader, SmallFilesOverStreams
 from .channels import NoBundle, OpenSSHChannel, ParamikoChannel, ServerChannel, dead_link_seconds
 from .errors import DesktopFull, InputMissing, LinkLost, NoSpace, StagingError
 from .gather import Gathering
@@ -55,7 +65,7 @@ def default_hash_cache() -> str:
 
 
 
-class Stager(Gathering):
+class Stager(Gathering, SmallFilesOverStreams):
     """Stage files between a local project and its mirror on one cluster.
 
     Requests and small transfers use an exec channel of *ssh*; batches of more than
@@ -333,43 +343,6 @@ class Stager(Gathering):
         to_send.extend(f + (batch.base.get(f[0]),) if batch.base else f
                        for f in batch.files if f[3] in missing)
         return answer["errors"]
-
-    # ---- small files over several streams --------------------------------------------
-
-    def _parallel_ok(self) -> bool:
-        return not self._bulk_refused and streams.fixed_streams(self.cluster) != 1
-
-    def _uploader(self, project: str, report: StageReport,
-                  progress: Optional[Progress]) -> BatchUploader:
-        if self._pool is None:
-            self._pool = streams.StreamPool(self.cluster, self._send_file)
-        base, up = report.bytes_sent, []
-
-        def tick(n: int) -> None:  # serialized by the uploader; the total grows with checks
-            _tick(progress, report, n, base + up[0].planned, 0, report.files)
-        up.append(BatchUploader(self._pool, lambda entries: self._upload_request(project,
-                                                                                 entries),
-                                self._send_file, tick, self._pool.count,
-                                fallback=self.cluster.transfer == "auto"))
-        return up[0]
-
-    def _settle(self, up: Optional[BatchUploader], report: StageReport, problems: List[str],
-                to_send: List[Tuple[str, str, int, str]]) -> None:
-        """Wait for every request of *up*, count what its reports say. When OpenSSH could
-        not reach the server in ``auto`` mode, what it did not send goes into *to_send*
-        for the control stream (said once, like the bulk stream's fallback)."""
-        if up is None:
-            return None
-        results, unsent = up.finish()
-        if up.refused and up.fallback:
-            log.warning("OpenSSH transfers to %s unavailable, using paramiko: %s",
-                        self.cluster.name, up.failed[0] if up.failed else "")
-            self._bulk_refused = True
-            self._pool.close()
-            to_send.extend(unsent)
-        for entries, _answer, final in results:
-            problems.extend(self._reported(entries, final, report))
-        return None
 
     def _reported(self, entries: List[tuple], final: dict, report: StageReport) -> List[str]:
         """Count a transfer's report; the problems it names."""
