@@ -207,3 +207,36 @@ def test_auto_falls_back_to_paramiko_for_small_files_when_ssh_cannot_log_in(
     assert r.bytes_sent == sum(map(len, data.values()))
     assert "OpenSSH transfers to %s unavailable, using paramiko" % c.name in caplog.text
     assert "Permission denied" in caplog.text
+
+
+def test_small_and_large_files_in_one_staging_all_arrive(make_cluster, tmp_path, stager_for,
+                                                         monkeypatch):
+    """Large files go in chunks over the same streams once the small files' requests are
+    answered; then the small ones go on."""
+    from scipion_cloudexec.cluster import streams
+    monkeypatch.setattr(streams, "CHUNK", 2 << 20)
+    monkeypatch.setattr(streams, "CHUNKED_MIN", 4 << 20)
+    monkeypatch.setattr(local_files, "BATCH_BYTES", 6 << 20)  # a transfer between batches
+    c = make_cluster("local", streams="3", transfer="openssh")
+    proj, data = _project(tmp_path, n=150)
+    for i in (1, 2):
+        big = os.urandom((5 << 20) + i)
+        (proj / "mics" / ("big%d.mrcs" % i)).write_bytes(big)
+        data["mics/big%d.mrcs" % i] = big
+    r = stager_for(c).stage_in(str(proj), ["mics"], "proj")
+    _all_there(c, data)
+    assert r.bytes_sent == sum(map(len, data.values())) and r.linked == len(data)
+
+
+def test_a_run_folder_synced_over_the_streams_gets_private_copies(make_cluster, tmp_path,
+                                                                  stager_for):
+    c = make_cluster("local", streams="3", transfer="openssh")
+    proj, data = _project(tmp_path, n=100)
+    r = stager_for(c).stage_in(str(proj), ["mics"], "proj", run_dir="mics", base={})
+    _all_there(c, data)
+    for rel in data:
+        st = os.stat(_mirror(c, rel))
+        assert st.st_nlink == 1 and st.st_mode & 0o200, "a private, writable copy: %s" % rel
+    assert {k: v for k, v in r.agreed.items() if k in data} == {
+        rel: hashlib.sha256(content).hexdigest() for rel, content in data.items()}
+    assert not r.conflicts
