@@ -97,14 +97,19 @@ class BatchUploader:
         """
         if not (self.refused and self.fallback):  # else: handed back by finish()
             self._raise()
+        # while few files are known (the first checks), smaller requests keep every
+        # stream busy; then full ones
+        n = sum(e[2] for e in entries) + self._pending_bytes
+        most_bytes = min(SUB_BYTES, max(n // self.count, 1 << 20))
+        most_files = min(SUB_FILES, max((len(entries) + len(self._pending)) // self.count, 8))
         for e in entries:
             self.planned += e[2]
             self._pending.append(e)
             self._pending_bytes += e[2]
-            if len(self._pending) >= SUB_FILES or self._pending_bytes >= SUB_BYTES:
+            if len(self._pending) >= most_files or self._pending_bytes >= most_bytes:
                 self._flush()
-        if self._work.unfinished_tasks == 0:
-            self._flush()  # streams idle: don't wait for a full request
+        if self._work.unfinished_tasks < self.count:
+            self._flush()  # a stream is idle: don't wait for a full request
 
     def abort(self) -> None:
         """Stop: what is queued is not sent; waits for the workers (no error raised)."""
@@ -260,6 +265,7 @@ class SmallFilesOverStreams:
         """An uploader on the pool's streams (their logins start now)."""
         if self._pool is None:
             self._pool = StreamPool(self.cluster, self._send_file)
+        self._pool.used = self._pool.count
         base, up = report.bytes_sent, []
 
         def tick(n: int) -> None:  # serialized by the uploader; the total grows with checks

@@ -398,7 +398,8 @@ class Stager(Gathering, SmallFilesOverStreams):
 
     @property
     def streams_used(self) -> int:
-        """Parallel streams the last chunked upload ended with (0: none ran)."""
+        """Parallel streams the last upload over several streams used or, for chunks,
+        ended with (0: none ran)."""
         return self._pool.used if self._pool is not None else 0
 
     def _chunked(self, entries: List[Tuple[str, str, int, str]], report: StageReport,
