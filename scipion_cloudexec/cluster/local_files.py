@@ -76,7 +76,6 @@ class _Batch:
     files: List[Tuple[str, str, int, str]]  # (mirror path, local path, size, sha256)
     dirs: List[str]
     fresh_bytes: int  # bytes the hash memo did not know: likely new content
-    answer: Optional[dict] = None  # the cluster's answer to its check, once read
     base: Optional[Dict[str, Tuple[str, bool]]] = None  # run-folder files: (state they
     # replace, shared from the cache)
 

@@ -334,15 +334,10 @@ class Stager(Gathering, SmallFilesOverStreams):
                 raise LinkLost("the staging server on %s did not start (%s): %s" % (
                     self.cluster.name, ch.kind, ch.stderr() or e)) from None
         batch = checking.popleft()
-        report.linked += answer["linked"]
-        report.unchanged += answer["unchanged"]
-        report.repaired += answer["repaired"]
-        report.conflicts += [(rel, "changed on %s since the last sync" % self.cluster.name)
-                             for rel, _now in answer.get("conflicts", [])]
         missing = {sha for sha, _off in answer["missing"]}
         to_send.extend(f + (batch.base.get(f[0]),) if batch.base else f
                        for f in batch.files if f[3] in missing)
-        return answer["errors"]
+        return self._reported(batch.files, answer, report)
 
     def _reported(self, entries: List[tuple], final: dict, report: StageReport) -> List[str]:
         """Count a transfer's report; the problems it names."""
