@@ -112,9 +112,15 @@ class BatchUploader:
             self._flush()  # a stream is idle: don't wait for a full request
 
     def abort(self) -> None:
-        """Stop: what is queued is not sent; waits for the workers (no error raised)."""
+        """Stop now: nothing more is sent, the streams' ssh processes are killed (their
+        requests end with them; the fds stay open until the caller closes the pool, so no
+        worker writes into a reused fd), the workers are waited for; no error raised."""
         self.failed.append(LinkLost("staging stopped"))
         self._pending = []
+        for ch in self.pool.channels[:self.count]:
+            proc = getattr(ch, "proc", None)
+            if proc is not None:
+                proc.kill()
         self.fallback = True  # nothing raised here
         try:
             self.finish()

@@ -222,6 +222,7 @@ class Stager(Gathering, SmallFilesOverStreams):
         to_send: List[Tuple[str, str, int, str]] = []  # files whose content the cluster lacks
         fresh = 0
         up: Optional[BatchUploader] = None  # small files over the pool's streams
+        aborted = False
 
         def read_check() -> None:
             nonlocal up
@@ -234,35 +235,41 @@ class Stager(Gathering, SmallFilesOverStreams):
                 to_send[:] = [f for f in to_send if f[2] >= streams.CHUNKED_MIN]
 
         try:
-            for batch in batches:
-                if sync is not None:
-                    sync.filter(batch, report)
-                report.files += len(batch.files)
-                report.bytes_total += sum(f[2] for f in batch.files)
-                if keep_hashes:
-                    report.hashes.update((f[0], f[3]) for f in batch.files)
-                fresh += batch.fresh_bytes
-                if up is None and fresh >= batches_mod.START_AT and self._parallel_ok():
-                    up = self._uploader(project, report, progress)  # logins start now
-                elif up is None and self.bulk_available and self._wants_bulk(fresh):
-                    self._channel(bulk=True)  # much new content ahead: start the fast stream
-                self._send_check(project, batch, checking)
-                # with streams waiting for work, answers are read at once
-                while len(checking) > (1 if up is not None else CHECKS_AHEAD):
-                    read_check()
-                if len(to_send) >= BATCH or sum(f[2] for f in to_send) >= BATCH_BYTES:
-                    while checking:  # the control stream must be idle for a transfer
+            try:
+                for batch in batches:
+                    if sync is not None:
+                        sync.filter(batch, report)
+                    report.files += len(batch.files)
+                    report.bytes_total += sum(f[2] for f in batch.files)
+                    if keep_hashes:
+                        report.hashes.update((f[0], f[3]) for f in batch.files)
+                    fresh += batch.fresh_bytes
+                    if up is None and fresh >= batches_mod.START_AT and self._parallel_ok():
+                        up = self._uploader(project, report, progress)  # logins start now
+                    elif up is None and self.bulk_available and self._wants_bulk(fresh):
+                        self._channel(bulk=True)  # much new content ahead: start the fast stream
+                    self._send_check(project, batch, checking)
+                    # with streams waiting for work, answers are read at once
+                    while len(checking) > (1 if up is not None else CHECKS_AHEAD):
                         read_check()
-                    up = self._settle(up, report, problems, to_send)  # frees the streams
+                    if len(to_send) >= BATCH or sum(f[2] for f in to_send) >= BATCH_BYTES:
+                        while checking:  # the control stream must be idle for a transfer
+                            read_check()
+                        up = self._settle(up, report, problems, to_send)  # frees the streams
+                        problems += self._transfer(project, to_send, report, progress)
+                        to_send = []
+                while checking:
+                    read_check()
+                up = self._settle(up, report, problems, to_send)
+                if to_send:
                     problems += self._transfer(project, to_send, report, progress)
-                    to_send = []
-            while checking:
-                read_check()
-            up = self._settle(up, report, problems, to_send)
-            if to_send:
-                problems += self._transfer(project, to_send, report, progress)
-            if sync is not None and sync.gone():
-                self._delete(project, sync.gone(), report)
+                if sync is not None and sync.gone():
+                    self._delete(project, sync.gone(), report)
+            except BaseException:
+                if up is not None:  # its threads stop before the streams are closed
+                    up.abort()
+                    up, aborted = None, True
+                raise
         except FileNotFoundError as e:  # a local file went away while staged: not the link
             self.close()
             raise StagingError("%s went away while it was staged to %s; stage again"
@@ -272,12 +279,10 @@ class Stager(Gathering, SmallFilesOverStreams):
             raise LinkLost("connection to %s lost during the upload (%s); what arrived is "
                                "kept: stage again to resume" % (self.cluster.name, e)) from None
         except BaseException:
-            if checking or up is not None:
+            if checking or aborted:
                 self.close()  # answers left unread: the streams are out of step
             raise
         finally:
-            if up is not None:
-                up.abort()  # stops its threads (the failure is being raised)
             batches.close()
         report.seconds = time.monotonic() - t0
         if sync is not None:
