@@ -231,6 +231,9 @@ def main():
                    help="which run in (1), comma-separated (ours and rsync at least)")
     p.add_argument("--no-small", action="store_true", help="skip (3) and (4)")
     p.add_argument("--small-only", action="store_true", help="only (3) and (4)")
+    p.add_argument("--bundle-ready", action="store_true",
+                   help="(3) also for ours on a new workdir that has the agent bundle already "
+                        "(as after ClusterSession.start, which uploads it before any staging)")
     p.add_argument("--ours-streams", default="auto", help="the cluster key streams for ours")
     a = p.parse_args()
     big_mb = a.big_mb or (500.0 if a.full else 100.0)
@@ -344,11 +347,24 @@ def main():
                 wd = B.fresh("ours-small")
                 hashes = os.path.join(wd, "hashes.sqlite")
                 rs = B.fresh("rsync-small")
+
+                def ours_bundle_ready():
+                    from scipion_cloudexec.cluster import bundle
+                    wd2 = B.fresh("ours-ready")
+                    zpath = bundle.remote_path(dataclasses.replace(base, workdir=wd2))
+                    os.makedirs(os.path.dirname(zpath), mode=0o700)
+                    with open(zpath, "wb") as f:
+                        f.write(bundle.build()[0])
+                    s = B.ours(["small"], wd2, os.path.join(wd2, "hashes.sqlite"))
+                    assert B.last_sent == small_bytes, B.last_sent
+                    rm(wd2)
+                    return s
                 pairs = [("ours", lambda: B.ours(["small"], wd, hashes)),
                          ("rsync", lambda: B.rsync(small, rs))]
-                if r % 2:
-                    pairs.reverse()
-                for who, fn in pairs:
+                if a.bundle_ready:
+                    pairs.append(("ours, bundle there", lambda: ours_bundle_ready()))
+                k = r % len(pairs)
+                for who, fn in pairs[k:] + pairs[:k]:
                     note("small", who, rtt, fn())
                 assert tree_bytes(os.path.join(rs, "small")) == small_bytes
                 again = [("ours cold", lambda: B.ours(["small"], wd, hashes)),
@@ -407,6 +423,11 @@ def main():
           " ours %.2fx rsync's speed; per round ours %s, rsync %s"
           % (small_n, a.small_rtt, t_o, smb / t_o, t_r, smb / t_r, t_r / t_o,
              T[("small", "ours", a.small_rtt)], T[("small", "rsync", a.small_rtt)]))
+    if a.bundle_ready:
+        t_b = med(T[("small", "ours, bundle there", a.small_rtt)])
+        print("(3b) ours on a workdir with the bundle already there: %.2f s (%.0f MB/s): %.2fx "
+              "rsync's speed; per round %s" % (t_b, smb / t_b, t_r / t_b,
+                                              T[("small", "ours, bundle there", a.small_rtt)]))
     g = {w: med(T[("again", w, a.small_rtt)]) for w in ("ours cold", "ours warm", "rsync")}
     print("(4) unchanged: ours cold %.2f s (%.2fx rsync), warm %.2f s (%.2fx), rsync 2nd run "
           "%.2f s; per round %s" % (g["ours cold"], g["ours cold"] / g["rsync"], g["ours warm"],
