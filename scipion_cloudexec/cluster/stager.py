@@ -68,9 +68,12 @@ def default_hash_cache() -> str:
 class Stager(Gathering, SmallFilesOverStreams):
     """Stage files between a local project and its mirror on one cluster.
 
-    Requests and small transfers use an exec channel of *ssh*; batches of more than
-    ``BULK_START`` bytes (or more than ``BULK_MIN`` once it runs) go through the system's OpenSSH client when the cluster's
-    ``transfer`` setting allows (see :mod:`.channels`).
+    Requests and small transfers use an exec channel of *ssh*; when the cluster's
+    ``transfer`` setting allows, a staging with ``batches.START_AT`` bytes of new content
+    sends its small files over several streams of the system's OpenSSH client
+    (:mod:`.batches`), large ones in chunks (:mod:`.streams`), and otherwise batches of
+    more than ``BULK_START`` bytes (or ``BULK_MIN`` once it runs) go through one OpenSSH
+    stream (see :mod:`.channels`).
 
     Args:
         ssh: a connected SSH connection to the cluster.
@@ -196,7 +199,9 @@ class Stager(Gathering, SmallFilesOverStreams):
         cluster's cache lacks, resuming partial uploads. Files go in batches of BATCH, so
         memory does not grow with their number (unless *keep_hashes* keeps every file's
         hash in the report, as the executor needs). A thread walks and hashes the next
-        batch while this one travels.
+        batch while this one's check travels (the first batch is small: its check leaves
+        early); with much new content, what the checks say missing goes over several
+        OpenSSH streams while the walk and the checks go on.
 
         With *run_dir* (relative to the project) and its *base* (see :mod:`.sync`), the
         files under *run_dir* are synced instead: only those changed locally since the base
