@@ -337,6 +337,9 @@ class Stager(Gathering, SmallFilesOverStreams):
                 ch = self._channel()
                 for b in checking:
                     ch.send(self._check_request(project, b))
+                if self._pool is not None:  # streams that exited for want of it: log in
+                    for i in range(len(self._pool.channels)):  # again now (their workers
+                        self._pool._chan(i)  # wait for work: the answers are still to come)
             except (OSError, EOFError) as e:
                 if ch._greeted:
                     raise

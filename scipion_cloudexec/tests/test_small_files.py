@@ -185,7 +185,8 @@ def test_checks_in_flight_are_sent_again_once_the_missing_bundle_is_uploaded(
     monkeypatch.setattr(local_files, "FIRST_BATCH", 2)  # several checks before the answer
     c = make_cluster("local", transfer=transfer)
     assert not os.path.exists(bundle.remote_path(c)), "a new cluster: no bundle yet"
-    proj, data = _project(tmp_path, n=60, size=2_000)
+    # with openssh, 1.8 MB of new content: the streams start (and exit) before the upload
+    proj, data = _project(tmp_path, n=60, size=2_000 if transfer == "paramiko" else 30_000)
     sent = []
     check = stager_mod.Stager._check_request
     monkeypatch.setattr(stager_mod.Stager, "_check_request",
