@@ -241,3 +241,40 @@ def test_a_run_folder_synced_over_the_streams_gets_private_copies(make_cluster, 
     assert {k: v for k, v in r.agreed.items() if k in data} == {
         rel: hashlib.sha256(content).hexdigest() for rel, content in data.items()}
     assert not r.conflicts
+
+
+def test_a_file_cut_mid_way_on_a_stream_resumes_from_what_arrived(make_cluster, tmp_path,
+                                                                   stager_for):
+    """A file under the chunked size but over the cluster's in-memory size goes whole in a
+    request; cut in its middle, the next staging sends only its rest."""
+    c = make_cluster("local", streams="2", transfer="openssh")
+    proj, data = _project(tmp_path, n=40)
+    movie = os.urandom(12 << 20)
+    (proj / "mics" / "movie.tiff").write_bytes(movie)
+    data["mics/movie.tiff"] = movie
+    st = stager_for(c)
+    send = st._send_file
+
+    def cut(ch, local, size, offset, tick):
+        def counted(n):
+            tick(n)
+            counted.done += n
+            if local.endswith("movie.tiff") and counted.done >= 5 << 20:
+                ch.proc.kill()  # the stream dies with 5 MB of the movie sent
+        counted.done = 0
+        return send(ch, local, size, offset, counted)
+    st._send_file = cut
+    with pytest.raises(StagingError, match="lost|stopped"):
+        st.stage_in(str(proj), ["mics"], "proj")
+    st.close()
+    _servers_gone(c)
+    _nothing_wrong(c, data)
+    partial = os.path.join(c.workdir, "cache", "partial", hashlib.sha256(movie).hexdigest())
+    arrived = os.path.getsize(partial)
+    assert 0 < arrived < len(movie), "part of the movie arrived and is kept for resume"
+    have = _objects(c)
+    others = sum(len(v) for k, v in data.items()
+                 if k != "mics/movie.tiff" and hashlib.sha256(v).hexdigest() not in have)
+    r = stager_for(c).stage_in(str(proj), ["mics"], "proj")
+    _all_there(c, data)
+    assert r.bytes_sent == len(movie) - arrived + others, "the movie resumed where it was cut"
