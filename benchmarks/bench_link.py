@@ -230,12 +230,16 @@ def main():
     p.add_argument("--contenders", default="ours,rsync,scp,ssh cat x4",
                    help="which run in (1), comma-separated (ours and rsync at least)")
     p.add_argument("--no-small", action="store_true", help="skip (3) and (4)")
+    p.add_argument("--small-only", action="store_true", help="only (3) and (4)")
+    p.add_argument("--bundle-ready", action="store_true",
+                   help="(3) also for ours on a new workdir that has the agent bundle already "
+                        "(as after ClusterSession.start, which uploads it before any staging)")
     p.add_argument("--ours-streams", default="auto", help="the cluster key streams for ours")
     a = p.parse_args()
     big_mb = a.big_mb or (500.0 if a.full else 100.0)
     small_n = a.small or (10000 if a.full else 2000)
-    rtts = [float(x) for x in a.rtts.split(",")]
-    streams = [int(x) for x in a.streams.split(",") if x]
+    rtts = [] if a.small_only else [float(x) for x in a.rtts.split(",") if x]
+    streams = [] if a.small_only else [int(x) for x in a.streams.split(",") if x]
     rate_mb = a.rate_mbit / 8
 
     from scipion_cloudexec.config import load_clusters
@@ -260,7 +264,9 @@ def main():
         os.makedirs(remote)
         big = os.path.join(data, "big")
         small = os.path.join(data, "small")
-        if not os.path.isdir(big) or len(os.listdir(big)) != 4 or \
+        if a.small_only:
+            os.makedirs(big, exist_ok=True)
+        elif not os.path.isdir(big) or len(os.listdir(big)) != 4 or \
                 os.path.getsize(os.path.join(big, "f000000.mrc")) != int(big_mb * 1e6):
             shutil.rmtree(big, ignore_errors=True)
             make_files(big, 4, int(big_mb * 1e6))
@@ -341,11 +347,24 @@ def main():
                 wd = B.fresh("ours-small")
                 hashes = os.path.join(wd, "hashes.sqlite")
                 rs = B.fresh("rsync-small")
+
+                def ours_bundle_ready():
+                    from scipion_cloudexec.cluster import bundle
+                    wd2 = B.fresh("ours-ready")
+                    zpath = bundle.remote_path(dataclasses.replace(base, workdir=wd2))
+                    os.makedirs(os.path.dirname(zpath), mode=0o700)
+                    with open(zpath, "wb") as f:
+                        f.write(bundle.build()[0])
+                    s = B.ours(["small"], wd2, os.path.join(wd2, "hashes.sqlite"))
+                    assert B.last_sent == small_bytes, B.last_sent
+                    rm(wd2)
+                    return s
                 pairs = [("ours", lambda: B.ours(["small"], wd, hashes)),
                          ("rsync", lambda: B.rsync(small, rs))]
-                if r % 2:
-                    pairs.reverse()
-                for who, fn in pairs:
+                if a.bundle_ready:
+                    pairs.append(("ours, bundle there", lambda: ours_bundle_ready()))
+                k = r % len(pairs)
+                for who, fn in pairs[k:] + pairs[:k]:
                     note("small", who, rtt, fn())
                 assert tree_bytes(os.path.join(rs, "small")) == small_bytes
                 again = [("ours cold", lambda: B.ours(["small"], wd, hashes)),
@@ -372,22 +391,23 @@ def main():
         print("proxy CPU during (1): %.0f s over %.0f s (%.0f%% of one core), %.2f s per GB"
               % (cpu, wall, 100 * cpu / wall, cpu / (nbytes / 1e9)))
     mb = big_bytes / 1e6
-    who_big = a.contenders.split(",")
+    who_big = a.contenders.split(",") if rtts else []
     speed = {w: {rtt: mb / med(T[("big", w, rtt)]) for rtt in rtts} for w in who_big}
-    print("\n(1) 4 files, %.0f MB in all, %.0f Mbit/s: MB/s, median of %d [min-max seconds]"
-          % (mb, a.rate_mbit, a.rounds))
-    cat = "ssh cat x4" in who_big
-    print("| RTT | " + " | ".join(who_big) + " | ours / rsync |" + (" ssh cat x4 / rsync |"
-                                                                   if cat else ""))
-    print("|---" * (len(who_big) + 2 + cat) + "|")
-    for rtt in rtts:
-        cells = []
-        for w in who_big:
-            v = T[("big", w, rtt)]
-            cells.append("%.0f [%.1f-%.1f s]" % (speed[w][rtt], min(v), max(v)))
-        print("| %g ms | %s | %.2fx |" % (
-            rtt, " | ".join(cells), speed["ours"][rtt] / speed["rsync"][rtt])
-            + (" %.2fx |" % (speed["ssh cat x4"][rtt] / speed["rsync"][rtt]) if cat else ""))
+    if rtts:
+        print("\n(1) 4 files, %.0f MB in all, %.0f Mbit/s: MB/s, median of %d [min-max seconds]"
+              % (mb, a.rate_mbit, a.rounds))
+        cat = "ssh cat x4" in who_big
+        print("| RTT | " + " | ".join(who_big) + " | ours / rsync |" + (" ssh cat x4 / rsync |"
+                                                                       if cat else ""))
+        print("|---" * (len(who_big) + 2 + cat) + "|")
+        for rtt in rtts:
+            cells = []
+            for w in who_big:
+                v = T[("big", w, rtt)]
+                cells.append("%.0f [%.1f-%.1f s]" % (speed[w][rtt], min(v), max(v)))
+            print("| %g ms | %s | %.2fx |" % (
+                rtt, " | ".join(cells), speed["ours"][rtt] / speed["rsync"][rtt])
+                + (" %.2fx |" % (speed["ssh cat x4"][rtt] / speed["rsync"][rtt]) if cat else ""))
     if streams:
         print("\n(2) N `ssh cat` streams, same set, RTT %g ms: MB/s, median of %d"
               % (a.streams_rtt, a.rounds))
@@ -403,6 +423,11 @@ def main():
           " ours %.2fx rsync's speed; per round ours %s, rsync %s"
           % (small_n, a.small_rtt, t_o, smb / t_o, t_r, smb / t_r, t_r / t_o,
              T[("small", "ours", a.small_rtt)], T[("small", "rsync", a.small_rtt)]))
+    if a.bundle_ready:
+        t_b = med(T[("small", "ours, bundle there", a.small_rtt)])
+        print("(3b) ours on a workdir with the bundle already there: %.2f s (%.0f MB/s): %.2fx "
+              "rsync's speed; per round %s" % (t_b, smb / t_b, t_r / t_b,
+                                              T[("small", "ours, bundle there", a.small_rtt)]))
     g = {w: med(T[("again", w, a.small_rtt)]) for w in ("ours cold", "ours warm", "rsync")}
     print("(4) unchanged: ours cold %.2f s (%.2fx rsync), warm %.2f s (%.2fx), rsync 2nd run "
           "%.2f s; per round %s" % (g["ours cold"], g["ours cold"] / g["rsync"], g["ours warm"],
@@ -412,7 +437,7 @@ def main():
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "calibration": cal,
                        "times": {"|".join(map(str, k)): v for k, v in T.items()}}, f, indent=1)
-    if a.plot:
+    if a.plot and rtts:
         try:
             plot(a.plot, rtts, speed, rate_mb, "4 files, %.0f MB, %.0f Mbit/s link model, "
                  "median of %d (benchmarks/bench_link.py)" % (mb, a.rate_mbit, a.rounds))

@@ -25,6 +25,9 @@ Progress = Callable[[int, int, int, int], None]
 # The bulk stream moves ~330 MB/s here vs ~185 MB/s for paramiko but costs a login (~0.5 s):
 BATCH = 2000  # files per request: bounds memory on both sides
 BATCH_BYTES = 256 << 20  # and bytes: the next batch is hashed while this one travels
+#: the first batch is this small, the next ones twice the one before up to BATCH: the first
+#: check leaves (and the first contents travel) while most files are still being hashed
+FIRST_BATCH, FIRST_BATCH_BYTES = 256, 16 << 20
 EXTERNAL = "_external"  # inputs outside the project, under their absolute path
 #: a gather's file still being received (renamed to its real name once verified): another
 #: cluster's stage-in walking the same run folder must not send it
@@ -73,7 +76,6 @@ class _Batch:
     files: List[Tuple[str, str, int, str]]  # (mirror path, local path, size, sha256)
     dirs: List[str]
     fresh_bytes: int  # bytes the hash memo did not know: likely new content
-    answer: Optional[dict] = None  # the cluster's answer to its check, once read
     base: Optional[Dict[str, Tuple[str, bool]]] = None  # run-folder files: (state they
     # replace, shared from the cache)
 
@@ -103,10 +105,12 @@ class _Batches:
             pending: List[Tuple[str, _Local]] = []
             dirs: List[str] = []
             size = 0
+            files_max, bytes_max = FIRST_BATCH, FIRST_BATCH_BYTES
 
             def batch() -> _Batch:
-                nonlocal size
+                nonlocal size, files_max, bytes_max
                 size = 0
+                files_max, bytes_max = min(BATCH, 2 * files_max), min(BATCH_BYTES, 2 * bytes_max)
                 before = memo.hashed_bytes
                 shas = memo.get_many([(e.real, e.st) for _r, e in pending])
                 files = [(rel, e.path, e.st.st_size, sha)
@@ -122,7 +126,7 @@ class _Batches:
                     continue
                 pending.append((rel, entry))
                 size += entry.st.st_size
-                if (len(pending) >= BATCH or size >= BATCH_BYTES) and not self._put(batch()):
+                if (len(pending) >= files_max or size >= bytes_max) and not self._put(batch()):
                     return
             if (pending or dirs) and not self._put(batch()):
                 return

@@ -3,8 +3,12 @@
 ::
 
     stage_in(paths)                              cluster (python agent.zip stage in)
-      manifest [(rel, size, sha256)] -------->   which hashes are not in cache/objects?
-      <--- missing [(sha256, resume offset)]     (free space checked first: NoSpace)
+      check: manifest [(rel, size, sha256)] ->   which hashes are not in cache/objects?
+                                                 hard-link every file it has into the mirror
+      <--- missing [(sha256, resume offset)]
+      then, per request of missing files:
+      manifest ------------------------------>   (free space checked first: NoSpace)
+      <--- missing [(sha256, resume offset)]
       the missing contents, back to back ---->   hash while writing, publish if right
       <--- report                                hard-link every file into the mirror
 
@@ -15,7 +19,13 @@
       or link leaving the run folder (the sync model: .sync)
 
 Local files are only read by ``stage_in``; hashes of unchanged files come from a memo in
-``~/.cache/scipion-cloudexec/hashes.sqlite``.
+``~/.cache/scipion-cloudexec/hashes.sqlite``. With much new content, what the checks say
+missing travels over several OpenSSH streams while the walk and the checks go on
+(:mod:`.batches`); large files go in chunks (:mod:`.streams`).
+
+Over 400 lines: ``stage_in``'s pipeline (checks in flight, a missing bundle, transfers on
+three carriers) and its error handling read best in one class; the walk is in
+:mod:`.local_files`, the uploader in :mod:`.batches`, the receiving side in :mod:`.gather`.
 """
 from __future__ import annotations
 
@@ -29,7 +39,9 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 from ..config import ClusterConfig
 from ..remote.hashing import BLOCK
 from ..remote.stage_protocol import CacheInfo, Mirrors, Remove, Request, Reset, StageIn
+from . import batches as batches_mod
 from . import bundle
+from .batches import BatchUploader, SmallFilesOverStreams
 from .channels import NoBundle, OpenSSHChannel, ParamikoChannel, ServerChannel, dead_link_seconds
 from .errors import DesktopFull, InputMissing, LinkLost, NoSpace, StagingError
 from .gather import Gathering
@@ -53,12 +65,15 @@ def default_hash_cache() -> str:
 
 
 
-class Stager(Gathering):
+class Stager(Gathering, SmallFilesOverStreams):
     """Stage files between a local project and its mirror on one cluster.
 
-    Requests and small transfers use an exec channel of *ssh*; batches of more than
-    ``BULK_START`` bytes (or more than ``BULK_MIN`` once it runs) go through the system's OpenSSH client when the cluster's
-    ``transfer`` setting allows (see :mod:`.channels`).
+    Requests and small transfers use an exec channel of *ssh*; when the cluster's
+    ``transfer`` setting allows, a staging with ``batches.START_AT`` bytes of new content
+    sends its small files over several streams of the system's OpenSSH client
+    (:mod:`.batches`), large ones in chunks (:mod:`.streams`), and otherwise batches of
+    more than ``BULK_START`` bytes (or ``BULK_MIN`` once it runs) go through one OpenSSH
+    stream (see :mod:`.channels`).
 
     Args:
         ssh: a connected SSH connection to the cluster.
@@ -184,7 +199,9 @@ class Stager(Gathering):
         cluster's cache lacks, resuming partial uploads. Files go in batches of BATCH, so
         memory does not grow with their number (unless *keep_hashes* keeps every file's
         hash in the report, as the executor needs). A thread walks and hashes the next
-        batch while this one travels.
+        batch while this one's check travels (the first batch is small: its check leaves
+        early); with much new content, what the checks say missing goes over several
+        OpenSSH streams while the walk and the checks go on.
 
         With *run_dir* (relative to the project) and its *base* (see :mod:`.sync`), the
         files under *run_dir* are synced instead: only those changed locally since the base
@@ -200,37 +217,64 @@ class Stager(Gathering):
         report = StageReport()
         sync = _InSync(run_dir, base) if run_dir is not None else None
         problems: List[str] = []
-        self._channel()  # the remote shell and Python start while we walk
-        batches = _Batches(self, project_root, paths, exclude)
+        batches = _Batches(self, project_root, paths, exclude)  # the walk starts first
+        try:
+            self._channel()  # the remote shell and Python start while we walk
+        except BaseException:
+            batches.close()
+            raise
         checking: "deque[_Batch]" = deque()  # checks sent, answers not read yet
         to_send: List[Tuple[str, str, int, str]] = []  # files whose content the cluster lacks
         fresh = 0
+        up: Optional[BatchUploader] = None  # small files over the pool's streams
+        aborted = False
+
+        def read_check() -> None:
+            nonlocal up
+            problems.extend(self._read_check(project, checking, report, to_send))
+            if up is None and self._parallel_ok() and (
+                    sum(f[2] for f in to_send) >= batches_mod.START_AT):
+                up = self._uploader(project, report, progress)
+            if up is not None:  # small ones go at once; large ones in chunks, below
+                up.put([f for f in to_send if f[2] < streams.CHUNKED_MIN])
+                to_send[:] = [f for f in to_send if f[2] >= streams.CHUNKED_MIN]
+
         try:
-            for batch in batches:
-                if sync is not None:
-                    sync.filter(batch, report)
-                report.files += len(batch.files)
-                report.bytes_total += sum(f[2] for f in batch.files)
-                if keep_hashes:
-                    report.hashes.update((f[0], f[3]) for f in batch.files)
-                fresh += batch.fresh_bytes
-                if self.bulk_available and self._wants_bulk(fresh):
-                    self._channel(bulk=True)  # much new content ahead: start the fast stream
-                self._send_check(project, batch)
-                checking.append(batch)
-                if len(checking) > CHECKS_AHEAD:
-                    problems += self._read_check(checking.popleft(), report, to_send)
-                if len(to_send) >= BATCH or sum(f[2] for f in to_send) >= BATCH_BYTES:
-                    while checking:  # the control stream must be idle for a transfer
-                        problems += self._read_check(checking.popleft(), report, to_send)
+            try:
+                for batch in batches:
+                    if sync is not None:
+                        sync.filter(batch, report)
+                    report.files += len(batch.files)
+                    report.bytes_total += sum(f[2] for f in batch.files)
+                    if keep_hashes:
+                        report.hashes.update((f[0], f[3]) for f in batch.files)
+                    fresh += batch.fresh_bytes
+                    if up is None and fresh >= batches_mod.START_AT and self._parallel_ok():
+                        up = self._uploader(project, report, progress)  # logins start now
+                    elif up is None and self.bulk_available and self._wants_bulk(fresh):
+                        self._channel(bulk=True)  # much new content ahead: start the fast stream
+                    self._send_check(project, batch, checking)
+                    # with streams waiting for work, answers are read at once
+                    while len(checking) > (1 if up is not None else CHECKS_AHEAD):
+                        read_check()
+                    if len(to_send) >= BATCH or sum(f[2] for f in to_send) >= BATCH_BYTES:
+                        while checking:  # the control stream must be idle for a transfer
+                            read_check()
+                        up = self._settle(up, report, problems, to_send)  # frees the streams
+                        problems += self._transfer(project, to_send, report, progress)
+                        to_send = []
+                while checking:
+                    read_check()
+                up = self._settle(up, report, problems, to_send)
+                if to_send:
                     problems += self._transfer(project, to_send, report, progress)
-                    to_send = []
-            while checking:
-                problems += self._read_check(checking.popleft(), report, to_send)
-            if to_send:
-                problems += self._transfer(project, to_send, report, progress)
-            if sync is not None and sync.gone():
-                self._delete(project, sync.gone(), report)
+                if sync is not None and sync.gone():
+                    self._delete(project, sync.gone(), report)
+            except BaseException:
+                if up is not None:  # its threads stop before the streams are closed
+                    up.abort()
+                    up, aborted = None, True
+                raise
         except FileNotFoundError as e:  # a local file went away while staged: not the link
             self.close()
             raise StagingError("%s went away while it was staged to %s; stage again"
@@ -240,8 +284,8 @@ class Stager(Gathering):
             raise LinkLost("connection to %s lost during the upload (%s); what arrived is "
                                "kept: stage again to resume" % (self.cluster.name, e)) from None
         except BaseException:
-            if checking:
-                self.close()  # answers left unread: the stream is out of step
+            if checking or aborted:
+                self.close()  # answers left unread: the streams are out of step
             raise
         finally:
             batches.close()
@@ -254,46 +298,91 @@ class Stager(Gathering):
                                % (self.cluster.name, "\n  ".join(problems)))
         return report
 
-    def _send_check(self, project: str, batch: "_Batch") -> None:
-        """Ask which of the batch's contents the cluster lacks; it links all the others
-        into the mirror at once. Answers are read later (several checks in flight)."""
-        request = StageIn(check=True, mirror=self.mirror(project), dirs=batch.dirs,
-                          files=[_entry(f, batch.base) for f in batch.files])
-        if self._chan is not None and self._chan._greeted:
-            self._chan.send(request)
-        else:  # first use: may need the bundle uploaded, which _ask handles
-            batch.answer = self._ask(request)[1]
+    def _check_request(self, project: str, batch: "_Batch") -> StageIn:
+        return StageIn(check=True, mirror=self.mirror(project), dirs=batch.dirs,
+                       files=[_entry(f, batch.base) for f in batch.files])
 
-    def _read_check(self, batch: "_Batch", report: StageReport,
+    def _send_check(self, project: str, batch: "_Batch", checking: "deque[_Batch]") -> None:
+        """Ask which of the batch's contents the cluster lacks; it links all the others
+        into the mirror at once. Answers are read later (several checks in flight), even
+        the first one's: a server that cannot start is dealt with then."""
+        ch = self._chan if checking else self._channel()  # never a new one in mid-flight
+        checking.append(batch)
+        if ch is None:
+            return  # dropped by a failed read: that read raised already
+        try:
+            ch.send(self._check_request(project, batch))
+        except OSError:
+            if ch._greeted:
+                raise
+            # not started (bundle missing, ssh refused): the first answer says why
+
+    def _read_check(self, project: str, checking: "deque[_Batch]", report: StageReport,
                     to_send: List[Tuple[str, str, int, str]]) -> List[str]:
-        if batch.answer is None and self._chan is None:
-            raise LinkLost("the staging server on %s went away" % self.cluster.name)
-        answer = batch.answer if batch.answer is not None else self._chan.line()
-        report.linked += answer["linked"]
-        report.unchanged += answer["unchanged"]
-        report.repaired += answer["repaired"]
-        report.conflicts += [(rel, "changed on %s since the last sync" % self.cluster.name)
-                             for rel, _now in answer.get("conflicts", [])]
+        """Read the answer to the oldest check in flight. A server that exited for want of
+        the agent bundle gets it uploaded, and every check in flight is sent again."""
+        for attempt in range(2):
+            ch = self._chan
+            if ch is None:
+                raise LinkLost("the staging server on %s went away" % self.cluster.name)
+            try:
+                answer = ch.line()
+                break
+            except NoBundle:
+                self._drop(ch)
+                if attempt:
+                    raise LinkLost("the staging server on %s cannot start: the agent bundle "
+                                   "is missing after upload" % self.cluster.name) from None
+                bundle.ensure_uploaded(self.ssh, self.cluster)
+                ch = self._channel()
+                for b in checking:
+                    ch.send(self._check_request(project, b))
+                if self._pool is not None:  # streams that exited for want of it: log in
+                    for i in range(len(self._pool.channels)):  # again now (their workers
+                        self._pool._chan(i)  # wait for work: the answers are still to come)
+            except (OSError, EOFError) as e:
+                if ch._greeted:
+                    raise
+                self._drop(ch)
+                raise LinkLost("the staging server on %s did not start (%s): %s" % (
+                    self.cluster.name, ch.kind, ch.stderr() or e)) from None
+        batch = checking.popleft()
         missing = {sha for sha, _off in answer["missing"]}
         to_send.extend(f + (batch.base.get(f[0]),) if batch.base else f
                        for f in batch.files if f[3] in missing)
-        return answer["errors"]
+        return self._reported(batch.files, answer, report)
+
+    def _reported(self, entries: List[tuple], final: dict, report: StageReport) -> List[str]:
+        """Count a transfer's report; the problems it names."""
+        report.linked += final["linked"]
+        report.unchanged += final["unchanged"]
+        report.repaired += final["repaired"]
+        report.conflicts += [(rel, "changed on %s since the last sync" % self.cluster.name)
+                             for rel, _now in final.get("conflicts", [])]
+        # the cluster verifies every hash; a mismatch means the file moved while it was read
+        local_of = {e[3]: e[1] for e in entries}
+        changed = sorted({local_of[sha] for sha in final.get("bad", [])})
+        return ["%s changed during the upload" % c for c in changed] + final["errors"]
+
+    def _upload_request(self, project: str, entries: List[tuple]) -> StageIn:
+        """The StageIn sending *entries*' contents (their checks said missing)."""
+        # the server gives up (and lets go of a partial upload) once data stops this long
+        return StageIn(mirror=self.mirror(project),
+                       files=[_entry(e[:4], {e[0]: e[4]} if len(e) > 4 and e[4] is not None
+                                     else None) for e in entries],
+                       stall=max(5.0, dead_link_seconds(self.cluster) / 2))
 
     def _transfer(self, project: str, entries: List[Tuple[str, str, int, str]],
                   report: StageReport, progress: Optional[Progress]) -> List[str]:
         """Send the contents of *entries* (their checks said missing), verified and linked
         by the cluster; on the bulk stream when large. Returns the problems."""
-        problems = self._chunked(entries, report, progress)
+        problems, chunked = self._chunked(entries, report, progress)
         if problems:  # not published: not linked either
             entries = [e for e in entries if e[3] not in problems]
         problems_chunked = list(problems.values())
-        total_new = sum(e[2] for e in entries)
+        total_new = sum(e[2] for e in entries if e[3] not in chunked)
         entries = list(entries)
-        # the server gives up (and lets go of a partial upload) once data stops this long
-        request = StageIn(mirror=self.mirror(project),
-                          files=[_entry(e[:4], {e[0]: e[4]} if len(e) > 4 and e[4] is not None
-                                        else None) for e in entries],
-                          stall=max(5.0, dead_link_seconds(self.cluster) / 2))
+        request = self._upload_request(project, entries)
         ch = None
         try:
             ch, answer = self._ask(request, bulk=self._wants_bulk(total_new))
@@ -313,39 +402,33 @@ class Stager(Gathering):
             if ch is not None:
                 self._drop(ch)  # the stream is out of step: start afresh next time
             raise
-        report.linked += final["linked"]
-        report.unchanged += final["unchanged"]
-        report.repaired += final["repaired"]
-        report.conflicts += [(rel, "changed on %s since the last sync" % self.cluster.name)
-                             for rel, _now in final.get("conflicts", [])]
-        # the cluster verifies every hash; a mismatch means the file moved while it was read
-        changed = sorted({local_of[sha][0] for sha in final.get("bad", [])})
-        return (problems_chunked + ["%s changed during the upload" % c for c in changed]
-                + final["errors"])
+        return problems_chunked + self._reported(entries, final, report)
 
     @property
     def streams_used(self) -> int:
-        """Parallel streams the last chunked upload ended with (0: none ran)."""
+        """Parallel streams the last upload over several streams used or, for chunks,
+        ended with (0: none ran)."""
         return self._pool.used if self._pool is not None else 0
 
     def _chunked(self, entries: List[Tuple[str, str, int, str]], report: StageReport,
-                 progress: Optional[Progress]) -> Dict[str, str]:
+                 progress: Optional[Progress]) -> Tuple[Dict[str, str], set]:
         """Files of CHUNKED_MIN bytes or more go in chunks over parallel OpenSSH streams
         (:mod:`.streams`) straight into the cluster's cache; the StageIn that follows then
-        only links them. Returns {sha: problem} for those not published."""
-        if self._bulk_refused or streams.fixed_streams(self.cluster) == 1:
-            return {}
+        only links them. Returns ({sha: problem} for those not published, the shas sent
+        this way)."""
+        if not self._parallel_ok():
+            return {}, set()
         big: Dict[str, Tuple[str, int, str]] = {}
         for e in entries:
             if e[2] >= streams.CHUNKED_MIN:
                 big.setdefault(e[3], (e[1], e[2], e[3]))
         if not big:
-            return {}
+            return {}, set()
         if self._pool is None:
             self._pool = streams.StreamPool(self.cluster, self._send_file)
         total = report.bytes_sent + sum(f[1] for f in big.values())
         return self._pool.upload(list(big.values()), lambda n: _tick(
-            progress, report, n, total, 0, len(big)))
+            progress, report, n, total, 0, len(big))), set(big)
 
     @staticmethod
     def _send_file(ch: ServerChannel, local: str, size: int, offset: int,
