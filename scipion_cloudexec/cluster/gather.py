@@ -11,9 +11,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from ..config import ClusterConfig
 from ..remote.hashing import BLOCK, HashCache, path_state
@@ -253,41 +254,93 @@ class Gathering:
                          report: StageReport, progress: Optional[Progress], total: int
                          ) -> List[str]:
         """Large files in chunks over parallel OpenSSH streams (:mod:`.streams`), each
-        into a new temporary file beside its destination, renamed into place only when the
-        whole file has the listing's hash. Returns the files refused."""
+        into a partial file beside its destination, renamed into place only when the whole
+        file has the listing's hash. A cut download leaves its partial file and the record
+        of its whole chunks: the next gather of that content asks only for the others.
+        Returns the files refused."""
         if self._pool is None:
             self._pool = streams.StreamPool(self.cluster, self._send_file)
-        temps = []
+        parts: List[str] = []
+        have: Dict[str, Set[int]] = {}
         bad: List[str] = []
+        for rel, dest, size, sha in big:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            part = _part_path(dest, sha)
+            _drop_parts(dest, keep=part)  # partials of another content of this file
+            have[part] = _resume(part, size)
+            parts.append(part)
         try:
-            for rel, dest, size, _sha in big:
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=os.path.dirname(dest))
-                os.close(fd)
-                temps.append(tmp)
-            try:
-                self._pool.download(remote_root, [(w[0], t, w[2]) for w, t in zip(big, temps)],
-                                    lambda n: _tick(progress, report, n, total, 0, len(big)))
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DesktopFull(self.cluster.name, os.path.dirname(big[0][1]),
-                                      sum(w[2] for w in big)) from None
-                raise
-            for (rel, dest, _size, sha), tmp in zip(big, temps):
-                h = hashlib.sha256()
-                with open(tmp, "rb") as f:
-                    for block in iter(lambda: f.read(8 * BLOCK), b""):
-                        h.update(block)
-                if h.hexdigest() == sha:
-                    os.chmod(tmp, 0o666 & ~_UMASK)
-                    os.replace(tmp, dest)
-                    report.hashes[rel] = sha
-                    report.fetched.append(rel)
-                else:
-                    bad.append(rel)
-        finally:
-            for tmp in temps:
-                if os.path.lexists(tmp):
-                    os.unlink(tmp)
+            self._pool.download(remote_root, [(w[0], p, w[2]) for w, p in zip(big, parts)],
+                                lambda n: _tick(progress, report, n, total, 0, len(big)),
+                                have=have, chunk_done=_record_chunk)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DesktopFull(self.cluster.name, os.path.dirname(big[0][1]),
+                                  sum(w[2] for w in big)) from None
+            raise
+        for (rel, dest, _size, sha), part in zip(big, parts):
+            h = hashlib.sha256()
+            with open(part, "rb") as f:
+                for block in iter(lambda: f.read(8 * BLOCK), b""):
+                    h.update(block)
+            if h.hexdigest() == sha:
+                os.chmod(part, 0o666 & ~_UMASK)
+                os.replace(part, dest)
+                report.hashes[rel] = sha
+                report.fetched.append(rel)
+            else:
+                bad.append(rel)
+            _drop_parts(dest)  # its record; a bad partial too: all of it comes again
         return bad
 
+
+# ---- partial downloads ---------------------------------------------------------------------
+
+PART = TEMP_PREFIX + "part-"  # a TEMP_PREFIX name: never walked, listed or staged
+
+
+def _part_path(dest: str, sha: str) -> str:
+    """The partial file of content *sha* for *dest*: named after both, so a cut download
+    of the same content resumes and a partial of other content is known as stale."""
+    tag = hashlib.sha256(os.path.basename(dest).encode()).hexdigest()[:12]
+    return os.path.join(os.path.dirname(dest), "%s%s-%s" % (PART, tag, sha[:32]))
+
+
+def _drop_parts(dest: str, keep: str = "") -> None:
+    tag = os.path.basename(_part_path(dest, ""))
+    folder = os.path.dirname(dest)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.startswith(tag) and path not in (keep, keep + ".chunks"):
+            os.unlink(path)
+
+
+def _resume(part: str, size: int) -> Set[int]:
+    """The chunks an earlier download wrote whole into *part* (recorded with this chunk
+    size, in a regular file of this size), or none, after making *part* afresh. The
+    whole-file hash decides in the end: a record that lies costs a refetch, never a file."""
+    try:
+        st = os.lstat(part)
+        with open(part + ".chunks") as f:
+            head, *indices = f.read().split("\n")
+        if stat.S_ISREG(st.st_mode) and st.st_size == size and head == "chunk %d" % streams.CHUNK:
+            return {int(i) for i in indices if i.isdigit()}
+    except (OSError, ValueError):
+        pass
+    for path in (part, part + ".chunks"):
+        if os.path.lexists(path):
+            os.unlink(path)
+    os.close(os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
+    with open(part + ".chunks", "x") as f:
+        f.write("chunk %d\n" % streams.CHUNK)
+    return set()
+
+
+def _record_chunk(part: str, index: int) -> None:
+    """*index* of *part* is written whole (one short append: whole lines even with several
+    streams writing the same record)."""
+    fd = os.open(part + ".chunks", os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    try:
+        os.write(fd, b"%d\n" % index)
+    finally:
+        os.close(fd)

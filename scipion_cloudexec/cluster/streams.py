@@ -25,7 +25,7 @@ import os
 import queue
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from ..config import ClusterConfig
 from ..remote.hashing import BLOCK
@@ -211,21 +211,32 @@ class StreamPool:
     # ---- downloads ----------------------------------------------------------------------
 
     def download(self, remote_root: str, files: List[Tuple[str, str, int]],
-                 tick: Callable[[int], None]) -> None:
+                 tick: Callable[[int], None], have: Optional[Dict[str, Set[int]]] = None,
+                 chunk_done: Optional[Callable[[str, int], None]] = None) -> None:
         """Receive files ``(rel under remote_root, local temporary file, size)`` in chunks
         over the streams, each written at its offset; the caller hashes and renames them.
+        ``have[tmp]``: chunks a cut download already wrote there (not asked again);
+        ``chunk_done(tmp, index)`` is called once a chunk is written whole.
 
         Raises:
-            LinkLost: a stream broke (the caller deletes the temporary files).
+            LinkLost: a stream broke (the caller keeps or deletes the temporary files).
         """
         work: "queue.Queue" = queue.Queue()
         for rel, tmp, size in files:
-            with open(tmp, "r+b") as f:
-                f.truncate(size)
+            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+            skip = (have or {}).get(tmp, set())
             for i in range(max(1, -(-size // CHUNK))):
-                work.put((rel, tmp, size, i))
+                if i not in skip:
+                    work.put((rel, tmp, size, i))
+        if work.empty():
+            return
+        done = chunk_done or (lambda tmp, index: None)
         try:
-            self._parallel(work, tick, lambda *a: self._chunk_receiver(remote_root, *a))
+            self._parallel(work, tick, lambda *a: self._chunk_receiver(remote_root, done, *a))
         except (OSError, EOFError, StagingError) as e:
             self.close()
             if isinstance(e, LinkLost):
@@ -234,7 +245,8 @@ class StreamPool:
                            % (self.cluster.name, e)) from None
 
     @staticmethod
-    def _chunk_receiver(remote_root: str, ch: ServerChannel, work: "queue.Queue",
+    def _chunk_receiver(remote_root: str, chunk_done: Callable[[str, int], None],
+                        ch: ServerChannel, work: "queue.Queue",
                         counted: Callable[[int], None], started: threading.Event,
                         failed: list, lock: threading.Lock) -> None:
         """One stream's loop for downloads: two ranges asked ahead, each written at its
@@ -251,14 +263,14 @@ class StreamPool:
                     start = index * CHUNK
                     ch.send(SendRange(root=remote_root, path=rel, offset=start,
                                       length=min(size, start + CHUNK) - start))
-                    inflight.append((tmp, start))
+                    inflight.append((tmp, start, index))
                 if not inflight:
                     break
-                tmp, offset = inflight.pop(0)
+                tmp, offset, index = inflight.pop(0)
                 left = ch.line()["size"]
                 started.set()
                 if tmp not in fds:
-                    fds[tmp] = os.open(tmp, os.O_WRONLY)
+                    fds[tmp] = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
                 while left:
                     block = ch.out.read1(min(8 * BLOCK, left)) if hasattr(ch.out, "read1") \
                         else ch.out.read(min(BLOCK, left))
@@ -271,6 +283,7 @@ class StreamPool:
                         offset += w
                     left -= len(block)
                     counted(len(block))
+                chunk_done(tmp, index)
         finally:
             for fd in fds.values():
                 os.close(fd)

@@ -138,6 +138,59 @@ def test_a_large_file_fetched_over_n_streams_arrives_identical(make_cluster, tmp
     assert not [p for p in os.listdir(dest / "000002_X") if p.startswith(".")], "no temporaries"
 
 
+def test_a_cut_download_resumes_with_the_chunks_it_lacks(make_cluster, tmp_path, stager_for):
+    """A link reset mid-download leaves the partial file and its record of whole chunks
+    (hidden names, never walked); the next fetch asks only for the others, and the file
+    lands identical with nothing else left beside it. Before: fetched again from byte 0."""
+    c = make_cluster("local", streams="4", transfer="openssh")
+    out = os.path.join(c.workdir, "data")
+    os.makedirs(out)
+    big = os.urandom(40 * MB + 77)
+    with open(os.path.join(out, "big.mrcs"), "wb") as f:
+        f.write(big)
+    back = tmp_path / "back"
+    with Link((c.host, c.port), delay_ms=10, rate_mbit=400) as link:
+        far = link.cluster(c)
+        link.reset_after(16 * MB, direction="down")
+        with pytest.raises(StagingError, match="lost|stopped|ended|did not start"):
+            stager_for(far).fetch("data/big.mrcs", str(back))
+        assert link.stats()["resets"] >= 1
+        assert not (back / "big.mrcs").exists()
+        left = sorted(os.listdir(back))
+        assert len(left) == 2 and left[1] == left[0] + ".chunks", left
+        assert left[0].startswith(".cloudexec-part-")
+        r = stager_for(far).fetch("data/big.mrcs", str(back))
+    assert 0 < r.bytes_sent < len(big) - 8 * MB, "resumed: %d bytes again" % r.bytes_sent
+    assert (back / "big.mrcs").read_bytes() == big
+    assert os.listdir(back) == ["big.mrcs"], "the partial file and its record are gone"
+
+
+def test_a_partial_download_whose_record_lies_is_fetched_again_whole(make_cluster, tmp_path,
+                                                                     stager_for):
+    """The whole-file hash decides: chunks recorded whole but holding other bytes (a crash
+    between write-back and record, a damaged disk) cost one full fetch, never a file."""
+    from scipion_cloudexec.cluster import gather
+    c = make_cluster("local", streams="4", transfer="openssh")
+    out = os.path.join(c.workdir, "data")
+    os.makedirs(out)
+    big = os.urandom(9 * MB)
+    with open(os.path.join(out, "big.mrcs"), "wb") as f:
+        f.write(big)
+    back = tmp_path / "back"
+    back.mkdir()
+    part = gather._part_path(str(back / "big.mrcs"), hashlib.sha256(big).hexdigest())
+    with open(part, "wb") as f:
+        f.write(b"\0" * len(big))  # every chunk "done", every byte wrong
+    with open(part + ".chunks", "w") as f:
+        f.write("chunk %d\n0\n1\n2\n3\n4\n" % streams.CHUNK)
+    with pytest.raises(StagingError, match="corrupted"):
+        stager_for(c).fetch("data/big.mrcs", str(back))
+    assert os.listdir(back) == [], "the lying partial is dropped"
+    r = stager_for(c).fetch("data/big.mrcs", str(back))
+    assert r.bytes_sent == len(big)
+    assert (back / "big.mrcs").read_bytes() == big
+
+
 def test_a_fetched_file_not_matching_the_listing_is_not_kept(make_cluster, tmp_path, stager_for,
                                                             monkeypatch):
     c = make_cluster("local", streams="4", transfer="openssh")
@@ -148,8 +201,8 @@ def test_a_fetched_file_not_matching_the_listing_is_not_kept(make_cluster, tmp_p
     st = stager_for(c)
     real = streams.StreamPool.download
 
-    def flipping(self, remote_root, files, tick):
-        real(self, remote_root, files, tick)
+    def flipping(self, remote_root, files, tick, **kw):
+        real(self, remote_root, files, tick, **kw)
         with open(files[0][1], "r+b") as f:  # one byte changed after arrival
             f.seek(5)
             b = f.read(1)
@@ -158,4 +211,4 @@ def test_a_fetched_file_not_matching_the_listing_is_not_kept(make_cluster, tmp_p
     monkeypatch.setattr(streams.StreamPool, "download", flipping)
     with pytest.raises(StagingError, match="corrupted"):
         st.fetch("data/big.mrcs", str(tmp_path / "back"))
-    assert os.listdir(tmp_path / "back") == []
+    assert os.listdir(tmp_path / "back") == [], "no partial of a corrupted file is kept"
