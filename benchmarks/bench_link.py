@@ -96,6 +96,8 @@ class Bench:
                                 "workdir", "python", "launcher", "slots", "heartbeat",
                                 "connect_timeout", "transfer")}
         fields["streams"] = self.a.ours_streams
+        if self.a.transfer:
+            fields["transfer"] = self.a.transfer
         arg = json.dumps({"cluster": fields, "hashes": hashes, "warm": warm,
                           "root": self.data, "paths": paths})
         settle()
@@ -235,6 +237,8 @@ def main():
                    help="(3) also for ours on a new workdir that has the agent bundle already "
                         "(as after ClusterSession.start, which uploads it before any staging)")
     p.add_argument("--ours-streams", default="auto", help="the cluster key streams for ours")
+    p.add_argument("--transfer", default="", help="the cluster key transfer for ours "
+                   "(auto, openssh, paramiko)")
     a = p.parse_args()
     big_mb = a.big_mb or (500.0 if a.full else 100.0)
     small_n = a.small or (10000 if a.full else 2000)

@@ -255,22 +255,23 @@ class BatchUploader:
 
 class SmallFilesOverStreams:
     """The :class:`~.stager.Stager`'s side of the uploader (a mixin: it uses the stager's
-    ``cluster``, ``_pool``, ``_bulk_refused``, ``_send_file``, ``_upload_request`` and
+    ``cluster``, ``_pool``, ``_new_pool``, ``_bulk_refused``, ``_send_file``, ``_upload_request`` and
     ``_reported``)."""
 
     cluster: ClusterConfig
     _pool: Optional[StreamPool]
     _bulk_refused: bool
+    _new_pool: Callable[[], StreamPool]
 
     def _parallel_ok(self) -> bool:
-        """Whether several OpenSSH streams may be used (not refused, not ``streams = 1``)."""
-        return not self._bulk_refused and fixed_streams(self.cluster) != 1
+        """Whether several streams may be used (not ``streams = 1``)."""
+        return fixed_streams(self.cluster) != 1
 
     def _uploader(self, project: str, report: StageReport,
                   progress: Optional[Progress]) -> BatchUploader:
         """An uploader on the pool's streams (their logins start now)."""
         if self._pool is None:
-            self._pool = StreamPool(self.cluster, self._send_file)
+            self._pool = self._new_pool()
         self._pool.used = self._pool.count
         base, up = report.bytes_sent, []
 
@@ -279,7 +280,8 @@ class SmallFilesOverStreams:
         up.append(BatchUploader(self._pool, lambda entries: self._upload_request(project,
                                                                                  entries),
                                 self._send_file, tick, self._pool.count,
-                                fallback=self.cluster.transfer == "auto"))
+                                fallback=self.cluster.transfer == "auto" and
+                                not self._bulk_refused))
         return up[0]
 
     def _settle(self, up: Optional[BatchUploader], report: StageReport, problems: List[str],
@@ -295,6 +297,7 @@ class SmallFilesOverStreams:
                         self.cluster.name, up.failed[0] if up.failed else "")
             self._bulk_refused = True
             self._pool.close()
+            self._pool = None  # the next one: channels of the paramiko connection
             to_send.extend(unsent)
         for entries, _answer, final in results:
             problems.extend(self._reported(entries, final, report))

@@ -193,7 +193,7 @@ class Gathering:
         total = sum(w[2] for w in wanted)
         bad: List[str] = []
         big = [w for w in wanted if w[2] >= streams.CHUNKED_MIN]
-        if big and self.bulk_available and streams.fixed_streams(self.cluster) != 1:
+        if big and streams.fixed_streams(self.cluster) != 1:
             bad += self._receive_chunked(remote_root, big, report, progress, total)
             wanted = [w for w in wanted if w[2] < streams.CHUNKED_MIN]
             if not wanted:
@@ -253,13 +253,13 @@ class Gathering:
     def _receive_chunked(self, remote_root: str, big: List[Tuple[str, str, int, str]],
                          report: StageReport, progress: Optional[Progress], total: int
                          ) -> List[str]:
-        """Large files in chunks over parallel OpenSSH streams (:mod:`.streams`), each
+        """Large files in chunks over parallel streams (:mod:`.streams`), each
         into a partial file beside its destination, renamed into place only when the whole
         file has the listing's hash. A cut download leaves its partial file and the record
         of its whole chunks: the next gather of that content asks only for the others.
         Returns the files refused."""
         if self._pool is None:
-            self._pool = streams.StreamPool(self.cluster, self._send_file)
+            self._pool = self._new_pool()
         parts: List[str] = []
         have: Dict[str, Set[int]] = {}
         bad: List[str] = []

@@ -106,6 +106,14 @@ class Stager(Gathering, SmallFilesOverStreams):
     def bulk_available(self) -> bool:
         return not self._bulk_refused
 
+    def _new_pool(self) -> streams.StreamPool:
+        """Parallel streams: OpenSSH logins, or channels of our paramiko connection where
+        OpenSSH is not the carrier (``transfer = paramiko``, or ``auto`` without it)."""
+        if self._bulk_refused:
+            return streams.StreamPool(self.cluster, self._send_file,
+                                      lambda: ParamikoChannel(self.ssh, self.cluster))
+        return streams.StreamPool(self.cluster, self._send_file)
+
     def _wants_bulk(self, size: int) -> bool:
         running = self._bulk_chan is not None and self._bulk_chan.alive
         asked = self.cluster.transfer == "openssh"  # chosen by the user: worth a login
@@ -425,7 +433,7 @@ class Stager(Gathering, SmallFilesOverStreams):
         if not big:
             return {}, set()
         if self._pool is None:
-            self._pool = streams.StreamPool(self.cluster, self._send_file)
+            self._pool = self._new_pool()
         total = report.bytes_sent + sum(f[1] for f in big.values())
         return self._pool.upload(list(big.values()), lambda n: _tick(
             progress, report, n, total, 0, len(big))), set(big)

@@ -50,11 +50,16 @@ def fixed_streams(cluster: ClusterConfig) -> Optional[int]:
 
 
 class StreamPool:
-    """OpenSSH staging servers used side by side for the chunks of large files."""
+    """Staging servers used side by side for the chunks of large files (and batches of
+    small ones): OpenSSH streams by default, each its own login; or exec channels of one
+    paramiko connection where paramiko is the carrier (each channel has its own window,
+    which is what a long link needs)."""
 
-    def __init__(self, cluster: ClusterConfig, send_file: Callable[..., None]):
+    def __init__(self, cluster: ClusterConfig, send_file: Callable[..., None],
+                 make_channel: Optional[Callable[[], ServerChannel]] = None):
         self.cluster = cluster
         self._send_file = send_file  # Stager._send_file(ch, local, end, start, tick)
+        self._make = make_channel or (lambda: OpenSSHChannel(cluster))
         self.channels: List[ServerChannel] = []
         fixed = fixed_streams(cluster)
         self.count = fixed or START  # the count to start the next upload with
@@ -68,10 +73,10 @@ class StreamPool:
 
     def _chan(self, i: int) -> ServerChannel:
         while len(self.channels) <= i:
-            self.channels.append(OpenSSHChannel(self.cluster))
+            self.channels.append(self._make())
         if not self.channels[i].alive:
             self.channels[i].close()
-            self.channels[i] = OpenSSHChannel(self.cluster)
+            self.channels[i] = self._make()
         return self.channels[i]
 
     def upload(self, files: List[File], tick: Callable[[int], None]) -> Dict[str, str]:

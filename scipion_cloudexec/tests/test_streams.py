@@ -87,6 +87,36 @@ def test_link_reset_mid_transfer_then_staging_again_resends_only_missing_chunks(
     assert _mirrored(c, "movies/big.mrcs") == big
 
 
+def test_with_paramiko_as_the_carrier_chunks_go_over_several_channels_both_ways(
+        make_cluster, tmp_path, stager_for):
+    """transfer = paramiko (no OpenSSH client on the desktop): the chunks travel over
+    several exec channels of the one paramiko connection, each with its own window; a cut
+    upload and a cut download resume per chunk as with OpenSSH. Before: one channel."""
+    c = make_cluster("local", streams="4", transfer="paramiko")
+    proj, big = _project(tmp_path, 30 * MB)
+    with Link((c.host, c.port), delay_ms=10, rate_mbit=400) as link:
+        far = link.cluster(c)
+        link.reset_after(12 * MB)
+        with pytest.raises(StagingError, match="lost|stopped|ended|did not start"):
+            stager_for(far).stage_in(str(proj), ["movies"], "proj")
+        st = stager_for(far)
+        r = st.stage_in(str(proj), ["movies"], "proj")
+        assert 0 < r.bytes_sent < len(big), "resumed per chunk: %d bytes again" % r.bytes_sent
+        assert st.streams_used == 4
+        assert _mirrored(c, "movies/big.mrcs") == big
+        back = tmp_path / "back"
+        link.reset_after(12 * MB, direction="down")
+        with pytest.raises(StagingError, match="lost|stopped|ended|did not start"):
+            stager_for(far).fetch("projects/proj/movies/big.mrcs", str(back))
+        st = stager_for(far)
+        r = st.fetch("projects/proj/movies/big.mrcs", str(back))
+    assert 0 < r.bytes_sent < len(big), "resumed per chunk: %d bytes again" % r.bytes_sent
+    assert st.streams_used == 4
+    assert (back / "big.mrcs").read_bytes() == big
+    assert os.listdir(back) == ["big.mrcs"]
+    assert st._bulk_refused, "paramiko only: no OpenSSH stream was started"
+
+
 def test_a_corrupted_chunk_is_caught_by_the_whole_file_hash_and_not_published(
         make_cluster, tmp_path, stager_for):
     c = make_cluster("local", streams="4", transfer="openssh")
