@@ -419,6 +419,13 @@ def main():
         print("|---" * (len(streams) + 1) + "|")
         print("| MB/s | " + " | ".join(
             "%.0f" % (mb / med(T[("streams", "x%d" % n, a.streams_rtt)])) for n in streams) + " |")
+    if a.plot and rtts:
+        try:
+            plot(a.plot, rtts, speed, rate_mb, "4 files, %.0f MB, %.0f Mbit/s link model, "
+                 "median of %d (benchmarks/bench_link.py)" % (mb, a.rate_mbit, a.rounds))
+            print("plot: %s" % os.path.abspath(a.plot))
+        except ImportError:
+            print("no plot: matplotlib is not installed in this venv")
     if a.no_small:
         return 0
     smb = small_bytes / 1e6
@@ -441,13 +448,6 @@ def main():
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "calibration": cal,
                        "times": {"|".join(map(str, k)): v for k, v in T.items()}}, f, indent=1)
-    if a.plot and rtts:
-        try:
-            plot(a.plot, rtts, speed, rate_mb, "4 files, %.0f MB, %.0f Mbit/s link model, "
-                 "median of %d (benchmarks/bench_link.py)" % (mb, a.rate_mbit, a.rounds))
-            print("plot: %s" % os.path.abspath(a.plot))
-        except ImportError:
-            print("no plot: matplotlib is not installed in this venv")
     return 0
 
 
