@@ -214,6 +214,8 @@ class Stager(Gathering):
                 if keep_hashes:
                     report.hashes.update((f[0], f[3]) for f in batch.files)
                 fresh += batch.fresh_bytes
+                if sync is not None and not batch.files and not batch.dirs:
+                    continue  # the run folder as the base has it: no request (issue 13)
                 if self.bulk_available and self._wants_bulk(fresh):
                     self._channel(bulk=True)  # much new content ahead: start the fast stream
                 self._send_check(project, batch)
