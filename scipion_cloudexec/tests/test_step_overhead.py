@@ -1,0 +1,178 @@
+"""Per-step overhead (issue 13): the shortcuts that spare a step its round trips and
+scans must never miss a change. Each test makes the change a shortcut could miss and
+checks that it arrives (or is hashed anew): the hash memo answered from memory, the base
+kept in memory, no stage-in request when nothing changed, and concurrent steps sharing
+one stage-in walk or one gather."""
+import hashlib
+import os
+import threading
+import time
+
+from scipion_cloudexec.cluster.sync import SyncState
+from scipion_cloudexec.remote.hashing import HashCache
+
+RUN = "Runs/000010_ProtX"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def rewrite_keeping_stat(path, data: bytes) -> None:
+    """Same size, same inode, the same mtime to the nanosecond: only the bytes differ (a
+    rewrite within the filesystem's mtime granularity looks like this)."""
+    st = os.stat(path)
+    assert len(data) == st.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_the_memo_in_memory_never_hides_a_same_size_rewrite(tmp_path):
+    f = tmp_path / "out.txt"
+    f.write_bytes(b"first")
+    db = str(tmp_path / "hashes.sqlite")
+    racy = HashCache(db, racy_seconds=3600)  # the file was just written: racy
+    assert racy.get(str(f)) == sha(b"first")
+    rewrite_keeping_stat(str(f), b"later")
+    assert racy.get(str(f)) == sha(b"later"), "a racy file is hashed again, never remembered"
+    again = HashCache(db, racy_seconds=3600)  # another instance shares the memory: same rule
+    assert again.get_many([(str(f), os.stat(f))]) == [sha(b"later")]
+    racy.close()
+    again.close()
+    settled = HashCache(db, racy_seconds=0)  # old enough: remembered...
+    assert settled.get(str(f)) == sha(b"later")
+    f.write_bytes(b"third, longer")  # ...until size, mtime or inode move
+    assert settled.get_many([(str(f), os.stat(f))]) == [sha(b"third, longer")]
+    os.replace(tmp_path / "out.txt", tmp_path / "gone.txt")
+    (tmp_path / "out.txt").write_bytes(b"fifth")  # another inode at the same path
+    assert settled.get(str(f)) == sha(b"fifth")
+    settled.close()
+
+
+def test_the_base_in_memory_is_what_was_committed(tmp_path):
+    logs = str(tmp_path / "logs")
+    one = SyncState(logs)
+    assert one.base("c1") == {}
+    one.update("c1", {RUN + "/a": sha(b"a"), RUN + "/d": "d"})
+    one.update("c1", {RUN + "/a": "", RUN + "/b": sha(b"b")})
+    one.update("c2", {RUN + "/x": sha(b"x")})
+    want = {RUN + "/d": "d", RUN + "/b": sha(b"b")}
+    assert one.base("c1") == want == SyncState(logs).base("c1")
+    got = one.base("c1")
+    got[RUN + "/z"] = "d"  # a caller's copy: the base itself is untouched
+    assert one.base("c1") == want
+    one.abandon("c1")
+    assert one.base("c1") == {} == SyncState(logs).base("c1")
+    assert one.base("c2") == {RUN + "/x": sha(b"x")} == SyncState(logs).base("c2")
+
+
+def _sync_in(st, proj, base):
+    r = st.stage_in(str(proj), [RUN], "proj", run_dir=RUN, base=base)
+    base.update(r.agreed)
+    for k in [k for k, v in base.items() if not v]:
+        del base[k]
+    return r
+
+
+def test_no_stage_in_request_when_nothing_changed_but_every_change_goes(
+        make_cluster, stager_for, tmp_path):
+    c = make_cluster("local")
+    st = stager_for(c)
+    proj = tmp_path / "proj"
+    (proj / RUN / "extra").mkdir(parents=True)
+    (proj / RUN / "extra" / "a.txt").write_bytes(b"aaaa")
+    (proj / RUN / "extra" / "b.txt").write_bytes(b"bbbb")
+    base = {}
+    _sync_in(st, proj, base)
+    asked = []
+    real = st._send_check
+    st._send_check = lambda project, batch: (asked.append(batch), real(project, batch))
+    _sync_in(st, proj, base)
+    assert asked == [], "the run folder is as the base has it: no request"
+    mirror = os.path.join(c.workdir, "projects", "proj", RUN, "extra")
+    (proj / RUN / "extra" / "b.txt").unlink()  # a deletion alone still travels
+    _sync_in(st, proj, base)
+    assert not os.path.exists(os.path.join(mirror, "b.txt"))
+    rewrite_keeping_stat(str(proj / RUN / "extra" / "a.txt"), b"AAAA")  # a rewrite too
+    (proj / RUN / "extra" / "new").mkdir()  # and an empty folder
+    _sync_in(st, proj, base)
+    with open(os.path.join(mirror, "a.txt"), "rb") as f:
+        assert f.read() == b"AAAA"
+    assert os.path.isdir(os.path.join(mirror, "new"))
+
+
+def _runner(make_cluster, tmp_path):
+    from scipion_cloudexec.executors.runner import ClusterRunner, ProtocolRun
+    c = make_cluster("local")
+    project = tmp_path / "proj"
+    run_dir = project / RUN
+    (run_dir / "extra").mkdir(parents=True)
+    run = ProtocolRun(str(project), "proj", str(run_dir), 10)
+    runner = ClusterRunner(c, run)
+    runner.connect()
+    return c, runner, run_dir, os.path.join(c.workdir, "projects", run.mirror, RUN)
+
+
+def test_a_change_made_during_a_shared_stage_in_is_not_skipped(make_cluster, tmp_path):
+    """Steps waiting for the stage lock share the stage-in under way only if it began after
+    their need arose: a file written while a stage-in runs (after its walk) goes with the
+    next one."""
+    c, runner, run_dir, mirror = _runner(make_cluster, tmp_path)
+    try:
+        real = runner.session.stage_in
+        written = {}
+
+        def walk_then_write(*args, **kwargs):
+            report = real(*args, **kwargs)  # the walk is over
+            if not written:
+                (run_dir / "extra" / "late.txt").write_bytes(b"written during a stage-in")
+                written["at"] = time.monotonic()
+            return report
+        runner.session.stage_in = walk_then_write
+        runner.stage_in(lambda s: None, since=time.monotonic())
+        assert not os.path.exists(os.path.join(mirror, "extra", "late.txt"))
+        runner.stage_in(lambda s: None, since=written["at"])
+        with open(os.path.join(mirror, "extra", "late.txt"), "rb") as f:
+            assert f.read() == b"written during a stage-in"
+        # and steps whose need predates a clean stage-in share it: one walk for many
+        calls = []
+        runner.session.stage_in = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        since = time.monotonic()
+        (run_dir / "extra" / "mine.txt").write_bytes(b"mine")
+        threads = [threading.Thread(target=runner.stage_in, args=(lambda s: None, since))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert 1 <= len(calls) <= 4
+        with open(os.path.join(mirror, "extra", "mine.txt"), "rb") as f:
+            assert f.read() == b"mine"
+    finally:
+        runner.close()
+
+
+def test_a_job_ended_during_a_shared_gather_is_gathered(make_cluster, tmp_path):
+    """A gather covers a job only if it began listing after that job was seen to end: an
+    output written while a gather runs (after its listing) comes with the next one."""
+    c, runner, run_dir, mirror = _runner(make_cluster, tmp_path)
+    try:
+        runner.stage_in(lambda s: None, since=time.monotonic())
+        real = runner.session.stage_out
+        ended = {}
+
+        def list_then_job_ends(*args, **kwargs):
+            report = real(*args, **kwargs)  # the listing is over
+            if not ended:
+                with open(os.path.join(mirror, "extra", "out.txt"), "wb") as f:
+                    f.write(b"a job's output")
+                ended["at"] = time.monotonic()
+            return report
+        runner.session.stage_out = list_then_job_ends
+        runner.stage_out(lambda s: None, since=time.monotonic())
+        assert not (run_dir / "extra" / "out.txt").exists()
+        runner.stage_out(lambda s: None, since=ended["at"])
+        assert (run_dir / "extra" / "out.txt").read_bytes() == b"a job's output"
+    finally:
+        runner.close()
