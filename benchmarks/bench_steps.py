@@ -21,7 +21,6 @@ import platform
 import shutil
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_executor import run, setup_scipion  # noqa: E402
@@ -41,7 +40,8 @@ def overheads(prot):
             if not ph:
                 continue
             own = max(0.0, (r.get("ended") or 0) - (r.get("started") or 0))
-            out.append((r["staged_at"], 1000 * (sum(ph.values()) - own), ph))
+            out.append((r["staged_at"], 1000 * (sum(ph.values()) - own), ph,
+                        r.get("shared", [])))
     out.sort()
     return out
 
@@ -83,6 +83,9 @@ def main():
                 if where == "cloud":
                     o = overheads(project.getProtocol(prot.getObjId()))
                     t[(where, threads, "o")] = statistics.median(v[1] for v in o)
+                    print("  %s %d threads: median phases (ms) %s" % (where, threads, {
+                        k: round(1000 * statistics.median(v[2][k] for v in o), 1)
+                        for k in o[0][2]}), flush=True)
             rows_a.append((rnd, t))
             print("round %d: local serial %.2f s; cloud 1 thread %.2f s (%.2fx, %.0f ms/step "
                   "overhead); cloud %d threads %.2f s (%.2fx)" % (
@@ -98,11 +101,12 @@ def main():
             files = sum(len(fs) for _d, _s, fs in os.walk(prot._getPath()))
             last = o[-max(1, len(o) // 10):]
             phases = {k: 1000 * statistics.median(v[2][k] for v in last) for k in last[0][2]}
-            rows_c.append((n, wall, tenth(o, False), tenth(o, True), phases, files))
+            shared = {k: sum(k in v[3] for v in o) for k in ("stage_in", "gather")}
+            rows_c.append((n, wall, tenth(o, False), tenth(o, True), phases, files, shared))
             print("curve %d steps: %.1f s, %.1f ms/step wall; overhead first tenth %.1f ms, "
-                  "last tenth %.1f ms; last tenth phases %s; %d files" % (
+                  "last tenth %.1f ms; last tenth phases %s; %d files; shared %s" % (
                       n, wall, 1000 * wall / n, tenth(o, False), tenth(o, True),
-                      {k: round(v, 1) for k, v in phases.items()}, files), flush=True)
+                      {k: round(v, 1) for k, v in phases.items()}, files, shared), flush=True)
     finally:
         tb.down()
         os.chdir("/")
@@ -118,10 +122,11 @@ def main():
                 t[("cloud", a.threads)], t[("cloud", a.threads)] / t[("local", 1)]))
     if rows_c:
         print("| steps | wall | per step (wall) | overhead per step, first tenth | last tenth |"
-              " files |\n|---|---|---|---|---|---|")
-        for n, wall, first, last, _ph, files in rows_c:
-            print("| %d | %.1f s | %.1f ms | %.1f ms | %.1f ms | %d |"
-                  % (n, wall, 1000 * wall / n, first, last, files))
+              " files | stage-ins, gathers shared |\n|---|---|---|---|---|---|---|")
+        for n, wall, first, last, _ph, files, shared in rows_c:
+            print("| %d | %.1f s | %.1f ms | %.1f ms | %.1f ms | %d | %d, %d |"
+                  % (n, wall, 1000 * wall / n, first, last, files, shared["stage_in"],
+                     shared["gather"]))
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ class ClusterRunner:
         paths: List[str] = [run.run_dir]
         with self._stage_lock:
             if since is not None and self._clean["in"] >= since and run.sync.known(name):
-                return StageReport()
+                return StageReport(shared=True)
             began = time.monotonic()  # before the walk: what was written before is seen
             if not self._inputs_staged:
                 paths = sorted(set(self._relative(self.inputs()))) + paths
@@ -235,7 +235,7 @@ class ClusterRunner:
         run, name = self.run, self.cluster.name
         with self._stage_lock:
             if since is not None and self._clean["out"] >= since:
-                return StageReport()
+                return StageReport(shared=True)
             began = time.monotonic()  # before the listing: a job ended before is in it
             progress = TransferProgress("cloudexec: gathering from %s" % name, say=say)
             try:
@@ -311,6 +311,7 @@ class ClusterRunner:
         sout = self.stage_out(say, since=ended)
         phases["gather"] = time.perf_counter() - t
         record["phases"] = {k: round(v, 4) for k, v in phases.items()}
+        record["shared"] = [k for k, r in (("stage_in", sin), ("gather", sout)) if r.shared]
         record["outputs"] = {k: v for k, v in sout.hashes.items() if k in set(sout.fetched)}
         self._record(record)
         say("cloudexec: job %s %s (exit %s) on %s, launcher id %s; %d file(s) gathered"
