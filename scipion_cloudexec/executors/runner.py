@@ -71,6 +71,7 @@ class ClusterRunner:
         self.bytes_in_place = 0  # this run's data the cluster holds (sent or already cached)
         self._connect_lock = threading.Lock()
         self._stage_lock = threading.Lock()
+        self._record_lock = threading.Lock()  # not the stage lock: a sync may take long
         # when the last stage-in and gather that ended clean began (time.monotonic()): a
         # step waiting for the lock whose need arose before that is already covered
         self._clean: Dict[str, float] = {"in": -1.0, "out": -1.0}
@@ -327,7 +328,7 @@ class ClusterRunner:
 
     def _record(self, record: dict) -> None:
         os.makedirs(self.run.logs, exist_ok=True)
-        with self._stage_lock, open(os.path.join(self.run.logs, "cloudexec.jsonl"), "a") as f:
+        with self._record_lock, open(os.path.join(self.run.logs, "cloudexec.jsonl"), "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         runrecords.drop_pending(self.run.logs, record["job_id"])
 

@@ -176,3 +176,48 @@ def test_a_job_ended_during_a_shared_gather_is_gathered(make_cluster, tmp_path):
         assert (run_dir / "extra" / "out.txt").read_bytes() == b"a job's output"
     finally:
         runner.close()
+
+
+def test_the_listing_names_every_path_as_relpath_does(tmp_path):
+    """The listing computes each path from its folder's (not one relpath per file): the
+    same names, folders, links and files, at the top and deep down, as from a plain walk."""
+    import io
+    import json
+    from scipion_cloudexec.remote.stage_protocol import ListTree
+    from scipion_cloudexec.remote.stage_server import cmd_list
+    top = tmp_path / "proj" / RUN
+    (top / "extra" / "deep" / "er").mkdir(parents=True)
+    (top / "logs").mkdir()
+    (top / "logs" / "run.log").write_bytes(b"never listed")
+    (top / "top.txt").write_bytes(b"t")
+    (top / "extra" / "deep" / "er" / "x.txt").write_bytes(b"x")
+    os.symlink("deep/er", top / "extra" / "linked")  # a link to a folder: listed as a link
+    os.symlink("../top.txt", top / "extra" / "t.txt")
+
+    class Out:
+        def __init__(self):
+            self.buf = io.BytesIO()
+
+        def line(self, obj):
+            self.buf.write(json.dumps(obj).encode())
+    out = Out()
+    memo = HashCache(str(tmp_path / "h.sqlite"))
+    cmd_list(None, memo, ListTree(root=str(tmp_path / "proj"), dir=RUN, exclude=["logs"]), out)
+    got = json.loads(out.buf.getvalue())
+    root = os.path.realpath(tmp_path / "proj")
+    want_dirs, want_files = [], []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = [d for d in dirnames if d != "logs" or dirpath != str(top)]
+        for d in dirnames:
+            if not os.path.islink(os.path.join(dirpath, d)):
+                want_dirs.append(os.path.relpath(os.path.join(dirpath, d), root))
+        want_files += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames
+                       if not os.path.islink(os.path.join(dirpath, f))]
+    assert sorted(got["dirs"]) == sorted(want_dirs)
+    assert sorted(f[0] for f in got["files"]) == sorted(want_files)
+    assert sorted(got["links"]) == [[RUN + "/extra/linked", "deep/er"],
+                                    [RUN + "/extra/t.txt", "../top.txt"]]
+    whole = Out()  # a listing of the root itself (``fetch`` of the workdir) names paths alike
+    cmd_list(None, memo, ListTree(root=str(top / "extra"), dir="."), whole)
+    assert sorted(f[0] for f in json.loads(whole.buf.getvalue())["files"]) == ["deep/er/x.txt"]
+    memo.close()
