@@ -10,8 +10,7 @@ import time
 
 from scipion_cloudexec.cluster.sync import SyncState
 from scipion_cloudexec.remote.hashing import HashCache
-
-RUN = "Runs/000010_ProtX"
+from scipion_cloudexec.tests.test_sync import RUN, sync_in as _sync_in
 
 
 def sha(data: bytes) -> str:
@@ -65,14 +64,6 @@ def test_the_base_in_memory_is_what_was_committed(tmp_path):
     one.abandon("c1")
     assert one.base("c1") == {} == SyncState(logs).base("c1")
     assert one.base("c2") == {RUN + "/x": sha(b"x")} == SyncState(logs).base("c2")
-
-
-def _sync_in(st, proj, base):
-    r = st.stage_in(str(proj), [RUN], "proj", run_dir=RUN, base=base)
-    base.update(r.agreed)
-    for k in [k for k, v in base.items() if not v]:
-        del base[k]
-    return r
 
 
 def test_no_stage_in_request_when_nothing_changed_but_every_change_goes(
