@@ -17,13 +17,12 @@ Starts its own sshd test bed and Scipion folders under --root and removes them a
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_executor import run, setup_scipion  # noqa: E402
+from bench_executor import finish, run, setup_scipion  # noqa: E402
 
 ROOT = "/tmp/cloudexec-bench-steps"
 WRITE3 = "for k in 1 2 3; do echo step {i} file $k > out_{i}_$k.txt; done"
@@ -110,11 +109,7 @@ def main():
                       n, wall, 1000 * wall / n, tenth(o, False), tenth(o, True),
                       {k: round(v, 1) for k, v in phases.items()}, files, shared), flush=True)
     finally:
-        tb.down()
-        os.chdir("/")
-        shutil.rmtree(a.root, ignore_errors=True)
-    print("machine: %s, %d cores, Python %s" % (platform.platform(), os.cpu_count(),
-                                                platform.python_version()))
+        finish(tb, a.root)
     if rows_a:
         print("| round | local serial | cloud, 1 thread (ratio) | cloud, %d threads (ratio) |"
               "\n|---|---|---|---|" % a.threads)
