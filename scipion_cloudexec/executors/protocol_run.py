@@ -35,6 +35,9 @@ class ProtocolRun:
         self._sync: Optional[SyncState] = None
         self._counts: Dict[int, int] = {}
         self._lock = threading.Lock()
+        self._placements_lock = threading.Lock()
+        self._by_job: Optional[Dict[str, List[Dict[str, str]]]] = None
+        self._all: List[Dict[str, str]] = []  # the same records, in the file's order
 
     @property
     def token(self) -> str:
@@ -59,17 +62,38 @@ class ProtocolRun:
                 self._sync = SyncState(self.logs)
             return self._sync
 
+    def _placed(self) -> Dict[str, List[Dict[str, str]]]:
+        """Placement records by job (attempt suffix dropped), oldest first: the file read
+        once, then kept in step by :meth:`place` (only this process writes it while the
+        run is on; reading it again per step cost O(steps) each, issue 13)."""
+        with self._placements_lock:
+            if self._by_job is None:
+                self._by_job = {}
+                try:
+                    with open(os.path.join(self.logs, "cloudexec-placements.jsonl")) as f:
+                        for line in f:
+                            self._index(json.loads(line))
+                except OSError:
+                    pass
+            return self._by_job
+
+    def _index(self, record: Dict[str, str]) -> None:
+        assert self._by_job is not None
+        self._all.append(record)
+        job, _dot, attempt = record.get("job_id", "").rpartition(".")
+        key = job if _dot and attempt.isdigit() else record.get("job_id", "")
+        self._by_job.setdefault(key, []).append(record)
+
     def _placements(self, containing: str = "") -> List[Dict[str, str]]:
-        """The placement records earlier processes wrote (only lines holding *containing*)."""
-        try:
-            with open(os.path.join(self.logs, "cloudexec-placements.jsonl")) as f:
-                return [json.loads(line) for line in f if containing in line]
-        except OSError:
-            return []
+        """The placement records, oldest first (only those naming *containing*)."""
+        self._placed()
+        with self._placements_lock:
+            return [p for p in self._all
+                    if containing in p.get("job_id", "") or containing in p.get("cluster", "")]
 
     def _attempts(self, job_id: str) -> List[Tuple[str, str]]:
         """(attempt id, cluster) of a job, oldest first, as earlier processes placed them."""
-        return [(p["job_id"], p["cluster"]) for p in self._placements(job_id)
+        return [(p["job_id"], p["cluster"]) for p in list(self._placed().get(job_id, ()))
                 if p.get("job_id") == job_id or p.get("job_id", "").startswith(job_id + ".")]
 
     def placed_on(self, cluster: str) -> List[str]:
@@ -97,8 +121,13 @@ class ProtocolRun:
         """Remember where a job went, so a resumed run attaches to it there."""
         with self._lock:
             os.makedirs(self.logs, exist_ok=True)
+            record = {"job_id": job_id, "cluster": cluster}
+            placed = self._placed()
             with open(os.path.join(self.logs, "cloudexec-placements.jsonl"), "a") as f:
-                f.write(json.dumps({"job_id": job_id, "cluster": cluster}) + "\n")
+                f.write(json.dumps(record) + "\n")
+            with self._placements_lock:
+                if placed is self._by_job:
+                    self._index(record)
 
     def job_id(self, step_id: int) -> str:
         with self._lock:

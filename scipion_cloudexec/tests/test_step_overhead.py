@@ -212,3 +212,29 @@ def test_the_listing_names_every_path_as_relpath_does(tmp_path):
     cmd_list(None, memo, ListTree(root=str(top / "extra"), dir="."), whole)
     assert sorted(f[0] for f in json.loads(whole.buf.getvalue())["files"]) == ["deep/er/x.txt"]
     memo.close()
+
+
+def test_placements_kept_in_memory_answer_as_the_file_does(tmp_path):
+    """Where each job went is read once per process, then kept in step with what this
+    process places: Continue attaches to, or renews, the same attempt either way."""
+    from scipion_cloudexec.executors.protocol_run import ProtocolRun
+    run_dir = tmp_path / "proj" / RUN
+    run_dir.mkdir(parents=True)
+    earlier = ProtocolRun(str(tmp_path / "proj"), "proj.v2", str(run_dir), 10)
+    a, b = earlier.job_id(1), earlier.job_id(2)
+    earlier.place(a, "c1")
+    earlier.place(earlier.next_attempt(a), "c2")  # a.2, after a failover
+    now = ProtocolRun(str(tmp_path / "proj"), "proj.v2", str(run_dir), 10)  # Continue
+    assert now.latest(a) == (a + ".2", "c2") and now.latest_on(a, "c1") == a
+    assert now.latest(b) is None
+    now.place(b, "c1")
+    third = now.next_attempt(a)
+    now.place(third, "c1")
+    assert third == a + ".3"
+    assert now.latest(a) == (third, "c1") and now.latest(b) == (b, "c1")
+    assert now.placed_on("c1") == [a, b, third] and now.placed_on("c2") == [a + ".2"]
+    again = ProtocolRun(str(tmp_path / "proj"), "proj.v2", str(run_dir), 10)
+    for job in (a, b):
+        assert again.latest(job) == now.latest(job)
+        assert again.next_attempt(job) == now.next_attempt(job)
+    assert again.placed_on("c1") == now.placed_on("c1")
