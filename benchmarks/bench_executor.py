@@ -42,6 +42,15 @@ def setup_scipion(root):
         f.write(HOSTS.replace("PYTHON", sys.executable))
 
 
+def finish(tb, root):
+    """Stop the test bed, remove the Scipion folders, print the machine."""
+    tb.down()
+    os.chdir("/")
+    shutil.rmtree(root, ignore_errors=True)
+    print("machine: %s, %d cores, Python %s" % (platform.platform(), os.cpu_count(),
+                                                platform.python_version()))
+
+
 def run(project, prot, cluster):
     if cluster:
         prot._useQueue.set(True)
@@ -111,11 +120,7 @@ def main():
                      % ps["cloud"], "%.1f s (local, stock executor)" % ps["local"],
                      "%.2fx" % (ps["local"] / ps["cloud"]), "report"))
     finally:
-        tb.down()
-        os.chdir("/")
-        shutil.rmtree(a.root, ignore_errors=True)
-    print("machine: %s, %d cores, Python %s" % (platform.platform(), os.cpu_count(),
-                                                platform.python_version()))
+        finish(tb, a.root)
     print("| benchmark | ours | baseline | ratio | goal |\n|---|---|---|---|---|")
     for r in rows:
         print("| %s |" % " | ".join(r))

@@ -17,13 +17,12 @@ Starts its own sshd test bed and Scipion folders under --root and removes them a
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_executor import setup_scipion  # noqa: E402
+from bench_executor import finish, setup_scipion  # noqa: E402
 
 ROOT = "/tmp/cloudexec-bench-jobs"
 
@@ -94,11 +93,7 @@ def main():
                          "%d (mean %.1f)" % (most_at_once(records), busy / span)))
             print(rows[-1], flush=True)
     finally:
-        tb.down()
-        os.chdir("/")
-        shutil.rmtree(a.root, ignore_errors=True)
-    print("machine: %s, %d cores, Python %s" % (platform.platform(), os.cpu_count(),
-                                                platform.python_version()))
+        finish(tb, a.root)
     print("%d steps of sleep %g s, %d slots, %d Scipion threads (%d step threads)"
           % (a.steps, a.seconds, a.slots, a.threads, a.threads - 1))
     print("| case | protocol wall time | first job start to last job end | ideal N*S/slots "

@@ -53,6 +53,8 @@ class StageReport:
     conflicts: List[Tuple[str, str]] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
     deferred: List[str] = field(default_factory=list)
+    #: nothing done for this step: a sync that began after its need arose covered it
+    shared: bool = False
 
     @property
     def rate(self) -> float:

@@ -257,6 +257,8 @@ class Stager(Gathering, SmallFilesOverStreams):
                     if keep_hashes:
                         report.hashes.update((f[0], f[3]) for f in batch.files)
                     fresh += batch.fresh_bytes
+                    if sync is not None and not batch.files and not batch.dirs:
+                        continue  # the run folder as the base has it: no request (issue 13)
                     if up is None and fresh >= batches_mod.START_AT and self._parallel_ok():
                         up = self._uploader(project, report, progress)  # logins start now
                     elif up is None and self.bulk_available and self._wants_bulk(fresh):

@@ -53,6 +53,9 @@ class SyncState:
         self._db.execute("CREATE TABLE IF NOT EXISTS clusters (cluster TEXT PRIMARY KEY)")
         self._db.execute("CREATE TABLE IF NOT EXISTS abandoned (cluster TEXT PRIMARY KEY)")
         self._lock = threading.Lock()
+        # each cluster's base as committed, read once: one protocol process owns the run
+        # (pyworkflow runs it once at a time) and every write goes through this object
+        self._bases: Dict[str, Dict[str, str]] = {}
 
     def known(self, cluster: str) -> bool:
         """Whether this run already synced with *cluster* (else its mirror is stale)."""
@@ -70,7 +73,8 @@ class SyncState:
         so the next contact stops the run's jobs still there and empties its mirror."""
         self._write([("DELETE FROM base WHERE cluster=?", [(cluster,)]),
                      ("DELETE FROM clusters WHERE cluster=?", [(cluster,)]),
-                     ("INSERT OR IGNORE INTO abandoned VALUES (?)", [(cluster,)])])
+                     ("INSERT OR IGNORE INTO abandoned VALUES (?)", [(cluster,)])],
+                    lambda: self._bases.pop(cluster, None))
 
     def abandoned(self, cluster: str) -> bool:
         """Whether jobs of this run may still run on *cluster*, unobserved."""
@@ -79,21 +83,37 @@ class SyncState:
                                     (cluster,)).fetchone() is not None
 
     def base(self, cluster: str) -> Dict[str, str]:
+        """*cluster*'s base (a copy)."""
         with self._lock:
-            return dict(self._db.execute("SELECT path, state FROM base WHERE cluster=?",
-                                         (cluster,)))
+            return dict(self._base(cluster))
+
+    def _base(self, cluster: str) -> Dict[str, str]:
+        if cluster not in self._bases:
+            self._bases[cluster] = dict(self._db.execute(
+                "SELECT path, state FROM base WHERE cluster=?", (cluster,)))
+        return self._bases[cluster]
 
     def update(self, cluster: str, states: Dict[str, str]) -> None:
         """Record agreed states; "" drops a path."""
         if not states:
             return
+
+        def in_memory() -> None:
+            base = self._base(cluster)
+            for p, s in states.items():
+                if s:
+                    base[p] = s
+                else:
+                    base.pop(p, None)
         self._write([("DELETE FROM base WHERE cluster=? AND path=?",
                       [(cluster, p) for p, s in states.items() if not s]),
                      ("INSERT OR REPLACE INTO base VALUES (?,?,?)",
-                      [(cluster, p, s) for p, s in states.items() if s])])
+                      [(cluster, p, s) for p, s in states.items() if s])], in_memory)
 
-    def _write(self, statements: List[Tuple[str, List[tuple]]]) -> None:
-        """Run (sql, rows) statements as one transaction."""
+    def _write(self, statements: List[Tuple[str, List[tuple]]],
+               then: Callable[[], object] = lambda: None) -> None:
+        """Run (sql, rows) statements as one transaction; *then* (the copy in memory)
+        once it is committed."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -103,6 +123,7 @@ class SyncState:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            then()
 
     def close(self) -> None:
         self._db.close()

@@ -21,29 +21,26 @@ cluster itself (SSH, agent, staging) is one :class:`~..cluster.session.ClusterSe
 from __future__ import annotations
 
 import concurrent.futures
-import getpass
-import hashlib
 import json
 import logging
 import os
-import re
-import socket
 import sys
 import threading
 import time
 import uuid
 from dataclasses import replace
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional
 
 from .. import runrecords
 from ..cluster.agent_client import JobFuture
 from ..cluster.errors import JobError, JobLost, RequestRefused
 from ..cluster.local_files import EXTERNAL, StageReport, mirror_path
 from ..cluster.session import ClusterSession
-from ..cluster.sync import SyncConflict, SyncState, under
+from ..cluster.sync import SyncConflict, under
 from ..config import ClusterConfig
 from ..progress import TransferProgress
 from ..remote.jobs import JobSpec, JobState
+from .protocol_run import ProtocolRun
 from .translate import PathMapper, RunJobCall, shown, translate
 
 log = logging.getLogger(__name__)
@@ -51,98 +48,11 @@ EXCLUDE = ("logs/",)  # pyworkflow writes these locally while the protocol runs
 ABANDONED_STOP = 120  # seconds a job left on a lost cluster may take to stop when it is back
 
 
+__all__ = ["ClusterRunner", "ProtocolRun", "RemoteStepError"]
+
+
 class RemoteStepError(RuntimeError):
     """A remote job failed; the message carries the cluster, the command and its stderr."""
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "x"
-
-
-class ProtocolRun:
-    """The identity of one run of a protocol, as files and job ids see it."""
-
-    def __init__(self, project_root: str, project_name: str, run_dir: str, prot_id: int):
-        self.project_root = os.path.abspath(project_root)
-        self.run_dir = os.path.relpath(os.path.abspath(run_dir), self.project_root)
-        self.prot_id = prot_id
-        # two desktops with the same user, path and project name must not share a mirror
-        where = "%s@%s:%s" % (getpass.getuser(), socket.gethostname(), self.project_root)
-        self.mirror = "%s-%s" % (_safe(project_name), hashlib.sha256(where.encode()).hexdigest()[:8])
-        self.logs = os.path.join(self.project_root, self.run_dir, "logs")
-        self._token: Optional[str] = None
-        self._sync: Optional[SyncState] = None
-        self._counts: Dict[int, int] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def token(self) -> str:
-        """Random per run; kept across resumes in logs/cloudexec.json, new after a restart."""
-        if self._token is None:
-            path = os.path.join(self.logs, "cloudexec.json")
-            try:
-                with open(path) as f:
-                    self._token = json.load(f)["token"]
-            except (OSError, ValueError, KeyError):
-                self._token = uuid.uuid4().hex[:8]
-                os.makedirs(self.logs, exist_ok=True)
-                with open(path, "w") as f:
-                    json.dump({"token": self._token}, f)
-        return self._token
-
-    @property
-    def sync(self) -> SyncState:
-        """What the run folder and each cluster's mirror of it last agreed on."""
-        with self._lock:
-            if self._sync is None:
-                self._sync = SyncState(self.logs)
-            return self._sync
-
-    def _placements(self, containing: str = "") -> List[Dict[str, str]]:
-        """The placement records earlier processes wrote (only lines holding *containing*)."""
-        try:
-            with open(os.path.join(self.logs, "cloudexec-placements.jsonl")) as f:
-                return [json.loads(line) for line in f if containing in line]
-        except OSError:
-            return []
-
-    def _attempts(self, job_id: str) -> List[Tuple[str, str]]:
-        """(attempt id, cluster) of a job, oldest first, as earlier processes placed them."""
-        return [(p["job_id"], p["cluster"]) for p in self._placements(job_id)
-                if p.get("job_id") == job_id or p.get("job_id", "").startswith(job_id + ".")]
-
-    def placed_on(self, cluster: str) -> List[str]:
-        """Every job id this run sent to *cluster*, oldest first."""
-        return list(dict.fromkeys(p["job_id"] for p in self._placements(cluster)
-                                  if p.get("cluster") == cluster))
-
-    def latest(self, job_id: str) -> Optional[Tuple[str, str]]:
-        """The newest attempt of a job and its cluster, if an earlier process placed it."""
-        found = self._attempts(job_id)
-        return found[-1] if found else None
-
-    def latest_on(self, job_id: str, cluster: str) -> Optional[str]:
-        """The newest attempt of a job placed on *cluster*, if any."""
-        found = [a for a, c in self._attempts(job_id) if c == cluster]
-        return found[-1] if found else None
-
-    def next_attempt(self, job_id: str) -> str:
-        """A new attempt's id: ``<job_id>.2``, ``.3``... (never one used before)."""
-        with self._lock:
-            n = len({a for a, _c in self._attempts(job_id)})
-            return "%s.%d" % (job_id, n + 1) if n else job_id
-
-    def place(self, job_id: str, cluster: str) -> None:
-        """Remember where a job went, so a resumed run attaches to it there."""
-        with self._lock:
-            os.makedirs(self.logs, exist_ok=True)
-            with open(os.path.join(self.logs, "cloudexec-placements.jsonl"), "a") as f:
-                f.write(json.dumps({"job_id": job_id, "cluster": cluster}) + "\n")
-
-    def job_id(self, step_id: int) -> str:
-        with self._lock:
-            n = self._counts[step_id] = self._counts.get(step_id, 0) + 1
-        return "%s-%d-%s-s%d-%d" % (self.mirror[:40], self.prot_id, self.token, step_id, n)
 
 
 class ClusterRunner:
@@ -161,6 +71,10 @@ class ClusterRunner:
         self.bytes_in_place = 0  # this run's data the cluster holds (sent or already cached)
         self._connect_lock = threading.Lock()
         self._stage_lock = threading.Lock()
+        self._record_lock = threading.Lock()  # not the stage lock: a sync may take long
+        # when the last stage-in and gather that ended clean began (time.monotonic()): a
+        # step waiting for the lock whose need arose before that is already covered
+        self._clean: Dict[str, float] = {"in": -1.0, "out": -1.0}
         self._inputs_staged = False
         self.mapper: Optional[PathMapper] = None
 
@@ -216,19 +130,27 @@ class ClusterRunner:
         return translate(call, project_root=self.run.project_root, mapper=self.mapper,
                          cluster_gpus=self.cluster.gpus)
 
-    def stage_in(self, say: Callable[[str], None]) -> StageReport:
+    def stage_in(self, say: Callable[[str], None], since: Optional[float] = None
+                 ) -> StageReport:
         """Inputs of the protocol (first time), then what changed in the run folder since the
         last sync with this cluster. A run this cluster has not seen yet starts there from
         an empty run folder (a Restart, or a mirror left by an earlier run of that id).
+
+        *since* (``time.monotonic()``): the run folder as it was then is what must reach the
+        cluster; a stage-in that began after that and ended clean covers it (several steps
+        waiting for the lock share one walk: an empty report comes back).
 
         Raises:
             SyncConflict: a path changed both here and on the cluster since the last sync.
         """
         run, name = self.run, self.cluster.name
         paths: List[str] = [run.run_dir]
-        if not self._inputs_staged:
-            paths = sorted(set(self._relative(self.inputs()))) + paths
         with self._stage_lock:
+            if since is not None and self._clean["in"] >= since and run.sync.known(name):
+                return StageReport(shared=True)
+            began = time.monotonic()  # before the walk: what was written before is seen
+            if not self._inputs_staged:
+                paths = sorted(set(self._relative(self.inputs()))) + paths
             if not run.sync.known(name):
                 if run.sync.abandoned(name):
                     self._stop_abandoned(say)
@@ -244,6 +166,8 @@ class ClusterRunner:
             run.sync.update(name, report.agreed)
             self._inputs_staged = True
             self.bytes_in_place = max(self.bytes_in_place, report.bytes_total)
+            if not report.conflicts:
+                self._clean["in"] = began
         if report.conflicts:
             raise SyncConflict(name, report.conflicts)
         return report
@@ -298,14 +222,22 @@ class ClusterRunner:
         spec = self.session.for_cluster(replace(spec, job_id=job_id, label=label), pool=pool)
         return self.session.submit(spec, on_output=to_log)
 
-    def stage_out(self, say: Callable[[str], None]) -> StageReport:
+    def stage_out(self, say: Callable[[str], None], since: Optional[float] = None
+                  ) -> StageReport:
         """What changed in the cluster's run folder since the last sync, gathered here.
+
+        *since* (``time.monotonic()``): when the job whose outputs are wanted was seen to
+        end; a gather that began listing after that and ended clean (no conflict, nothing
+        refused, skipped or deferred) brought them (an empty report comes back).
 
         Raises:
             SyncConflict: a path changed both here and on the cluster since the last sync.
         """
         run, name = self.run, self.cluster.name
         with self._stage_lock:
+            if since is not None and self._clean["out"] >= since:
+                return StageReport(shared=True)
+            began = time.monotonic()  # before the listing: a job ended before is in it
             progress = TransferProgress("cloudexec: gathering from %s" % name, say=say)
             try:
                 report = self.session.stage_out(run.project_root, run.mirror, run.run_dir,
@@ -314,6 +246,8 @@ class ClusterRunner:
             finally:
                 progress.end()
             run.sync.update(name, report.agreed)
+            if not (report.conflicts or report.refused or report.skipped or report.deferred):
+                self._clean["out"] = began
         for rel, why in report.refused:
             say("cloudexec: REFUSED %s from %s: %s" % (rel, name, why))
         for rel, kind in report.skipped:
@@ -336,7 +270,10 @@ class ClusterRunner:
         spec = self.prepare(call)
         line = shown(spec)
         t0 = time.time()
-        sin = self.stage_in(say)
+        t = time.perf_counter()
+        sin = self.stage_in(say, since=time.monotonic())
+        phases = {"stage_in": time.perf_counter() - t}  # where a step's overhead goes
+        t = time.perf_counter()
         if sin.bytes_sent:
             say("cloudexec: staged %d file(s), %.1f MB sent to %s in %.1f s"
                 % (sin.files, sin.bytes_sent / 1e6, self.cluster.name, sin.seconds))
@@ -358,16 +295,24 @@ class ClusterRunner:
                   "inputs": dict(sin.hashes), "staged_at": t0}
         runrecords.write_pending(self.run.logs, record)  # Stop completes it (cancel)
         error: Optional[JobError] = None
+        phases["submit"] = time.perf_counter() - t
+        t = time.perf_counter()
         try:
             result = fut.result()
         except JobError as e:
             error, result = e, e.result
+        ended = time.monotonic()
+        phases["job"] = time.perf_counter() - t
+        t = time.perf_counter()
         if fut.existed:
             say("cloudexec: job %s had already run on %s: its result is reused"
                 % (fut.job_id, self.cluster.name))
         record.update(launcher_id=result.launcher_id, started=result.started, ended=result.ended,
                       state=result.state.value, exit_code=result.exit_code)
-        sout = self.stage_out(say)
+        sout = self.stage_out(say, since=ended)
+        phases["gather"] = time.perf_counter() - t
+        record["phases"] = {k: round(v, 4) for k, v in phases.items()}
+        record["shared"] = [k for k, r in (("stage_in", sin), ("gather", sout)) if r.shared]
         record["outputs"] = {k: v for k, v in sout.hashes.items() if k in set(sout.fetched)}
         self._record(record)
         say("cloudexec: job %s %s (exit %s) on %s, launcher id %s; %d file(s) gathered"
@@ -383,7 +328,7 @@ class ClusterRunner:
 
     def _record(self, record: dict) -> None:
         os.makedirs(self.run.logs, exist_ok=True)
-        with self._stage_lock, open(os.path.join(self.run.logs, "cloudexec.jsonl"), "a") as f:
+        with self._record_lock, open(os.path.join(self.run.logs, "cloudexec.jsonl"), "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         runrecords.drop_pending(self.run.logs, record["job_id"])
 

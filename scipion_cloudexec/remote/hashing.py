@@ -7,11 +7,15 @@ import hashlib
 import os
 import sqlite3
 import stat
+import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 BLOCK = 1 << 20
 RACY_SECONDS = 2.0  # files changed this recently are hashed again next time
+MEMO_MAX = 500_000  # files remembered in memory per memo file (about 100 MB at most)
+_MEMOS: Dict[str, Dict[str, Tuple[Tuple[int, int, int], str]]] = {}  # db path -> memo
+_MEMOS_LOCK = threading.Lock()
 
 
 def sha256_file(path: str) -> str:
@@ -51,10 +55,18 @@ def stat_key(st: os.stat_result) -> Tuple[int, int, int]:
 class HashCache:
     """sqlite memo of file hashes; a file whose size, mtime or inode moved is hashed again.
     Several processes share it (two protocols staging at once): reads run outside any
-    transaction and new hashes are written in short immediate transactions."""
+    transaction and new hashes are written in short immediate transactions.
+
+    A copy of what this process read or wrote is kept in memory (per memo file, shared by
+    its instances, at most MEMO_MAX files): a run folder listed once per step then costs
+    a dict lookup per file, not an sqlite query. It holds exactly the (path, size, mtime,
+    inode) -> hash rows sqlite holds, under the same rule (racy files never enter), so it
+    answers as sqlite would; a key it lacks or that moved is looked up in sqlite."""
 
     def __init__(self, path: str, racy_seconds: float = RACY_SECONDS):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with _MEMOS_LOCK:
+            self._mem = _MEMOS.setdefault(os.path.abspath(path), {})
         self.db = open_wal(path)
         self.db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER,"
                         " mtime_ns INTEGER, ino INTEGER, sha256 TEXT)")
@@ -65,7 +77,12 @@ class HashCache:
     def get_many(self, items: Sequence[Tuple[str, os.stat_result]]) -> List[str]:
         """Hashes of many files: the memo is read in a few queries, not one per file."""
         known: Dict[str, tuple] = {}
-        paths = [p for p, _st in items]
+        mem = self._mem
+        paths = []
+        for p, st in items:
+            hit = mem.get(p)
+            if hit is None or hit[0] != stat_key(st):
+                paths.append(p)
         for i in range(0, len(paths), 500):  # old sqlite allows 999 parameters
             chunk = paths[i:i + 500]
             known.update((r[0], r[1:]) for r in self.db.execute(
@@ -73,18 +90,35 @@ class HashCache:
                 % ",".join("?" * len(chunk)), chunk))
         out = []
         for path, st in items:
+            key = stat_key(st)
+            hit = mem.get(path)
+            if hit is not None and hit[0] == key:
+                out.append(hit[1])
+                continue
             row = known.get(path)
-            out.append(row[3] if row and tuple(row[:3]) == stat_key(st)
-                       else self._hash(path, st))
+            if row and tuple(row[:3]) == key:
+                self._remember(path, key, row[3])
+                out.append(row[3])
+            else:
+                out.append(self._hash(path, st))
         self.flush()
         return out
+
+    def _remember(self, path: str, key: Tuple[int, int, int], digest: str) -> None:
+        if len(self._mem) >= MEMO_MAX:
+            self._mem.clear()  # rare: start over rather than grow without bound
+        self._mem[path] = (key, digest)
 
     def get(self, path: str, st: Optional[os.stat_result] = None) -> str:
         """The file's SHA-256, from the memo when size, mtime and inode are unchanged."""
         st = st or os.stat(path)
+        hit = self._mem.get(path)
+        if hit is not None and hit[0] == stat_key(st):
+            return hit[1]
         row = self.db.execute("SELECT size, mtime_ns, ino, sha256 FROM hashes WHERE path=?",
                               (path,)).fetchone()
         if row and tuple(row[:3]) == stat_key(st):
+            self._remember(path, stat_key(st), row[3])
             return row[3]
         return self._hash(path, st)
 
@@ -97,6 +131,7 @@ class HashCache:
         # would look unchanged (git's "racily clean" files); ctime cannot be set back
         if stat_key(after) == stat_key(st) and time.time() - after.st_ctime > self.racy_seconds:
             self._new.append((path, *stat_key(st), digest))
+            self._remember(path, stat_key(st), digest)
             if len(self._new) >= 1000:
                 self.flush()
         return digest

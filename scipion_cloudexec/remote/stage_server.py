@@ -278,7 +278,8 @@ def cmd_list(cache: "Cache", hashes: HashCache, request: ListTree, out: Answers)
         files.append([os.path.relpath(top, root), st.st_size, st.st_mtime_ns,
                       hashes.get(top, st)])
     for dirpath, dirnames, filenames in os.walk(top):
-        kept = []
+        here = os.path.relpath(dirpath, root)  # once a folder: relpath per file was most
+        kept = []                              # of a large listing's time (issue 13)
         for d in sorted(dirnames):
             path = os.path.join(dirpath, d)
             if path in skip:
@@ -287,11 +288,11 @@ def cmd_list(cache: "Cache", hashes: HashCache, request: ListTree, out: Answers)
                 filenames.append(d)
             else:
                 kept.append(d)
-                dirs.append(os.path.relpath(path, root))
+                dirs.append(d if here == "." else here + "/" + d)
         dirnames[:] = kept
         for name in filenames:
             path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
+            rel = name if here == "." else here + "/" + name
             try:
                 st = os.lstat(path)
                 sha = hashes.get(path, st) if stat.S_ISREG(st.st_mode) else ""

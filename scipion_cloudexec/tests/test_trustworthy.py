@@ -62,6 +62,22 @@ def test_parallel_steps_writing_into_one_folder_match_a_local_run(make_cluster, 
 
 
 @REPEAT
+def test_parallel_steps_running_scripts_they_just_wrote_match_a_local_run(
+        make_cluster, clusters_env, new_project, repeat):
+    """Each step writes its script on the desktop, then runs it on the cluster: steps in
+    flight share stage-ins (issue 13), and none may run before its own script is there."""
+    c = make_cluster("local", slots=6)
+    clusters_env(c)
+    project = new_project("scripts")
+    local, cloud = local_and_cloud(project, c, numberOfThreads=5, fanCopies=60, scripts=True,
+                                   chain="mkdir -p extra/out",
+                                   fan="cp extra/scripts/step_f{i}.sh extra/out/copy_{i}.txt")
+    assert cloud.isFinished(), logs(cloud)
+    assert len(os.listdir(os.path.join(cloud._getExtraPath(), "out"))) == 60
+    assert_same_run(local, cloud)
+
+
+@REPEAT
 def test_restart_with_fewer_iterations_brings_nothing_of_the_previous_run(
         make_cluster, clusters_env, new_project, repeat):
     c = make_cluster("local")
