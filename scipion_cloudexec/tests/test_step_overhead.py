@@ -78,7 +78,8 @@ def test_no_stage_in_request_when_nothing_changed_but_every_change_goes(
     _sync_in(st, proj, base)
     asked = []
     real = st._send_check
-    st._send_check = lambda project, batch: (asked.append(batch), real(project, batch))
+    st._send_check = lambda project, batch, *rest: (asked.append(batch),
+                                                    real(project, batch, *rest))
     _sync_in(st, proj, base)
     assert asked == [], "the run folder is as the base has it: no request"
     mirror = os.path.join(c.workdir, "projects", "proj", RUN, "extra")
