@@ -181,19 +181,20 @@ class SSHConnection:
             types = [k for k in opts.key_types if k in known] + [
                 k for k in opts.key_types if k not in known]
             opts.key_types = tuple(types)
+        why = ""
         try:
             transport.start_client(timeout=t.connect_timeout)
         except (paramiko.SSHException, OSError, EOFError) as e:
-            transport.close()
-            raise HostUnreachable("%s:%d answered but the SSH handshake failed: %s"
-                                  % (t.host, t.port, e)) from None
-        if not transport.is_active() or not transport.initial_kex_done:
-            # start_client returns quietly when its time is up, handshake or not
+            why = str(e) or type(e).__name__
+        # start_client returns quietly when its time is up, handshake or not; the banner
+        # wait may run out first and raise: either way, one message
+        if why or not transport.is_active() or not transport.initial_kex_done:
             transport.close()
             raise HostUnreachable("%s:%d accepted the connection but did not complete the SSH "
-                                  "handshake within %.0f s (connect_timeout): is it an SSH "
+                                  "handshake within %.0f s (connect_timeout)%s: is it an SSH "
                                   "server, and is the link to it up?"
-                                  % (t.host, t.port, t.connect_timeout))
+                                  % (t.host, t.port, t.connect_timeout,
+                                     " (%s)" % why if why else "")) from None
         try:
             self._check_host_key(transport.get_remote_server_key(), known)
             self._authenticate(transport)
