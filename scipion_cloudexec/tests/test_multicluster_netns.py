@@ -7,7 +7,8 @@ import pytest
 
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
-from scipion_cloudexec.tests.test_executor import logs, provenance, wait_done
+from scipion_cloudexec.tests.harness import assert_same_run
+from scipion_cloudexec.tests.test_executor import local_twin, logs, provenance, wait_done
 
 pytestmark = pytest.mark.slow
 
@@ -30,24 +31,36 @@ def netns_clusters(hosts, testbed, tmp_path, clusters_env):
         hosts.link(name, True)
 
 
-def fan_protocol(project, copies, seconds):
+def fan_protocol(project, copies, seconds, ledger):
+    """Steps writing what a local run writes; where each ran goes to *ledger*, outside the
+    project (the namespaces share the desktop's filesystem), so a local twin can compare."""
     prot = project.newProtocol(ProtCloudShellSteps, numberOfThreads=8, fanCopies=copies,
-                               fan="sleep %s; hostname -I | tr -d ' \\n' > extra/out_{i}.txt; "
-                                   "echo ' {i}' >> extra/out_{i}.txt" % seconds)
+                               fan="sleep %s; echo 'step {i}' > extra/out_{i}.txt; "
+                                   "echo \"{i} $CLOUDEXEC_JOB_ID $(hostname -I)\" >> %s" % (seconds, ledger))
     os.makedirs(prot._getExtraPath(), exist_ok=True)
     prot._useQueue.set(True)
     prot.setQueueParams(["all", {"QUEUE_FOR_JOBS": "Y"}])
     return prot
 
 
-def test_split_follows_capacity_with_a_slow_link(netns_clusters, hosts, new_project):
+def ran_on(ledger):
+    """copy -> [(job id, addresses of the host)], one per run of its command."""
+    where = {}
+    for line in open(ledger).read().splitlines():
+        i, job, *addresses = line.split()
+        where.setdefault(int(i), []).append((job, set(addresses)))
+    return where
+
+
+def test_split_follows_capacity_with_a_slow_link(netns_clusters, hosts, new_project, tmp_path):
     c1, c2, c3 = netns_clusters()
+    ledger = str(tmp_path / "where.txt")
     # c2 behind a 2 Mbit/s token bucket (this kernel has no netem)
     subprocess.run(["tc", "qdisc", "add", "dev", "cx-c2-h", "root", "tbf", "rate", "2mbit",
                     "burst", "32kbit", "latency", "400ms"], check=True)
     try:
         project = new_project("split3")
-        prot = fan_protocol(project, 21, 0.5)
+        prot = fan_protocol(project, 21, 0.5, ledger)
         project.launchProtocol(prot, wait=True)
         prot = project.getProtocol(prot.getObjId())
     finally:
@@ -57,17 +70,20 @@ def test_split_follows_capacity_with_a_slow_link(netns_clusters, hosts, new_proj
     counts = {c.name: where.count(c.name) for c in (c1, c2, c3)}
     assert len(where) == 21 and min(counts.values()) > 0, counts
     assert counts[c3.name] == max(counts.values()) and counts[c3.name] > counts[c1.name], counts
-    for i in range(21):  # each output says which host (namespace address) made it
-        text = open(os.path.join(prot._getExtraPath(), "out_%d.txt" % i)).read().split()
-        assert text[0] in {hosts.address(n) for n in hosts.names()} and text[1] == str(i)
+    where = ran_on(ledger)  # each copy ran once, on the host of the cluster it is recorded on
+    assert sorted(where) == list(range(21)) and all(len(w) == 1 for w in where.values()), where
+    host = {r["job_id"]: hosts.address(r["cluster"]) for r in provenance(prot)}
+    assert all({host[job]} == addresses for (job, addresses), in where.values()), where
+    assert_same_run(local_twin(project, prot), prot)
 
 
 def test_cut_link_mid_protocol_reruns_its_jobs_elsewhere_then_it_comes_back(
-        netns_clusters, hosts, new_project):
+        netns_clusters, hosts, new_project, tmp_path):
     import time
     c1, c2, c3 = netns_clusters((2, 2, 2))
     project = new_project("cut")
-    prot = fan_protocol(project, 12, 2)
+    ledger = str(tmp_path / "where.txt")
+    prot = fan_protocol(project, 12, 2, ledger)
     project.launchProtocol(prot, wait=False)
     jobs = os.path.join(c2.workdir, "jobs")
     deadline = time.monotonic() + 60
@@ -80,15 +96,17 @@ def test_cut_link_mid_protocol_reruns_its_jobs_elsewhere_then_it_comes_back(
     assert len(records) == 12 and len({r["step"] for r in records}) == 12, "each step once"
     assert all(r["cluster"] != c2.name for r in records), "nothing gathered from the lost one"
     assert "lost contact with cluster" in logs(prot)  # then attached to again, or moved
-    for i in range(12):
-        text = open(os.path.join(prot._getExtraPath(), "out_%d.txt" % i)).read().split()
-        assert text[0] != hosts.address(c2.name) and text[1] == str(i)
+    ran = {job: addresses for runs in ran_on(ledger).values() for job, addresses in runs}
+    for r in records:  # the job each step took its outputs from ran where it is recorded
+        assert ran[r["job_id"]] == {hosts.address(r["cluster"])}, (r, ran)
+    assert_same_run(local_twin(project, prot), prot)
     hosts.link(c2.name, True)
-    again = fan_protocol(project, 8, 0.5)
+    again = fan_protocol(project, 8, 0.5, str(tmp_path / "again.txt"))
     project.launchProtocol(again, wait=True)
     again = project.getProtocol(again.getObjId())
     assert again.isFinished(), logs(again)
     assert c2.name in {r["cluster"] for r in provenance(again)}, "back: it takes work again"
+    assert_same_run(local_twin(project, again), again)
 
 
 def test_a_job_whose_end_was_cut_off_is_not_run_again_on_its_cluster(netns_clusters, hosts,
@@ -119,6 +137,7 @@ def test_a_job_whose_end_was_cut_off_is_not_run_again_on_its_cluster(netns_clust
     assert ledger.read_text() == "ran\n", "the command ran once"
     assert open(os.path.join(prot._getExtraPath(), "out.txt")).read() == "out\n"
     assert [r["exit_code"] for r in provenance(prot)] == [0]
+    assert_same_run(local_twin(project, prot), prot)
 
 
 def test_a_command_over_a_cut_link_fails_as_a_lost_connection(netns_clusters, hosts):
