@@ -16,13 +16,14 @@ def launch(project, prot, cluster=None, wait=True, **queue_params):
     return project.getProtocol(prot.getObjId())
 
 
-def local_twin(project, prot):
-    """The same protocol (a copy of its form) run locally, for assert_same_run."""
+def local_twin(project, prot, fails=False):
+    """The same protocol (a copy of its form) run locally, for assert_same_run; *fails*: the
+    local run must fail as well (the cloud run of a failing protocol leaves what it leaves)."""
     twin = project.copyProtocol(prot)
     twin.setObjLabel("local twin of %s" % prot.getObjLabel())
     twin._useQueue.set(False)
     twin = launch(project, twin)
-    assert twin.isFinished(), logs(twin)
+    assert (twin.isFailed() if fails else twin.isFinished()), logs(twin)
     return twin
 
 
@@ -60,7 +61,7 @@ def test_shell_protocol_runs_on_the_cluster_and_outputs_come_back(make_cluster, 
     prot = project.newProtocol(
         ProtCloudShellSteps, objLabel="on the cluster",
         chain="hostname > extra/chain.txt\necho second >> extra/chain.txt",
-        fan="echo fan {i} > extra/fan_{i}.txt; echo $CLOUDEXEC_JOB_ID >> extra/fan_{i}.txt",
+        fan="echo fan {i} > extra/fan_{i}.txt; echo ran as job $CLOUDEXEC_JOB_ID",
         fanCopies=3, numberOfThreads=3)
     os.makedirs(prot._getExtraPath(), exist_ok=True)
     prot = launch(project, prot, c)
@@ -68,9 +69,10 @@ def test_shell_protocol_runs_on_the_cluster_and_outputs_come_back(make_cluster, 
     extra = prot._getExtraPath()
     assert open(os.path.join(extra, "chain.txt")).read().splitlines()[1] == "second"
     for i in range(3):
-        lines = open(os.path.join(extra, "fan_%d.txt" % i)).read().splitlines()
-        assert lines[0] == "fan %d" % i and lines[1], "ran remotely as a cloudexec job"
+        assert open(os.path.join(extra, "fan_%d.txt" % i)).read() == "fan %d\n" % i
     text = logs(prot)
+    for r in provenance(prot)[2:]:  # the job's output streamed into the step's log
+        assert "ran as job %s" % r["job_id"] in text, "ran remotely as a cloudexec job"
     assert "cloudexec: job" in text and "on cluster %s" % c.name in text
     records = provenance(prot)
     assert len(records) == 5 and {r["cluster"] for r in records} == {c.name}
@@ -101,6 +103,7 @@ def test_failing_step_fails_the_protocol_with_the_remote_error(make_cluster, clu
     assert "CTF estimation blew up" in prot.getErrorMessage()
     assert "CTF estimation blew up" in logs(prot)
     assert len(provenance(prot)) == 2, "the step after the failure never ran"
+    assert_same_run(local_twin(project, prot, fails=True), prot)
 
 
 def test_a_sibling_ending_after_a_failure_leaves_the_protocol_failed(make_cluster, clusters_env,
@@ -116,6 +119,7 @@ def test_a_sibling_ending_after_a_failure_leaves_the_protocol_failed(make_cluste
     assert prot.isFailed(), "the slower sibling's success must not hide the failure"
     assert "exit code 3" in prot.getErrorMessage()
     assert os.listdir(prot._getExtraPath()) == ["f_1.txt"], "the sibling's output is kept"
+    assert_same_run(local_twin(project, prot, fails=True), prot)
 
 
 def test_protocols_not_sent_to_a_cloud_queue_run_as_before(make_cluster, clusters_env,
@@ -193,6 +197,7 @@ def test_power_spectra_identical_locally_and_on_the_cluster(make_cluster, cluste
     local_files = files_by_name(local._getExtraPath())
     assert len(local_files) == 8
     assert files_by_name(cloud._getExtraPath()) == local_files, "byte-identical outputs"
+    assert_same_run(local, cloud)
 
 
 def test_mpi_average_on_the_cluster_matches_local(make_cluster, clusters_env, new_project,
@@ -322,19 +327,22 @@ def test_many_small_steps_run_on_a_worker_pool(make_cluster, clusters_env, new_p
     clusters_env(c)
     project = new_project("pool")
     prot = project.newProtocol(ProtCloudShellSteps, numberOfThreads=4, fanCopies=12,
-                               fan="echo $CLOUDEXEC_POOL_RANK > extra/rank_{i}.txt")
+                               fan="echo {i} > extra/out_{i}.txt; "
+                                   "echo step {i} on pool rank $CLOUDEXEC_POOL_RANK")
     os.makedirs(prot._getExtraPath(), exist_ok=True)
     prot = launch(project, prot, c, CLOUD_POOL="3")
     assert prot.isFinished(), logs(prot)
-    ranks = {open(os.path.join(prot._getExtraPath(), "rank_%d.txt" % i)).read().strip()
-             for i in range(12)}
-    assert ranks and ranks <= {"1", "2"}, "every step ran on a worker rank of the pool"
+    import re
+    ranks = dict(re.findall(r"^step (\d+) on pool rank (\S*)$", logs(prot), re.M))
+    assert sorted(map(int, ranks)) == list(range(12)), logs(prot)
+    assert set(ranks.values()) <= {"1", "2"}, "every step ran on a worker rank of the pool"
     assert {r["launcher"] for r in provenance(prot)} == {"pool"}
     assert "worker pool" in logs(prot)
     from scipion_cloudexec.cluster.session import ClusterSession
     with ClusterSession(c) as client:
         pools = [j for j in client.jobs() if j["label"].startswith("worker pool")]
     assert len(pools) == 1 and pools[0]["state"] in ("cancelled", "done"), "stopped at the end"
+    assert_same_run(local_twin(project, prot), prot)
 
 
 # ---- several clusters ----------------------------------------------------------------

@@ -20,7 +20,8 @@ import pytest
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
 from scipion_cloudexec.tests.conftest import _stop_agent
-from scipion_cloudexec.tests.test_executor import logs
+from scipion_cloudexec.tests.harness import assert_same_run
+from scipion_cloudexec.tests.test_executor import local_twin, logs
 from scipion_cloudexec.tests.test_scheduler_faults import alive
 
 pytestmark = [pytest.mark.soak, pytest.mark.slow]
@@ -170,7 +171,7 @@ def test_soak_many_steps_flapping_link_and_killed_agent(two_clusters, hosts, new
                                                         tmp_path):
     stable, flappy = two_clusters
     project = new_project("soak")
-    times, results = {}, {}
+    times, results, prots = {}, {}, {}
     for faults in (False, True):
         label = "faults" if faults else "calm"
         ledger = str(tmp_path / ("ledger-%s.txt" % label))
@@ -187,6 +188,7 @@ def test_soak_many_steps_flapping_link_and_killed_agent(two_clusters, hosts, new
                 injector.stop.set()
                 injector.join(10)
         times[label] = time.monotonic() - t0
+        prots[label] = prot
         by_step = {}
         starts, ends = completions(ledger, by_step)
         results[label] = dict(
@@ -212,3 +214,6 @@ def test_soak_many_steps_flapping_link_and_killed_agent(two_clusters, hosts, new
         assert not r["lost"], "%s run lost outputs: %s" % (label, r["lost"][:20])
         assert not r["twice"], "%s run completed steps twice: %s" % (label, r["twice"][:20])
     assert len(results["faults"]["kills"]) == 2
+    local = local_twin(project, prots["calm"])  # its ledger lines come after the counts
+    for label, prot in prots.items():
+        assert_same_run(local, prot)
