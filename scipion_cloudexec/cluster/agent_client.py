@@ -31,7 +31,9 @@ import zmq
 
 from ..config import ClusterConfig
 from ..remote import messages as m
+from ..remote.daemon import PRIVATE_KEYS
 from ..remote.jobs import JobSpec, JobState
+from ..remote.transport import connect_curve, curve_available
 from ..version import PROTOCOL_VERSION
 from . import bundle
 from .errors import (AgentLost, AgentStartError, JobResult, RequestRefused, VersionMismatch,
@@ -76,6 +78,7 @@ class AgentClient:
         self.welcome: Optional[m.Welcome] = None
         self.agent_state: Dict = {}
         self._secret = b""
+        self._curve: Optional[str] = None  # the agent socket's CURVE key, from its state
         self._rids = itertools.count(1)
         self._requests: Dict[int, concurrent.futures.Future] = {}
         self._submits: Dict[int, str] = {}  # rid of a Submit -> its job id
@@ -106,7 +109,13 @@ class AgentClient:
         """
         self.disconnect()
         self._secret = bytes.fromhex(state["secret"])
-        self.agent_state = {k: v for k, v in state.items() if k != "secret"}
+        self._curve = state.get("curve")
+        if self._curve and not curve_available():
+            raise AgentStartError(
+                "the agent on %s asks for ZeroMQ CURVE, which this desktop's pyzmq (libzmq "
+                "%s) lacks: install a pyzmq wheel from PyPI (they include it)"
+                % (self.cluster.name, zmq.zmq_version()))
+        self.agent_state = {k: v for k, v in state.items() if k not in PRIVATE_KEYS}
         self._direct = bool(address)
         if not address:
             address = self.ssh.forward(int(state["port"])).address
@@ -246,6 +255,7 @@ class AgentClient:
         sock.setsockopt(zmq.SNDHWM, 100000)
         sock.setsockopt(zmq.RCVHWM, 100000)
         sock.setsockopt(zmq.MAXMSGSIZE, m.MAX_REPLY_FRAME)
+        connect_curve(sock, self._curve)
         sock.connect(address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)

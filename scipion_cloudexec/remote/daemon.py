@@ -32,6 +32,8 @@ log = logging.getLogger("cloudexec.agent")
 DEFAULT_LEASE = 60.0
 #: exit code of ``start`` when the workdir's agent runs on another node
 EXIT_OTHER_NODE = 3
+#: keys of agent.json that only a client (over SSH) may see: never printed or logged
+PRIVATE_KEYS = ("secret", "curve")
 
 
 def lease_term() -> float:
@@ -243,7 +245,7 @@ def retire_other_protocol(workdir: str, wait: float = 20.0) -> Optional[Dict]:
             return None
         if state.get("protocol") == PROTOCOL_VERSION or not _agent_process(pid, workdir):
             return None
-        public = {k: v for k, v in state.items() if k != "secret"}
+        public = {k: v for k, v in state.items() if k not in PRIVATE_KEYS}
         jobs = _active_jobs(paths.journal)
         if jobs:
             return dict(public, jobs=jobs)

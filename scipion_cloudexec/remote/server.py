@@ -3,7 +3,8 @@
 It binds one ZeroMQ ROUTER socket on the remote loopback only; clients reach it
 through an SSH tunnel. Its state lives in ``<workdir>/agent/``::
 
-    agent.json     pid, port, version, the message secret (mode 0600), host and lease
+    agent.json     pid, port, version, the message secret and CURVE key (mode 0600), host
+                   and lease
     agent.log      what it did, including dropped (unauthenticated) messages
     journal.sqlite every job and its state (see journal.py)
     start.lock     held while an agent starts, so two clients start one agent
@@ -49,6 +50,7 @@ from .jobs import JobFiles, JobSpec, JobState
 from .journal import Journal
 from .schedulers import SCHEDULERS, Scheduler, scheduler_kind
 from .supervisor import Supervisor
+from .transport import serve_curve
 
 log = logging.getLogger("cloudexec.agent")
 
@@ -82,6 +84,7 @@ class Agent:
         self.heartbeat = heartbeat
         self.version = agent_version()
         self.secret = secrets.token_bytes(32)
+        self.curve: Optional[str] = None  # the socket's CURVE public key, set in bind()
         self.schedulers: Dict[str, Scheduler] = {name: make(workdir)
                                                  for name, make in SCHEDULERS.items()}
         self.clients: Dict[bytes, float] = {}            # identity -> last message (monotonic)
@@ -123,6 +126,12 @@ class Agent:
         # flooding connection is back-pressured after RECV_QUEUE messages
         self.sock.setsockopt(zmq.RCVHWM, RECV_QUEUE)
         self.sock.setsockopt(zmq.MAXMSGSIZE, m.MAX_REQUEST_FRAME)
+        # a peer without the key completes no handshake: none of its frames are held
+        self.curve = serve_curve(self.sock)
+        if self.curve is None:
+            log.warning("this pyzmq lacks CURVE: messages are authenticated (HMAC) but any "
+                        "process on this node can make the agent hold up to %d MiB per "
+                        "connection before that check" % (4 * m.MAX_REQUEST_FRAME >> 20))
         self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         return self.port
 
@@ -134,6 +143,7 @@ class Agent:
             self.started = now
         state = {"pid": os.getpid(), "port": self.port, "version": self.version,
                  "protocol": PROTOCOL_VERSION, "secret": self.secret.hex(),
+                 "curve": self.curve,
                  "host": self.host, "started": self.started, "lease": self.lease,
                  "lease_until": now + self.lease}
         write_private(self.paths.state, json.dumps(state))

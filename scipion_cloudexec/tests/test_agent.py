@@ -170,11 +170,15 @@ def test_killed_agent_is_reported_within_the_heartbeat_bound_and_jobs_survive(ma
 
 
 def test_forged_message_is_dropped_and_logged(make_cluster):
+    """A peer past the socket's CURVE handshake (it has the agent's key: only the agent's
+    user, or root) but without the message secret."""
+    from scipion_cloudexec.remote.transport import connect_curve
     c = make_cluster("local")
     with ClusterSession(c) as client:
         fwd = client.ssh.forward(int(client.agent_state["port"]))
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        connect_curve(sock, client.agent._curve)
         sock.connect(fwd.address)
         forged = m.encode(m.Submit(spec={"job_id": "evil", "argv": ["touch", "/tmp/pwned"]}),
                           b"not the secret" * 3)

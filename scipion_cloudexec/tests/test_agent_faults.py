@@ -232,8 +232,10 @@ class RawClient:
         self.m = m
         state = agent_json(workdir)
         self.secret = bytes.fromhex(state["secret"])
+        from scipion_cloudexec.remote.transport import connect_curve
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        connect_curve(self.sock, state.get("curve"))
         self.sock.connect("tcp://127.0.0.1:%d" % state["port"])
         self.rid = 0
         self.inbox: List = []

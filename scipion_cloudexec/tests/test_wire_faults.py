@@ -32,10 +32,14 @@ def rss_kib(pid):
         return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
 
 
-def peer(port):
-    """A DEALER on the agent's port from the head node, without the secret."""
+def peer(port, curve=None):
+    """A DEALER on the agent's port from the head node, without the message secret; with
+    *curve* (the agent's CURVE key, which only the agent's user can read) past the socket's
+    handshake, so that what it sends reaches the agent's message checks."""
+    from scipion_cloudexec.remote.transport import connect_curve
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    connect_curve(sock, curve)
     sock.connect("tcp://127.0.0.1:%d" % port)
     return sock
 
@@ -46,9 +50,10 @@ def agent_log(cluster):
 
 
 def test_flood_and_oversized_message_from_a_head_node_peer(make_cluster, reliability):
-    """200 MB in one frame and 100,000 forged messages, while an honest client's job runs:
-    the agent's memory stays bounded, the client loses nothing, the log shows the drops
-    once (rate limited)."""
+    """200 MB in one frame and 100,000 forged messages from a peer past the socket's CURVE
+    handshake (it knows the agent's key, not the message secret), while an honest client's
+    job runs: the agent's memory stays bounded, the client loses nothing, the log shows the
+    drops once (rate limited)."""
     c = make_cluster("local", heartbeat=0.5)
     lines = 4000
     expected = "".join("line %d\n" % i for i in range(lines))
@@ -73,9 +78,9 @@ def test_flood_and_oversized_message_from_a_head_node_peer(make_cluster, reliabi
         watcher = threading.Thread(target=watch)
         watcher.start()
         try:
-            big = peer(port)
+            big = peer(port, client.agent._curve)
             big.send_multipart([m.header(PROTOCOL_VERSION), b"\0" * 32, b"x" * (200 << 20)])
-            flood = peer(port)
+            flood = peer(port, client.agent._curve)
             forged = m.encode(m.Submit(spec={"job_id": "evil", "argv": ["true"]}), b"n" * 32)
             t0 = time.monotonic()
             for _ in range(100000):
@@ -104,9 +109,10 @@ def test_flood_and_oversized_message_from_a_head_node_peer(make_cluster, reliabi
     assert result.exit_code == 0 and out["stdout"].decode() == expected, "all output, in order"
     assert "evil" not in names
     assert worst["rss"] - before < 64 << 10, "the 200 MB frame is never buffered"
-    reliability(fault="100,000 forged messages and one 200 MB frame from another user on the "
-                "head node", when="while a job runs", seen="nothing: the job completes with "
-                "all its output; agent.log: rate-limited drop lines", recover_s="none needed",
+    reliability(fault="100,000 forged messages and one 200 MB frame from a head-node peer "
+                "that has the agent's CURVE key (its user or root)", when="while a job runs",
+                seen="nothing: the job completes with all its output; agent.log: "
+                "rate-limited drop lines", recover_s="none needed",
                 worst_gap_s=round(worst["gap"], 2), lost=0, twice=0)
     os.kill(pid, signal.SIGTERM)  # a stopping agent logs the drops it still counts
     wait_until(lambda: not alive(pid), 30, "agent stopped")
@@ -115,6 +121,38 @@ def test_flood_and_oversized_message_from_a_head_node_peer(make_cluster, reliabi
     assert len(warnings) == 2, warnings[:5]
     assert "dropped a message from peer" in warnings[0] and "authentication failed" in warnings[0]
     assert "dropped 99999 more message(s) from peer" in warnings[1], "every one read, dropped"
+
+
+def test_a_head_node_peer_without_the_agents_key_gets_no_frame_in(make_cluster, reliability):
+    """Before the agent's socket required CURVE, any process on the head node could make the
+    agent assemble a message of up to 4 x 8 MiB per connection before its HMAC check dropped
+    it (agent.log then said so). A peer without the agent's key now completes no handshake:
+    nothing it sends reaches the agent, and the agent answers it nothing."""
+    c = make_cluster("local")
+    with ClusterSession(c) as client:
+        port = int(client.agent_state["port"])
+        assert client.agent._curve, "the agent's state line carries its CURVE key"
+        socks = [peer(port) for _ in range(4)]
+        for sock in socks:
+            try:  # queued on the peer's side until a handshake that never completes
+                sock.send_multipart([m.header(PROTOCOL_VERSION), b"\0" * 32] +
+                                    [b"x" * ((8 << 20) - 64)] * 2, flags=zmq.NOBLOCK)
+                sock.send_multipart(m.encode(m.Submit(spec={"job_id": "evil",
+                                                            "argv": ["true"]}), b"n" * 32),
+                                    flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        time.sleep(3)  # before CURVE, each drop was logged within milliseconds
+        assert all(sock.poll(0) == 0 for sock in socks), "the agent answered a peer"
+        for sock in socks:
+            sock.close()
+        assert "evil" not in [r["job_id"] for r in client.jobs()]
+        assert client.submit(["true"]).result(30).exit_code == 0, "real clients still served"
+    assert "dropped" not in agent_log(c), "a frame of a peer without the key reached the agent"
+    reliability(fault="2 x 8 MB frames and a forged Submit from each of 4 head-node peers "
+                "without the agent's CURVE key", when="while the agent serves",
+                seen="nothing: no handshake completes, nothing reaches the agent (no drop line "
+                "in agent.log), no answer", recover_s="none needed", lost=0, twice=0)
 
 
 def test_drop_warnings_are_rate_limited_per_peer(tmp_path, caplog):
@@ -172,7 +210,7 @@ def test_replayed_messages_run_nothing_twice_and_do_no_harm(make_cluster, tmp_pa
         assert client.shutdown_agent(only_if_idle=True) is False
         pid = client.welcome.pid
 
-        sock = peer(int(client.agent_state["port"]))
+        sock = peer(int(client.agent_state["port"]), client.agent._curve)  # root reads it too
 
         def replay(frames, want):
             sock.send_multipart(frames)
@@ -205,13 +243,16 @@ def test_replayed_messages_run_nothing_twice_and_do_no_harm(make_cluster, tmp_pa
 def test_agent_answers_a_hello_of_another_protocol_so_that_its_client_can_read_it(
         make_cluster):
     """A client of protocol 1 (the envelope without frame lengths) or of a later version
-    gets an explicit Error(kind="protocol") in its own envelope, not silence."""
+    gets an explicit Error(kind="protocol") in its own envelope, not silence (once past the
+    socket's CURVE handshake: clients before protocol 3 have no CURVE, and read the state
+    line's protocol before they connect)."""
     import hashlib
     import hmac
     c = make_cluster("local")
     with ClusterSession(c) as client:
         secret = client.agent._secret
-        sock = peer(int(client.agent_state["port"]))
+        sock = peer(int(client.agent_state["port"]), client.agent._curve)
+        this, later_version = PROTOCOL_VERSION, PROTOCOL_VERSION + 1
         body = (b'{"rid":5,"client":"old desktop","version":"0.0.9+abc","protocol":1,'
                 b'"t":"Hello","v":1}')
         sock.send_multipart([b"CX", hmac.new(secret, body, hashlib.sha256).digest(), body])
@@ -221,17 +262,20 @@ def test_agent_answers_a_hello_of_another_protocol_so_that_its_client_can_read_i
         assert head == b"CX" and hmac.compare_digest(
             mac, hmac.new(secret, answer, hashlib.sha256).digest())
         assert b'"t":"Error"' in answer and b'"kind":"protocol"' in answer
-        assert b'"rid":5' in answer and b"speaks protocol 2 and this client protocol 1" in answer
-        later = m.encode(m.Hello(rid=6, client="new desktop"), secret, protocol=3)
+        assert b'"rid":5' in answer and \
+            b"speaks protocol %d and this client protocol 1" % this in answer
+        later = m.encode(m.Hello(rid=6, client="new desktop"), secret, protocol=later_version)
         sock.send_multipart(later)
-        assert sock.poll(10000), "and a protocol-3 Hello"
-        error = m.decode(sock.recv_multipart(), secret, protocol=3)
-        assert (error.kind, error.rid) == ("protocol", 6) and "protocol 3" in error.detail
+        assert sock.poll(10000), "and a later protocol's Hello"
+        error = m.decode(sock.recv_multipart(), secret, protocol=later_version)
+        assert (error.kind, error.rid) == ("protocol", 6) and \
+            "protocol %d" % later_version in error.detail
         sock.close()
         assert client.ping() >= 0
     log = agent_log(c)
-    assert "speaks protocol 1, this agent 2: refused" in log
-    assert "speaks protocol 3, this agent 2: refused" in log
+    assert "speaks protocol 1, this agent %d: refused" % PROTOCOL_VERSION in log
+    assert "speaks protocol %d, this agent %d: refused" % (PROTOCOL_VERSION + 1,
+                                                           PROTOCOL_VERSION) in log
 
 
 @pytest.fixture
