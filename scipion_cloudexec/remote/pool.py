@@ -40,6 +40,16 @@ def write_rc(path: str, code: int) -> None:
     os.replace(tmp, path)
 
 
+def _recorded(rc_path: str) -> bool:
+    """Whether the job script recorded its exit code (a killed one may leave it empty)."""
+    try:
+        with open(rc_path) as f:
+            int(f.read().strip())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def _rc_path(task: dict) -> str:
     return task.get("rc") or os.path.join(os.path.dirname(task["script"]), "rc")
 
@@ -119,7 +129,7 @@ def end_task(task: dict, pool_dir: str, returncode: int) -> int:
         except FileNotFoundError:
             pass
     code = 128 - returncode if returncode < 0 else returncode
-    if not os.path.exists(_rc_path(task)):  # killed before the script could write it
+    if not _recorded(_rc_path(task)):  # killed before (or while) the script wrote it
         write_rc(_rc_path(task), code)
     return code
 

@@ -128,6 +128,22 @@ def test_job_script_records_exit_code_and_environment(tmp_path):
     assert sorted(p.stdout.splitlines()) == ["%d 0,1 2 it's here yes" % r for r in range(3)]
 
 
+def test_an_exit_code_left_empty_reads_as_not_ended_and_the_pool_records_the_real_one(
+        tmp_path):
+    """The job script writes ``rc`` in place (no tmp + mv: a fork per job); a script killed
+    between the open and the write leaves it empty (the kill mid-write is simulated by
+    creating the empty file: the window is too short to hit for real). Read as "not ended",
+    never as a code; the worker pool, which saw the process end, records the real one."""
+    from scipion_cloudexec.remote import pool
+    files = JobFiles(str(tmp_path), "j")
+    (tmp_path / "j").mkdir()
+    open(files.rc, "w").close()
+    assert files.read_rc() is None
+    task = {"job_id": "j", "script": files.script, "rc": files.rc}
+    assert pool.end_task(task, str(tmp_path / "pool"), -15) == 143
+    assert files.read_rc() == 143
+
+
 def test_missing_working_directory_is_reported(tmp_path):
     files = JobFiles(str(tmp_path), "j")
     (tmp_path / "j").mkdir()
