@@ -12,8 +12,13 @@ slots) and changes four things:
   while it runs Python on the desktop, and lends it out while its ``runJob`` waits on the
   cluster, so another step can start. Remote jobs in flight are bounded by the clusters'
   slots (the dispatcher: ``ranks * threads`` each) and by ``jobs`` (queue parameter
-  ``CLOUD_JOBS``), not by the form's threads. A step whose job ended takes a desktop slot
-  back before its code goes on, ahead of any new step.
+  ``CLOUD_JOBS``), not by the form's threads;
+* a step gives its cluster slots (and its ``CLOUD_JOBS`` place: it bounds jobs running
+  remotely) back as soon as its job has ended there (``run_job``'s ``job_ended``), before
+  its outputs are gathered: gathers, which take turns per cluster, never keep a slot idle.
+  The slots are taken before the stage-in: the cluster must be chosen (by its free slots)
+  before anything is staged to it. A step whose job ended takes a desktop slot back,
+  ahead of any new step, once its gather is done and before its code goes on.
 
 The protocol's own Python steps (conversions, ``createOutputStep``) stay local.
 """
@@ -83,7 +88,8 @@ class CloudStepExecutor(ThreadStepExecutor):
         down_for: seconds a cluster found down gets no work.
         reconnect_for: seconds a job tries to reach its cluster again after losing contact
             (its job goes on there) before it is failed over.
-        jobs: at most that many of the protocol's jobs in flight at once (``CLOUD_JOBS``);
+        jobs: at most that many of the protocol's jobs in flight at once (``CLOUD_JOBS``),
+            from taking their slots to their end on the cluster (a gather takes none);
             0: as many as the clusters' slots take (``ranks * threads`` each). The desktop's
             *nThreads* bound only steps running on the desktop.
     """
