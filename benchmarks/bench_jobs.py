@@ -10,7 +10,11 @@ the first start to the last end) and the run without the change's effect
 (``CLOUD_JOBS`` = the step threads, as the desktop's threads capped it before).
 
     .venv/bin/python benchmarks/bench_jobs.py [--steps 1000] [--seconds 1] [--slots 64]
-                                              [--threads 4] [--capped]
+                                              [--threads 4] [--capped] [--fan COMMAND]
+
+``--fan`` replaces each step's ``sleep S`` by COMMAND (``{i}``: the step's number), e.g. one
+that writes outputs, so the gathers take time. The mean phases of a step (stage-in, submit,
+job, gather; the step's provenance) are printed too.
 
 Starts its own sshd test bed and Scipion folders under --root and removes them after.
 """
@@ -43,6 +47,8 @@ def main():
     p.add_argument("--seconds", type=float, default=1.0)
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--threads", type=int, default=4, help="Scipion threads (step threads + 1)")
+    p.add_argument("--fan", default="", help="each step's command ({i}: its number); "
+                   "default: sleep SECONDS")
     p.add_argument("--capped", action="store_true",
                    help="also run with CLOUD_JOBS = the step threads (the old bound)")
     a = p.parse_args()
@@ -74,7 +80,8 @@ def main():
                           {"CLOUD_JOBS": str(a.threads - 1)}))
         for label, queue in cases:
             prot = project.newProtocol(ProtCloudShellSteps, objLabel=label,
-                                       fan="sleep %g" % a.seconds, fanCopies=a.steps,
+                                       fan=a.fan or "sleep %g" % a.seconds,
+                                       fanCopies=a.steps,
                                        numberOfThreads=a.threads)
             prot._useQueue.set(True)
             prot.setQueueParams(["wide", dict(QUEUE_FOR_JOBS="Y", **queue)])
@@ -92,6 +99,12 @@ def main():
                          "%.2fx" % (dt / ideal), "%.2fx" % (span / ideal),
                          "%d (mean %.1f)" % (most_at_once(records), busy / span)))
             print(rows[-1], flush=True)
+            print("mean phases (s): " + ", ".join(
+                "%s %.3f" % (k, sum(r["phases"][k] for r in records) / len(records))
+                for k in ("stage_in", "submit", "job", "gather")) +
+                "; shared: stage-ins %d, gathers %d" % tuple(
+                    sum(k in r.get("shared", ()) for r in records)
+                    for k in ("stage_in", "gather")), flush=True)
     finally:
         finish(tb, a.root)
     print("%d steps of sleep %g s, %d slots, %d Scipion threads (%d step threads)"

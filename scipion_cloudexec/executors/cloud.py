@@ -12,8 +12,13 @@ slots) and changes four things:
   while it runs Python on the desktop, and lends it out while its ``runJob`` waits on the
   cluster, so another step can start. Remote jobs in flight are bounded by the clusters'
   slots (the dispatcher: ``ranks * threads`` each) and by ``jobs`` (queue parameter
-  ``CLOUD_JOBS``), not by the form's threads. A step whose job ended takes a desktop slot
-  back before its code goes on, ahead of any new step.
+  ``CLOUD_JOBS``), not by the form's threads;
+* a step gives its cluster slots (and its ``CLOUD_JOBS`` place: it bounds jobs running
+  remotely) back as soon as its job has ended there (``run_job``'s ``job_ended``), before
+  its outputs are gathered: gathers, which take turns per cluster, never keep a slot idle.
+  The slots are taken before the stage-in: the cluster must be chosen (by its free slots)
+  before anything is staged to it. A step whose job ended takes a desktop slot back,
+  ahead of any new step, once its gather is done and before its code goes on.
 
 The protocol's own Python steps (conversions, ``createOutputStep``) stay local.
 """
@@ -33,7 +38,7 @@ from ..cluster.errors import cannot_use, cluster_down, first_line, is_infra
 from ..cluster.session import executor_client_name
 from ..cluster.ssh import HostUnreachable
 from ..config import ClusterConfig
-from ..scheduling.dispatcher import MultiClusterDispatcher
+from ..scheduling.dispatcher import MultiClusterDispatcher, Slot
 from ..scheduling.policy import JobRequest, Policy
 from .runner import ClusterRunner, ProtocolRun
 from .slots import DesktopSlots
@@ -83,7 +88,8 @@ class CloudStepExecutor(ThreadStepExecutor):
         down_for: seconds a cluster found down gets no work.
         reconnect_for: seconds a job tries to reach its cluster again after losing contact
             (its job goes on there) before it is failed over.
-        jobs: at most that many of the protocol's jobs in flight at once (``CLOUD_JOBS``);
+        jobs: at most that many of the protocol's jobs in flight at once (``CLOUD_JOBS``),
+            from taking their slots to their end on the cluster (a gather takes none);
             0: as many as the clusters' slots take (``ranks * threads`` each). The desktop's
             *nThreads* bound only steps running on the desktop.
     """
@@ -97,13 +103,13 @@ class CloudStepExecutor(ThreadStepExecutor):
         if jobs < 0:
             raise ValueError("jobs in flight must be >= 0 (0: the clusters' slots)")
         self.jobs = jobs
-        self._job_slots = threading.BoundedSemaphore(jobs) if jobs else None
         clusters = [cluster] if isinstance(cluster, ClusterConfig) else list(cluster)
         if wall_time:
             clusters = [replace(c, time=wall_time) for c in clusters]
         self.clusters: Dict[str, ClusterConfig] = {c.name: c for c in clusters}
         self.dispatcher = MultiClusterDispatcher([(c.name, c.slots, c.gpus) for c in clusters],
-                                                 policy, retries, down_for, self._bytes_in_place)
+                                                 policy, retries, down_for, self._bytes_in_place,
+                                                 max_jobs=jobs)
         self.pool_ranks = pool_ranks
         self.reconnect_for = reconnect_for
         self.runners: Dict[str, ClusterRunner] = {}
@@ -195,11 +201,12 @@ class CloudStepExecutor(ThreadStepExecutor):
             self._track("%s:%s" % (name, current["id"]), add=True)  # Stop cancels it too
             return current["id"]
 
-        def work(name: str, attempt: int) -> dict:
+        def work(slot: Slot) -> dict:
             # Back on a cluster that had an attempt of this step (the same one after a lost
             # contact, or one it left earlier): that attempt again, as Continue does: still
             # running, attached to; done, reused; failed or lost, ``renew`` makes a new one.
             # Elsewhere: a new job.
+            name, attempt = slot.cluster, slot.attempt
             if attempt or current["cluster"] not in (None, name):
                 current["id"] = run.latest_on(base_id, name) or run.next_attempt(base_id)
             current["cluster"] = name
@@ -208,7 +215,25 @@ class CloudStepExecutor(ThreadStepExecutor):
                 lend["lent"] = True
             run.place(current["id"], name)
             ref = "%s:%s" % (name, current["id"])
-            self._flying(+1)
+            flying = {"now": False}
+
+            def job_runs() -> None:  # the step's job runs (again) on the cluster: it holds
+                slot.take()         # its slots (a no-op while held) and counts in flight
+                if not flying["now"]:
+                    self._flying(+1)
+                    flying["now"] = True
+
+            def job_ended() -> None:  # before the gather: the cluster is done with the job
+                slot.release()
+                if flying["now"]:
+                    self._flying(-1)
+                    flying["now"] = False
+
+            def renew_here(cluster: str) -> str:  # a new job: after job_ended (a reconnect
+                job_runs()                         # found it failed), slots again first
+                return renew(cluster)
+
+            job_runs()
             self._track(ref, add=True)
             lost_at = 0.0
             try:
@@ -218,7 +243,7 @@ class CloudStepExecutor(ThreadStepExecutor):
                         record = runner.run_job(
                             call, step_id=step_id, job_id=current["id"],
                             label="%s step %s" % (self.protocol.getRunName(), step_id),
-                            say=say, renew=renew)
+                            say=say, renew=renew_here, job_ended=job_ended)
                     except BaseException as e:
                         if not self._reconnect(name, runner, e, lost_at, say):
                             raise
@@ -230,7 +255,7 @@ class CloudStepExecutor(ThreadStepExecutor):
                             % (name, time.monotonic() - lost_at))
                     return record
             finally:
-                self._flying(-1)
+                job_ended()  # a no-op if it ended already; the dispatcher's release is too
                 self._track(ref, add=False)
                 if current["id"] != ref.split(":", 1)[1]:
                     self._track("%s:%s" % (name, current["id"]), add=False)
@@ -259,15 +284,11 @@ class CloudStepExecutor(ThreadStepExecutor):
             return cannot_use(error) and not (isinstance(error, HostUnreachable) and
                                               current.get("cluster") in self._worked)
 
-        if self._job_slots is not None:
-            self._job_slots.acquire()  # CLOUD_JOBS: waited for with the desktop slot held
-        try:
-            self.dispatcher.run(request, work, is_infra, failover,
-                                prefer=earlier[1] if earlier else None, is_down=cluster_down,
-                                is_permanent=permanent)
+        try:  # CLOUD_JOBS and the slots are waited for with the desktop slot held
+            self.dispatcher.run_with_slot(request, work, is_infra, failover,
+                                          prefer=earlier[1] if earlier else None,
+                                          is_down=cluster_down, is_permanent=permanent)
         finally:
-            if self._job_slots is not None:
-                self._job_slots.release()
             if lend["lent"]:
                 self._desktop.take_back()  # the step's own code goes on: a desktop slot
 

@@ -261,12 +261,15 @@ class ClusterRunner:
 
     def run_job(self, call: RunJobCall, *, step_id: int, job_id: str, label: str,
                 say: Callable[[str], None],
-                renew: Optional[Callable[[str], str]] = None) -> dict:
+                renew: Optional[Callable[[str], str]] = None,
+                job_ended: Optional[Callable[[], None]] = None) -> dict:
         """Everything for one runJob; returns its provenance record or raises RemoteStepError.
 
         *job_id* attaches to the job of that id if an earlier process sent it (finished:
         its result is reused; running: followed). If that job had failed, been cancelled or
-        been lost, ``renew(cluster)`` names a new attempt, which runs."""
+        been lost, ``renew(cluster)`` names a new attempt, which runs. ``job_ended()`` is
+        called as soon as the job's result is known (it ended, or had ended), before the
+        gather: the caller frees the job's cluster slot there."""
         spec = self.prepare(call)
         line = shown(spec)
         t0 = time.time()
@@ -303,6 +306,8 @@ class ClusterRunner:
             error, result = e, e.result
         ended = time.monotonic()
         phases["job"] = time.perf_counter() - t
+        if job_ended is not None:
+            job_ended()  # the cluster is done with it: the gather needs no slot there
         t = time.perf_counter()
         if fut.existed:
             say("cloudexec: job %s had already run on %s: its result is reused"

@@ -4,7 +4,8 @@ pyworkflow's threads (minus the one it keeps) bound how many steps run at once. 
 :class:`~.cloud.CloudStepExecutor` they bound only the steps working on the desktop: a step
 whose ``runJob`` has its cluster slots lends its desktop slot while its job runs, and takes
 one back, ahead of new steps, before its own code goes on. Jobs in flight are bounded by the
-clusters' slots (the dispatcher) and ``CLOUD_JOBS``, not here.
+clusters' slots (the dispatcher) and ``CLOUD_JOBS``, not here; those are given back when the
+job has ended on the cluster, its gather still to come (the desktop slot only after it).
 """
 from __future__ import annotations
 

@@ -223,3 +223,61 @@ def test_the_queue_parameter_reaches_the_executor_or_refuses(make_cluster, clust
         refusing = make_executor(None, Stock(), c.name, {"CLOUD_JOBS": bad})
         with pytest.raises(RuntimeError, match="CLOUD_JOBS"):
             refusing.runJob(None, "prog", "")
+
+
+def test_a_job_starts_on_the_freed_slot_while_the_last_one_is_still_gathered(
+        make_cluster, new_project, monkeypatch):
+    """A step's cluster slot is given back when its job has ended, not after its gather:
+    on a 1-slot cluster, while step A's gather is held (the first gather waits, here, for
+    the next one), step B's job runs and ends on the slot A's job left. Real cluster, real
+    project and protocol folder, the executor in this process; the outputs come back."""
+    import os
+    from dataclasses import replace
+
+    from pyworkflow.protocol.protocol import FunctionStep
+
+    from scipion_cloudexec.executors.cloud import CloudStepExecutor
+    from scipion_cloudexec.executors.runner import ClusterRunner
+    from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
+
+    c = replace(make_cluster("local"), slots=1)
+    project = new_project("heldgather")
+    prot = project.newProtocol(ProtCloudShellSteps, objLabel="held gather")
+    project.saveProtocol(prot)
+    prot.makePathsAndClean()
+    gathers, other_gathered, held = [], threading.Event(), {}
+    real_gather = ClusterRunner.stage_out
+
+    def first_gather_waits_for_the_next(self, say, since=None):
+        gathers.append(threading.current_thread().name)
+        if len(gathers) == 1:  # step A's job ended: hold its gather until B's job ended too
+            held["next_job_ran"] = other_gathered.wait(20)
+        else:
+            other_gathered.set()
+        return real_gather(self, say, since=since)
+    monkeypatch.setattr(ClusterRunner, "stage_out", first_gather_waits_for_the_next)
+
+    ex = CloudStepExecutor(None, 2, c)  # 2 desktop threads: both steps start at once
+    ex.protocol = prot
+
+    def work(name):
+        ex.runJob(None, "/bin/sh", "-c 'echo %s > extra/%s.txt'" % (name, name),
+                  cwd=prot._getPath())
+
+    steps = []
+    for i, name in enumerate(("a", "b")):
+        s = FunctionStep(work, "work", name)
+        s.setObjId(i + 1)
+        s.setIndex(i + 1)
+        steps.append(s)
+    ex.runSteps(steps, lambda s: None, lambda s: True, lambda: None, stepsCheckSecs=1)
+    assert all(s.isFinished() for s in steps)
+    assert held.get("next_job_ran"), \
+        "no job ran on the 1-slot cluster while the ended job's gather waited"
+    records = provenance(prot)
+    assert len(records) == 2 and most_at_once(records) == 1, "1 slot: one job at a time"
+    for name in ("a", "b"):
+        with open(os.path.join(prot._getPath("extra"), "%s.txt" % name)) as f:
+            assert f.read() == name + "\n"
+    assert ex.most_in_flight == 1
+    assert [(s["busy"], s["done"]) for s in ex.dispatcher.status()] == [(0, 2)]

@@ -145,3 +145,141 @@ def test_failover_message_of_an_error_without_text():
     from scipion_cloudexec.executors.cloud import first_line
     assert first_line(EOFError()) == "(no message)"
     assert first_line(OSError("Socket is closed\nmore")) == "Socket is closed"
+
+
+class _Watch(CapacityPolicy):
+    """The default policy, recording what it saw: the busy slots of every cluster each time
+    a job waits or is placed (called under the dispatcher's lock)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def choose(self, job, clusters):
+        self.seen.extend((c.name, c.busy, c.slots) for c in clusters)
+        return super().choose(job, clusters)
+
+
+def _busy(d):
+    return {c["name"]: c["busy"] for c in d.status()}
+
+
+def test_a_slot_given_back_when_the_job_ends_goes_to_the_next_job_once():
+    """A job gives its slot back as its job ends (twice: idempotent) and then works on
+    (gathers): the next job runs on that slot meanwhile; the count never goes below 0 or
+    over the slots, and the speed estimate is the job's time, not the gather's."""
+    watch = _Watch()
+    d = MultiClusterDispatcher([("only", 1, ())], policy=watch)
+    a_runs, b_done, log = threading.Event(), threading.Event(), []
+
+    def a(slot):
+        a_runs.set()
+        time.sleep(0.05)  # the job
+        slot.release()
+        slot.release()
+        log.append(("a released", dict(_busy(d)), d.holding))
+        assert b_done.wait(10), "b did not run while a gathered"  # the gather, held
+        log.append(("a gathered", dict(_busy(d)), d.holding))
+        return "a"
+
+    def b(slot):
+        log.append(("b runs", dict(_busy(d)), d.holding))
+        b_done.set()
+        return "b"
+    first = threading.Thread(target=lambda: log.append(d.run_with_slot(JobRequest(), a,
+                                                                       lambda e: False)))
+    first.start()
+    assert a_runs.wait(10)
+    assert d.run_with_slot(JobRequest(), b, lambda e: False) == "b"
+    first.join(10)
+    assert log == [("a released", {"only": 0}, 0), ("b runs", {"only": 1}, 1),
+                   ("a gathered", {"only": 0}, 0), "a"]
+    assert all(0 <= busy <= slots for _, busy, slots in watch.seen), watch.seen
+    status = d.status()[0]
+    assert (status["busy"], status["done"]) == (0, 2)
+    assert status["seconds_per_job"] < 1.0, "a's 0.05 s job, not its wait for b: %s" % status
+
+
+def test_a_gather_failing_after_the_early_release_fails_over_without_a_second_release():
+    """The job ended (slot given back, taken by another job), then its gather fails for an
+    infrastructure reason: the step fails over as before and the other job's slot stays
+    counted (no second release); a failed attempt teaches no speed."""
+    d = MultiClusterDispatcher([("a", 1, ()), ("b", 1, ())], down_for=60)
+    holder_in, holder_go, seen, after_failover = threading.Event(), threading.Event(), [], {}
+
+    def holder(slot):
+        holder_in.set()
+        assert holder_go.wait(10)
+        return slot.cluster
+    other = threading.Thread(target=lambda: seen.append(
+        ("holder", d.run_with_slot(JobRequest(), holder, lambda e: False, prefer="a"))))
+
+    def gather_fails(slot):
+        if slot.attempt == 0:
+            slot.release()  # the job ended...
+            other.start()
+            assert holder_in.wait(10)  # ...another job took the slot...
+            raise Infra("link lost during the gather")  # ...and the gather fails
+        after_failover.update(_busy(d))
+        return slot.cluster
+
+    assert d.run_with_slot(JobRequest(), gather_fails, lambda e: isinstance(e, Infra),
+                           prefer="a") == "b"
+    assert after_failover == {"a": 1, "b": 1}, "a: the holder's slot, still counted"
+    holder_go.set()
+    other.join(10)
+    assert seen == [("holder", "a")]
+    assert _busy(d) == {"a": 0, "b": 0} and d.holding == 0
+    status = {c["name"]: c for c in d.status()}
+    assert (status["a"]["done"], status["a"]["failed_over"], status["b"]["done"]) == (1, 1, 1)
+
+
+def test_taking_a_released_slot_again_waits_for_room_and_max_jobs_bounds_all_clusters():
+    """A job run again on its cluster after its slot went back (a reconnect found it
+    failed) waits for a free slot there; ``max_jobs`` bounds the jobs holding slots across
+    clusters (CLOUD_JOBS)."""
+    watch = _Watch()
+    d = MultiClusterDispatcher([("a", 1, ()), ("b", 4, ())], policy=watch, max_jobs=2)
+    most, lock, go = [0], threading.Lock(), threading.Event()
+
+    def job(slot):
+        with lock:
+            most[0] = max(most[0], d.holding)
+        go.wait(10)
+        return slot.cluster
+    threads = [threading.Thread(target=d.run_with_slot, args=(JobRequest(), job,
+                                                              lambda e: False))
+               for _ in range(5)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    assert d.holding == 2, "max_jobs 2 with 5 free slots"
+    go.set()
+    for t in threads:
+        t.join(10)
+    assert most[0] == 2 and d.holding == 0
+
+    d = MultiClusterDispatcher([("a", 1, ())])
+    taken, released, order = threading.Event(), threading.Event(), []
+
+    def again(slot):
+        slot.release()
+        released.set()
+        assert taken.wait(10)
+        slot.take()  # waits: the other job holds the only slot
+        order.append("taken again")
+        slot.take()  # held: a no-op
+        assert _busy(d) == {"a": 1}
+        return "again"
+
+    def other(slot):
+        taken.set()
+        time.sleep(0.3)
+        order.append("other done")
+        return "other"
+    t = threading.Thread(target=d.run_with_slot, args=(JobRequest(), again, lambda e: False))
+    t.start()
+    assert released.wait(10)
+    d.run_with_slot(JobRequest(), other, lambda e: False)
+    t.join(10)
+    assert order == ["other done", "taken again"] and _busy(d) == {"a": 0}
+    assert all(0 <= busy <= slots for _, busy, slots in watch.seen)
