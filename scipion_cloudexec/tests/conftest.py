@@ -21,6 +21,7 @@ import pytest
 
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.testbed import LocalTestbed, TestbedError
+from scipion_cloudexec.testbed.local import _alive
 
 PYTHON = sys.executable
 
@@ -71,11 +72,9 @@ def _stop_agent(workdir: str) -> None:
     except ProcessLookupError:
         return
     for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):  # a zombie is gone: init may take seconds to reap it
             return
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.kill(pid, signal.SIGKILL)
 
 
