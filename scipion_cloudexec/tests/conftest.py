@@ -71,7 +71,7 @@ def _stop_agent(workdir: str) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    for _ in range(100):
+    for _ in range(250):  # 5 s, then SIGKILL
         if not _alive(pid):  # a zombie is gone: init may take seconds to reap it
             return
         time.sleep(0.02)
