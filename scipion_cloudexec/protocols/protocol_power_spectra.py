@@ -59,11 +59,12 @@ class ProtCloudPowerSpectra(ProtPreprocessMicrographs):
         inputSet = self.inputMicrographs.get()
         angpix = inputSet.getSamplingRate()
         stepIds = []
-        # One independent step per micrograph: they run concurrently.
+        # One independent step per micrograph: they run concurrently (prerequisites=[]:
+        # without it, pyworkflow makes each step wait for the one inserted before).
         for mic in inputSet.iterItems(orderBy='id'):
             stepIds.append(self._insertFunctionStep(
                 self.powerSpectrumStep, mic.getObjId(), mic.getFileName(),
-                angpix, factor, box, needsGPU=False))
+                angpix, factor, box, prerequisites=[], needsGPU=False))
         self._insertFunctionStep(self.createOutputStep, prerequisites=stepIds,
                                  needsGPU=False)
 

@@ -275,16 +275,17 @@ class PoolScheduler(Scheduler):
     """Hands single-rank jobs to a running worker pool (see pool.py) through its queue folder.
 
     Launcher id: ``pool:<pool folder>``. A job waits as QUEUED until a rank takes it; a pool
-    whose heartbeat stopped for ``dead_after`` seconds loses its unfinished jobs (LOST: they
+    whose heartbeat (touched every second) stopped for ``dead_after`` seconds
+    (``$CLOUDEXEC_POOL_DEAD_AFTER``, 15 by default) loses its unfinished jobs (LOST: they
     may be retried elsewhere).
     """
 
     poll_interval = 0.05
-    dead_after = 15.0
     retry_first = 0.25
 
     def __init__(self, pools_root: str):
         self.pools_root = pools_root
+        self.dead_after = float(os.environ.get("CLOUDEXEC_POOL_DEAD_AFTER") or 15.0)
         self.submit_for = retry_for(60.0)  # a queue file not written for want of fds
 
     def pool_dir(self, pool: str) -> str:

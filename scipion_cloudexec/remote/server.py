@@ -75,6 +75,25 @@ def agent_version() -> str:
     return "%s+src" % __version__
 
 
+def _signal_wakeup() -> Tuple[int, int]:
+    """A pipe that Python writes a byte to when a signal it handles arrives (SIGTERM): in
+    the agent's poller, it ends the wait at once, where the signal alone would only be
+    seen when the poll's timeout (up to a second) ran out."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    return r, w
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
 class Agent:
     """Serves clients and runs jobs until idle for ``idle_timeout`` seconds."""
 
@@ -182,10 +201,13 @@ class Agent:
                         previous.get("pid"), time.time() - float(previous.get("lease_until", 0)))
         self.jobs.adopt()
         self.write_state()
+        poller = zmq.Poller()
+        wake: Optional[Tuple[int, int]] = None
         if threading.current_thread() is threading.main_thread():  # else: run in-process
             signal.signal(signal.SIGTERM, self._on_sigterm)
+            wake = _signal_wakeup()
+            poller.register(wake[0], zmq.POLLIN)
         log.info("agent %s pid %d listening on 127.0.0.1:%d", self.version, os.getpid(), self.port)
-        poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.jobs.workers.fileno(), zmq.POLLIN)
         registered: Dict[int, str] = {}
@@ -206,6 +228,10 @@ class Agent:
                     timeout = min(self.heartbeat, 1.0)
                 timeout = min(timeout, self.jobs.due_in(now))
                 events = dict(poller.poll(int(timeout * 1000)))
+                if wake is not None and wake[0] in events:
+                    _drain(wake[0])
+                    if not self.running:  # SIGTERM: stop now, not at the poll's timeout
+                        break
                 if self.sock in events:
                     self._phase(self.process_messages)
                 self._phase(self.collect_results)  # before reaping: a pidfd may be ready
@@ -223,6 +249,10 @@ class Agent:
                 self._phase(self.renew_lease)
                 self._phase(self.check_idle)
         finally:
+            if wake is not None:
+                signal.set_wakeup_fd(-1)
+                os.close(wake[0])
+                os.close(wake[1])
             self.cleanup()
 
     def _phase(self, phase, *args) -> None:

@@ -25,13 +25,13 @@ def _free_port() -> int:
 
 
 def _alive(pid: int) -> bool:
+    """True for a running process. A zombie is not: a daemon stopped here (sshd, slurmd,
+    an agent) is reparented to init, which may take seconds to reap it."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
 
 
 def _read_pid(path: str) -> Optional[int]:

@@ -21,6 +21,7 @@ import pytest
 
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.testbed import LocalTestbed, TestbedError
+from scipion_cloudexec.testbed.local import _alive
 
 PYTHON = sys.executable
 
@@ -70,12 +71,10 @@ def _stop_agent(workdir: str) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+    for _ in range(250):  # 5 s, then SIGKILL
+        if not _alive(pid):  # a zombie is gone: init may take seconds to reap it
             return
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.kill(pid, signal.SIGKILL)
 
 

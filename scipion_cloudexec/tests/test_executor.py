@@ -16,12 +16,24 @@ def launch(project, prot, cluster=None, wait=True, **queue_params):
     return project.getProtocol(prot.getObjId())
 
 
+def twin_threads(threads, fan="", fanCopies=1):
+    """Threads for the local twin of a shell protocol: one per independent step. Scipion's
+    ThreadStepExecutor sleeps 3 s whenever a loop turn starts no step, so 100 steps on 6
+    threads took 17 such turns (56 s) where one does. A shell protocol's run folder does not
+    depend on its thread count (the cloud run keeps the test's own)."""
+    fans = len([ln for ln in (fan or "").splitlines() if ln.strip()])
+    return max(threads, fans * max(1, fanCopies) + 1)
+
+
 def local_twin(project, prot, fails=False):
     """The same protocol (a copy of its form) run locally, for assert_same_run; *fails*: the
     local run must fail as well (the cloud run of a failing protocol leaves what it leaves)."""
     twin = project.copyProtocol(prot)
     twin.setObjLabel("local twin of %s" % prot.getObjLabel())
     twin._useQueue.set(False)
+    if isinstance(twin, ProtCloudShellSteps):  # other protocols may pass threads to programs
+        twin.numberOfThreads.set(twin_threads(twin.numberOfThreads.get(), twin.fan.get(),
+                                              twin.fanCopies.get()))
     twin = launch(project, twin)
     assert (twin.isFailed() if fails else twin.isFinished()), logs(twin)
     return twin

@@ -8,7 +8,7 @@ import time
 from scipion_cloudexec.executors.slots import DesktopSlots
 from scipion_cloudexec.tests.harness import assert_same_run
 from scipion_cloudexec.tests.test_executor import launch, logs, provenance
-from scipion_cloudexec.tests.test_trustworthy import shell
+from scipion_cloudexec.tests.test_trustworthy import run_locally, shell
 
 STEP = "sleep 2; echo {i} > extra/f_{i}.txt"
 
@@ -26,8 +26,7 @@ def most_at_once(records):
 
 def cloud_and_local(project, cluster, **queue):
     params = dict(numberOfThreads=3, fanCopies=12, fan=STEP)  # 2 desktop threads
-    local = launch(project, shell(project, "local", **params))
-    assert local.isFinished(), logs(local)
+    local = run_locally(project, **params)  # its threads do not matter: only the cloud's
     cloud = launch(project, shell(project, "cloud", **params), cluster, **queue)
     assert cloud.isFinished(), logs(cloud)
     return local, cloud

@@ -146,6 +146,10 @@ def test_power_spectra_registers_downsampled_micrographs(imported, power_spectra
     protImport, prot = imported[1], power_spectra
     with open(prot.getStdoutLog()) as f:
         assert "ThreadStepExecutor" in f.read()  # the steps ran in parallel
+    # ... as they may: no micrograph's step waits for another's (pyworkflow chains steps
+    # inserted without prerequisites, one at a time: 3 s each with its executor)
+    steps = [s for s in prot.loadSteps() if s.funcName.get() == "powerSpectrumStep"]
+    assert len(steps) == N_MICS and not any(s._prerequisites for s in steps)
     inSet, out = protImport.outputMicrographs, prot.outputMicrographs
     assert out.getSize() == N_MICS
     assert out.getSamplingRate() == pytest.approx(2 * inSet.getSamplingRate())

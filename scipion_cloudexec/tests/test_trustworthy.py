@@ -11,7 +11,8 @@ from pyworkflow.protocol.constants import MODE_RESTART
 
 from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
 from scipion_cloudexec.tests.harness import assert_same_run, run_tree
-from scipion_cloudexec.tests.test_executor import launch, logs, provenance, wait_done, wait_for
+from scipion_cloudexec.tests.test_executor import (launch, logs, provenance, twin_threads,
+                                                   wait_done, wait_for)
 
 
 # every scenario once in every run, twice more with -m repeat: races show up over
@@ -25,10 +26,18 @@ def shell(project, label, **params):
     return project.newProtocol(ProtCloudShellSteps, objLabel=label, **params)
 
 
+def run_locally(project, **params):
+    """The shell protocol run locally, as the twin of a cloud run (see twin_threads)."""
+    threads = twin_threads(params.get("numberOfThreads", 2), params.get("fan", ""),
+                           params.get("fanCopies", 1))
+    local = launch(project, shell(project, "local", **dict(params, numberOfThreads=threads)))
+    assert local.isFinished(), logs(local)
+    return local
+
+
 def local_and_cloud(project, cluster, **params):
     """The same shell protocol run locally, then on *cluster* (a name or a ClusterConfig)."""
-    local = launch(project, shell(project, "local", **params))
-    assert local.isFinished(), logs(local)
+    local = run_locally(project, **params)
     cloud = shell(project, "cloud", **params)
     cloud._useQueue.set(True)
     cloud.setQueueParams([getattr(cluster, "name", cluster), {"QUEUE_FOR_JOBS": "Y"}])
