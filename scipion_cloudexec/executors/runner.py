@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from dataclasses import replace
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from .. import runrecords
 from ..cluster.agent_client import JobFuture
@@ -70,6 +70,8 @@ class ClusterRunner:
         self._pool_nonce = uuid.uuid4().hex[:6]  # a pool restarted after a failover is new
         self.bytes_in_place = 0  # this run's data the cluster holds (sent or already cached)
         self._connect_lock = threading.Lock()
+        # the last failed attempt to connect: (when it began, its error)
+        self._failed: Optional[Tuple[float, BaseException]] = None
         self._stage_lock = threading.Lock()
         self._record_lock = threading.Lock()  # not the stage lock: a sync may take long
         # when the last stage-in and gather that ended clean began (time.monotonic()): a
@@ -79,10 +81,25 @@ class ClusterRunner:
         self.mapper: Optional[PathMapper] = None
 
     def connect(self) -> None:
+        """Reach the cluster (once). Steps waiting while another step's attempt fails get
+        that failure at once: with the cluster unreachable, n steps would otherwise each
+        wait out ``connect_timeout`` in turn before they could fail over.
+
+        Raises:
+            InfraError: what :meth:`ClusterSession.start` raised.
+        """
+        asked = time.monotonic()
         with self._connect_lock:
             if self.mapper is not None:
                 return
-            self.session.start()
+            if self._failed is not None and self._failed[0] >= asked:
+                raise self._failed[1]
+            began = time.monotonic()
+            try:
+                self.session.start()
+            except BaseException as e:
+                self._failed = (began, e)
+                raise
             root = self.session.mirror_root(self.run.mirror)
             staged = []  # inputs outside the project: the command names their staged copy
             for path in self._relative(self.inputs()):

@@ -248,3 +248,56 @@ def test_inputs_outside_the_project_are_named_by_their_staged_copy(private_clust
     finally:
         ssh.run("rm -rf %s" % twin)
         ssh.close()
+
+
+def test_steps_waiting_to_reach_an_unreachable_cluster_share_one_attempt(make_cluster,
+                                                                         tmp_path):
+    """A link cut while n steps ran there: each step reconnects. They used to queue on the
+    runner's lock and each wait out connect_timeout in turn (n x the timeout before the last
+    could fail over). Steps that waited while another's attempt failed now get its error:
+    counted here as the connections the unreachable cluster saw."""
+    import socket
+    import threading
+    from scipion_cloudexec.cluster.ssh import HostUnreachable
+    from scipion_cloudexec.executors.runner import ClusterRunner, ProtocolRun
+    server = socket.socket()  # accepts and stays silent: a host that never completes SSH
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    accepted, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except socket.timeout:
+                pass
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    c = make_cluster("local", port=server.getsockname()[1], name="silent", connect_timeout=1.0)
+    run_dir = tmp_path / "proj" / "Runs" / "000002_ProtX"
+    run_dir.mkdir(parents=True)
+    runner = ClusterRunner(c, ProtocolRun(str(tmp_path / "proj"), "proj", str(run_dir), 2))
+    errors = []
+
+    def step():
+        try:
+            runner.connect()
+        except Exception as e:
+            errors.append(e)
+    steps = [threading.Thread(target=step) for _ in range(6)]
+    try:
+        for t in steps:
+            t.start()
+        for t in steps:
+            t.join(60)
+    finally:
+        stop.set()
+        acceptor.join(5)
+        for conn in accepted:
+            conn.close()
+        server.close()
+        runner.close()
+    assert len(errors) == 6 and all(isinstance(e, HostUnreachable) for e in errors), errors
+    assert "silent" in str(errors[0]) or str(c.port) in str(errors[0])
+    assert len(accepted) <= 2, "%d connection attempts for 6 waiting steps" % len(accepted)
