@@ -45,6 +45,7 @@ from .batches import BatchUploader, SmallFilesOverStreams
 from .channels import NoBundle, OpenSSHChannel, ParamikoChannel, ServerChannel, dead_link_seconds
 from .errors import DesktopFull, InputMissing, LinkLost, NoSpace, StagingError
 from .gather import Gathering
+from .remote_tree import RemoteTree
 from .local_files import (BATCH, BATCH_BYTES, Progress, StageReport, _Batch, _Batches, _entry,
                           _excluded, _InSync, _Local, _tick, _walk_dir, mirror_path)
 from .ssh import SSHConnection
@@ -91,6 +92,7 @@ class Stager(Gathering, SmallFilesOverStreams):
         self._bulk_refused = cluster.transfer == "paramiko" or (
             cluster.transfer == "auto" and shutil.which("ssh") is None)
         self._pool: Optional[streams.StreamPool] = None
+        self._trees: Dict[tuple, RemoteTree] = {}  # run folders as last listed (gather)
 
     def _channel(self, bulk: bool = False) -> ServerChannel:
         """The staging server on the control (or bulk) stream, started on first use."""

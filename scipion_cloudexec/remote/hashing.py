@@ -160,7 +160,7 @@ def path_state(path: str, memo: "HashCache") -> str:
     a file, "?" (a FIFO, socket or device: never opened)."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a file in its parent's place)
         return ""
     if stat.S_ISLNK(st.st_mode):
         return "l:" + os.readlink(path)
