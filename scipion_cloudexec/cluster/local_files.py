@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequ
 
 from ..remote.hashing import HashCache
 from .errors import InputMissing
-from .sync import DIR, under
+from .sync import DIR
 
 if TYPE_CHECKING:
     from .stager import Stager
@@ -240,15 +240,19 @@ class _InSync:
 
     def __init__(self, run_dir: str, base: Optional[Dict[str, str]]):
         self.prefix = os.path.normpath(run_dir)
-        self.base = {k: v for k, v in (base or {}).items() if under(k, self.prefix)}
+        # under() inlined: these run once per file of the run folder (issue 13)
+        self._below = self.prefix.rstrip("/") + "/"
+        below, top = self._below, self.prefix
+        self.base = {k: v for k, v in (base or {}).items() if k == top or k.startswith(below)}
         self.seen: set = set()
         self.sent: Dict[str, str] = {}
         self.removed: List[List[str]] = []
 
     def filter(self, batch: "_Batch", report: StageReport) -> None:
         dirs = []
+        below, top = self._below, self.prefix
         for d in batch.dirs:
-            if under(d, self.prefix):
+            if d == top or d.startswith(below):
                 self.seen.add(d)
                 if self.base.get(d) == DIR:
                     continue
@@ -257,7 +261,7 @@ class _InSync:
         files, replaced = [], {}
         for f in batch.files:
             rel, local, _size, sha = f
-            if under(rel, self.prefix):
+            if rel == top or rel.startswith(below):
                 self.seen.add(rel)
                 was = self.base.get(rel, "")
                 if was.startswith("l:") and os.path.islink(local) and \
