@@ -252,7 +252,9 @@ class _InSync:
         # under() inlined: these run once per file of the run folder (issue 13)
         self._below = self.prefix.rstrip("/") + "/"
         below, top = self._below, self.prefix
-        self.base = {k: v for k, v in (base or {}).items() if k == top or k.startswith(below)}
+        # with a scope, only the paths in it are looked up: no pass over the whole base
+        self.base = dict(base or {}) if scope is not None else {
+            k: v for k, v in (base or {}).items() if k == top or k.startswith(below)}
         self.seen: set = set()
         self.seen_dirs: set = set()
         self.sent: Dict[str, str] = {}
