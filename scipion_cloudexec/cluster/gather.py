@@ -23,6 +23,7 @@ from ..remote.stage_protocol import ListTree, Send
 from .errors import DesktopFull, LinkLost, StagingError
 from .local_files import (TEMP_PREFIX, _UMASK, Progress, StageReport, _excluded, _temp_name,
                           _tick)
+from .remote_tree import RemoteTree
 from .sync import DIR, GatherPlan, plan_gather, under
 from . import streams
 
@@ -32,6 +33,8 @@ class Gathering:
 
     cluster: ClusterConfig
     hash_cache_path: str
+    #: each run folder's mirror as last listed, by (mirror root, run folder, exclude)
+    _trees: Dict[tuple, RemoteTree]
 
     def gather(self, project_root: str, project: str, run_dir: str, base: Dict[str, str],
                exclude: Sequence[str] = (), progress: Optional[Progress] = None
@@ -47,29 +50,29 @@ class Gathering:
         run_dir = os.path.normpath(run_dir)
         guard = os.path.realpath(os.path.join(root, run_dir))
         remote_root = self.mirror_root(project)
+        key = (remote_root, run_dir, tuple(exclude))
+        tree = self._trees.get(key) or RemoteTree(run_dir, exclude)
         _ch, listing = self._ask(ListTree(root=remote_root, dir=run_dir,
-                                          exclude=[os.path.relpath(e, run_dir) for e in exclude]))
+                                          exclude=[os.path.relpath(e, run_dir) for e in exclude],
+                                          track=True, since=tree.token))
         if not listing.get("exists", True):
             raise StagingError("the run folder %s is gone from the mirror on %s: nothing was "
                                "changed locally; Restart the protocol" % (run_dir, self.cluster.name))
-        report = StageReport(refused=[tuple(r) for r in listing["refused"]],
+        tree.apply(listing)  # the server keeps what it sent: our copy must follow it now
+        self._trees[key] = tree
+        report = StageReport(refused=[tuple(r) for r in listing["refused"]] +
+                             list(tree.outside.items()),
                              skipped=[tuple(r) for r in listing.get("skipped", [])])
-        remote: Dict[str, str] = {run_dir: DIR}
-        sizes: Dict[str, int] = {}
-        for rel, size, _mtime, sha in listing["files"]:
-            remote[rel], sizes[rel] = sha, size
-        remote.update((rel, DIR) for rel in listing.get("dirs", []))
-        remote.update((rel, "l:" + target) for rel, target in listing["links"])
-        for rel in [k for k in remote if not under(k, run_dir)]:  # no real walk says so
-            report.refused.append((rel, "outside %s" % run_dir))
-            del remote[rel]
-        remote = {k: v for k, v in remote.items() if not _excluded(k, exclude)}
-        base = {k: v for k, v in base.items() if under(k, run_dir) and not _excluded(k, exclude)}
+        remote, sizes = tree.states, tree.sizes
+        # only paths where the cluster and the base differ need a decision: a set
+        # operation in C, not a loop over the run folder (issue 13)
+        todo = [k for k, _s in base.items() ^ remote.items()
+                if under(k, run_dir) and not _excluded(k, exclude)]
         memo = HashCache(self.hash_cache_path)
         try:
             plan = plan_gather(remote, sizes, base,
                                lambda rel: path_state(os.path.join(root, rel), memo),
-                               self.cluster.name)
+                               self.cluster.name, paths=todo)
         finally:
             memo.close()
         report.files = len(sizes)
@@ -91,26 +94,30 @@ class Gathering:
             if here != DIR and (dest := dest_of(rel)) is not None:
                 os.unlink(dest)
                 report.agreed[rel] = ""  # a folder made in its place below says so
+        kept = set()  # folders the cluster removed that still hold files made here since
+        for rel, here in sorted(plan.delete, key=lambda x: -x[0].count("/")):
+            if here == DIR and (dest := dest_of(rel)) is not None:
+                try:
+                    os.rmdir(dest)  # deepest first: their files went above
+                    report.agreed[rel] = ""
+                except OSError:  # those files go up next time
+                    kept.add(rel)
+        replaced = [rel for rel, _t in plan.links] + [rel for rel, _s, _h in plan.fetch]
+        report.conflicts += [(rel, "now a folder holding files made here, a file or link on "
+                              "%s" % self.cluster.name) for rel in replaced if rel in kept]
         for rel in sorted(plan.mkdirs, key=lambda r: r.count("/")):
             if (dest := dest_of(rel)) is not None:
                 os.makedirs(dest, exist_ok=True)
                 report.agreed[rel] = DIR
         for rel, target in plan.links:
-            if self._link(root, guard, rel, target, report):
+            if rel not in kept and self._link(root, guard, rel, target, report):
                 report.agreed[rel] = "l:" + target
         wanted = [(rel, dest, size, sha) for rel, size, sha in plan.fetch
-                  if (dest := dest_of(rel)) is not None]
+                  if rel not in kept and (dest := dest_of(rel)) is not None]
         if wanted:
             self._receive(remote_root, wanted, report, progress)
             fetched = set(report.fetched)
             report.agreed.update((rel, sha) for rel, _d, _s, sha in wanted if rel in fetched)
-        for rel, here in sorted(plan.delete, key=lambda x: -x[0].count("/")):
-            if here == DIR and (dest := dest_of(rel)) is not None:
-                try:
-                    os.rmdir(dest)
-                    report.agreed[rel] = ""
-                except OSError:  # holds files made here since: they go up next time
-                    pass
 
     def fetch(self, remote_path: str, to: str, progress: Optional[Progress] = None) -> StageReport:
         """Copy a file or folder under the workdir (path relative to it) into folder *to*."""

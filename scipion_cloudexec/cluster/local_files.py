@@ -11,11 +11,12 @@ import os
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import (TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Set,
+                    Tuple)
 
 from ..remote.hashing import HashCache
 from .errors import InputMissing
-from .sync import DIR, under
+from .sync import DIR
 
 if TYPE_CHECKING:
     from .stager import Stager
@@ -89,15 +90,17 @@ class _Batches:
     _END = object()
 
     def __init__(self, stager: "Stager", project_root: str, paths: Sequence[str],
-                 exclude: Sequence[str]):
+                 exclude: Sequence[str],
+                 entries: Optional[Iterator[Tuple[str, Optional["_Local"]]]] = None):
         self._q: "queue.Queue" = queue.Queue(maxsize=2)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cloudexec-hash", daemon=True,
-                                        args=(stager, project_root, paths, exclude))
+                                        args=(stager, project_root, paths, exclude, entries))
         self._thread.start()
 
     def _run(self, stager: "Stager", project_root: str, paths: Sequence[str],
-             exclude: Sequence[str]) -> None:
+             exclude: Sequence[str], entries) -> None:
+        """*entries*: what to hash instead of a walk of *paths* (the changed paths)."""
         try:
             memo = HashCache(stager.hash_cache_path)
         except BaseException as e:  # noqa: B036 - handed to the consumer
@@ -122,7 +125,9 @@ class _Batches:
                 dirs.clear()
                 return b
 
-            for rel, entry in stager.walk(project_root, paths, exclude):
+            if entries is None:
+                entries = stager.walk(project_root, paths, exclude)
+            for rel, entry in entries:
                 if entry is None:
                     dirs.append(rel)
                     continue
@@ -192,11 +197,14 @@ def _walk_entries(folder: str, rel: str, real_dir: str, exclude: Sequence[str], 
                   ) -> Iterator[Tuple[str, Optional[_Local]]]:
     yield rel, None
     subdirs = []
+    # names joined by hand: os.path.join twice per file was a third of the walk (issue 13)
+    prefix = "" if rel == "." else rel.rstrip("/") + "/"
+    real_prefix = real_dir.rstrip("/") + "/"
     with os.scandir(folder) as it:  # streamed: a folder of 100,000 files costs no memory
         for e in it:
             if e.name.startswith(TEMP_PREFIX):
                 continue
-            frel = os.path.join(rel, e.name) if rel != "." else e.name
+            frel = prefix + e.name
             try:
                 if e.is_dir():
                     subdirs.append((e.path, frel))
@@ -208,7 +216,7 @@ def _walk_entries(folder: str, rel: str, real_dir: str, exclude: Sequence[str], 
                 if e.is_symlink():
                     raise InputMissing("input %s is a broken link" % e.path) from None
                 continue  # deleted since the folder was read: as if walked a moment later
-            real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_dir, e.name)
+            real = os.path.realpath(e.path) if e.is_symlink() else real_prefix + e.name
             yield frel, _Local(e.path, real, fst)
     subdirs.sort()
     for path, srel in subdirs:
@@ -235,28 +243,58 @@ class _InSync:
     """The run-folder side of one stage-in: which files travel (changed locally since the
     base), which folders are new, what was deleted locally."""
 
-    def __init__(self, run_dir: str, base: Optional[Dict[str, str]]):
+    def __init__(self, run_dir: str, base: Optional[Dict[str, str]],
+                 scope: Optional[Tuple[Set[str], Set[str]]] = None):
+        """*scope*: (paths, folders among them) when only those were walked (see
+        :meth:`.watch.RunFolderWatch.changes`); every other path holds its base state."""
+        self.scope = scope
         self.prefix = os.path.normpath(run_dir)
-        self.base = {k: v for k, v in (base or {}).items() if under(k, self.prefix)}
+        # under() inlined: these run once per file of the run folder (issue 13)
+        self._below = self.prefix.rstrip("/") + "/"
+        below, top = self._below, self.prefix
+        # with a scope, only the paths in it are looked up: no pass over the whole base
+        self.base = dict(base or {}) if scope is not None else {
+            k: v for k, v in (base or {}).items() if k == top or k.startswith(below)}
         self.seen: set = set()
+        self.seen_dirs: set = set()
         self.sent: Dict[str, str] = {}
         self.removed: List[List[str]] = []
+        # what replaces a path of another kind (a folder now a file, a file now a folder):
+        # sent once the old one is removed, which the far side does only where it still
+        # holds the base (its content first); their base states, and what waits
+        self.replaced: Dict[str, str] = {}
+        self.held_files: List[Tuple[str, str, int, str]] = []
+        self.held_dirs: List[str] = []
 
     def filter(self, batch: "_Batch", report: StageReport) -> None:
         dirs = []
+        below, top = self._below, self.prefix
         for d in batch.dirs:
-            if under(d, self.prefix):
+            if d == top or d.startswith(below):
                 self.seen.add(d)
-                if self.base.get(d) == DIR:
+                self.seen_dirs.add(d)
+                was = self.base.get(d, "")
+                if was == DIR:
                     continue
                 self.sent[d] = DIR
+                if was or (self.replaced and self._under_replaced(d)):
+                    if was:  # a file or link here before
+                        self.replaced[d] = was
+                    self.held_dirs.append(d)
+                    continue
             dirs.append(d)
         files, replaced = [], {}
         for f in batch.files:
             rel, local, _size, sha = f
-            if under(rel, self.prefix):
+            if rel == top or rel.startswith(below):
                 self.seen.add(rel)
                 was = self.base.get(rel, "")
+                if was == DIR or (self.replaced and self._under_replaced(rel)):
+                    if was == DIR:
+                        self.replaced[rel] = DIR
+                    self.held_files.append(f)
+                    self.sent[rel] = sha
+                    continue
                 if was.startswith("l:") and os.path.islink(local) and \
                         "l:" + os.readlink(local) == was:
                     continue  # a link the cluster made: it has it
@@ -270,16 +308,68 @@ class _InSync:
             files.append(f)
         batch.dirs, batch.files, batch.base = dirs, files, replaced
 
+    def _under_replaced(self, rel: str) -> bool:
+        parent = os.path.dirname(rel)
+        while parent and parent != self.prefix:
+            if parent in self.replaced:
+                return True
+            parent = os.path.dirname(parent)
+        return False
+
+    def release(self, report: StageReport) -> Optional["_Batch"]:
+        """What was held (see ``replaced``), now that the paths it replaces were removed
+        (:meth:`gone` and ``replaced`` went in one removal): a batch written over nothing;
+        what a conflict kept in place (or lies under it) stays here, a conflict too."""
+        if not (self.held_files or self.held_dirs):
+            return None
+        clash = {rel for rel, _why in report.conflicts}
+
+        def blocked(rel: str) -> bool:
+            parent = rel
+            while parent and parent != self.prefix:
+                if parent in clash:
+                    return True
+                parent = os.path.dirname(parent)
+            return False
+        files = [f for f in self.held_files if not blocked(f[0])]
+        dirs = sorted((d for d in self.held_dirs if not blocked(d)), key=lambda d: d.count("/"))
+        for rel in [f[0] for f in self.held_files] + self.held_dirs:
+            if blocked(rel) and rel not in clash:
+                report.conflicts.append((rel, "in place of a path changed on the cluster"))
+        return _Batch(files, dirs, 0, {f[0]: ("", os.path.islink(f[1])) for f in files})
+
+    def removals(self) -> List[List[str]]:
+        """What goes before the held paths: :meth:`gone`, and the paths they replace."""
+        return self.gone() + [[p, s] for p, s in self.replaced.items()]
+
     def gone(self) -> List[List[str]]:
         """Paths the base holds that the local run folder no longer has."""
         if not self.removed:
-            self.removed = [[p, s] for p, s in self.base.items() if p not in self.seen]
+            if self.scope is None:
+                self.removed = [[p, s] for p, s in self.base.items() if p not in self.seen]
+            else:
+                self.removed = [[p, s] for p, s in self._gone_in_scope()]
         return self.removed
+
+    def _gone_in_scope(self) -> Iterator[Tuple[str, str]]:
+        """The base's paths gone among those looked at: the paths named, and what the base
+        holds under a folder walked whole, or under one that is no folder any more."""
+        paths, folders = self.scope  # type: ignore[misc]
+        gone: Dict[str, str] = {}
+        for p in paths:
+            if p not in self.seen and p in self.base:
+                gone[p] = self.base[p]
+            if self.base.get(p) == DIR and (p in folders or p not in self.seen_dirs):
+                below = p + "/"  # rare (a folder removed or made again): one pass of the base
+                gone.update((q, s) for q, s in self.base.items()
+                            if q.startswith(below) and q not in self.seen)
+        return iter(sorted(gone.items()))
 
     def settle(self, report: StageReport) -> None:
         clash = {rel for rel, _why in report.conflicts}
-        report.agreed.update((p, s) for p, s in self.sent.items() if p not in clash)
         report.agreed.update((p, "") for p, _s in self.removed if p not in clash)
+        report.agreed.update((p, "") for p in self.replaced if p not in clash)
+        report.agreed.update((p, s) for p, s in self.sent.items() if p not in clash)
 
 
 def _tick(progress: Optional[Progress], report: StageReport, n: int, total: int, i: int,

@@ -45,6 +45,8 @@ from .batches import BatchUploader, SmallFilesOverStreams
 from .channels import NoBundle, OpenSSHChannel, ParamikoChannel, ServerChannel, dead_link_seconds
 from .errors import DesktopFull, InputMissing, LinkLost, NoSpace, StagingError
 from .gather import Gathering
+from .remote_tree import RemoteTree
+from .watch import RunFolderWatch
 from .local_files import (BATCH, BATCH_BYTES, Progress, StageReport, _Batch, _Batches, _entry,
                           _excluded, _InSync, _Local, _tick, _walk_dir, mirror_path)
 from .ssh import SSHConnection
@@ -91,6 +93,7 @@ class Stager(Gathering, SmallFilesOverStreams):
         self._bulk_refused = cluster.transfer == "paramiko" or (
             cluster.transfer == "auto" and shutil.which("ssh") is None)
         self._pool: Optional[streams.StreamPool] = None
+        self._trees: Dict[tuple, RemoteTree] = {}  # run folders as last listed (gather)
 
     def _channel(self, bulk: bool = False) -> ServerChannel:
         """The staging server on the control (or bulk) stream, started on first use."""
@@ -202,7 +205,8 @@ class Stager(Gathering, SmallFilesOverStreams):
     def stage_in(self, project_root: str, paths: Sequence[str], project: str,
                  progress: Optional[Progress] = None, exclude: Sequence[str] = (),
                  keep_hashes: bool = True, run_dir: Optional[str] = None,
-                 base: Optional[Dict[str, str]] = None) -> StageReport:
+                 base: Optional[Dict[str, str]] = None,
+                 watch: Optional[RunFolderWatch] = None) -> StageReport:
         """Make *paths* present in the cluster's mirror of *project*; send only what the
         cluster's cache lacks, resuming partial uploads. Files go in batches of BATCH, so
         memory does not grow with their number (unless *keep_hashes* keeps every file's
@@ -215,7 +219,9 @@ class Stager(Gathering, SmallFilesOverStreams):
         files under *run_dir* are synced instead: only those changed locally since the base
         travel, each written only where the mirror still holds its base state, as a
         private copy; what was deleted locally is deleted in the mirror. Paths changed on
-        both sides are left alone and listed in ``report.conflicts``.
+        both sides are left alone and listed in ``report.conflicts``. With *watch* (of that
+        run folder, used by this cluster's stage-ins only), only the paths it names are
+        looked at when it can vouch for the others; else it is set up before a full walk.
 
         Raises:
             NoSpace: before a batch is sent; StagingError: a file changed during the upload
@@ -223,9 +229,17 @@ class Stager(Gathering, SmallFilesOverStreams):
         """
         t0 = time.monotonic()
         report = StageReport()
-        sync = _InSync(run_dir, base) if run_dir is not None else None
+        changed = None
+        if watch is not None and run_dir is not None:
+            if [os.path.normpath(p) for p in paths] == [os.path.normpath(run_dir)]:
+                changed = watch.changes()
+            if changed is None:
+                watch.start()  # before the walk: what changes during it is an event
+        sync = _InSync(run_dir, base, scope=changed) if run_dir is not None else None
         problems: List[str] = []
-        batches = _Batches(self, project_root, paths, exclude)  # the walk starts first
+        batches = _Batches(self, project_root, paths, exclude,  # the walk starts first
+                           entries=None if changed is None or watch is None
+                           else watch.entries(*changed))
         try:
             self._channel()  # the remote shell and Python start while we walk
         except BaseException:
@@ -278,8 +292,16 @@ class Stager(Gathering, SmallFilesOverStreams):
                 up = self._settle(up, report, problems, to_send)
                 if to_send:
                     problems += self._transfer(project, to_send, report, progress)
-                if sync is not None and sync.gone():
-                    self._delete(project, sync.gone(), report)
+                if sync is not None and sync.removals():
+                    self._delete(project, sync.removals(), report)
+                    held = sync.release(report)  # a path of another kind replaces one
+                    if held is not None:
+                        self._send_check(project, held, checking)
+                        while checking:
+                            read_check()
+                        up = self._settle(up, report, problems, to_send)
+                        if to_send:
+                            problems += self._transfer(project, to_send, report, progress)
             except BaseException:
                 if up is not None:  # its threads stop before the streams are closed
                     up.abort()

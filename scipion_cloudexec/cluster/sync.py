@@ -141,11 +141,13 @@ class GatherPlan:
 
 
 def plan_gather(remote: Dict[str, str], sizes: Dict[str, int], base: Dict[str, str],
-                local: Callable[[str], str], cluster: str) -> GatherPlan:
+                local: Callable[[str], str], cluster: str,
+                paths: Optional[Iterable[str]] = None) -> GatherPlan:
     """Three-way decision for every path the cluster or the base knows (under the run
-    folder, already filtered by the caller)."""
+    folder, already filtered by the caller), or only for *paths* (the caller knows the
+    others hold their base state on the cluster)."""
     plan = GatherPlan()
-    for rel in sorted(set(remote) | set(base)):
+    for rel in sorted(set(remote) | set(base) if paths is None else set(paths)):
         r, b = remote.get(rel, ""), base.get(rel, "")
         if r == b:
             continue  # the cluster did not touch it since the last sync
@@ -161,10 +163,13 @@ def plan_gather(remote: Dict[str, str], sizes: Dict[str, int], base: Dict[str, s
             if here:
                 plan.delete.append((rel, here))
             plan.mkdirs.append(rel)
-        elif r.startswith("l:"):
-            plan.links.append((rel, r[2:]))
         else:
-            plan.fetch.append((rel, sizes[rel], r))
+            if here == DIR:  # a folder the cluster replaced by a file or a link
+                plan.delete.append((rel, here))
+            if r.startswith("l:"):
+                plan.links.append((rel, r[2:]))
+            else:
+                plan.fetch.append((rel, sizes[rel], r))
     return plan
 
 

@@ -37,6 +37,7 @@ from ..cluster.errors import JobError, JobLost, RequestRefused
 from ..cluster.local_files import EXTERNAL, StageReport, mirror_path
 from ..cluster.session import ClusterSession
 from ..cluster.sync import SyncConflict, under
+from ..cluster.watch import RunFolderWatch
 from ..config import ClusterConfig
 from ..progress import TransferProgress
 from ..remote.jobs import JobSpec, JobState
@@ -78,6 +79,9 @@ class ClusterRunner:
         # step waiting for the lock whose need arose before that is already covered
         self._clean: Dict[str, float] = {"in": -1.0, "out": -1.0}
         self._inputs_staged = False
+        # this cluster's view of local changes to the run folder: a stage-in looks at what
+        # changed since the last one instead of walking the run folder (issue 13)
+        self._watch = RunFolderWatch(run.project_root, run.run_dir, self._exclude())
         self.mapper: Optional[PathMapper] = None
 
     def connect(self) -> None:
@@ -122,6 +126,7 @@ class ClusterRunner:
                 self.session.cancel(self.pool.job_id)
             except Exception as e:
                 log.warning("could not stop worker pool %s: %s", self.pool.job_id, e)
+        self._watch.close()
         self.session.close()
 
     def _pool_name(self, say: Callable[[str], None]) -> str:
@@ -169,6 +174,7 @@ class ClusterRunner:
             if not self._inputs_staged:
                 paths = sorted(set(self._relative(self.inputs()))) + paths
             if not run.sync.known(name):
+                self._watch.invalidate()  # the base starts again: a full walk
                 if run.sync.abandoned(name):
                     self._stop_abandoned(say)
                 self.session.reset(run.mirror, run.run_dir)
@@ -177,10 +183,15 @@ class ClusterRunner:
             try:
                 report = self.session.stage_in(
                     run.project_root, paths, run.mirror, exclude=self._exclude(),
-                    progress=progress, run_dir=run.run_dir, base=run.sync.base(name))
+                    progress=progress, run_dir=run.run_dir, base=run.sync.base(name),
+                    watch=self._watch)
+            except BaseException:
+                self._watch.invalidate()  # the changes it took may not have reached the base
+                raise
             finally:
                 progress.end()
             run.sync.update(name, report.agreed)
+            self._watch.recheck([rel for rel, _why in report.conflicts])
             self._inputs_staged = True
             self.bytes_in_place = max(self.bytes_in_place, report.bytes_total)
             if not report.conflicts:
@@ -263,6 +274,7 @@ class ClusterRunner:
             finally:
                 progress.end()
             run.sync.update(name, report.agreed)
+            self._watch.recheck([rel for rel, _why in report.conflicts])  # unequal to the base
             if not (report.conflicts or report.refused or report.skipped or report.deferred):
                 self._clean["out"] = began
         for rel, why in report.refused:

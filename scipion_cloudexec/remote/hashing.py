@@ -76,33 +76,38 @@ class HashCache:
 
     def get_many(self, items: Sequence[Tuple[str, os.stat_result]]) -> List[str]:
         """Hashes of many files: the memo is read in a few queries, not one per file."""
-        known: Dict[str, tuple] = {}
         mem = self._mem
-        paths = []
+        out: List[Optional[str]] = []
+        misses: List[int] = []  # one pass, one key per file: a run folder is mostly hits
         for p, st in items:
             hit = mem.get(p)
-            if hit is None or hit[0] != stat_key(st):
-                paths.append(p)
+            if hit is not None and hit[0] == (st.st_size, st.st_mtime_ns, st.st_ino):
+                out.append(hit[1])
+            else:
+                misses.append(len(out))
+                out.append(None)
+        known: Dict[str, tuple] = {}
+        paths = [items[i][0] for i in misses]
         for i in range(0, len(paths), 500):  # old sqlite allows 999 parameters
             chunk = paths[i:i + 500]
             known.update((r[0], r[1:]) for r in self.db.execute(
                 "SELECT path, size, mtime_ns, ino, sha256 FROM hashes WHERE path IN (%s)"
                 % ",".join("?" * len(chunk)), chunk))
-        out = []
-        for path, st in items:
+        for i in misses:
+            path, st = items[i]
             key = stat_key(st)
-            hit = mem.get(path)
+            hit = mem.get(path)  # hashed just above, as a duplicate of an earlier item
             if hit is not None and hit[0] == key:
-                out.append(hit[1])
+                out[i] = hit[1]
                 continue
             row = known.get(path)
             if row and tuple(row[:3]) == key:
                 self._remember(path, key, row[3])
-                out.append(row[3])
+                out[i] = row[3]
             else:
-                out.append(self._hash(path, st))
+                out[i] = self._hash(path, st)
         self.flush()
-        return out
+        return out  # type: ignore[return-value]  # every None was filled
 
     def _remember(self, path: str, key: Tuple[int, int, int], digest: str) -> None:
         if len(self._mem) >= MEMO_MAX:
@@ -112,13 +117,14 @@ class HashCache:
     def get(self, path: str, st: Optional[os.stat_result] = None) -> str:
         """The file's SHA-256, from the memo when size, mtime and inode are unchanged."""
         st = st or os.stat(path)
+        key = (st.st_size, st.st_mtime_ns, st.st_ino)
         hit = self._mem.get(path)
-        if hit is not None and hit[0] == stat_key(st):
+        if hit is not None and hit[0] == key:
             return hit[1]
         row = self.db.execute("SELECT size, mtime_ns, ino, sha256 FROM hashes WHERE path=?",
                               (path,)).fetchone()
-        if row and tuple(row[:3]) == stat_key(st):
-            self._remember(path, stat_key(st), row[3])
+        if row and tuple(row[:3]) == key:
+            self._remember(path, key, row[3])
             return row[3]
         return self._hash(path, st)
 
@@ -160,7 +166,7 @@ def path_state(path: str, memo: "HashCache") -> str:
     a file, "?" (a FIFO, socket or device: never opened)."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a file in its parent's place)
         return ""
     if stat.S_ISLNK(st.st_mode):
         return "l:" + os.readlink(path)

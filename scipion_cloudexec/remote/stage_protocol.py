@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Type
 
 #: the shape of the requests and answers below; bump when an old peer would misread them
-STAGE_PROTOCOL = 2  # 2: ChunkPlan, Chunk, Publish (large files over parallel streams)
+STAGE_PROTOCOL = 3  # 2: ChunkPlan, Chunk, Publish (large files over parallel streams);
+# 3: ListTree's track/since, answered with what changed since the last listing (issue 13)
 
 
 class BadRequest(ValueError):
@@ -71,11 +72,19 @@ class StageIn(Request):
 class ListTree(Request):
     """The tree under ``root/dir``: ``{"exists", "files": [[rel, size, mtime_ns, sha256]],
     "dirs", "links": [[rel, target]], "refused": [[rel, reason]], "skipped": [[rel, kind]]}``,
-    paths relative to *root*; *exclude* relative to *dir*."""
+    paths relative to *root*; *exclude* relative to *dir*. With *track*, the answer also
+    has a ``"token"``; a request whose *since* is the token of the last tracked listing of
+    this tree by this server process is answered with what changed since:
+    ``"delta": true``, ``files`` / ``dirs`` / ``links`` whose entry differs (new ones
+    too), ``"gone": [rel]``; ``refused`` and ``skipped`` in full. Any other *since* gets
+    the whole listing (no ``"delta"``): a delta only ever applies to the listing it was
+    computed from."""
     CMD: ClassVar[str] = "list"
     root: str = ""
     dir: str = "."
     exclude: List[str] = field(default_factory=list)
+    track: bool = False
+    since: str = ""
 
 
 @dataclass

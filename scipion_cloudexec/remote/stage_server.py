@@ -27,7 +27,7 @@ from typing import BinaryIO, Dict, List, Optional, Tuple
 from . import chunks
 from .cache import Cache, StageError
 from .hashing import BLOCK, HashCache, path_state
-from .paths import inside
+from .listing import Listings
 from .stage_protocol import (STAGE_PROTOCOL, BadRequest, CacheInfo, Chunk, ChunkPlan, Hello,
                              ListTree, Mirrors, Publish, Remove, Request, Reset, Send, SendRange,
                              StageIn, decode, mismatch)
@@ -265,57 +265,15 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def cmd_list(cache: "Cache", hashes: HashCache, request: ListTree, out: Answers) -> None:
+def cmd_list(listings: Listings, hashes: HashCache, request: ListTree, out: Answers) -> None:
     """Files (with hashes), folders and links under R/D, without following links and
-    without opening anything but regular files; links must stay under R/D."""
-    root = os.path.realpath(request.root)
-    sub = request.dir
-    top = os.path.join(root, safe_rel(sub))
-    skip = {os.path.join(top, safe_rel(e)) for e in request.exclude}
-    files, links, refused, dirs, skipped = [], [], [], [], []
-    if os.path.isfile(top) and not os.path.islink(top):  # one file (``fetch FILE``)
-        st = os.stat(top)
-        files.append([os.path.relpath(top, root), st.st_size, st.st_mtime_ns,
-                      hashes.get(top, st)])
-    for dirpath, dirnames, filenames in os.walk(top):
-        here = os.path.relpath(dirpath, root)  # once a folder: relpath per file was most
-        kept = []                              # of a large listing's time (issue 13)
-        for d in sorted(dirnames):
-            path = os.path.join(dirpath, d)
-            if path in skip:
-                continue
-            if os.path.islink(path):
-                filenames.append(d)
-            else:
-                kept.append(d)
-                dirs.append(d if here == "." else here + "/" + d)
-        dirnames[:] = kept
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            rel = name if here == "." else here + "/" + name
-            try:
-                st = os.lstat(path)
-                sha = hashes.get(path, st) if stat.S_ISREG(st.st_mode) else ""
-            except FileNotFoundError:  # a running job deleted it meanwhile
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                target = os.path.realpath(path)
-                if not inside(target, top):
-                    refused.append([rel, "symbolic link to %s, outside %s"
-                                    % (os.readlink(path), sub)])
-                else:
-                    links.append([rel, os.path.relpath(target, os.path.realpath(dirpath))])
-            elif stat.S_ISREG(st.st_mode):
-                files.append([rel, st.st_size, st.st_mtime_ns, sha])
-            else:  # never opened: a FIFO would hang the listing, a socket fail it
-                skipped.append([rel, _KINDS.get(stat.S_IFMT(st.st_mode), "special file")])
+    without opening anything but regular files; links must stay under R/D. Tracked, only
+    what changed since the listing named by ``since`` (see :mod:`.listing`)."""
+    answer = listings.list(os.path.realpath(request.root), safe_rel(request.dir),
+                           [safe_rel(e) for e in request.exclude], hashes,
+                           track=request.track, since=request.since)
     hashes.flush()
-    out.line({"files": files, "links": links, "refused": refused, "dirs": dirs,
-            "skipped": skipped, "exists": os.path.isdir(top)})
-
-
-_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
-          stat.S_IFBLK: "block device"}
+    out.line(answer)
 
 
 def cmd_reset(cache: "Cache", request: Reset, out: Answers) -> None:
@@ -474,10 +432,11 @@ def serve(workdir: str, stdin_fd: int = 0, stdout: Optional[BinaryIO] = None) ->
     would misread the requests)."""
     cache = Cache(workdir)
     hashes = HashCache(os.path.join(workdir, "cache", "hashes.sqlite"))
+    listings = Listings()  # what this process last listed: the next listing sends changes
     stdin = io.BufferedReader(StallingInput(stdin_fd), BLOCK)
     out = Answers(stdout if stdout is not None else sys.stdout.buffer)
     handlers = {StageIn: lambda c, r: cmd_in(c, hashes, r, stdin, out),
-                ListTree: lambda c, r: cmd_list(c, hashes, r, out),
+                ListTree: lambda c, r: cmd_list(listings, hashes, r, out),
                 Remove: lambda c, r: cmd_rm(c, hashes, r, out),
                 CacheInfo: lambda c, r: cmd_cache(c, r, out),
                 Reset: lambda c, r: cmd_reset(c, r, out),

@@ -176,6 +176,7 @@ def test_the_listing_names_every_path_as_relpath_does(tmp_path):
     import io
     import json
     from scipion_cloudexec.remote.stage_protocol import ListTree
+    from scipion_cloudexec.remote.listing import Listings
     from scipion_cloudexec.remote.stage_server import cmd_list
     top = tmp_path / "proj" / RUN
     (top / "extra" / "deep" / "er").mkdir(parents=True)
@@ -194,7 +195,8 @@ def test_the_listing_names_every_path_as_relpath_does(tmp_path):
             self.buf.write(json.dumps(obj).encode())
     out = Out()
     memo = HashCache(str(tmp_path / "h.sqlite"))
-    cmd_list(None, memo, ListTree(root=str(tmp_path / "proj"), dir=RUN, exclude=["logs"]), out)
+    cmd_list(Listings(), memo, ListTree(root=str(tmp_path / "proj"), dir=RUN, exclude=["logs"]),
+             out)
     got = json.loads(out.buf.getvalue())
     root = os.path.realpath(tmp_path / "proj")
     want_dirs, want_files = [], []
@@ -210,7 +212,7 @@ def test_the_listing_names_every_path_as_relpath_does(tmp_path):
     assert sorted(got["links"]) == [[RUN + "/extra/linked", "deep/er"],
                                     [RUN + "/extra/t.txt", "../top.txt"]]
     whole = Out()  # a listing of the root itself (``fetch`` of the workdir) names paths alike
-    cmd_list(None, memo, ListTree(root=str(top / "extra"), dir="."), whole)
+    cmd_list(Listings(), memo, ListTree(root=str(top / "extra"), dir="."), whole)
     assert sorted(f[0] for f in json.loads(whole.buf.getvalue())["files"]) == ["deep/er/x.txt"]
     memo.close()
 
