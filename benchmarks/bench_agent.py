@@ -24,7 +24,9 @@ from scipion_cloudexec.config import load_clusters
 from scipion_cloudexec.testbed import LocalTestbed
 
 ECHO = """
-import sys, zmq
+import os, sys, threading, zmq
+# ends when its SSH channel closes (stdin at EOF): closing a channel kills nothing by itself
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
 s = zmq.Context().socket(zmq.ROUTER)
 port = s.bind_to_random_port("tcp://127.0.0.1")
 print(port, flush=True)
@@ -64,7 +66,8 @@ def bench_ping_vs_echo(client, py, n, rounds=10):
             echoes += batch_e
     sock.close()
     fwd.close()
-    chan.close()  # the echo server dies with its channel
+    chan.shutdown_write()  # EOF on the echo server's stdin: it exits
+    chan.close()
     return pings, echoes
 
 
