@@ -40,6 +40,7 @@ from ..cluster.ssh import HostUnreachable
 from ..config import ClusterConfig
 from ..scheduling.dispatcher import MultiClusterDispatcher, Slot
 from ..scheduling.policy import JobRequest, Policy
+from .job_ids import JobIdList
 from .runner import ClusterRunner, ProtocolRun
 from .slots import DesktopSlots
 from .translate import RunJobCall
@@ -120,7 +121,7 @@ class CloudStepExecutor(ThreadStepExecutor):
         self._flight_lock = threading.Lock()
         self.in_flight = 0  # jobs of this protocol on a cluster now, and the most at once
         self.most_in_flight = 0
-        self._jobs_lock = threading.Lock()
+        self._job_ids = JobIdList(lambda: self.protocol)
         self._worked: set = set()  # clusters that ran a job of this run
 
     def __str__(self) -> str:
@@ -322,16 +323,9 @@ class CloudStepExecutor(ThreadStepExecutor):
 
     def _track(self, ref: str, add: bool) -> None:
         """Keep running jobs in the protocol's job ids, so Scipion's Stop cancels them
-        (hosts.conf CANCEL_COMMAND = scipion-cloudexec cancel %_(JOB_ID)s)."""
-        with self._jobs_lock:
-            try:
-                if add:
-                    self.protocol.appendJobId(ref)
-                else:
-                    self.protocol.removeJobId(ref)
-                self.protocol._store(self.protocol._jobId)
-            except Exception as e:  # bookkeeping must not fail the job
-                logger.warning("could not record job id %s: %s", ref, e)
+        (hosts.conf CANCEL_COMMAND = scipion-cloudexec cancel %_(JOB_ID)s); returns once
+        committed (with the changes of other steps that came meanwhile: one commit)."""
+        self._job_ids.change(ref, add)
 
     # ---- steps ------------------------------------------------------------------------
 
