@@ -167,13 +167,20 @@ class RunFolderWatch:
         out = set()
         try:
             with open("/proc/self/maps") as f:
-                for line in f:
-                    fields = line.split(None, 5)
-                    if len(fields) == 6 and fields[1][1] == "w" and fields[1][3] == "s" \
-                            and fields[5].startswith(top):
-                        out.add(os.path.relpath(fields[5].rstrip("\n"), self.root))
+                maps = f.read()
         except OSError:
-            pass
+            return out
+        # only the lines naming the run folder are split: there are hundreds (a stack per
+        # thread), read at every stage-in
+        at = maps.find(top)
+        while at >= 0:
+            end = maps.find("\n", at)
+            end = len(maps) if end < 0 else end
+            fields = maps[maps.rfind("\n", 0, at) + 1:end].split(None, 5)
+            if len(fields) == 6 and fields[1][1] == "w" and fields[1][3] == "s" \
+                    and fields[5].startswith(top):
+                out.add(os.path.relpath(fields[5], self.root))
+            at = maps.find(top, end)
         return {rel for rel in out if not _excluded(rel, self.exclude)}  # logs/'s sqlite
 
     def recheck(self, paths: Sequence[str]) -> None:

@@ -40,6 +40,7 @@ from ..cluster.ssh import HostUnreachable
 from ..config import ClusterConfig
 from ..scheduling.dispatcher import MultiClusterDispatcher, Slot
 from ..scheduling.policy import JobRequest, Policy
+from .job_ids import JobIdList
 from .runner import ClusterRunner, ProtocolRun
 from .slots import DesktopSlots
 from .translate import RunJobCall
@@ -58,17 +59,23 @@ logger = logging.getLogger(__name__)
 
 
 class _WakingStepThread(StepThread):
-    """A step thread that wakes the executor's loop when its step ends."""
+    """A step thread that wakes the executor's loop when its step ends, and then gives
+    back the desktop slot it ends with (*desktop*): a step waiting to come back from its
+    cluster gets it at once, not after the loop has written this step's end."""
 
-    def __init__(self, step, lock, ended: threading.Event):
+    def __init__(self, step, lock, ended: threading.Event,
+                 desktop: Optional[DesktopSlots] = None):
         super().__init__(step, lock)
         self.ended = ended
+        self.desktop = desktop
         self.lends = False  # the step's runJob lends its desktop slot
 
     def run(self) -> None:
         try:
             super().run()
         finally:
+            if self.desktop is not None:
+                self.desktop.give()  # its code is over (runJob took a slot back)
             self.ended.set()
 
 
@@ -120,7 +127,7 @@ class CloudStepExecutor(ThreadStepExecutor):
         self._flight_lock = threading.Lock()
         self.in_flight = 0  # jobs of this protocol on a cluster now, and the most at once
         self.most_in_flight = 0
-        self._jobs_lock = threading.Lock()
+        self._job_ids = JobIdList(lambda: self.protocol)
         self._worked: set = set()  # clusters that ran a job of this run
 
     def __str__(self) -> str:
@@ -322,16 +329,9 @@ class CloudStepExecutor(ThreadStepExecutor):
 
     def _track(self, ref: str, add: bool) -> None:
         """Keep running jobs in the protocol's job ids, so Scipion's Stop cancels them
-        (hosts.conf CANCEL_COMMAND = scipion-cloudexec cancel %_(JOB_ID)s)."""
-        with self._jobs_lock:
-            try:
-                if add:
-                    self.protocol.appendJobId(ref)
-                else:
-                    self.protocol.removeJobId(ref)
-                self.protocol._store(self.protocol._jobId)
-            except Exception as e:  # bookkeeping must not fail the job
-                logger.warning("could not record job id %s: %s", ref, e)
+        (hosts.conf CANCEL_COMMAND = scipion-cloudexec cancel %_(JOB_ID)s); returns once
+        committed (with the changes of other steps that came meanwhile: one commit)."""
+        self._job_ids.change(ref, add)
 
     # ---- steps ------------------------------------------------------------------------
 
@@ -339,6 +339,7 @@ class CloudStepExecutor(ThreadStepExecutor):
                  stepsCheckSecs=5):
         lock = threading.Lock()
         running: List[_WakingStepThread] = []
+        ending: List[_WakingStepThread] = []  # ended steps whose thread may still run
         desktop = self._desktop
         delta = datetime.timedelta(seconds=stepsCheckSecs)
         last_check = datetime.datetime.now()
@@ -353,10 +354,10 @@ class CloudStepExecutor(ThreadStepExecutor):
                 self._ended.clear()  # before looking: an end after this wakes the wait below
                 with lock:
                     done = [t for t in running if not t.step.isRunning()]
+                ending = [t for t in ending if t.is_alive()] + done
                 for t in done:
                     running.remove(t)
-                    step = t.step
-                    desktop.give()  # a step ends holding a desktop slot (runJob took it back)
+                    step = t.step  # its thread gives its desktop slot back
                     self.freeGpusSlot(step.getObjId())
                     if not stepFinishedCallback(step):
                         if not stop:  # the protocol ends with the first failure's status
@@ -372,7 +373,7 @@ class CloudStepExecutor(ThreadStepExecutor):
                             step.setRunning()
                             stepStartedCallback(step)
                             free -= 1
-                            t = _WakingStepThread(step, lock, self._ended)
+                            t = _WakingStepThread(step, lock, self._ended, desktop)
                             t.lends = True
                             t.daemon = True
                             running.append(t)
@@ -387,6 +388,8 @@ class CloudStepExecutor(ThreadStepExecutor):
                     last_check = now
                 if not launched:
                     self._ended.wait(stepsCheckSecs)
+            for t in ending:  # their desktop slots given back: none is left held
+                t.join()
             stepsCheckCallback()
             if self.most_in_flight:
                 logger.info("cloudexec: at most %d job(s) of this protocol ran on the "

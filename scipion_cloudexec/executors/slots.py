@@ -15,10 +15,11 @@ __all__ = ["DesktopSlots"]
 
 
 class DesktopSlots:
-    """pyworkflow's threads as slots for local work. The loop takes one per step it starts
-    and gets it back when the step has ended; a step lends its slot while its job runs on a
-    cluster (:meth:`lend`) and takes one back (:meth:`take_back`) before going on, ahead of
-    new steps (:meth:`take_free` gives none while one waits): it never starves behind them."""
+    """pyworkflow's threads as slots for local work. The loop takes one per step it starts;
+    the step's thread gives it back when it ends (before the loop writes the step's end). A
+    step lends its slot while its job runs on a cluster (:meth:`lend`) and takes one back
+    (:meth:`take_back`) before going on, ahead of new steps (:meth:`take_free` gives none
+    while one waits): it never starves behind them."""
 
     def __init__(self, n: int, wake: threading.Event):
         self.n = max(1, n)
