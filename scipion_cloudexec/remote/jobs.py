@@ -140,11 +140,17 @@ class JobFiles:
 
     def read_rc(self) -> Optional[int]:
         """The exit code the job script recorded, or None if it has not ended."""
-        try:
-            with open(self.rc) as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            return None
+        return read_rc(self.rc)
+
+
+def read_rc(path: str) -> Optional[int]:
+    """The exit code in an ``rc`` file, or None: none yet, or left empty by a script killed
+    while it wrote it."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def job_script(spec: JobSpec, files: JobFiles, command: List[str]) -> str:

@@ -26,6 +26,8 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
+from .jobs import read_rc
+
 POLL = 0.02  # seconds between looks at the queue when idle
 SPAWN_TRIES = 6  # a job whose fork fails (EAGAIN, ENOMEM...) is tried 0.1 .. 3.2 s apart
 _RESOURCE_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
@@ -38,16 +40,6 @@ def write_rc(path: str, code: int) -> None:
     with open(tmp, "w") as f:
         f.write("%d\n" % code)
     os.replace(tmp, path)
-
-
-def _recorded(rc_path: str) -> bool:
-    """Whether the job script recorded its exit code (a killed one may leave it empty)."""
-    try:
-        with open(rc_path) as f:
-            int(f.read().strip())
-        return True
-    except (OSError, ValueError):
-        return False
 
 
 def _rc_path(task: dict) -> str:
@@ -129,7 +121,7 @@ def end_task(task: dict, pool_dir: str, returncode: int) -> int:
         except FileNotFoundError:
             pass
     code = 128 - returncode if returncode < 0 else returncode
-    if not _recorded(_rc_path(task)):  # killed before (or while) the script wrote it
+    if read_rc(_rc_path(task)) is None:  # killed before (or while) the script wrote it
         write_rc(_rc_path(task), code)
     return code
 
