@@ -41,7 +41,7 @@ def test_provenance_shows_when_each_step_started_and_its_files_with_v(make_clust
     # as the README documents it: -v after the run folder
     shown = cli("provenance", prot.getWorkingDir(), "-v")
     assert shown.returncode == 0, shown.stderr
-    assert "1970" not in shown.stdout
+    assert "1970-01-01" not in shown.stdout  # not "1970": launcher ids reach it
     assert shown.stdout.count("      output  ") == 4 and "extra/f_3.txt" in shown.stdout
     assert cli("provenance", prot.getWorkingDir()).stdout.count("      output  ") == 0
 
@@ -119,7 +119,7 @@ def test_after_stop_the_log_provenance_and_jobs_say_what_happened(make_cluster, 
     assert any("done on %s" % c.name in ln for ln in lines), "the first step, done"
     stopped = [ln for ln in lines if job in ln]
     assert len(stopped) == 1 and "cancelled on %s" % c.name in stopped[0], shown.stdout
-    assert "exit -" in stopped[0] and "1970" not in stopped[0]
+    assert "exit -" in stopped[0] and "1970-01-01" not in stopped[0]
 
 
 def test_transfer_progress_in_a_log_is_plain_lines_at_most_every_interval():
