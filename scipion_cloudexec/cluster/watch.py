@@ -23,39 +23,18 @@ up as events too: the file hashes equal to the base, and nothing travels.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import logging
 import os
 import stat
-import struct
-import sys
 from typing import Dict, Iterator, Optional, Sequence, Set, Tuple
 
+from ..remote import inotify
+from ..remote.inotify import (IN_DELETE_SELF, IN_IGNORED, IN_ISDIR, IN_MOVE_SELF,
+                              IN_MOVED_FROM, IN_MOVED_TO, TREE_MASK, WRITTEN, Inotify)
 from .errors import InputMissing
 from .local_files import TEMP_PREFIX, _excluded, _Local, _walk_dir
 
 log = logging.getLogger(__name__)
-
-IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
-IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
-IN_DELETE_SELF, IN_MOVE_SELF = 0x400, 0x800
-IN_Q_OVERFLOW, IN_IGNORED, IN_ISDIR = 0x4000, 0x8000, 0x40000000
-IN_ONLYDIR, IN_DONT_FOLLOW = 0x01000000, 0x02000000
-MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
-        | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW)
-WRITTEN = IN_MODIFY | IN_CLOSE_WRITE  # written in place: stat'ed at every stage-in after
-_EVENT = struct.Struct("iIII")
-
-_libc = None
-
-
-def _lib():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _libc
 
 
 class Unwatchable(Exception):
@@ -71,13 +50,12 @@ class RunFolderWatch:
         self.root = os.path.abspath(project_root)
         self.run_dir = os.path.normpath(run_dir)
         self.exclude = list(exclude)
-        self._fd = -1
+        self._ino: Optional[Inotify] = None
         self._wds: Dict[int, str] = {}  # watch -> folder (project-relative)
         self._dirty: Set[str] = set()
         self._always: Set[str] = set()  # stat'ed at every stage-in (see the module's doc)
         self._recheck: Set[str] = set()  # left unequal to the base by a sync
-        self.enabled = sys.platform.startswith("linux") and \
-            os.environ.get("CLOUDEXEC_INOTIFY", "1") != "0"
+        self.enabled = inotify.enabled()
 
     # ---- set up ----------------------------------------------------------------------
 
@@ -88,10 +66,7 @@ class RunFolderWatch:
         if not self.enabled:
             return
         try:
-            fd = _lib().inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-            if fd < 0:
-                raise OSError(ctypes.get_errno(), "inotify_init1")
-            self._fd = fd
+            self._ino = Inotify()
             self._add_tree(self.run_dir)
         except (OSError, Unwatchable) as e:
             log.info("run folder %s: full walks (%s)", self.run_dir, e)
@@ -101,12 +76,10 @@ class RunFolderWatch:
         """Watch *rel* and the folders under it, each before it is read; note what must be
         stat'ed every time."""
         path = os.path.join(self.root, rel)
-        wd = _lib().inotify_add_watch(self._fd, os.fsencode(path), MASK)
-        if wd < 0:
-            err = ctypes.get_errno()
-            if err in (errno.ENOENT, errno.ENOTDIR):
-                return  # gone meanwhile: its parent's event names it
-            raise OSError(err, "inotify_add_watch %s: %s" % (path, os.strerror(err)))
+        assert self._ino is not None
+        wd = self._ino.add(path, TREE_MASK)
+        if wd is None:
+            return  # gone meanwhile: its parent's event names it
         self._wds[wd] = rel
         with os.scandir(path) as it:
             for e in it:
@@ -132,7 +105,7 @@ class RunFolderWatch:
         last call, plus those named every time), as (paths, folders among them: watched
         now, to be walked whole), or None: walk the whole run folder (and :meth:`start`
         before that walk)."""
-        if self._fd < 0:
+        if self._ino is None:
             return None
         try:
             self._read()
@@ -192,21 +165,11 @@ class RunFolderWatch:
         self.close()
 
     def _read(self) -> None:
-        while True:
-            try:
-                buf = os.read(self._fd, 1 << 16)
-            except BlockingIOError:
-                return
-            at = 0
-            while at < len(buf):
-                wd, mask, _cookie, size = _EVENT.unpack_from(buf, at)
-                name = buf[at + 16:at + 16 + size].rstrip(b"\0")
-                at += 16 + size
-                self._event(wd, mask, os.fsdecode(name))
+        assert self._ino is not None
+        for wd, mask, name in self._ino.read():
+            self._event(wd, mask, name)
 
     def _event(self, wd: int, mask: int, name: str) -> None:
-        if mask & IN_Q_OVERFLOW:
-            raise Unwatchable("events lost: the kernel's queue overflowed")
         folder = self._wds.get(wd)
         if folder is None:
             return  # a watch already dropped
@@ -249,9 +212,9 @@ class RunFolderWatch:
 
     def close(self) -> None:
         """Drop the watches (the next :meth:`changes` asks for a walk)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = -1
+        if self._ino is not None:
+            self._ino.close()
+        self._ino = None
         self._wds.clear()
         self._dirty = set()
         self._always = set()

@@ -13,12 +13,15 @@ computed from. Standard library only (shipped to the cluster).
 """
 from __future__ import annotations
 
+import logging
 import os
 import stat
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from .hashing import HashCache
 from .paths import inside
+
+log = logging.getLogger(__name__)
 
 #: a path's entry: (size, mtime_ns, sha256) for a file, DIR for a folder, "l:TARGET" for a
 #: link; compared whole between two listings (so a content change is seen whatever its
@@ -31,11 +34,13 @@ _KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "characte
           stat.S_IFBLK: "block device"}
 
 
-def scan(root: str, sub: str, exclude: List[str], hashes: HashCache
+def scan(root: str, sub: str, exclude: List[str], hashes: HashCache,
+         on_folder: Optional[Callable[[str, str], None]] = None
          ) -> Tuple[Dict[str, Entry], List[list], List[list], bool]:
     """The tree under *root*/*sub*, without following links and without opening anything
     but regular files: (entries by path relative to *root*, refused links, skipped special
-    files, whether *sub* is a folder). *exclude*: paths relative to *sub*, left out."""
+    files, whether *sub* is a folder). *exclude*: paths relative to *sub*, left out.
+    *on_folder(path, rel)* is called for each folder before it is read (a watch)."""
     top = os.path.normpath(os.path.join(root, sub))
     skip = {os.path.normpath(os.path.join(top, e)) for e in exclude}
     entries: Dict[str, Entry] = {}
@@ -45,9 +50,24 @@ def scan(root: str, sub: str, exclude: List[str], hashes: HashCache
         st = os.stat(top)
         entries[os.path.relpath(top, root)] = (st.st_size, st.st_mtime_ns, hashes.get(top, st))
     here = os.path.relpath(top, root)
-    stack = [(top, "" if here == "." else here + "/")] if os.path.isdir(top) else []
+    if os.path.isdir(top):
+        walk(top, top, "" if here == "." else here + "/", sub, skip, hashes, entries,
+             refused, skipped, on_folder)
+    return entries, refused, skipped, os.path.isdir(top)
+
+
+def walk(top: str, start: str, prefix: str, sub: str, skip: Set[str], hashes: HashCache,
+         entries: Dict[str, Entry], refused: List[list], skipped: List[list],
+         on_folder: Optional[Callable[[str, str], None]] = None,
+         on_file: Optional[Callable[[str, os.stat_result], None]] = None) -> None:
+    """Add what lies under the folder *start* (path *prefix* relative to the root, with a
+    trailing slash or empty) to *entries*, *refused* and *skipped* (see :func:`scan`);
+    *on_file(rel, stat)* is called for each regular file."""
+    stack = [(start, prefix)]
     while stack:
         folder, prefix = stack.pop()
+        if on_folder is not None:
+            on_folder(folder, prefix[:-1])
         try:
             it = os.scandir(folder)
         except OSError:  # gone or unreadable meanwhile: as os.walk, not listed
@@ -64,21 +84,31 @@ def scan(root: str, sub: str, exclude: List[str], hashes: HashCache
                         stack.append((path, rel + "/"))
                         continue
                     st = e.stat(follow_symlinks=False)
-                    mode = st.st_mode
-                    if stat.S_ISREG(mode):
+                    if stat.S_ISREG(st.st_mode):
                         entries[rel] = (st.st_size, st.st_mtime_ns, hashes.get(path, st))
-                    elif stat.S_ISLNK(mode):
-                        target = os.path.realpath(path)
-                        if inside(target, top):
-                            entries[rel] = "l:" + os.path.relpath(target, os.path.realpath(folder))
+                        if on_file is not None:
+                            on_file(rel, st)
+                    else:
+                        kind, value = other(path, st, top, sub)
+                        if kind == "entry":
+                            entries[rel] = value
                         else:
-                            refused.append([rel, "symbolic link to %s, outside %s"
-                                            % (os.readlink(path), sub)])
-                    else:  # never opened: a FIFO would hang the listing, a socket fail it
-                        skipped.append([rel, _KINDS.get(stat.S_IFMT(mode), "special file")])
+                            (refused if kind == "refused" else skipped).append([rel, value])
                 except FileNotFoundError:  # a running job deleted it meanwhile
                     continue
-    return entries, refused, skipped, os.path.isdir(top)
+
+
+def other(path: str, st: os.stat_result, top: str, sub: str) -> Tuple[str, str]:
+    """A listing's view of what is neither a folder nor a regular file: ("entry",
+    "l:TARGET") for a link inside *top*; ("refused", why) for one outside; ("skipped",
+    kind) for a special file, never opened (a FIFO would hang the listing, a socket fail
+    it)."""
+    if stat.S_ISLNK(st.st_mode):
+        target = os.path.realpath(path)
+        if inside(target, top):
+            return "entry", "l:" + os.path.relpath(target, os.path.realpath(os.path.dirname(path)))
+        return "refused", "symbolic link to %s, outside %s" % (os.readlink(path), sub)
+    return "skipped", _KINDS.get(stat.S_IFMT(st.st_mode), "special file")
 
 
 def answer(entries: Dict[str, Entry], old: Optional[Dict[str, Entry]]) -> dict:
@@ -104,24 +134,86 @@ def answer(entries: Dict[str, Entry], old: Optional[Dict[str, Entry]]) -> dict:
 
 
 class Listings:
-    """The last tracked listing of each tree this server sent (at most KEEP trees)."""
+    """The last tracked listing of each tree this server sent (at most KEEP trees), and
+    the trees' watches where they can be watched (:mod:`.tree_watch`) and *watch*."""
 
-    def __init__(self) -> None:
-        self._sent: Dict[tuple, Tuple[str, Dict[str, Entry]]] = {}
+    def __init__(self, watch: bool = False) -> None:
+        self.watch = watch
+        self._sent: Dict[tuple, Tuple[str, Optional[Dict[str, Entry]]]] = {}
+        self._watches: Dict[tuple, Any] = {}  # key -> TreeWatch
 
     def list(self, root: str, sub: str, exclude: List[str], hashes: HashCache,
              track: bool = False, since: str = "") -> dict:
         """The ``ListTree`` answer (see :class:`~.stage_protocol.ListTree`)."""
-        entries, refused, skipped, exists = scan(root, sub, exclude, hashes)
         if not track:
+            entries, refused, skipped, exists = scan(root, sub, exclude, hashes)
             out = answer(entries, None)
+            out.update(refused=refused, skipped=skipped, exists=exists)
+            return out
+        key = (root, sub, tuple(sorted(exclude)))
+        token, old = self._sent.pop(key, ("", None))
+        delta_ok = bool(since) and since == token
+        watched = self._watched(key, root, sub, exclude, hashes)
+        if watched is not None:
+            from .tree_watch import delta
+            watch, changed = watched
+            entries = watch.entries
+            if delta_ok and changed is not None:
+                files, dirs, links, gone = delta(entries, changed)
+                out = {"delta": True, "gone": gone, "files": files, "dirs": dirs,
+                       "links": links}
+            else:
+                out = answer(entries, None)
+            out.update(refused=[list(r) for r in sorted(watch.refused.items())],
+                       skipped=[list(r) for r in sorted(watch.skipped.items())], exists=True,
+                       watched=True)
+            old = None  # the watch knows what changed: no copy kept
         else:
-            key = (root, sub, tuple(sorted(exclude)))
-            token, old = self._sent.pop(key, ("", None))
-            out = answer(entries, old if since and since == token else None)
-            out["token"] = os.urandom(12).hex()
-            self._sent[key] = (out["token"], entries)
-            while len(self._sent) > KEEP:
-                del self._sent[next(iter(self._sent))]
-        out.update(refused=refused, skipped=skipped, exists=exists)
+            entries, refused, skipped, exists = scan(root, sub, exclude, hashes)
+            out = answer(entries, old if delta_ok else None)
+            out.update(refused=refused, skipped=skipped, exists=exists)
+            old = entries
+        out["token"] = os.urandom(12).hex()
+        self._sent[key] = (out["token"], old)
+        while len(self._sent) > KEEP:
+            gone_key = next(iter(self._sent))
+            del self._sent[gone_key]
+            w = self._watches.pop(gone_key, None)
+            if w is not None:
+                w.close()
         return out
+
+    def _watched(self, key: tuple, root: str, sub: str, exclude: List[str],
+                 hashes: HashCache) -> Optional[Tuple[Any, Optional[dict]]]:
+        """The tree's watch brought up to date and what changed since its last listing
+        (None: it was just set up), or None: no watch here, walk."""
+        from .tree_watch import TreeWatch, Unwatchable  # it builds on this module
+        watch = self._watches.pop(key, None)
+        if not self.watch:
+            return None
+        try:
+            if watch is not None:
+                changed = watch.refresh(hashes)
+                self._watches[key] = watch
+                return watch, changed
+        except (OSError, Unwatchable) as e:
+            log.info("%s: a whole walk (%s)", os.path.join(root, sub), e)
+            watch.close()
+        top = os.path.normpath(os.path.join(root, sub))
+        if not TreeWatch.possible(top):
+            return None
+        watch = TreeWatch(root, sub, exclude)
+        try:
+            watch.start(hashes)
+        except (OSError, Unwatchable) as e:
+            log.info("%s: whole walks (%s)", top, e)
+            watch.close()
+            return None
+        self._watches[key] = watch
+        return watch, None
+
+    def close(self) -> None:
+        for w in self._watches.values():
+            w.close()
+        self._watches.clear()
+

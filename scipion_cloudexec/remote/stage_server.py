@@ -432,7 +432,7 @@ def serve(workdir: str, stdin_fd: int = 0, stdout: Optional[BinaryIO] = None) ->
     would misread the requests)."""
     cache = Cache(workdir)
     hashes = HashCache(os.path.join(workdir, "cache", "hashes.sqlite"))
-    listings = Listings()  # what this process last listed: the next listing sends changes
+    listings = Listings(watch=True)  # what this process last listed: the next sends changes
     stdin = io.BufferedReader(StallingInput(stdin_fd), BLOCK)
     out = Answers(stdout if stdout is not None else sys.stdout.buffer)
     handlers = {StageIn: lambda c, r: cmd_in(c, hashes, r, stdin, out),
@@ -474,6 +474,7 @@ def serve(workdir: str, stdin_fd: int = 0, stdout: Optional[BinaryIO] = None) ->
             except (StageError, OSError, ValueError, KeyError) as e:  # BadRequest too
                 out.line({"error": "failed", "detail": "%s: %s" % (type(e).__name__, e)})
     finally:
+        listings.close()
         hashes.close()
 
 

@@ -4,6 +4,7 @@ folder replaced by a file), and a staging server that does not hold the desktop'
 (restarted, another process) answers with the whole listing, never a delta from nothing."""
 import os
 
+from scipion_cloudexec.remote import inotify
 from scipion_cloudexec.remote.hashing import HashCache
 from scipion_cloudexec.remote.listing import KEEP, Listings
 from scipion_cloudexec.remote.stage_protocol import ListTree
@@ -63,6 +64,8 @@ def test_listings_send_only_changes_and_every_change_comes_back(make_cluster, st
     assert answers[-1]["delta"] and listed(answers[-1]) == sorted(
         [RUN + "/extra/a.txt", RUN + "/extra/empty", RUN + "/extra/new", RUN + "/extra/new/c.txt"])
     assert answers[-1]["gone"] == [RUN + "/extra/b.txt"]
+    assert answers[-1].get("watched"), "a mirror on %s: its changes come from inotify" % (
+        inotify.filesystem_type(mirror(c, "extra")))
     extra = proj / RUN / "extra"
     assert (extra / "a.txt").read_bytes() == b"A FROM THE CLUSTER\n"
     assert not (extra / "b.txt").exists()

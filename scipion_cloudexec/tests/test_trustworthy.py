@@ -3,6 +3,7 @@ into one folder, Restart, Continue after a failure or a Stop, several clusters. 
 the same protocol locally and through the cloud executor and compares the run folders (every
 path, type and byte, but logs/) with tests/harness.py."""
 import os
+import sys
 import time
 
 import pytest
@@ -83,6 +84,29 @@ def test_parallel_steps_running_scripts_they_just_wrote_match_a_local_run(
                                    fan="cp extra/scripts/step_f{i}.sh extra/out/copy_{i}.txt")
     assert cloud.isFinished(), logs(cloud)
     assert len(os.listdir(os.path.join(cloud._getExtraPath(), "out"))) == 60
+    assert_same_run(local, cloud)
+
+
+MAP_WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "map_writer.py")
+
+
+@REPEAT
+def test_parallel_steps_writing_through_mappings_match_a_local_run(make_cluster, clusters_env,
+                                                                   new_project, repeat):
+    """Each step's program writes its file through a mapping after closing it (no event of
+    its own until the program exits), while sibling steps' gathers list the folder: the
+    cluster's listing from inotify (remote/tree_watch.py) must still bring every final
+    byte back."""
+    c = make_cluster("local", slots=6)
+    clusters_env(c)
+    project = new_project("mapped")
+    local, cloud = local_and_cloud(
+        project, c, numberOfThreads=7, fanCopies=40, chain="mkdir -p extra/maps",
+        fan="%s %s extra/maps/m_{i}.bin 'step {i} through a mapping' --sleep 0.4"
+            % (sys.executable, MAP_WRITER))
+    assert cloud.isFinished(), logs(cloud)
+    with open(os.path.join(cloud._getExtraPath(), "maps", "m_7.bin"), "rb") as f:
+        assert f.read(25) == b"step 7 through a mapping\0"
     assert_same_run(local, cloud)
 
 
