@@ -14,7 +14,8 @@ not watched), the base reset (:meth:`invalidate`).
 
 Files whose content may change without an event on their folder are named at every
 stage-in, like a walk would look at them: links to files (the target lives elsewhere),
-files with several hard links, files written here (from their first write or close on,
+files with several hard links (and the name a file had when a new link to it appears: a
+link makes no event on the file's other names), files written here (from their first write or close on,
 stat'ed every time; the hash memo says whether they changed), and files this process maps
 shared and writable (read from ``/proc/self/maps``: writes through a mapping make no event
 until it is unmapped). Another local process writing through a mapping is seen when it
@@ -55,6 +56,7 @@ class RunFolderWatch:
         self._dirty: Set[str] = set()
         self._always: Set[str] = set()  # stat'ed at every stage-in (see the module's doc)
         self._recheck: Set[str] = set()  # left unequal to the base by a sync
+        self._inodes: Dict[int, str] = {}  # a regular file's inode -> its path (or a past one)
         self.enabled = inotify.enabled()
 
     # ---- set up ----------------------------------------------------------------------
@@ -93,8 +95,11 @@ class RunFolderWatch:
                         self._always.add(sub)
                     elif e.is_dir(follow_symlinks=False):
                         self._add_tree(sub)
-                    elif e.stat(follow_symlinks=False).st_nlink > 1:
-                        self._always.add(sub)
+                    else:
+                        st = e.stat(follow_symlinks=False)
+                        self._inodes[st.st_ino] = sub
+                        if st.st_nlink > 1:
+                            self._always.add(sub)
                 except FileNotFoundError:
                     continue
 
@@ -111,6 +116,7 @@ class RunFolderWatch:
             self._read()
             paths = self._dirty | self._always | self._recheck | self._mapped()
             folders = set()
+            linked = set()
             for rel in paths:
                 path = os.path.join(self.root, rel)
                 try:
@@ -124,8 +130,17 @@ class RunFolderWatch:
                 elif stat.S_ISDIR(st.st_mode):
                     self._add_tree(rel)  # before its walk: what comes after is an event
                     folders.add(rel)
-                elif st.st_nlink > 1:
-                    self._always.add(rel)
+                else:
+                    if st.st_nlink > 1:
+                        # a new link makes no event on the file's other names: the name
+                        # the inode had is named from now on too
+                        self._always.add(rel)
+                        older = self._inodes.get(st.st_ino)
+                        if older and older != rel:
+                            self._always.add(older)
+                            linked.add(older)
+                    self._inodes[st.st_ino] = rel
+            paths |= linked
         except (OSError, Unwatchable) as e:
             log.info("run folder %s: a full walk (%s)", self.run_dir, e)
             self.close()
@@ -218,3 +233,4 @@ class RunFolderWatch:
         self._wds.clear()
         self._dirty = set()
         self._always = set()
+        self._inodes = {}

@@ -115,8 +115,11 @@ class TreeWatch:
         changed: Dict[str, Optional[Entry]] = {}
         for rel in sorted(todo):  # a folder before what it holds
             self._look(rel, hashes, changed)
-        while self._linked:  # earlier names of files just linked again (see _look)
-            self._look(self._linked.pop(), hashes, changed)
+        while self._linked:  # earlier names of files linked again (see _look)
+            rel = self._linked.pop()
+            if rel not in todo:
+                todo.add(rel)
+                self._look(rel, hashes, changed)
         return changed
 
     def _event(self, wd: int, mask: int, name: str) -> None:
@@ -190,14 +193,14 @@ class TreeWatch:
         self.skipped.pop(rel, None)
         if stat.S_ISREG(st.st_mode):
             self._set(rel, (st.st_size, st.st_mtime_ns, hashes.get(path, st)), changed)
-            if st.st_nlink > 1 and rel not in self._always:
+            if st.st_nlink > 1:
                 # a new link makes no event on the file's other names: find the one it had
                 self._always.add(rel)
                 older = self._inodes.get(st.st_ino)
-                if older and older != rel and older not in self._always:
+                if older and older != rel:
                     self._always.add(older)
                     self._linked.append(older)
-            elif st.st_nlink == 1:
+            else:
                 self._always.discard(rel)  # its other names are gone: events tell again
             self._inodes[st.st_ino] = rel
             return

@@ -221,3 +221,25 @@ def test_a_path_of_another_kind_replaces_the_old_one_on_the_cluster(make_cluster
         assert runner.run.sync.base(c.name)[RUN_REL(run_dir, "extra/busy")] == "d"
     finally:
         runner.close()
+
+
+def test_a_file_written_through_a_new_hard_link_reaches_the_cluster_under_its_first_name(
+        make_cluster, tmp_path):
+    # a new link makes no event on the file's other names: a.txt was never named again
+    c, runner, run_dir, mirror = _runner(make_cluster, tmp_path)
+    try:
+        extra = run_dir / "extra"
+        (extra / "a.txt").write_bytes(b"first")
+        runner.connect()
+        walks = Walks(runner)
+        runner.stage_in(say)
+        os.link(extra / "a.txt", extra / "b.txt")
+        runner.stage_in(say)
+        with open(extra / "b.txt", "r+b") as f:  # same size, through the new name
+            f.write(b"FIRST")
+        runner.stage_in(say)
+        assert walks.n == 1, "the watch named the changes: no walk"
+        assert read(os.path.join(mirror, "extra", "b.txt")) == b"FIRST"
+        assert read(os.path.join(mirror, "extra", "a.txt")) == b"FIRST"
+    finally:
+        runner.close()
