@@ -24,9 +24,11 @@ up as events too: the file hashes equal to the base, and nothing travels.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat
+import threading
 from typing import Dict, Iterator, Optional, Sequence, Set, Tuple
 
 from ..remote import inotify
@@ -36,6 +38,17 @@ from .errors import InputMissing
 from .local_files import TEMP_PREFIX, _excluded, _Local, _walk_dir
 
 log = logging.getLogger(__name__)
+
+
+def _locked(method):
+    """Under the watch's lock: a lost cluster's runner is closed by whichever thread saw
+    the loss, while another may be in a stage-in (its descriptor read, or closed and its
+    number given to a new socket, under the reader)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
 
 
 class Unwatchable(Exception):
@@ -57,10 +70,12 @@ class RunFolderWatch:
         self._always: Set[str] = set()  # stat'ed at every stage-in (see the module's doc)
         self._recheck: Set[str] = set()  # left unequal to the base by a sync
         self._inodes: Dict[int, str] = {}  # a regular file's inode -> its path (or a past one)
+        self._lock = threading.RLock()
         self.enabled = inotify.enabled()
 
     # ---- set up ----------------------------------------------------------------------
 
+    @_locked
     def start(self) -> None:
         """Watch every folder now, before the full walk whose result the next
         :meth:`changes` builds on; anything that fails leaves the watch off (walks)."""
@@ -105,6 +120,7 @@ class RunFolderWatch:
 
     # ---- use -------------------------------------------------------------------------
 
+    @_locked
     def changes(self) -> Optional[Tuple[Set[str], Set[str]]]:
         """The project-relative paths that may differ from the base now (changed since the
         last call, plus those named every time), as (paths, folders among them: watched
@@ -171,10 +187,12 @@ class RunFolderWatch:
             at = maps.find(top, end)
         return {rel for rel in out if not _excluded(rel, self.exclude)}  # logs/'s sqlite
 
+    @_locked
     def recheck(self, paths: Sequence[str]) -> None:
         """*paths* were left unequal to the base (conflicts): name them at every stage-in."""
         self._recheck.update(paths)
 
+    @_locked
     def invalidate(self) -> None:
         """The base was reset or changed behind the watch's back: walk next time."""
         self.close()
@@ -225,6 +243,7 @@ class RunFolderWatch:
             if not stat.S_ISDIR(st.st_mode):  # made a folder since: its event comes next
                 yield rel, _Local(path, os.path.realpath(path), st)
 
+    @_locked
     def close(self) -> None:
         """Drop the watches (the next :meth:`changes` asks for a walk)."""
         if self._ino is not None:

@@ -243,3 +243,45 @@ def test_a_file_written_through_a_new_hard_link_reaches_the_cluster_under_its_fi
         assert read(os.path.join(mirror, "extra", "a.txt")) == b"FIRST"
     finally:
         runner.close()
+
+
+def test_a_watch_closed_by_another_thread_mid_stage_in_never_fails_the_stage_in(tmp_path):
+    # a lost cluster's runner is closed by whichever step saw the loss, while another
+    # step's stage-in reads the watch: that read failed with EBADF (and its descriptor's
+    # number could meanwhile belong to a new socket)
+    import random
+    import socket
+    import threading
+    run = tmp_path / "Runs" / "r"
+    (run / "extra").mkdir(parents=True)
+    errors = []
+    rng = random.Random(1)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # many more thread switches: the race shows in a few rounds
+    try:
+        for i in range(300):
+            watch = RunFolderWatch(str(tmp_path), "Runs/r")
+            watch.start()
+            stop = threading.Event()
+
+            def stage_ins():
+                try:
+                    while not stop.is_set():
+                        (run / "extra" / "f.txt").write_text(str(rng.random()))
+                        if watch.changes() is None:
+                            return
+                except Exception as e:  # noqa: BLE001
+                    errors.append(e)
+            t = threading.Thread(target=stage_ins)
+            t.start()
+            for _ in range(rng.randrange(50)):
+                pass
+            watch.close()
+            taken = [socket.socket() for _ in range(2)]  # the closed number, given again
+            stop.set()
+            t.join()
+            for s in taken:
+                s.close()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors[:3]
