@@ -27,13 +27,17 @@ def start_agent(session: "ClusterSession") -> Dict:
     """Upload the bundle if missing (and pyzmq, when the cluster's python lacks it), run
     its ``start``; return the agent's state line."""
     c, ssh = session.cluster, session.ssh
-    try:
-        bundle.ensure_uploaded(ssh, c)
-    except bundle.BundleError as e:
-        raise AgentStartError(str(e)) from None
     cmd = bundle.command(c, "start", "--workdir", c.workdir, "--idle-timeout",
                          "%g" % c.agent_idle_timeout, "--heartbeat", "%g" % c.heartbeat)
-    res = ssh.run(cmd, timeout=60)
+    # one remote shell for the usual case (the bundle is there): each costs the user's
+    # shell start-up (~/.bashrc, module systems), often more than the round trip
+    res = ssh.run(bundle.if_intact(c, cmd), timeout=60)
+    if bundle.NO_BUNDLE in res.stdout.decode(errors="replace"):
+        try:
+            bundle.ensure_uploaded(ssh, c)
+        except bundle.BundleError as e:
+            raise AgentStartError(str(e)) from None
+        res = ssh.run(cmd, timeout=60)
     remote = provision.RemotePython.from_output(res.stdout.decode(errors="replace"))
     if res.exit_status != 0 and remote is not None:  # its python lacks pyzmq: add it
         try:

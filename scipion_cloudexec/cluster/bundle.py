@@ -116,6 +116,18 @@ def intact(cluster: ClusterConfig) -> str:
             % (z, z, hashlib.sha256(build()[0]).hexdigest()))
 
 
+NO_BUNDLE = "CLOUDEXEC-NO-BUNDLE"  # what :func:`if_intact` prints when it runs nothing
+
+
+def if_intact(cluster: ClusterConfig, cmd: str) -> str:
+    """Shell: make the workdir (private) and run *cmd* if the bundle is there intact; else
+    print :data:`NO_BUNDLE` and run nothing (then :func:`ensure_uploaded`, and *cmd*)."""
+    q = shlex.quote
+    return "(umask 077 && mkdir -p %s %s) && %s || { echo %s; exit 97; }\n%s" % (
+        q(cluster.workdir), q(os.path.dirname(remote_path(cluster))), intact(cluster),
+        NO_BUNDLE, cmd)
+
+
 def ensure_uploaded(ssh: SSHConnection, cluster: ClusterConfig) -> str:
     """Upload the bundle unless the cluster has it intact; return its remote path. The
     workdir is created private (0700): it holds the agent's secret and the jobs' files."""

@@ -124,8 +124,9 @@ class ClusterSession:
         with self._boundary():
             self.ssh.connect()
 
-    def start(self) -> m.Welcome:
-        """Connect, start or reuse the agent, open the tunnel and shake hands.
+    def start(self, stage: bool = False) -> m.Welcome:
+        """Connect, start or reuse the agent, open the tunnel and shake hands. *stage*:
+        start the staging server at once too (it starts while the agent does).
 
         Raises:
             InfraError: the SSH errors of :meth:`connect`, ``AgentStartError``,
@@ -133,6 +134,8 @@ class ClusterSession:
         """
         with self._boundary():
             self.ssh.connect()
+            if stage:
+                self.stager.prepare()
             for _attempt in range(2):
                 state = start_agent(self)
                 if state.get("protocol") != PROTOCOL_VERSION:

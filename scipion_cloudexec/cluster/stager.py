@@ -105,6 +105,16 @@ class Stager(Gathering, SmallFilesOverStreams):
             self._chan = ParamikoChannel(self.ssh, self.cluster)
         return self._chan
 
+    def prepare(self) -> None:
+        """Start the control stream's staging server now, so that its start (a remote shell
+        and Python) overlaps other work, the agent's start; whatever fails here fails
+        again, and is reported, on first use."""
+        if self._chan is None:
+            try:
+                self._chan = ParamikoChannel(self.ssh, self.cluster)
+            except Exception as e:  # noqa: BLE001  (paramiko's own errors are no OSError)
+                log.debug("%s: staging server not started early: %s", self.cluster.name, e)
+
     @property
     def bulk_available(self) -> bool:
         return not self._bulk_refused

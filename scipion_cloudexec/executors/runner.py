@@ -100,7 +100,7 @@ class ClusterRunner:
                 raise self._failed[1]
             began = time.monotonic()
             try:
-                self.session.start()
+                self.session.start(stage=True)  # it stages before every job
             except BaseException as e:
                 self._failed = (began, e)
                 raise

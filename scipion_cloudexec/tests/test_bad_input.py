@@ -83,6 +83,27 @@ def test_a_damaged_bundle_on_the_cluster_is_replaced_not_run(make_cluster, tmp_p
         assert f.read() == bundle.build()[0], "uploaded again"
 
 
+def test_a_start_runs_one_remote_command_once_the_bundle_is_there(make_cluster):
+    # each remote command pays the user's shell start-up (~/.bashrc, module systems): a
+    # start with the bundle in place used two (its check, then the agent's start)
+    from scipion_cloudexec.cluster.session import ClusterSession
+    c = make_cluster("local")
+    counts = []
+    for _ in range(2):  # a new workdir: the bundle uploaded; then there
+        session = ClusterSession(c)
+        ran = []
+        real = session.ssh.run
+        session.ssh.run = lambda cmd, **k: (ran.append(cmd), real(cmd, **k))[1]
+        try:
+            session.start(stage=True)
+            assert session.submit(["true"]).result().exit_code == 0
+            assert session.stager._chan is not None, "the staging server started with it"
+        finally:
+            session.close()
+        counts.append(len(ran))
+    assert counts[1] == 1 and counts[0] > 1, counts
+
+
 @pytest.mark.parametrize("says", [b"", b"SSH-2.0-OpenSSH_9.2\r\n"],
                          ids=["silent", "banner-then-silent"])
 def test_a_port_that_accepts_but_never_completes_ssh_is_unreachable_after_connect_timeout(
