@@ -32,11 +32,11 @@ def start_agent(session: "ClusterSession") -> Dict:
     # one remote shell for the usual case (the bundle is there): each costs the user's
     # shell start-up (~/.bashrc, module systems), often more than the round trip
     res = ssh.run(bundle.if_intact(c, cmd), timeout=60)
+    if res.exit_status == bundle.NO_WORKDIR:
+        raise AgentStartError(str(bundle.no_workdir(c, res.stderr)))
     if bundle.NO_BUNDLE in res.stdout.decode(errors="replace"):
-        try:
-            bundle.ensure_uploaded(ssh, c)
-        except bundle.BundleError as e:
-            raise AgentStartError(str(e)) from None
+        bundle.upload(ssh, c)
+        session.bundle_uploaded = True
         res = ssh.run(cmd, timeout=60)
     remote = provision.RemotePython.from_output(res.stdout.decode(errors="replace"))
     if res.exit_status != 0 and remote is not None:  # its python lacks pyzmq: add it

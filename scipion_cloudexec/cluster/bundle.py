@@ -119,13 +119,17 @@ def intact(cluster: ClusterConfig) -> str:
 NO_BUNDLE = "CLOUDEXEC-NO-BUNDLE"  # what :func:`if_intact` prints when it runs nothing
 
 
+NO_WORKDIR = 96  # the exit status of :func:`if_intact` when the workdir cannot be made
+
+
 def if_intact(cluster: ClusterConfig, cmd: str) -> str:
     """Shell: make the workdir (private) and run *cmd* if the bundle is there intact; else
-    print :data:`NO_BUNDLE` and run nothing (then :func:`ensure_uploaded`, and *cmd*)."""
+    print :data:`NO_BUNDLE` and run nothing (then :func:`upload`, and *cmd*); exit
+    :data:`NO_WORKDIR` if the workdir cannot be made (its error on stderr)."""
     q = shlex.quote
-    return "(umask 077 && mkdir -p %s %s) && %s || { echo %s; exit 97; }\n%s" % (
-        q(cluster.workdir), q(os.path.dirname(remote_path(cluster))), intact(cluster),
-        NO_BUNDLE, cmd)
+    return "(umask 077 && mkdir -p %s %s) || exit %d\n%s || { echo %s; exit 97; }\n%s" % (
+        q(cluster.workdir), q(os.path.dirname(remote_path(cluster))), NO_WORKDIR,
+        intact(cluster), NO_BUNDLE, cmd)
 
 
 def ensure_uploaded(ssh: SSHConnection, cluster: ClusterConfig) -> str:
@@ -138,13 +142,24 @@ def ensure_uploaded(ssh: SSHConnection, cluster: ClusterConfig) -> str:
         timeout=cluster.connect_timeout * 2)
     if res.exit_status != 0:
         if res.stderr.strip():
-            raise BundleError("cannot create %s on %s: %s" % (
-                os.path.dirname(zpath), cluster.name, res.stderr.decode(errors="replace").strip()))
-        sftp = ssh.sftp()
-        with sftp.open(zpath + ".part", "wb") as f:
-            f.write(build()[0])
-        sftp.posix_rename(zpath + ".part", zpath)
+            raise no_workdir(cluster, res.stderr)
+        upload(ssh, cluster)
     return zpath
+
+
+def no_workdir(cluster: ClusterConfig, stderr: bytes) -> "BundleError":
+    return BundleError("cannot create %s on %s: %s" % (
+        os.path.dirname(remote_path(cluster)), cluster.name,
+        stderr.decode(errors="replace").strip()))
+
+
+def upload(ssh: SSHConnection, cluster: ClusterConfig) -> None:
+    """Write the bundle over SFTP into its folder, which exists (a ``.part``, renamed)."""
+    zpath = remote_path(cluster)
+    sftp = ssh.sftp()
+    with sftp.open(zpath + ".part", "wb") as f:
+        f.write(build()[0])
+    sftp.posix_rename(zpath + ".part", zpath)
 
 
 def command(cluster: ClusterConfig, *args: str, flags: Tuple[str, ...] = ()) -> str:

@@ -83,6 +83,7 @@ class ClusterSession:
         self.stager = Stager(self.ssh, cluster, hash_cache)
         self.closed = False  # by close(): a call still under way fails as LinkLost
         self.provisioned = ""  # what was installed on the cluster for the agent, if anything
+        self.bundle_uploaded = False  # by this session's start: the cluster lacked it
         self._started = False
         self._start_lock = threading.Lock()  # two first submits start one agent
 
@@ -138,6 +139,8 @@ class ClusterSession:
                 self.stager.prepare()
             for _attempt in range(2):
                 state = start_agent(self)
+                if stage and self.bundle_uploaded:  # the early server found no bundle
+                    self.stager.prepare(again=True)
                 if state.get("protocol") != PROTOCOL_VERSION:
                     continue  # an agent of another protocol started in between: ours retires it
                 welcome = self.agent.connect(state)

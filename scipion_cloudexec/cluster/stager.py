@@ -105,10 +105,13 @@ class Stager(Gathering, SmallFilesOverStreams):
             self._chan = ParamikoChannel(self.ssh, self.cluster)
         return self._chan
 
-    def prepare(self) -> None:
+    def prepare(self, again: bool = False) -> None:
         """Start the control stream's staging server now, so that its start (a remote shell
         and Python) overlaps other work, the agent's start; whatever fails here fails
-        again, and is reported, on first use."""
+        again, and is reported, on first use. *again*: replace the one started early
+        (before the bundle was uploaded: it exits for want of it)."""
+        if again and self._chan is not None and not self._chan._greeted:
+            self._drop(self._chan)
         if self._chan is None:
             try:
                 self._chan = ParamikoChannel(self.ssh, self.cluster)

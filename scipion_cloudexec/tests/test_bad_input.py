@@ -83,6 +83,26 @@ def test_a_damaged_bundle_on_the_cluster_is_replaced_not_run(make_cluster, tmp_p
         assert f.read() == bundle.build()[0], "uploaded again"
 
 
+def test_a_workdir_that_cannot_be_made_is_named_with_the_reason(make_cluster, tmp_path):
+    import dataclasses
+    from scipion_cloudexec.cluster.errors import AgentStartError
+    from scipion_cloudexec.cluster.session import ClusterSession
+    c = make_cluster("local")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    bad = dataclasses.replace(c, workdir=str(blocker / "work"))
+    session = ClusterSession(bad)
+    try:
+        with pytest.raises(AgentStartError) as e:
+            session.start(stage=True)
+    finally:
+        session.close()
+    text = str(e.value)
+    assert text.startswith("cannot create %s/agent/bundles on %s: " % (blocker / "work", c.name))
+    assert "Not a directory" in text, text
+    assert blocker.read_text() == "in the way"
+
+
 def test_a_start_runs_one_remote_command_once_the_bundle_is_there(make_cluster):
     # each remote command pays the user's shell start-up (~/.bashrc, module systems): a
     # start with the bundle in place used two (its check, then the agent's start)
