@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Dict
+from typing import TYPE_CHECKING, Callable, Dict
 
 from ..config import ClusterConfig
 from ..remote import messages as m
@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 
 
-def start_agent(session: "ClusterSession") -> Dict:
+def start_agent(session: "ClusterSession", uploaded: Callable[[], None] = lambda: None) -> Dict:
     """Upload the bundle if missing (and pyzmq, when the cluster's python lacks it), run
-    its ``start``; return the agent's state line."""
+    its ``start``; return the agent's state line. *uploaded* is called right after an
+    upload, before the start."""
     c, ssh = session.cluster, session.ssh
     cmd = bundle.command(c, "start", "--workdir", c.workdir, "--idle-timeout",
                          "%g" % c.agent_idle_timeout, "--heartbeat", "%g" % c.heartbeat)
@@ -36,7 +37,7 @@ def start_agent(session: "ClusterSession") -> Dict:
         raise AgentStartError(str(bundle.no_workdir(c, res.stderr)))
     if bundle.NO_BUNDLE in res.stdout.decode(errors="replace"):
         bundle.upload(ssh, c)
-        session.bundle_uploaded = True
+        uploaded()
         res = ssh.run(cmd, timeout=60)
     remote = provision.RemotePython.from_output(res.stdout.decode(errors="replace"))
     if res.exit_status != 0 and remote is not None:  # its python lacks pyzmq: add it

@@ -83,7 +83,6 @@ class ClusterSession:
         self.stager = Stager(self.ssh, cluster, hash_cache)
         self.closed = False  # by close(): a call still under way fails as LinkLost
         self.provisioned = ""  # what was installed on the cluster for the agent, if anything
-        self.bundle_uploaded = False  # by this session's start: the cluster lacked it
         self._started = False
         self._start_lock = threading.Lock()  # two first submits start one agent
 
@@ -137,10 +136,10 @@ class ClusterSession:
             self.ssh.connect()
             if stage:
                 self.stager.prepare()
+            # the early server found no bundle: another, while the agent starts
+            again = (lambda: self.stager.prepare(again=True)) if stage else (lambda: None)
             for _attempt in range(2):
-                state = start_agent(self)
-                if stage and self.bundle_uploaded:  # the early server found no bundle
-                    self.stager.prepare(again=True)
+                state = start_agent(self, again)
                 if state.get("protocol") != PROTOCOL_VERSION:
                     continue  # an agent of another protocol started in between: ours retires it
                 welcome = self.agent.connect(state)
