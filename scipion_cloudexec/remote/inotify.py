@@ -112,28 +112,38 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def filesystem_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
-    """The type of the filesystem holding *path* (``ext4``, ``nfs4``...), "" if unknown."""
-    real = os.path.realpath(path)
-    best, kind = "", ""
+def _mounts(mountinfo: str) -> List[Tuple[str, str]]:
+    """(mount point, filesystem type) of every mount, in the order mounted."""
     try:
         with open(mountinfo) as f:
             lines: List[str] = f.read().splitlines()
     except OSError:
-        return ""
+        return []
+    out = []
     for line in lines:
         left, sep, right = line.partition(" - ")
         fields = left.split()
-        if not sep or len(fields) < 5 or not right.split():
-            continue
-        mount = _unescape(fields[4])
+        if sep and len(fields) >= 5 and right.split():
+            out.append((_unescape(fields[4]), right.split()[0]))
+    return out
+
+
+def filesystem_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
+    """The type of the filesystem holding *path* (``ext4``, ``nfs4``...), "" if unknown."""
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    for mount, fstype in _mounts(mountinfo):
         inside = real == mount or real.startswith(mount.rstrip("/") + "/")
         if inside and len(mount) >= len(best):  # the deepest; a later one covers an earlier
-            best, kind = mount, right.split()[0]
+            best, kind = mount, fstype
     return kind
 
 
 def local_filesystem(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
     """Every change under *path* passes through this host's kernel (see
-    :data:`LOCAL_FILESYSTEMS`)."""
-    return filesystem_type(path, mountinfo) in LOCAL_FILESYSTEMS
+    :data:`LOCAL_FILESYSTEMS`): its filesystem, and any mounted below it."""
+    if filesystem_type(path, mountinfo) not in LOCAL_FILESYSTEMS:
+        return False
+    below = os.path.realpath(path).rstrip("/") + "/"
+    return all(fstype in LOCAL_FILESYSTEMS for mount, fstype in _mounts(mountinfo)
+               if mount.startswith(below))

@@ -240,6 +240,8 @@ def test_only_filesystems_written_through_this_kernel_are_watched(tmp_path):
     assert not inotify.local_filesystem("/srv/data/projects/p", str(info))
     assert not inotify.local_filesystem("/srv/with space/p", str(info))
     assert inotify.local_filesystem("/srv/data/scratch/x", str(info))
+    assert not inotify.local_filesystem("/srv", str(info)), "an NFS mount below it"
+    assert inotify.local_filesystem("/home/u", str(info))
     assert inotify.filesystem_type(str(tmp_path)) in inotify.LOCAL_FILESYSTEMS  # this host
 
 
