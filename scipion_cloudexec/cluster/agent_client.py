@@ -36,8 +36,8 @@ from ..remote.jobs import JobSpec, JobState
 from ..remote.transport import connect_curve, curve_available
 from ..version import PROTOCOL_VERSION
 from . import bundle
-from .errors import (AgentLost, AgentStartError, JobResult, RequestRefused, VersionMismatch,
-                     job_error)
+from .errors import (AgentLost, AgentNotAnswering, AgentStartError, JobResult, RequestRefused,
+                     VersionMismatch, job_error)
 from .ssh import SSHConnection, Target
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,10 @@ class JobFuture(concurrent.futures.Future):
         self.existed = False  # the agent had the job before this submit
         self.accepted_state = ""  # its state then (a final one: it had ended)
         self.submit_rid = 0  # the Submit's request id: an Error to it fails this future
+
+    def set_exception(self, exception: Optional[BaseException]) -> None:
+        super().set_exception(exception)
+        self.accepted.set()  # who waits for the acceptance learns of the failure at once
 
 
 class AgentClient:
@@ -105,7 +109,7 @@ class AgentClient:
 
         Raises:
             VersionMismatch: the agent refused this client's protocol.
-            AgentStartError: the agent does not answer.
+            AgentNotAnswering: the agent does not answer (an :class:`AgentStartError`).
         """
         self.disconnect()
         self._secret = bytes.fromhex(state["secret"])
@@ -134,7 +138,7 @@ class AgentClient:
                 raise
             raise VersionMismatch("cluster %s: %s" % (self.cluster.name, e)) from None
         except (AgentLost, concurrent.futures.TimeoutError):
-            raise AgentStartError("the agent on %s (pid %s, port %s) does not answer; see %s/agent/"
+            raise AgentNotAnswering("the agent on %s (pid %s, port %s) does not answer; see %s/agent/"
                                   "agent.log on the cluster" % (self.cluster.name, state.get("pid"),
                                                                 state.get("port"),
                                                                 self.cluster.workdir)) from None

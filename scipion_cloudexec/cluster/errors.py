@@ -59,6 +59,12 @@ class AgentStartError(AgentError, InfraError):
     down = lasting = True
 
 
+class AgentNotAnswering(AgentStartError):
+    """The agent started (or was found) but did not answer the handshake in time: a busy
+    or restarting head node, tried again within ``CLOUD_RECONNECT``, not given up at once."""
+    lasting = False
+
+
 class VersionMismatch(AgentError, InfraError):
     """A busy agent of another version (or wire protocol) runs on the cluster."""
     down = lasting = True

@@ -252,6 +252,13 @@ class CloudStepExecutor(ThreadStepExecutor):
                             label="%s step %s" % (self.protocol.getRunName(), step_id),
                             say=say, renew=renew_here, job_ended=job_ended)
                     except BaseException as e:
+                        if lost_at and runner.connected_at > lost_at:
+                            # contact came back since: this loss is a new outage, with a
+                            # CLOUD_RECONNECT of its own (else a second agent restart 90 s
+                            # later failed over at once, and the job ran twice)
+                            say("cloudexec: in contact with %s again after %.1f s"
+                                % (name, runner.connected_at - lost_at))
+                            lost_at = 0.0
                         if not self._reconnect(name, runner, e, lost_at, say):
                             raise
                         lost_at = lost_at or time.monotonic()

@@ -83,6 +83,7 @@ class ClusterRunner:
         # changed since the last one instead of walking the run folder (issue 13)
         self._watch = RunFolderWatch(run.project_root, run.run_dir, self._exclude())
         self.mapper: Optional[PathMapper] = None
+        self.connected_at = 0.0  # monotonic time this runner reached its cluster
 
     def connect(self) -> None:
         """Reach the cluster (once). Steps waiting while another step's attempt fails get
@@ -112,6 +113,7 @@ class ClusterRunner:
                     staged.append((path, "%s/%s" % (root, rel)))
             self.mapper = PathMapper(self.run.project_root, root, self.cluster.python,
                                      self.cluster.path_map, staged=staged)
+            self.connected_at = time.monotonic()
 
     @property
     def connected(self) -> bool:

@@ -602,3 +602,29 @@ def test_lost_grace_period_runs_on_across_an_agent_restart(make_cluster, testbed
     assert silent > grace, "the silence counts from when SLURM last reported the job"
     wait_until(lambda: slurm_state(testbed, slurm_id) in ("CANCELLED", ""), 30,
                "the given-up job scancel'd")
+
+
+def test_a_submit_to_an_agent_that_stopped_answering_learns_of_the_loss_at_once(make_cluster):
+    # a step waits up to 6 x connect_timeout for its job's acceptance (to learn whether it
+    # had run before): a future failed by the lost agent did not end that wait, so each
+    # step whose Submit went to a dying agent waited 30 s before it even tried to reconnect
+    from scipion_cloudexec.cluster.errors import AgentLost
+    from scipion_cloudexec.cluster.session import ClusterSession
+    c = make_cluster("local")
+    session = ClusterSession(c)
+    pid = 0
+    try:
+        session.start()
+        pid = int(agent_json(c.workdir)["pid"])
+        os.kill(pid, signal.SIGSTOP)  # alive, silent: as a killed agent before its socket goes
+        fut = session.submit(["true"])
+        assert fut.accepted.wait(c.heartbeat * 8), "the loss did not end the acceptance wait"
+        assert not fut.existed
+        with pytest.raises(AgentLost):
+            fut.result(timeout=0)
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+        session.close()
+        if pid:
+            stop_agent_pid(pid)

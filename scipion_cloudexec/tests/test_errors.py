@@ -21,6 +21,7 @@ RESULT = e.JobResult(job_id="j", cluster="c", state=JobState.LOST, exit_code=Non
     (HostKeyChanged("x"), True, True),
     (AuthRefused("x"), True, True),
     (e.AgentStartError("x"), True, True),
+    (e.AgentNotAnswering("x"), True, False),
     (BundleError("x"), True, True),
     (e.VersionMismatch("x"), True, True),
     (e.AgentLost("c", "h", "x"), True, False),
