@@ -131,6 +131,14 @@ class JobFiles:
         self.started = os.path.join(self.dir, "started")  # made when the job script starts
         self.hostfile = os.path.join(self.dir, "hostfile")
 
+    def read_started_pid(self) -> int:
+        """The pid the job script wrote into ``started`` (0: none, or not started)."""
+        try:
+            with open(self.started) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
     def read_started(self) -> float:
         """When the job script started (its ``started`` file's time), or 0 if it has not."""
         try:
@@ -162,7 +170,9 @@ def job_script(spec: JobSpec, files: JobFiles, command: List[str]) -> str:
     """
     q = shlex.quote
     lines = ["#!/bin/sh", "# cloudexec job %s" % spec.job_id,
-             ": > %s 2>/dev/null  # its time is the job's start" % q(files.started)]
+             # its time is the job's start; its pid lets a new agent adopt a job whose
+             # start the agent that forked it did not live to record
+             "echo $$ > %s 2>/dev/null" % q(files.started)]
     if spec.env_setup.strip():
         lines += ["# env_setup from the clusters file", spec.env_setup.strip()]
     exports = {"OMP_NUM_THREADS": str(spec.threads), "CLOUDEXEC_JOB_ID": spec.job_id}

@@ -109,6 +109,11 @@ class Scheduler(abc.ABC):
     def abandon(self, job_id: str, files: JobFiles) -> None:
         """A submit whose outcome is unknown was given up: make sure nothing of it runs."""
 
+    def unrecorded(self, files: JobFiles) -> str:
+        """The launcher id of a job an earlier agent started but did not record, found
+        from the job's own files, or "" (unknown: not adoptable)."""
+        return ""
+
     def restore(self, journal_path: str) -> None:
         """Take over what an earlier agent left pending (called once, on the agent's loop,
         before any call on the scheduler's thread)."""
@@ -125,6 +130,17 @@ class Scheduler(abc.ABC):
     def reap(self, job_id: str) -> Optional[Status]:
         """Collect a job whose exit fd became readable (on the agent's loop)."""
         return None
+
+
+def _proc_start_wall(start: str) -> float:
+    """A process's start time (``/proc/PID/stat`` field 22, clock ticks since boot) as a
+    wall-clock time."""
+    try:
+        with open("/proc/stat") as f:
+            boot = next(float(ln.split()[1]) for ln in f if ln.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return 0.0
+    return boot + int(start) / os.sysconf("SC_CLK_TCK")
 
 
 def _proc_start_time(pid: int) -> Optional[str]:
@@ -182,6 +198,17 @@ class ProcessScheduler(Scheduler):
     def argv(self, files: JobFiles) -> List[str]:
         """The command that runs the job script (a subclass may put ``nice`` in front)."""
         return ["/bin/sh", files.script]
+
+    def unrecorded(self, files: JobFiles) -> str:
+        """The job script's pid from ``started``, if that process still runs and began when
+        the file was written (not a pid used again since)."""
+        pid = files.read_started_pid()
+        if pid <= 0:
+            return ""
+        start = _proc_start_time(pid)
+        if start is None or abs(_proc_start_wall(start) - files.read_started()) > 2.0:
+            return ""
+        return "%d:%s" % (pid, start)
 
     def exit_fds(self) -> Dict[int, str]:
         with self._lock:

@@ -210,13 +210,26 @@ class Supervisor:
         for row in self.journal.active():
             job_id, sched = row["job_id"], row["scheduler"]
             if row["state"] == JobState.SUBMITTED.value or not row["launcher_id"]:
-                self.finish(job_id, Status(JobState.LOST, None,
-                                           "the agent stopped before the job started"))
-                if sched in self.schedulers:  # its submit may have gone through all the same
-                    self._call(sched, "abandon", job_id,
-                               lambda s=self.schedulers[sched], j=job_id:
-                               s.abandon(j, JobFiles(self.jobs_root, j)))
-                continue
+                # the earlier agent died between starting the job and recording it: the
+                # job's own files say whether it ran (a LOST job is run again: twice)
+                files = JobFiles(self.jobs_root, job_id)
+                lid = self.schedulers[sched].unrecorded(files) if sched in self.schedulers \
+                    else ""
+                if lid:
+                    row = dict(row, launcher_id=lid)
+                    self.journal.update(job_id, state=JobState.RUNNING, launcher_id=lid)
+                    log.info("job %s had started unrecorded (%s %s)", job_id, sched, lid)
+                elif files.read_rc() is not None:
+                    self.finish(job_id, final_from_rc(files.read_rc()))  # type: ignore[arg-type]
+                    continue
+                else:
+                    self.finish(job_id, Status(JobState.LOST, None,
+                                               "the agent stopped before the job started"))
+                    if sched in self.schedulers:  # its submit may have gone through
+                        self._call(sched, "abandon", job_id,
+                                   lambda s=self.schedulers[sched], j=job_id:
+                                   s.abandon(j, JobFiles(self.jobs_root, j)))
+                    continue
             files = JobFiles(self.jobs_root, job_id)
             self.active[job_id] = (sched, row["launcher_id"], files)
             log.info("adopted job %s (%s %s)", job_id, sched, row["launcher_id"])

@@ -130,3 +130,53 @@ def test_a_new_agent_on_the_workdir_adopts_a_running_job(inproc, tmp_path):
     go.write_text("")
     assert fut.result(30).exit_code == 0
     assert b"finished" in bytes(out)
+
+
+def _started_unrecorded(workdir: str, job: JobSpec):
+    """What an agent killed between starting a job and recording its start leaves: the
+    job in the journal as submitted, its script running (started as the agent starts it)."""
+    import subprocess
+    from scipion_cloudexec.remote.jobs import JobFiles, job_script
+    from scipion_cloudexec.remote.journal import Journal
+    from scipion_cloudexec.remote.launchers import launcher_for
+    os.makedirs(os.path.join(workdir, "agent"), exist_ok=True)
+    journal = Journal(os.path.join(workdir, "agent", "journal.sqlite"))
+    journal.add(job, "process")
+    journal.close()
+    files = JobFiles(os.path.join(workdir, "jobs"), job.job_id)
+    os.makedirs(files.dir)
+    with open(files.script, "w") as f:
+        f.write(job_script(job, files, launcher_for("local").command(job, files)))
+    proc = subprocess.Popen(["/bin/sh", files.script], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not files.read_started_pid() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proc, files
+
+
+@pytest.mark.parametrize("when", ["still running", "ended"])
+def test_a_job_started_but_not_recorded_by_a_killed_agent_is_adopted_not_run_again(
+        inproc, tmp_path, when):
+    # the new agent called it lost ("the agent stopped before the job started") and the
+    # step ran again: its command completed twice (the soak, an agent SIGKILLed mid-submit)
+    workdir = str(tmp_path / "work")
+    ledger, go = tmp_path / "ledger", tmp_path / "go"
+    job = spec("j-unrecorded", "echo ran >> %s; while [ ! -e %s ]; do sleep 0.05; done; "
+                               "echo finished" % (ledger, go))
+    proc, files = _started_unrecorded(workdir, job)
+    try:
+        if when == "ended":
+            go.write_text("")
+            proc.wait(10)
+        agent = inproc.start(workdir)
+        fut = agent.submit(job)  # the client's retry after the loss: attached, not run
+        go.write_text("")
+        result = fut.result(30)
+        assert result.exit_code == 0 and result.state.value == "done"
+        assert fut.existed
+    finally:
+        go.write_text("")
+        proc.wait(10)
+    assert ledger.read_text() == "ran\n", "the command ran once"
