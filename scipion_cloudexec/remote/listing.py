@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from .hashing import HashCache
 from .paths import inside
@@ -121,6 +121,12 @@ def answer(entries: Dict[str, Entry], old: Optional[Dict[str, Entry]]) -> dict:
         get = old.get  # one dict lookup per entry: cheaper than a set of the items
         todo = [(rel, e) for rel, e in entries.items() if get(rel) != e]
         out = {"delta": True, "gone": sorted(old.keys() - entries.keys())}
+    out.update(body(todo))
+    return out
+
+
+def body(todo: Iterable[Tuple[str, Entry]]) -> dict:
+    """The ``files``, ``dirs`` and ``links`` of a listing holding the entries *todo*."""
     files, dirs, links = [], [], []
     for rel, e in todo:
         if e == DIR:
@@ -129,8 +135,7 @@ def answer(entries: Dict[str, Entry], old: Optional[Dict[str, Entry]]) -> dict:
             links.append([rel, e[2:]])
         else:
             files.append([rel, e[0], e[1], e[2]])
-    out.update(files=files, dirs=dirs, links=links)
-    return out
+    return {"files": files, "dirs": dirs, "links": links}
 
 
 class Listings:
@@ -159,9 +164,7 @@ class Listings:
             watch, changed = watched
             entries = watch.entries
             if delta_ok and changed is not None:
-                files, dirs, links, gone = delta(entries, changed)
-                out = {"delta": True, "gone": gone, "files": files, "dirs": dirs,
-                       "links": links}
+                out = delta(entries, changed)
             else:
                 out = answer(entries, None)
             out.update(refused=[list(r) for r in sorted(watch.refused.items())],

@@ -32,7 +32,7 @@ from . import inotify
 from .hashing import HashCache
 from .inotify import (IN_DELETE_SELF, IN_IGNORED, IN_ISDIR, IN_MOVE_SELF, IN_MOVED_FROM,
                       IN_MOVED_TO, TREE_MASK, Inotify)
-from .listing import DIR, Entry, other, walk
+from .listing import DIR, Entry, body, other, walk
 
 
 class Unwatchable(Exception):
@@ -233,20 +233,12 @@ class TreeWatch:
         self._folders.clear()
 
 
-def delta(entries: Dict[str, Entry], changed: Dict[str, Optional[Entry]]
-          ) -> Tuple[List[list], List[str], List[list], List[str]]:
-    """(files, dirs, links, gone) of a listing's delta from the paths *changed* names."""
-    files, dirs, links, gone = [], [], [], []
-    for rel, before in changed.items():
-        now = entries.get(rel)
-        if now == before:
-            continue
-        if now is None:
-            gone.append(rel)
-        elif now == DIR:
-            dirs.append(rel)
-        elif isinstance(now, str):
-            links.append([rel, now[2:]])
-        else:
-            files.append([rel, now[0], now[1], now[2]])
-    return files, dirs, links, sorted(gone)
+def delta(entries: Dict[str, Entry], changed: Dict[str, Optional[Entry]]) -> dict:
+    """A listing's delta (see :func:`.listing.answer`) from the paths *changed* names, with
+    what each held before."""
+    now = [(rel, entries[rel]) for rel, before in changed.items()
+           if rel in entries and entries[rel] != before]
+    out: dict = {"delta": True, "gone": sorted(rel for rel, before in changed.items()
+                                               if before is not None and rel not in entries)}
+    out.update(body(now))
+    return out
