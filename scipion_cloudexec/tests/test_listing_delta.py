@@ -88,6 +88,21 @@ def test_listings_send_only_changes_and_every_change_comes_back(make_cluster, st
     assert (extra / "new" / "c.txt").read_bytes() == b"c from the desktop\n"
 
 
+def test_inotify_turned_off_in_env_setup_walks_and_brings_the_same(make_cluster, stager_for,
+                                                                    run_folder):  # noqa: F811
+    c = make_cluster("local", env_setup="export CLOUDEXEC_INOTIFY=0")
+    st = stager_for(c)
+    proj, base = run_folder, {}
+    answers = spied(st)
+    sync_in(st, proj, base)
+    gather(st, proj, base)
+    rewrite_keeping_size_and_mtime(mirror(c, "extra/a.txt"), b"A FROM THE CLUSTER\n")
+    gather(st, proj, base)
+    assert answers[-1]["delta"] and not answers[-1].get("watched"), "a walk, as asked"
+    assert listed(answers[-1]) == [RUN + "/extra/a.txt"]
+    assert (proj / RUN / "extra" / "a.txt").read_bytes() == b"A FROM THE CLUSTER\n"
+
+
 def test_a_new_staging_server_answers_with_the_whole_listing(make_cluster, stager_for,
                                                              run_folder):  # noqa: F811
     """The server that kept the desktop's listing is gone (the channel dropped, the link
