@@ -70,6 +70,7 @@ class RunFolderWatch:
         self._always: Set[str] = set()  # stat'ed at every stage-in (see the module's doc)
         self._recheck: Set[str] = set()  # left unequal to the base by a sync
         self._inodes: Dict[int, str] = {}  # a regular file's inode -> its path (or a past one)
+        self._linked: Set[str] = set()  # earlier names of files linked again, to name now
         self._lock = threading.RLock()
         self.enabled = inotify.enabled()
 
@@ -112,9 +113,9 @@ class RunFolderWatch:
                         self._add_tree(sub)
                     else:
                         st = e.stat(follow_symlinks=False)
+                        if st.st_nlink > 1:  # a new folder may hold a new link to a file
+                            self._multi(sub, st.st_ino)
                         self._inodes[st.st_ino] = sub
-                        if st.st_nlink > 1:
-                            self._always.add(sub)
                 except FileNotFoundError:
                     continue
 
@@ -132,7 +133,6 @@ class RunFolderWatch:
             self._read()
             paths = self._dirty | self._always | self._recheck | self._mapped()
             folders = set()
-            linked = set()
             for rel in paths:
                 path = os.path.join(self.root, rel)
                 try:
@@ -148,15 +148,10 @@ class RunFolderWatch:
                     folders.add(rel)
                 else:
                     if st.st_nlink > 1:
-                        # a new link makes no event on the file's other names: the name
-                        # the inode had is named from now on too
-                        self._always.add(rel)
-                        older = self._inodes.get(st.st_ino)
-                        if older and older != rel:
-                            self._always.add(older)
-                            linked.add(older)
+                        self._multi(rel, st.st_ino)
                     self._inodes[st.st_ino] = rel
-            paths |= linked
+            paths |= self._linked
+            self._linked = set()
         except (OSError, Unwatchable) as e:
             log.info("run folder %s: a full walk (%s)", self.run_dir, e)
             self.close()
@@ -186,6 +181,15 @@ class RunFolderWatch:
                 out.add(os.path.relpath(fields[5], self.root))
             at = maps.find(top, end)
         return {rel for rel in out if not _excluded(rel, self.exclude)}  # logs/'s sqlite
+
+    def _multi(self, rel: str, ino: int) -> None:
+        """*rel* has several links: it, and the name the inode had (a new link makes no
+        event on the file's other names), are named at every stage-in from now on."""
+        self._always.add(rel)
+        older = self._inodes.get(ino)
+        if older and older != rel:
+            self._always.add(older)
+            self._linked.add(older)
 
     @_locked
     def recheck(self, paths: Sequence[str]) -> None:
@@ -253,3 +257,4 @@ class RunFolderWatch:
         self._dirty = set()
         self._always = set()
         self._inodes = {}
+        self._linked = set()

@@ -90,10 +90,19 @@ class TreeWatch:
             self._wds[wd] = rel
 
     def _file(self, rel: str, st: os.stat_result) -> None:
-        """A regular file a walk found."""
-        self._inodes[st.st_ino] = rel
+        """A regular file a walk found (a new folder may hold a new link to a file)."""
         if st.st_nlink > 1:
-            self._always.add(rel)
+            self._multi(rel, st.st_ino)
+        self._inodes[st.st_ino] = rel
+
+    def _multi(self, rel: str, ino: int) -> None:
+        """*rel* has several links: it, and the inode's earlier name (a new link makes no
+        event on the file's other names), are looked at every time."""
+        self._always.add(rel)
+        older = self._inodes.get(ino)
+        if older and older != rel and older not in self._always:
+            self._always.add(older)
+            self._linked.append(older)
 
     def _found(self, found: Dict[str, Entry], refused: List[list], skipped: List[list]
                ) -> None:
@@ -194,12 +203,7 @@ class TreeWatch:
         if stat.S_ISREG(st.st_mode):
             self._set(rel, (st.st_size, st.st_mtime_ns, hashes.get(path, st)), changed)
             if st.st_nlink > 1:
-                # a new link makes no event on the file's other names: find the one it had
-                self._always.add(rel)
-                older = self._inodes.get(st.st_ino)
-                if older and older != rel:
-                    self._always.add(older)
-                    self._linked.append(older)
+                self._multi(rel, st.st_ino)
             else:
                 self._always.discard(rel)  # its other names are gone: events tell again
             self._inodes[st.st_ino] = rel

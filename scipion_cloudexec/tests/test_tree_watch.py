@@ -78,7 +78,7 @@ def _random_change(rng, top, outside):
     files = [os.path.join(d, n) for d, _, fs in os.walk(top) for n in fs]
     d = rng.choice(folders)
     name = "n%d" % rng.randrange(30)
-    op = rng.randrange(13)
+    op = rng.randrange(14)
     try:
         if op <= 2 and not stat.S_ISFIFO(_mode(os.path.join(d, name))):  # new or rewritten
             with open(os.path.join(d, name), "wb") as f:
@@ -112,15 +112,18 @@ def _random_change(rng, top, outside):
             shutil.rmtree(victim, ignore_errors=True)
             with open(victim, "w") as f:
                 f.write("was a folder")
+        elif op == 13 and files:  # a new folder holding a new link to a file
+            os.makedirs(os.path.join(d, "hd" + name))
+            os.link(rng.choice(files), os.path.join(d, "hd" + name, "h"))
         elif op == 12 and files:  # a file becomes a folder
             victim = rng.choice(files)
             os.unlink(victim)
             os.makedirs(os.path.join(victim, "inner"))
-    except (FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    except OSError:  # a change that does not apply here (exists, not empty, a folder...)
         pass
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_listings_from_the_watch_rebuild_exactly_what_a_walk_lists(cluster_dirs, tmp_path,
                                                                       seed):
     workdir, root, listings, hashes = cluster_dirs

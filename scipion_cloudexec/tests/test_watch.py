@@ -230,6 +230,7 @@ def test_a_file_written_through_a_new_hard_link_reaches_the_cluster_under_its_fi
     try:
         extra = run_dir / "extra"
         (extra / "a.txt").write_bytes(b"first")
+        (extra / "c.txt").write_bytes(b"third")  # before the watch: no write of it seen
         runner.connect()
         walks = Walks(runner)
         runner.stage_in(say)
@@ -241,6 +242,15 @@ def test_a_file_written_through_a_new_hard_link_reaches_the_cluster_under_its_fi
         assert walks.n == 1, "the watch named the changes: no walk"
         assert read(os.path.join(mirror, "extra", "b.txt")) == b"FIRST"
         assert read(os.path.join(mirror, "extra", "a.txt")) == b"FIRST"
+        # the same through a new folder holding the new link (walked, not named by events)
+        (extra / "d").mkdir()
+        os.link(extra / "c.txt", extra / "d" / "c.txt")
+        runner.stage_in(say)
+        with open(extra / "d" / "c.txt", "r+b") as f:
+            f.write(b"THIRD")
+        runner.stage_in(say)
+        assert walks.n == 1
+        assert read(os.path.join(mirror, "extra", "c.txt")) == b"THIRD"
     finally:
         runner.close()
 
