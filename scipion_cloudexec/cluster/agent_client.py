@@ -138,10 +138,10 @@ class AgentClient:
                 raise
             raise VersionMismatch("cluster %s: %s" % (self.cluster.name, e)) from None
         except (AgentLost, concurrent.futures.TimeoutError):
-            raise AgentNotAnswering("the agent on %s (pid %s, port %s) does not answer; see %s/agent/"
-                                  "agent.log on the cluster" % (self.cluster.name, state.get("pid"),
-                                                                state.get("port"),
-                                                                self.cluster.workdir)) from None
+            raise AgentNotAnswering(
+                "the agent on %s (pid %s, port %s) does not answer; see %s/agent/agent.log on "
+                "the cluster" % (self.cluster.name, state.get("pid"), state.get("port"),
+                                 self.cluster.workdir)) from None
         return welcome  # type: ignore[return-value]
 
     def disconnect(self) -> None:

@@ -117,29 +117,31 @@ def intact(cluster: ClusterConfig) -> str:
 
 
 NO_BUNDLE = "CLOUDEXEC-NO-BUNDLE"  # what :func:`if_intact` prints when it runs nothing
-
-
 NO_WORKDIR = 96  # the exit status of :func:`if_intact` when the workdir cannot be made
+
+
+def _make_workdir(cluster: ClusterConfig) -> str:
+    """Shell: create the workdir private (0700: it holds the agent's secret and the jobs'
+    files) and the bundle's folder."""
+    q = shlex.quote
+    return "(umask 077 && mkdir -p %s %s)" % (q(cluster.workdir),
+                                              q(os.path.dirname(remote_path(cluster))))
 
 
 def if_intact(cluster: ClusterConfig, cmd: str) -> str:
     """Shell: make the workdir (private) and run *cmd* if the bundle is there intact; else
     print :data:`NO_BUNDLE` and run nothing (then :func:`upload`, and *cmd*); exit
     :data:`NO_WORKDIR` if the workdir cannot be made (its error on stderr)."""
-    q = shlex.quote
-    return "(umask 077 && mkdir -p %s %s) || exit %d\n%s || { echo %s; exit 97; }\n%s" % (
-        q(cluster.workdir), q(os.path.dirname(remote_path(cluster))), NO_WORKDIR,
-        intact(cluster), NO_BUNDLE, cmd)
+    return "%s || exit %d\n%s || { echo %s; exit 97; }\n%s" % (
+        _make_workdir(cluster), NO_WORKDIR, intact(cluster), NO_BUNDLE, cmd)
 
 
 def ensure_uploaded(ssh: SSHConnection, cluster: ClusterConfig) -> str:
     """Upload the bundle unless the cluster has it intact; return its remote path. The
     workdir is created private (0700): it holds the agent's secret and the jobs' files."""
     zpath = remote_path(cluster)
-    q = shlex.quote
-    res = ssh.run("(umask 077 && mkdir -p %s %s) && %s" % (
-        q(cluster.workdir), q(os.path.dirname(zpath)), intact(cluster)),
-        timeout=cluster.connect_timeout * 2)
+    res = ssh.run("%s && %s" % (_make_workdir(cluster), intact(cluster)),
+                  timeout=cluster.connect_timeout * 2)
     if res.exit_status != 0:
         if res.stderr.strip():
             raise no_workdir(cluster, res.stderr)

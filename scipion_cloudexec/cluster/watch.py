@@ -15,12 +15,13 @@ not watched), the base reset (:meth:`invalidate`).
 Files whose content may change without an event on their folder are named at every
 stage-in, like a walk would look at them: links to files (the target lives elsewhere),
 files with several hard links (and the name a file had when a new link to it appears: a
-link makes no event on the file's other names), files written here (from their first write or close on,
-stat'ed every time; the hash memo says whether they changed), and files this process maps
-shared and writable (read from ``/proc/self/maps``: writes through a mapping make no event
-until it is unmapped). Another local process writing through a mapping is seen when it
-unmaps the file (its close event), at the next stage-in. The gathers' own writes show
-up as events too: the file hashes equal to the base, and nothing travels.
+link makes no event on the file's other names), files written here (from their first
+write or close on, stat'ed every time; the hash memo says whether they changed), and files
+this process maps shared and writable (read from ``/proc/self/maps``: writes through a
+mapping make no event until it is unmapped). Another local process writing through a
+mapping is seen when it unmaps the file (its close event), at the next stage-in. The
+gathers' own writes show up as events too: the file hashes equal to the base, and nothing
+travels.
 """
 from __future__ import annotations
 
@@ -111,11 +112,8 @@ class RunFolderWatch:
                         self._always.add(sub)
                     elif e.is_dir(follow_symlinks=False):
                         self._add_tree(sub)
-                    else:
-                        st = e.stat(follow_symlinks=False)
-                        if st.st_nlink > 1:  # a new folder may hold a new link to a file
-                            self._multi(sub, st.st_ino)
-                        self._inodes[st.st_ino] = sub
+                    else:  # a new folder may hold a new link to a file
+                        self._file(sub, e.stat(follow_symlinks=False))
                 except FileNotFoundError:
                     continue
 
@@ -147,9 +145,7 @@ class RunFolderWatch:
                     self._add_tree(rel)  # before its walk: what comes after is an event
                     folders.add(rel)
                 else:
-                    if st.st_nlink > 1:
-                        self._multi(rel, st.st_ino)
-                    self._inodes[st.st_ino] = rel
+                    self._file(rel, st)
             paths |= self._linked
             self._linked = set()
         except (OSError, Unwatchable) as e:
@@ -182,14 +178,16 @@ class RunFolderWatch:
             at = maps.find(top, end)
         return {rel for rel in out if not _excluded(rel, self.exclude)}  # logs/'s sqlite
 
-    def _multi(self, rel: str, ino: int) -> None:
-        """*rel* has several links: it, and the name the inode had (a new link makes no
-        event on the file's other names), are named at every stage-in from now on."""
-        self._always.add(rel)
-        older = self._inodes.get(ino)
-        if older and older != rel:
-            self._always.add(older)
-            self._linked.add(older)
+    def _file(self, rel: str, st: os.stat_result) -> None:
+        """A file seen: with several links, it and the name the inode had (a new link
+        makes no event on the file's other names) are named at every stage-in from now on."""
+        if st.st_nlink > 1:
+            self._always.add(rel)
+            older = self._inodes.get(st.st_ino)
+            if older and older != rel:
+                self._always.add(older)
+                self._linked.add(older)
+        self._inodes[st.st_ino] = rel
 
     @_locked
     def recheck(self, paths: Sequence[str]) -> None:

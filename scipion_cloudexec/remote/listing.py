@@ -139,8 +139,8 @@ def body(todo: Iterable[Tuple[str, Entry]]) -> dict:
 
 
 class Listings:
-    """The last tracked listing of each tree this server sent (at most KEEP trees), and
-    the trees' watches where they can be watched (:mod:`.tree_watch`) and *watch*."""
+    """The last tracked listing of each tree this server sent (at most KEEP trees); with
+    *watch*, each tree's inotify watch where it can be watched (:mod:`.tree_watch`)."""
 
     def __init__(self, watch: bool = False) -> None:
         self.watch = watch
@@ -190,10 +190,10 @@ class Listings:
                  hashes: HashCache) -> Optional[Tuple[Any, Optional[dict]]]:
         """The tree's watch brought up to date and what changed since its last listing
         (None: it was just set up), or None: no watch here, walk."""
-        from .tree_watch import TreeWatch, Unwatchable  # it builds on this module
-        watch = self._watches.pop(key, None)
         if not self.watch:
             return None
+        from .tree_watch import TreeWatch, Unwatchable  # it builds on this module
+        watch = self._watches.pop(key, None)
         try:
             if watch is not None:
                 changed = watch.refresh(hashes)
@@ -219,4 +219,3 @@ class Listings:
         for w in self._watches.values():
             w.close()
         self._watches.clear()
-

@@ -209,28 +209,28 @@ class Supervisor:
             sched.restore(self.journal.path)
         for row in self.journal.active():
             job_id, sched = row["job_id"], row["scheduler"]
+            files = JobFiles(self.jobs_root, job_id)
             if row["state"] == JobState.SUBMITTED.value or not row["launcher_id"]:
                 # the earlier agent died between starting the job and recording it: the
                 # job's own files say whether it ran (a LOST job is run again: twice)
-                files = JobFiles(self.jobs_root, job_id)
                 lid = self.schedulers[sched].unrecorded(files) if sched in self.schedulers \
                     else ""
+                rc = None if lid else files.read_rc()
                 if lid:
                     row = dict(row, launcher_id=lid)
                     self.journal.update(job_id, state=JobState.RUNNING, launcher_id=lid)
                     log.info("job %s had started unrecorded (%s %s)", job_id, sched, lid)
-                elif files.read_rc() is not None:
-                    self.finish(job_id, final_from_rc(files.read_rc()))  # type: ignore[arg-type]
+                elif rc is not None:
+                    self.finish(job_id, final_from_rc(rc))  # type: ignore[arg-type]
                     continue
                 else:
                     self.finish(job_id, Status(JobState.LOST, None,
                                                "the agent stopped before the job started"))
                     if sched in self.schedulers:  # its submit may have gone through
                         self._call(sched, "abandon", job_id,
-                                   lambda s=self.schedulers[sched], j=job_id:
-                                   s.abandon(j, JobFiles(self.jobs_root, j)))
+                                   lambda s=self.schedulers[sched], j=job_id, f=files:
+                                   s.abandon(j, f))
                     continue
-            files = JobFiles(self.jobs_root, job_id)
             self.active[job_id] = (sched, row["launcher_id"], files)
             log.info("adopted job %s (%s %s)", job_id, sched, row["launcher_id"])
             if sched in self.schedulers:

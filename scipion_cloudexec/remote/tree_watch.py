@@ -90,19 +90,18 @@ class TreeWatch:
             self._wds[wd] = rel
 
     def _file(self, rel: str, st: os.stat_result) -> None:
-        """A regular file a walk found (a new folder may hold a new link to a file)."""
+        """A regular file seen (by a walk, or looked at): with several links, it and the
+        inode's earlier name (a new link makes no event on the file's other names) are
+        looked at every time; with one, events tell again."""
         if st.st_nlink > 1:
-            self._multi(rel, st.st_ino)
+            self._always.add(rel)
+            older = self._inodes.get(st.st_ino)
+            if older and older != rel and older not in self._always:
+                self._always.add(older)
+                self._linked.append(older)
+        else:
+            self._always.discard(rel)
         self._inodes[st.st_ino] = rel
-
-    def _multi(self, rel: str, ino: int) -> None:
-        """*rel* has several links: it, and the inode's earlier name (a new link makes no
-        event on the file's other names), are looked at every time."""
-        self._always.add(rel)
-        older = self._inodes.get(ino)
-        if older and older != rel and older not in self._always:
-            self._always.add(older)
-            self._linked.append(older)
 
     def _found(self, found: Dict[str, Entry], refused: List[list], skipped: List[list]
                ) -> None:
@@ -202,11 +201,7 @@ class TreeWatch:
         self.skipped.pop(rel, None)
         if stat.S_ISREG(st.st_mode):
             self._set(rel, (st.st_size, st.st_mtime_ns, hashes.get(path, st)), changed)
-            if st.st_nlink > 1:
-                self._multi(rel, st.st_ino)
-            else:
-                self._always.discard(rel)  # its other names are gone: events tell again
-            self._inodes[st.st_ino] = rel
+            self._file(rel, st)
             return
         kind, value = other(path, st, self.top, self.sub)
         if stat.S_ISLNK(st.st_mode):  # its target may change elsewhere: inside, or not
