@@ -372,11 +372,14 @@ class CloudStepExecutor(ThreadStepExecutor):
                         # a step failed: launch nothing more, record every end
                     if stop:  # a sibling's later end must not turn the protocol "finished"
                         self.protocol.lastStatus = ended_as
-                launched = False
+                launched = unrecorded = False
                 free = desktop.take_free() if not stop else 0
                 if free:
                     with lock:
-                        for step in self._getRunnable(steps, free):
+                        # a step that ended since the look above is recorded first: a
+                        # step depending on it must not write the database meanwhile
+                        unrecorded = any(not t.step.isRunning() for t in running)
+                        for step in ([] if unrecorded else self._getRunnable(steps, free)):
                             step.setRunning()
                             stepStartedCallback(step)
                             free -= 1
@@ -387,6 +390,8 @@ class CloudStepExecutor(ThreadStepExecutor):
                             t.start()
                             launched = True
                     desktop.give(free)  # those no runnable step took
+                if unrecorded:
+                    continue
                 if not running and not launched and (stop or not self._arePending(steps)):
                     break
                 now = datetime.datetime.now()

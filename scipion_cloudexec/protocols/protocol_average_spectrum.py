@@ -75,8 +75,9 @@ class ProtCloudAverageSpectrum(ProtMicrographs):
             raise FileNotFoundError("missing output %s" % avgFile)
         image = Image(location=avgFile)
         image.setSamplingRate(self.inputMicrographs.get().getSamplingRate())
-        self._defineOutputs(**{AverageSpectrumOutputs.outputAverageSpectrum.name: image})
-        self._defineSourceRelation(self.inputMicrographs, image)
+        with self._lock:  # the executor may record other steps meanwhile
+            self._defineOutputs(**{AverageSpectrumOutputs.outputAverageSpectrum.name: image})
+            self._defineSourceRelation(self.inputMicrographs, image)
 
     # --------------------------- INFO functions ------------------------------
     def _validate(self):

@@ -95,8 +95,9 @@ class ProtCloudPowerSpectra(ProtPreprocessMicrographs):
             newMic.setFileName(downFile)
             newMic.setSamplingRate(outputSet.getSamplingRate())
             outputSet.append(newMic)
-        self._defineOutputs(**{PowerSpectraOutputs.outputMicrographs.name: outputSet})
-        self._defineSourceRelation(self.inputMicrographs, outputSet)
+        with self._lock:  # the executor may record other steps meanwhile
+            self._defineOutputs(**{PowerSpectraOutputs.outputMicrographs.name: outputSet})
+            self._defineSourceRelation(self.inputMicrographs, outputSet)
 
     # --------------------------- INFO functions ------------------------------
     def _validate(self):

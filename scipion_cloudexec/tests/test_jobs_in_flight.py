@@ -205,6 +205,50 @@ def test_cloud_jobs_caps_jobs_below_the_slots(cluster, tmp_path, monkeypatch):
     assert remote.most == 3, "CLOUD_JOBS 3, 1 desktop thread, 16 slots: %d" % remote.most
 
 
+def test_a_step_starts_only_after_the_ends_of_its_prerequisites_are_recorded(
+        cluster, tmp_path, monkeypatch):
+    """A step whose prerequisites ended must wait until the protocol has recorded those ends:
+    an output step started earlier writes the project database while the loop still records
+    its siblings' ends ("Recursive use of cursors not allowed", seen in CI). The recording is
+    slowed down here, and parallel steps end while it runs; 5 rounds."""
+    from dataclasses import replace
+
+    from pyworkflow.protocol.protocol import FunctionStep
+
+    from scipion_cloudexec.executors.cloud import CloudStepExecutor
+    monkeypatch.chdir(tmp_path)
+    for _ in range(5):
+        ex = CloudStepExecutor(None, 8, replace(cluster, slots=8))
+        ex.protocol = _FakeProtocol(str(tmp_path / "Runs" / "000001_Fake"))
+        ex._drop_runner = lambda name, only=None: None
+        recorded, early = set(), []
+        steps = []
+        for i in range(8):
+            s = FunctionStep(time.sleep, "work", 0.02 * (i % 4))
+            s.setObjId(i + 1)
+            s.setIndex(i + 1)
+            steps.append(s)
+        out = FunctionStep(lambda: None, "createOutputStep")
+        out.setObjId(9)
+        out.setIndex(9)
+        out.addPrerequisites(*range(1, 9))
+        steps.append(out)
+
+        def started(step):
+            if step is out:
+                early.extend(sorted(set(range(1, 9)) - recorded))
+
+        def finished(step):
+            time.sleep(0.03)  # a database write
+            recorded.add(step.getObjId())
+            return True
+
+        ex.runSteps(steps, started, finished, lambda: None, stepsCheckSecs=1)
+        assert out.isFinished()
+        assert not early, "the output step started before the ends of steps %s were " \
+            "recorded" % early
+
+
 def test_the_queue_parameter_reaches_the_executor_or_refuses(make_cluster, clusters_env):
     import pytest
 
