@@ -41,6 +41,7 @@ TESTS = [
     T + "test_ssh.py::test_changed_host_key_is_refused",
     T + "test_cache_concurrency.py::test_same_content_uploaded_by_four_at_once",
     T + "test_trustworthy.py::test_mirror_names_tell_desktops_apart",
+    T + "test_trustworthy.py::test_a_job_that_ended_in_a_mirror_emptied_since_runs_again",
     T + "test_agent_faults.py",
 ]
 

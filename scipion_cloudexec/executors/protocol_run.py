@@ -38,6 +38,7 @@ class ProtocolRun:
         self._placements_lock = threading.Lock()
         self._by_job: Optional[Dict[str, List[Dict[str, str]]]] = None
         self._all: List[Dict[str, str]] = []  # the same records, in the file's order
+        self._resets: Dict[str, int] = {}  # cluster -> records placed before its last reset
 
     @property
     def token(self) -> str:
@@ -79,6 +80,9 @@ class ProtocolRun:
 
     def _index(self, record: Dict[str, str]) -> None:
         assert self._by_job is not None
+        if "reset" in record:
+            self._resets[record["reset"]] = len(self._all)
+            return
         self._all.append(record)
         job, _dot, attempt = record.get("job_id", "").rpartition(".")
         key = job if _dot and attempt.isdigit() else record.get("job_id", "")
@@ -117,11 +121,27 @@ class ProtocolRun:
             n = len({a for a, _c in self._attempts(job_id)})
             return "%s.%d" % (job_id, n + 1) if n else job_id
 
+    def voided(self, job_id: str, cluster: str) -> bool:
+        """Whether *job_id* was placed on *cluster* before its mirror of the run was last
+        emptied: what the job wrote there is gone, so its result must not be reused."""
+        self._placed()
+        with self._placements_lock:
+            last = self._resets.get(cluster, 0)
+            return any(p.get("job_id") == job_id and p.get("cluster") == cluster
+                       for p in self._all[:last])
+
     def place(self, job_id: str, cluster: str) -> None:
         """Remember where a job went, so a resumed run attaches to it there."""
+        self._append({"job_id": job_id, "cluster": cluster})
+
+    def mirror_reset(self, cluster: str) -> None:
+        """*cluster*'s mirror of the run is about to be emptied: the jobs placed there so
+        far are void (written first: a crash in between only costs a rerun)."""
+        self._append({"reset": cluster})
+
+    def _append(self, record: Dict[str, str]) -> None:
         with self._lock:
             os.makedirs(self.logs, exist_ok=True)
-            record = {"job_id": job_id, "cluster": cluster}
             placed = self._placed()
             with open(os.path.join(self.logs, "cloudexec-placements.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")

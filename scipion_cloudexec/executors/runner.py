@@ -177,8 +177,9 @@ class ClusterRunner:
                 paths = sorted(set(self._relative(self.inputs()))) + paths
             if not run.sync.known(name):
                 self._watch.invalidate()  # the base starts again: a full walk
-                if run.sync.abandoned(name):
+                if run.sync.abandoned(name):  # jobs of this run went there: never reused
                     self._stop_abandoned(say)
+                    run.mirror_reset(name)
                 self.session.reset(run.mirror, run.run_dir)
                 run.sync.met(name)
             progress = TransferProgress("cloudexec: staging to %s" % name, say=say)
@@ -312,6 +313,12 @@ class ClusterRunner:
             say("cloudexec: staged %d file(s), %.1f MB sent to %s in %.1f s"
                 % (sin.files, sin.bytes_sent / 1e6, self.cluster.name, sin.seconds))
         pool = self._pool_name(say) if self.pool_ranks and spec.ranks == 1 else ""
+        if renew is not None and self.run.voided(job_id, self.cluster.name):
+            # what it wrote there went with the mirror: it is not attached to again
+            old, job_id = job_id, renew(self.cluster.name)
+            say("cloudexec: job %s went to %s before its copy of the run folder was emptied "
+                "(the run had left it): the step runs again as job %s"
+                % (old, self.cluster.name, job_id))
         fut = self.submit(spec, job_id, label, pool)
         if renew is not None and fut.accepted.wait(self.cluster.connect_timeout * 6) and \
                 fut.existed and fut.accepted_state in _RUN_AGAIN:

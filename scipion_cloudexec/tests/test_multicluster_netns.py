@@ -7,6 +7,7 @@ import pytest
 
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
+from scipion_cloudexec.tests.conftest import _stop_agent
 from scipion_cloudexec.tests.harness import assert_same_run
 from scipion_cloudexec.tests.test_executor import local_twin, logs, provenance, wait_done
 
@@ -29,6 +30,7 @@ def netns_clusters(hosts, testbed, tmp_path, clusters_env):
     yield make
     for name in hosts.names():
         hosts.link(name, True)
+        _stop_agent(str(tmp_path / ("remote-" + name)))
 
 
 def fan_protocol(project, copies, seconds, ledger):

@@ -11,6 +11,7 @@ import pytest
 
 from scipion_cloudexec.config import ClusterConfig
 from scipion_cloudexec.protocols.protocol_shell import ProtCloudShellSteps
+from scipion_cloudexec.tests.conftest import _stop_agent
 from scipion_cloudexec.tests.harness import assert_same_run
 from scipion_cloudexec.tests.test_executor import launch, logs, wait_done
 
@@ -52,6 +53,7 @@ def netns_cluster(hosts, testbed, tmp_path, clusters_env):
     yield make
     for name in made:
         hosts.link(name, True)
+        _stop_agent(str(tmp_path / ("remote-" + name)))
 
 
 def wait_started(ledger, n, timeout=120):

@@ -339,3 +339,104 @@ def test_mirror_names_tell_desktops_apart(monkeypatch, tmp_path, reliability):
                 "mirror (named after user@host:path); they share the agent and the content "
                 "cache safely", recover_s="none needed (checked on the mirror names)",
                 lost=0, twice=0)
+
+
+def _twin_steps(prot, ex, commands):
+    """One FunctionStep per shell command, run by *ex* in *prot*'s folder, in parallel."""
+    from pyworkflow.protocol.protocol import FunctionStep
+
+    def work(command):
+        ex.runJob(None, "/bin/sh", "-c '%s'" % command, cwd=prot._getPath())
+    steps = []
+    for i, command in enumerate(commands):
+        s = FunctionStep(work, "work", command, needsGPU=False)
+        s.setObjId(i + 1)
+        s.setIndex(i + 1)
+        steps.append(s)
+    return steps
+
+
+def test_a_job_that_ended_in_a_mirror_emptied_since_runs_again(make_cluster, new_project,
+                                                                monkeypatch, reliability):
+    """Seen in the soak: a step's job ended on s1, contact was lost before its gather, s1
+    was abandoned meanwhile (another step failed over from it) and the next contact emptied
+    its mirror; the job was then attached to again, its result reused, and the gather found
+    nothing: the step finished without its output. A job placed before a reset of its
+    cluster's mirror must run again. The fault (the link lost in the gather, the abandon by
+    a sibling's failover) is injected at the gather; cluster, agent, project and protocol
+    are real. The run folder is compared with the same steps run by pyworkflow's own
+    (serial) executor."""
+    from pyworkflow.protocol.executor import StepExecutor
+
+    from scipion_cloudexec.cluster.errors import LinkLost
+    from scipion_cloudexec.executors.cloud import CloudStepExecutor
+    from scipion_cloudexec.executors.runner import ClusterRunner
+
+    commands = ["mkdir -p extra; echo a > extra/a.txt",
+                "mkdir -p extra; sleep 1; echo b > extra/b.txt"]
+    c = make_cluster("local", slots=2)
+    project = new_project("voided")
+    prots = []
+    for label in ("local", "cloud"):
+        prot = shell(project, label)
+        project.saveProtocol(prot)
+        prot.makePathsAndClean()
+        prots.append(prot)
+    local, cloud = prots
+    # serial: the threaded one joins every thread of this process, pytest's too
+    stock = StepExecutor(project.getHostConfig("localhost"))
+    stock.setProtocol(local)
+    steps = _twin_steps(local, stock, commands)
+    stock.runSteps(steps, lambda s: None, lambda s: True, lambda: None, stepsCheckSecs=1)
+    assert all(s.isFinished() for s in steps)
+
+    faults = []
+    real_gather = ClusterRunner.stage_out
+
+    def first_gather_of_a_lost(self, say, since=None):
+        if not faults:
+            faults.append(time.monotonic())
+            self.run.sync.abandon(self.cluster.name)  # a sibling failed over from it
+            raise LinkLost("injected: the link went down as the gather began")
+        return real_gather(self, say, since=since)
+    monkeypatch.setattr(ClusterRunner, "stage_out", first_gather_of_a_lost)
+    ex = CloudStepExecutor(None, 2, c)
+    ex.protocol = cloud
+    steps = _twin_steps(cloud, ex, commands)
+    ex.runSteps(steps, lambda s: None, lambda s: True, lambda: None, stepsCheckSecs=1)
+    assert faults and all(s.isFinished() for s in steps), [s.getErrorMessage() for s in steps]
+    assert run_tree(cloud._getPath()) == run_tree(local._getPath())
+    recover = time.monotonic() - faults[0]
+    done = [r["job_id"] for r in provenance(cloud) if r["state"] == "done"]
+    assert len(done) == 2 and any(j.endswith(".2") for j in done), done
+    reliability(fault="link lost as a gather began, the cluster left meanwhile (a sibling "
+                "failed over; both injected)", when="after the job completed",
+                seen="the next contact empties the cluster's copy of the run folder, then "
+                "'job ... went to %s before its copy of the run folder was emptied (the run "
+                "had left it): the step runs again as job ....2'" % c.name,
+                recover_s=round(recover, 1), lost="0 (before: every step of the run finished "
+                "without its output)", twice="%d, by design (what the first run wrote went "
+                "with the mirror)" % sum("." in j.rsplit("-", 1)[1] for j in done))
+
+
+def test_a_job_voided_by_a_reset_stays_void_after_continue(tmp_path):
+    """The reset is kept with the placements: after Continue (a new process reading the
+    file), a job placed before the reset is still void there, even once placed again,
+    and not on other clusters nor after its new attempt."""
+    from scipion_cloudexec.executors.protocol_run import ProtocolRun
+    run_dir = tmp_path / "proj" / "Runs" / "000010_P"
+    run_dir.mkdir(parents=True)
+    run = ProtocolRun(str(tmp_path / "proj"), "proj", str(run_dir), 10)
+    a, b = run.job_id(1), run.job_id(2)
+    run.place(a, "s1")
+    run.place(b, "s2")
+    assert not run.voided(a, "s1")
+    run.mirror_reset("s1")
+    assert run.voided(a, "s1") and not run.voided(b, "s2")
+    run.place(a, "s1")  # a resumed step attaches where it went: still void
+    renewed = run.next_attempt(a)
+    run.place(renewed, "s1")
+    again = ProtocolRun(str(tmp_path / "proj"), "proj", str(run_dir), 10)  # Continue
+    assert again.voided(a, "s1") and not again.voided(renewed, "s1")
+    assert not again.voided(b, "s2") and not again.voided(a, "s2")
+    assert again.latest(a) == (renewed, "s1") and again.placed_on("s1") == [a, renewed]
