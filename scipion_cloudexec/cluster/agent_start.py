@@ -52,7 +52,7 @@ def start_agent(session: "ClusterSession", uploaded: Callable[[], None] = lambda
     if "BUSY " in out:  # a busy agent of another protocol: left alone (remote/server.py)
         raise _busy_other_protocol(c, json.loads(out.split("BUSY ", 1)[1].splitlines()[0]))
     if res.exit_status != 0 or "READY " not in out:
-        raise AgentStartError(_explain_start_failure(c, res.exit_status, err or out))
+        raise AgentStartError(_explain_start_failure(c, res.exit_status, err, out))
     return json.loads(out.split("READY ", 1)[1].splitlines()[0])
 
 
@@ -71,7 +71,8 @@ def _busy_other_protocol(c: ClusterConfig, state: Dict) -> VersionMismatch:
            len(jobs), listed, PROTOCOL_VERSION, bundle.build()[1], c.name))
 
 
-def _explain_start_failure(c: ClusterConfig, status: int, text: str) -> str:
+def _explain_start_failure(c: ClusterConfig, status: int, err: str, out: str) -> str:
+    text = err or out
     if status == 127 or "not found" in text or "No such file" in text:
         return ("python %r not found on cluster %s: set 'python' in [cluster %s] of %s to "
                 "the remote interpreter (it needs pyzmq).\n%s"
@@ -79,7 +80,9 @@ def _explain_start_failure(c: ClusterConfig, status: int, text: str) -> str:
     if "pyzmq" in text or "No module named 'zmq'" in text:
         return ("the remote python %s on %s lacks pyzmq: install it there "
                 "(%s -m pip install pyzmq).\n%s" % (c.python, c.name, c.python, text))
-    return "the agent did not start on %s (exit %d):\n%s" % (c.name, status, text)
+    return ("the agent did not start on %s (exit %d%s); its log there: %s/agent/agent.log"
+            "\n%s" % (c.name, status, "" if err else ", nothing on stderr", c.workdir.rstrip("/"),
+                       ("stdout:\n" + out) if out and not err else text))
 
 
 def replace_agent(session: "ClusterSession", welcome: m.Welcome) -> None:

@@ -103,6 +103,27 @@ def test_a_workdir_that_cannot_be_made_is_named_with_the_reason(make_cluster, tm
     assert blocker.read_text() == "in the way"
 
 
+def test_a_start_that_fails_silently_names_the_exit_the_log_and_what_it_printed(make_cluster):
+    """A start that exits non-zero with nothing on stderr (here the cluster's env_setup)
+    says so, where the agent's log is, and what came on stdout: it once said only
+    "(exit 1):"."""
+    import dataclasses
+    from scipion_cloudexec.cluster.errors import AgentStartError
+    from scipion_cloudexec.cluster.session import ClusterSession
+    c = make_cluster("local")
+    bad = dataclasses.replace(c, env_setup="echo loading modules; exit 1")
+    session = ClusterSession(bad)
+    try:
+        with pytest.raises(AgentStartError) as e:
+            session.start()
+    finally:
+        session.close()
+    text = str(e.value)
+    assert text.startswith("the agent did not start on %s (exit 1, nothing on stderr); its "
+                           "log there: %s/agent/agent.log" % (c.name, c.workdir)), text
+    assert "stdout:\nloading modules" in text, text
+
+
 def test_a_start_runs_one_remote_command_once_the_bundle_is_there(make_cluster):
     # each remote command pays the user's shell start-up (~/.bashrc, module systems): a
     # start with the bundle in place used two (its check, then the agent's start)
