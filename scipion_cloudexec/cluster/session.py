@@ -203,6 +203,7 @@ class ClusterSession:
         this client's name filled in; *launcher* and *pool* as for :meth:`job`."""
         spec.env_setup, spec.launcher, spec.client = (self.cluster.env_setup,
                                                        self.launcher_spec(), self.agent.client_name)
+        spec.slots = self.cluster.slots  # shared by every client's jobs on the head node
         if launcher:
             spec.launcher.kind = launcher
         if pool:

@@ -76,6 +76,10 @@ class JobSpec:
         launcher: how to start it.
         client: who submitted it (shown by ``jobs``).
         label: a human label (protocol and step).
+        slots: the cluster's slots (its config). With the head node's own launchers (local,
+            mpirun), the agent starts the job once the ranks x threads of the jobs running
+            there, of every client, leave room for its own; until then it waits, in order.
+            A job larger than the slots runs alone. 0: no limit (a batch system's own).
     """
     job_id: str
     argv: List[str]
@@ -89,6 +93,12 @@ class JobSpec:
     launcher: LauncherSpec = field(default_factory=LauncherSpec)
     client: str = ""
     label: str = ""
+    slots: int = 0
+
+    @property
+    def cores(self) -> int:
+        """The slots the job takes: ranks x threads."""
+        return max(1, self.ranks) * max(1, self.threads)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,6 +117,8 @@ class JobSpec:
             raise ValueError("argv must be a non-empty list of strings")
         if self.ranks < 1 or self.threads < 1:
             raise ValueError("ranks and threads must be at least 1")
+        if not isinstance(self.slots, int) or self.slots < 0:
+            raise ValueError("slots must be a whole number, 0 or more")
         from .launchers import LAUNCHERS  # here: launchers.py imports this module
         if self.launcher.kind not in LAUNCHERS:
             raise ValueError("launcher %r: use %s" % (self.launcher.kind, ", ".join(LAUNCHERS)))
@@ -129,6 +141,7 @@ class JobFiles:
         self.stderr = os.path.join(self.dir, "stderr")
         self.rc = os.path.join(self.dir, "rc")
         self.started = os.path.join(self.dir, "started")  # made when the job script starts
+        self.held = os.path.join(self.dir, "held")  # waits for slots: never handed over yet
         self.hostfile = os.path.join(self.dir, "hostfile")
 
     def read_started_pid(self) -> int:

@@ -567,7 +567,8 @@ class Agent:
         row = self._known_job(identity, msg)
         if row is None:
             return
-        if msg.job_id in self.jobs.active or msg.job_id in self.jobs.starting:
+        if msg.job_id in self.jobs.active or msg.job_id in self.jobs.starting or \
+                msg.job_id in self.jobs.held:
             self.jobs.cancel(msg.job_id)
         self.send(identity, m.Done(rid=msg.rid, ok=True, detail=row["state"]))
 

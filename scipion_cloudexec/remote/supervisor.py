@@ -182,13 +182,17 @@ class Supervisor:
         self.workers = Workers()
         self.active: Dict[str, Tuple[str, str, JobFiles]] = {}  # job -> (scheduler, lid, files)
         self.starting: Dict[str, Starting] = {}
+        # jobs waiting for the head node's slots (JobSpec.slots), in order of arrival, and
+        # the slots taken by head-node jobs started or starting, of every client
+        self.held: "collections.OrderedDict[str, Starting]" = collections.OrderedDict()
+        self.cores: Dict[str, int] = {}
         self.next_poll: Dict[str, float] = {}
         self.polling: Set[str] = set()  # schedulers with a status call in flight
         self.retries: List[Tuple[float, Call, int]] = []  # (when, failed cancel, tries so far)
         self.cancelled_pools: Dict[str, str] = {}  # worker pool -> its job, being cancelled
 
     def count(self) -> int:
-        return len(self.active) + len(self.starting)
+        return len(self.active) + len(self.starting) + len(self.held)
 
     def busy(self) -> bool:
         """Jobs to follow, or scheduler chores left (a cancel to retry)."""
@@ -207,9 +211,14 @@ class Supervisor:
         pending: scancels not done yet, cancels asked for while it stopped."""
         for sched in self.schedulers.values():
             sched.restore(self.journal.path)
+        waiting: List[Starting] = []
         for row in self.journal.active():
             job_id, sched = row["job_id"], row["scheduler"]
             files = JobFiles(self.jobs_root, job_id)
+            spec = self.journal.spec(job_id)
+            if os.path.exists(files.held) and spec is not None and sched in self.schedulers:
+                waiting.append(Starting(spec, sched, files))  # never handed over: it waits
+                continue
             if row["state"] == JobState.SUBMITTED.value or not row["launcher_id"]:
                 # the earlier agent died between starting the job and recording it: the
                 # job's own files say whether it ran (a LOST job is run again: twice)
@@ -232,6 +241,8 @@ class Supervisor:
                                    s.abandon(j, f))
                     continue
             self.active[job_id] = (sched, row["launcher_id"], files)
+            if sched == "process" and spec is not None:
+                self.cores[job_id] = spec.cores
             log.info("adopted job %s (%s %s)", job_id, sched, row["launcher_id"])
             if sched in self.schedulers:
                 self.schedulers[sched].adopt(job_id, row["launcher_id"],
@@ -239,6 +250,15 @@ class Supervisor:
                 if row["cancelled"]:  # its cancel may never have reached the scheduler
                     log.info("job %s was cancelled: asking %s again", job_id, sched)
                     self._cancel_lid(sched, job_id, row["launcher_id"], files)
+        for st in waiting:  # after the running jobs: their slots are counted
+            if (self.journal.get(st.spec.job_id) or {}).get("cancelled"):
+                self._unhold(st)
+                self.finish(st.spec.job_id, Status(JobState.CANCELLED, None,
+                                                   "cancelled while waiting for slots"))
+                continue
+            self.held[st.spec.job_id] = st
+            log.info("job %s waits for slots again", st.spec.job_id)
+        self._release()
 
     def start(self, spec: JobSpec) -> None:
         """Write the job's script and hand it to its scheduler's thread."""
@@ -252,8 +272,59 @@ class Supervisor:
         except (OSError, ValueError) as e:
             self._not_started(spec.job_id, files, e)
             return
-        self.starting[spec.job_id] = Starting(spec, sched, files)
-        self._submit(spec.job_id)
+        st = Starting(spec, sched, files)
+        if self._limited(spec, sched) and (self.held or self._waits(spec)):
+            try:  # the marker tells a new agent that it was never handed over
+                open(files.held, "w").close()
+            except OSError as e:
+                self._not_started(spec.job_id, files, e)
+                return
+            self.held[spec.job_id] = st
+            self.journal.update(spec.job_id, reason=self._waiting_for(spec))
+            log.info("job %s (%d slot(s)) %s", spec.job_id, spec.cores, self._waiting_for(spec))
+            return
+        self._hand_over(st)
+
+    @staticmethod
+    def _limited(spec: JobSpec, sched: str) -> bool:
+        """Whether the job shares the head node's slots with other clients' jobs."""
+        return sched == "process" and spec.slots > 0
+
+    def _waits(self, spec: JobSpec) -> bool:
+        """No room for it yet: other jobs take the slots it would need (a job larger than
+        the slots waits until none runs, then runs alone)."""
+        used = sum(self.cores.values())
+        return used > 0 and used + spec.cores > spec.slots
+
+    def _waiting_for(self, spec: JobSpec) -> str:
+        return "waiting for slots: %d of %d in use by running jobs, %d job(s) waiting" % (
+            sum(self.cores.values()), spec.slots, len(self.held))
+
+    def _hand_over(self, st: Starting) -> None:
+        self.starting[st.spec.job_id] = st
+        if st.sched == "process":
+            self.cores[st.spec.job_id] = st.spec.cores
+        self._submit(st.spec.job_id)
+
+    def _unhold(self, st: Starting) -> None:
+        self.held.pop(st.spec.job_id, None)
+        try:
+            os.unlink(st.files.held)
+        except OSError:
+            pass
+
+    def _release(self) -> None:
+        """Hand over the waiting jobs that fit now, in order (the first that does not fit
+        stops the others: a large job is not passed forever by small ones)."""
+        while self.held:
+            st = next(iter(self.held.values()))
+            if self._waits(st.spec):
+                return
+            # the marker goes before the submit: a crash in between makes the job lost
+            # (run again by its client), never run twice
+            self._unhold(st)
+            self.journal.update(st.spec.job_id, reason="")
+            self._hand_over(st)
 
     def _submit(self, job_id: str) -> None:
         st = self.starting[job_id]
@@ -309,6 +380,12 @@ class Supervisor:
     def cancel(self, job_id: str) -> None:
         """Record the cancel and ask the scheduler (on its thread); the end comes later."""
         self.journal.update(job_id, cancelled=1)
+        if job_id in self.held:
+            self._unhold(self.held[job_id])
+            self.finish(job_id, Status(JobState.CANCELLED, None,
+                                       "cancelled while waiting for slots"))
+            self._release()  # those behind it may fit
+            return
         pool = self._pool_served_by(job_id)
         if pool is not None:  # its jobs, killed with it, end cancelled too
             self.cancelled_pools[pool] = job_id
@@ -361,12 +438,15 @@ class Supervisor:
                             ended=time.time(), **fields)
         self.active.pop(job_id, None)
         self.starting.pop(job_id, None)
+        freed = self.cores.pop(job_id, None)
         log.info("job %s %s (exit %s) %s", job_id, state.value, st.exit_code, st.reason)
         self.on_end(job_id, self.journal.get(job_id))  # type: ignore[arg-type]
         pool = self._pool_served_by(job_id)
         if pool is not None:
             self._pool_ended(pool, job_id, state)
             self.cancelled_pools.pop(pool, None)  # a new pool of that name starts afresh
+        if freed:
+            self._release()
 
     def _pool_served_by(self, job_id: str) -> Optional[str]:
         """The worker pool that job *job_id* ran (see ClusterSession.start_pool), or None."""

@@ -180,3 +180,106 @@ def test_a_job_started_but_not_recorded_by_a_killed_agent_is_adopted_not_run_aga
         go.write_text("")
         proc.wait(10)
     assert ledger.read_text() == "ran\n", "the command ran once"
+
+
+# ---- the head node's slots, shared by every client (JobSpec.slots) ----------------------
+
+def _another_client(workdir: str, name: str) -> AgentClient:
+    """A second client (another protocol, another desktop) of the agent on *workdir*."""
+    with open(os.path.join(workdir, "agent", "agent.json")) as f:
+        state = json.load(f)
+    cluster = ClusterConfig(name="inproc", host="127.0.0.1", user="u", identity_file="",
+                            python=sys.executable, launcher="local", slots=2,
+                            workdir=workdir, heartbeat=0.5)
+    c = AgentClient(cluster, client_name=name)
+    c.connect(state, address="tcp://127.0.0.1:%d" % state["port"])
+    return c
+
+
+def _timed(job_id: str, ledger, seconds: float, slots: int, threads: int = 1) -> JobSpec:
+    """A job writing its start and end times to *ledger*."""
+    s = spec(job_id, "echo \"start $(date +%%s.%%N)\" >> %s; sleep %s; "
+                     "echo \"end $(date +%%s.%%N)\" >> %s" % (ledger, seconds, ledger))
+    s.slots, s.threads = slots, threads
+    return s
+
+
+def _most_at_once(ledger) -> int:
+    events = sorted((float(t), 1 if kind == "start" else -1)
+                    for kind, t in (line.split() for line in ledger.read_text().splitlines()))
+    most = now = 0
+    for _, d in sorted(events, key=lambda e: (e[0], e[1])):
+        now += d
+        most = max(most, now)
+    return most
+
+
+def test_two_clients_share_the_head_nodes_slots(inproc, tmp_path):
+    """Two protocols on one cluster of 2 slots: each may send 2 jobs at once, but the agent
+    runs at most 2 in all; the others wait in order and all end done. Before, each client
+    counted the slots alone and 4 ran at once."""
+    workdir = str(tmp_path / "work")
+    first = inproc.start(workdir)
+    second = _another_client(workdir, "other-protocol")
+    try:
+        ledger = tmp_path / "ledger"
+        futs = [c.submit(_timed("%s-%d" % (name, i), ledger, 0.6, slots=2))
+                for i in range(2) for c, name in ((first, "a"), (second, "b"))]
+        time.sleep(0.3)
+        waiting = [j for j in first.jobs() if j["state"] == "submitted"]
+        assert len(waiting) == 2 and all("waiting for slots: 2 of 2 in use" in j["reason"]
+                                         for j in waiting), first.jobs()
+        assert all(f.result(30).state.value == "done" for f in futs)
+    finally:
+        second.close()
+    assert _most_at_once(ledger) == 2
+    assert [line.split()[0] for line in ledger.read_text().splitlines()].count("end") == 4
+
+
+def test_a_job_larger_than_the_slots_runs_alone(client, tmp_path):
+    ledger = tmp_path / "ledger"
+    small = client.submit(_timed("small", ledger, 0.5, slots=2))
+    big = client.submit(_timed("big", ledger, 0.1, slots=2, threads=3))
+    assert small.result(30).state.value == "done" and big.result(30).state.value == "done"
+    assert _most_at_once(ledger) == 1, "the 3-slot job waited for the other, then ran alone"
+
+
+def test_a_waiting_job_cancelled_never_runs_and_the_next_takes_its_turn(client, tmp_path):
+    ledger, go = tmp_path / "ledger", tmp_path / "go"
+    running = spec("hold-1", "while [ ! -e %s ]; do sleep 0.05; done" % go)
+    running.slots = 1
+    first = client.submit(running)
+    second = client.submit(_timed("hold-2", ledger, 0, slots=1))
+    third = client.submit(_timed("hold-3", ledger, 0, slots=1))
+    time.sleep(0.3)
+    assert client.cancel("hold-2") == "submitted"
+    with pytest.raises(JobCancelled, match="cancelled while waiting for slots"):
+        second.result(10)
+    go.write_text("")
+    assert first.result(30).state.value == "done" and third.result(30).state.value == "done"
+    assert not os.path.exists(os.path.join(tmp_path, "work", "jobs", "hold-2", "started"))
+    assert ledger.read_text().count("start") == 1, "only hold-3 ran"
+
+
+def test_a_waiting_job_survives_an_agent_restart_and_runs_once(inproc, tmp_path):
+    """The agent stops while one job runs and another waits for its slot: the new agent
+    adopts the first and keeps the second waiting (it never ran: not lost), then runs it."""
+    workdir = str(tmp_path / "work")
+    ledger, go = tmp_path / "ledger", tmp_path / "go"
+    first = inproc.start(workdir)
+    running = spec("r-1", "while [ ! -e %s ]; do sleep 0.05; done; echo \"end $(date +%%s.%%N)\""
+                          " >> %s" % (go, ledger))
+    running.slots = 1
+    first.submit(running)
+    first.submit(_timed("r-2", ledger, 0, slots=1))
+    time.sleep(0.5)
+    inproc.stop_agent()
+    second = inproc.start(workdir)
+    waiting = {j["job_id"]: j for j in second.jobs()}
+    assert waiting["r-2"]["state"] == "submitted", waiting
+    fut = second.attach("r-2")
+    go.write_text("")
+    assert fut.result(30).state.value == "done"
+    lines = ledger.read_text().split()
+    assert lines.count("start") == 1 and lines.count("end") == 2
+    assert float(lines[1]) <= float(lines[3]), "r-2 started after r-1 ended: %s" % lines

@@ -58,6 +58,30 @@ def test_by_default_the_clusters_free_slots_bound_the_jobs(make_cluster, cluster
     assert_same_run(local, cloud)
 
 
+def test_two_protocols_on_one_cluster_share_its_slots(make_cluster, clusters_env,
+                                                      new_project):
+    """Two protocols run at once on one cluster of 2 slots: each may send 2 jobs, but no
+    more than 2 run there in all (the agent holds the others, in order); both leave what a
+    local run leaves. Before, each counted the slots alone: 4 ran at once."""
+    from scipion_cloudexec.tests.test_executor import wait_done
+    c = make_cluster("local", slots=2)
+    clusters_env(c)
+    project = new_project("twoprots")
+    params = dict(numberOfThreads=3, fanCopies=4, fan=STEP)
+    local = run_locally(project, **params)
+    clouds = [launch(project, shell(project, "cloud %s" % n, **params), c, wait=False)
+              for n in "ab"]
+    clouds = [wait_done(project, p) for p in clouds]
+    for p in clouds:
+        assert p.isFinished(), logs(p)
+    records = provenance(clouds[0]) + provenance(clouds[1])
+    assert len(records) == 8
+    assert most_at_once(records) == 2, "jobs at once on the 2-slot cluster: %d" % \
+        most_at_once(records)
+    for p in clouds:
+        assert_same_run(local, p)
+
+
 def test_a_step_coming_back_from_its_cluster_goes_before_new_steps():
     wake = threading.Event()
     desk = DesktopSlots(1, wake)
