@@ -203,7 +203,8 @@ class ClusterSession:
         this client's name filled in; *launcher* and *pool* as for :meth:`job`."""
         spec.env_setup, spec.launcher, spec.client = (self.cluster.env_setup,
                                                        self.launcher_spec(), self.agent.client_name)
-        spec.slots = self.cluster.slots  # shared by every client's jobs on the head node
+        # shared by every client's jobs on the head node (the agent keeps count)
+        spec.slots, spec.gpu_pool = self.cluster.slots, list(self.cluster.gpus)
         if launcher:
             spec.launcher.kind = launcher
         if pool:

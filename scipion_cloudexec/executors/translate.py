@@ -82,14 +82,16 @@ class PathMapper:
 
 
 def command_line(program: str, params, gpus: Sequence[int], ranks: int) -> str:
-    """pyworkflow's own command line for a runJob (see pyworkflow.utils.process)."""
+    """pyworkflow's own command line for a runJob (see pyworkflow.utils.process), as its
+    queue path writes it: the job sees only its GPUs (``CUDA_VISIBLE_DEVICES``, which the
+    agent may set to other GPUs than asked when another client holds those), so programs
+    name them 0..k-1, and a program that sets the variable itself sets it to that value."""
     if not isinstance(params, str):
         params = " ".join('"%s"' % p for p in params)
     if gpus:
-        params = params % {RUN_JOB_GPU_PARAM: " ".join(str(g) for g in gpus)}
+        params = params % {RUN_JOB_GPU_PARAM: " ".join(str(i) for i in range(len(gpus)))}
         if "CUDA_VISIBLE_DEVICES" in program:
-            sep = "," if len(gpus) > 1 else ""
-            program = program % {RUN_JOB_GPU_PARAM: sep.join(str(g) for g in gpus)}
+            program = program % {RUN_JOB_GPU_PARAM: '"$CUDA_VISIBLE_DEVICES"'}
     if ranks > 1 and program.startswith("xmipp") and not program.startswith("xmipp_mpi"):
         program = program.replace("xmipp", "xmipp_mpi")
     return ("%s %s" % (program, params)).strip()

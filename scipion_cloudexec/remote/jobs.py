@@ -80,6 +80,9 @@ class JobSpec:
             mpirun), the agent starts the job once the ranks x threads of the jobs running
             there, of every client, leave room for its own; until then it waits, in order.
             A job larger than the slots runs alone. 0: no limit (a batch system's own).
+        gpu_pool: the cluster's GPUs (its config). With the head node's own launchers, a job
+            whose ``gpus`` another job holds gets free ones of the pool instead (the command
+            names them 0..k-1: see ``CUDA_VISIBLE_DEVICES``), or waits for them.
     """
     job_id: str
     argv: List[str]
@@ -94,6 +97,7 @@ class JobSpec:
     client: str = ""
     label: str = ""
     slots: int = 0
+    gpu_pool: List[int] = field(default_factory=list)
 
     @property
     def cores(self) -> int:

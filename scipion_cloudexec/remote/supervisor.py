@@ -21,6 +21,7 @@ which reads best whole.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import queue
@@ -186,6 +187,7 @@ class Supervisor:
         # the slots taken by head-node jobs started or starting, of every client
         self.held: "collections.OrderedDict[str, Starting]" = collections.OrderedDict()
         self.cores: Dict[str, int] = {}
+        self.gpus: Dict[str, List[int]] = {}  # the GPUs those jobs hold
         self.next_poll: Dict[str, float] = {}
         self.polling: Set[str] = set()  # schedulers with a status call in flight
         self.retries: List[Tuple[float, Call, int]] = []  # (when, failed cancel, tries so far)
@@ -243,6 +245,8 @@ class Supervisor:
             self.active[job_id] = (sched, row["launcher_id"], files)
             if sched == "process" and spec is not None:
                 self.cores[job_id] = spec.cores
+                if spec.gpus:
+                    self.gpus[job_id] = list(spec.gpus)  # as handed over (journal's spec)
             log.info("adopted job %s (%s %s)", job_id, sched, row["launcher_id"])
             if sched in self.schedulers:
                 self.schedulers[sched].adopt(job_id, row["launcher_id"],
@@ -287,24 +291,54 @@ class Supervisor:
 
     @staticmethod
     def _limited(spec: JobSpec, sched: str) -> bool:
-        """Whether the job shares the head node's slots with other clients' jobs."""
-        return sched == "process" and spec.slots > 0
+        """Whether the job shares the head node's slots or GPUs with other clients' jobs."""
+        return sched == "process" and (spec.slots > 0 or bool(spec.gpus))
 
     def _waits(self, spec: JobSpec) -> bool:
-        """No room for it yet: other jobs take the slots it would need (a job larger than
-        the slots waits until none runs, then runs alone)."""
+        """No room for it yet: other jobs take the slots or GPUs it would need (a job
+        larger than the slots waits until none runs, then runs alone)."""
         used = sum(self.cores.values())
-        return used > 0 and used + spec.cores > spec.slots
+        return (spec.slots > 0 and used > 0 and used + spec.cores > spec.slots) or \
+            self._gpus_for(spec) is None
+
+    def _gpus_for(self, spec: JobSpec) -> Optional[List[int]]:
+        """The GPUs the job gets: its own if no job holds them, else as many free ones of
+        its pool; None: not enough are free (all of its own when none is held)."""
+        held = {g for gpus in self.gpus.values() for g in gpus}
+        if not spec.gpus or not held & set(spec.gpus):
+            return list(spec.gpus)
+        free = [g for g in spec.gpu_pool if g not in held]
+        return free[:len(spec.gpus)] if len(free) >= len(spec.gpus) else None
 
     def _waiting_for(self, spec: JobSpec) -> str:
+        if self._gpus_for(spec) is None:
+            return "waiting for GPUs: %s held by running jobs, %d job(s) waiting" % (
+                ",".join(str(g) for g in sorted({g for v in self.gpus.values() for g in v})),
+                len(self.held))
         return "waiting for slots: %d of %d in use by running jobs, %d job(s) waiting" % (
             sum(self.cores.values()), spec.slots, len(self.held))
 
     def _hand_over(self, st: Starting) -> None:
-        self.starting[st.spec.job_id] = st
+        spec = st.spec
+        if self._limited(spec, st.sched):
+            gpus = self._gpus_for(spec) or []
+            if gpus != spec.gpus:  # another client's job holds them: free ones instead
+                log.info("job %s gets GPUs %s (%s held)", spec.job_id, gpus, spec.gpus)
+                spec.gpus = gpus
+                try:
+                    command = launcher_for(spec.launcher.kind).command(spec, st.files)
+                    with open(st.files.script, "w") as f:
+                        f.write(job_script(spec, st.files, command))
+                except (OSError, ValueError) as e:
+                    self._not_started(spec.job_id, st.files, e)
+                    return
+                self.journal.update(spec.job_id, spec=json.dumps(spec.to_dict()))
+            if spec.gpus:
+                self.gpus[spec.job_id] = list(spec.gpus)
+        self.starting[spec.job_id] = st
         if st.sched == "process":
-            self.cores[st.spec.job_id] = st.spec.cores
-        self._submit(st.spec.job_id)
+            self.cores[spec.job_id] = spec.cores
+        self._submit(spec.job_id)
 
     def _unhold(self, st: Starting) -> None:
         self.held.pop(st.spec.job_id, None)
@@ -438,7 +472,8 @@ class Supervisor:
                             ended=time.time(), **fields)
         self.active.pop(job_id, None)
         self.starting.pop(job_id, None)
-        freed = self.cores.pop(job_id, None)
+        freed = self.cores.pop(job_id, None) is not None  # slots, and GPUs, given back
+        self.gpus.pop(job_id, None)
         log.info("job %s %s (exit %s) %s", job_id, state.value, st.exit_code, st.reason)
         self.on_end(job_id, self.journal.get(job_id))  # type: ignore[arg-type]
         pool = self._pool_served_by(job_id)

@@ -283,3 +283,34 @@ def test_a_waiting_job_survives_an_agent_restart_and_runs_once(inproc, tmp_path)
     lines = ledger.read_text().split()
     assert lines.count("start") == 1 and lines.count("end") == 2
     assert float(lines[1]) <= float(lines[3]), "r-2 started after r-1 ended: %s" % lines
+
+
+def test_two_clients_asking_for_the_same_gpu_get_different_ones_or_wait(inproc, tmp_path):
+    """Both protocols' first GPU slot is the cluster's GPU 4: the second job gets GPU 5
+    (free in the cluster's pool), a third waits until a GPU is free. Each job records the
+    CUDA_VISIBLE_DEVICES it saw. Before, all three ran on GPU 4."""
+    workdir = str(tmp_path / "work")
+    first = inproc.start(workdir)
+    second = _another_client(workdir, "other-protocol")
+    go = tmp_path / "go"
+    try:
+        def gpu_job(job_id: str, wait: bool) -> JobSpec:
+            s = spec(job_id, "echo $CUDA_VISIBLE_DEVICES > %s/%s.gpu; %s" % (
+                tmp_path, job_id, "while [ ! -e %s ]; do sleep 0.05; done" % go if wait
+                else "true"))
+            s.gpus, s.gpu_pool, s.slots = [4], [4, 5], 8
+            return s
+        a = first.submit(gpu_job("g-a", True))
+        b = second.submit(gpu_job("g-b", True))
+        time.sleep(0.3)
+        c = second.submit(gpu_job("g-c", False))
+        time.sleep(0.3)
+        waiting = {j["job_id"]: j for j in second.jobs()}["g-c"]
+        assert waiting["state"] == "submitted" and \
+            "waiting for GPUs: 4,5 held by running jobs" in waiting["reason"], waiting
+        go.write_text("")
+        assert all(f.result(30).state.value == "done" for f in (a, b, c))
+    finally:
+        second.close()
+    seen = {j: (tmp_path / ("%s.gpu" % j)).read_text().strip() for j in ("g-a", "g-b", "g-c")}
+    assert seen["g-a"] == "4" and seen["g-b"] == "5" and seen["g-c"] in ("4", "5"), seen

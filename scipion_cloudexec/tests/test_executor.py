@@ -153,12 +153,13 @@ def test_gpus_reach_the_job_as_cuda_visible_devices(make_cluster, clusters_env, 
     clusters_env(c)
     project = new_project("gpu")
     prot = project.newProtocol(ProtCloudShellSteps, gpuSteps=True, gpuList="0 1",
-                               chain="echo $CUDA_VISIBLE_DEVICES > extra/gpus.txt")
+                               chain="echo $CUDA_VISIBLE_DEVICES %(GPU)s > extra/gpus.txt")
     os.makedirs(prot._getExtraPath(), exist_ok=True)
     prot = launch(project, prot, c)
     assert prot.isFinished(), logs(prot)
-    # the protocol's two GPU slots, as the cluster's GPUs 4 and 5
-    assert open(os.path.join(prot._getExtraPath(), "gpus.txt")).read().strip() == "4,5"
+    # the protocol's two GPU slots, as the cluster's GPUs 4 and 5, which the job sees as its
+    # devices 0 and 1 (the command line's %(GPU)s, as pyworkflow's queue path writes it)
+    assert open(os.path.join(prot._getExtraPath(), "gpus.txt")).read().strip() == "4,5 0 1"
 
 
 # ---- the plugin's own protocols: identical results locally and on a cluster ----------------

@@ -23,9 +23,19 @@ def test_a_relion_call_becomes_one_spec_with_paths_and_resources_of_the_cluster(
     assert isinstance(spec, JobSpec)
     assert spec.argv[:2] == ["/bin/sh", "-c"]
     assert shown(spec) == ("relion_refine_mpi --i %s/Runs/000002_Import/particles.star "
-                           "--o Runs/000010_Class2D/extra/ --gpu 4 5" % MIRROR)
+                           "--o Runs/000010_Class2D/extra/ --gpu 0 1" % MIRROR)
+    # the job sees GPUs 4 and 5 only (CUDA_VISIBLE_DEVICES), as devices 0 and 1: "--gpu 4 5"
+    # asked for devices it could not see
     assert (spec.ranks, spec.threads, spec.gpus, spec.cwd) == (3, 2, [4, 5], MIRROR)
     assert spec.job_id == "" and spec.label == ""  # the session's and the runner's to fill
+
+
+def test_a_program_setting_cuda_visible_devices_itself_sets_the_jobs_gpus():
+    call = RunJobCall("CUDA_VISIBLE_DEVICES=%s ctffind" % RUN_JOB_GPU_PARAM_SEARCH, "--gpu %s"
+                      % RUN_JOB_GPU_PARAM_SEARCH, gpus=(1,), cwd=PROJECT)
+    spec = translate(call, project_root=PROJECT, mapper=mapper(), cluster_gpus=[4, 5, 6])
+    assert shown(spec) == 'CUDA_VISIBLE_DEVICES="$CUDA_VISIBLE_DEVICES" ctffind --gpu 0'
+    assert spec.gpus == [5]
 
 
 def test_only_the_environment_the_plugin_added_travels_and_paths_inside_it_are_mapped():
