@@ -127,7 +127,9 @@ def translate(call: RunJobCall, *, project_root: str, mapper: PathMapper,
               local_env: Mapping[str, str] = os.environ) -> JobSpec:
     """The cluster's version of *call*: the job as the wire carries it (its id, launcher
     and client are the session's to fill in)."""
-    rgpus = remote_gpus(call.gpus, cluster_gpus)
+    # more slots than the cluster has GPUs wrap around: each GPU once (CUDA_VISIBLE_DEVICES
+    # with a GPU twice would show the job fewer devices than its command names)
+    rgpus = list(dict.fromkeys(remote_gpus(call.gpus, cluster_gpus)))
     uses_placeholder = (RUN_JOB_GPU_PARAM_SEARCH in str(call.params) or
                         RUN_JOB_GPU_PARAM_SEARCH in call.program)
     line = mapper(command_line(call.program, call.params, rgpus if uses_placeholder else [],

@@ -187,7 +187,7 @@ class Supervisor:
         # the slots taken by head-node jobs started or starting, of every client
         self.held: "collections.OrderedDict[str, Starting]" = collections.OrderedDict()
         self.cores: Dict[str, int] = {}
-        self.gpus: Dict[str, List[int]] = {}  # the GPUs those jobs hold
+        self.gpus: Dict[str, Tuple[str, List[int]]] = {}  # the (client, GPUs) they hold
         self.next_poll: Dict[str, float] = {}
         self.polling: Set[str] = set()  # schedulers with a status call in flight
         self.retries: List[Tuple[float, Call, int]] = []  # (when, failed cancel, tries so far)
@@ -213,13 +213,15 @@ class Supervisor:
         pending: scancels not done yet, cancels asked for while it stopped."""
         for sched in self.schedulers.values():
             sched.restore(self.journal.path)
-        waiting: List[Starting] = []
+        waiting: List[Tuple[float, Starting]] = []
         for row in self.journal.active():
             job_id, sched = row["job_id"], row["scheduler"]
             files = JobFiles(self.jobs_root, job_id)
             spec = self.journal.spec(job_id)
-            if os.path.exists(files.held) and spec is not None and sched in self.schedulers:
-                waiting.append(Starting(spec, sched, files))  # never handed over: it waits
+            if os.path.exists(files.held) and spec is not None and sched in self.schedulers \
+                    and not row["launcher_id"] and not files.read_started_pid() \
+                    and files.read_rc() is None:  # never handed over (the marker alone
+                waiting.append((row["submitted"], Starting(spec, sched, files)))  # is not proof)
                 continue
             if row["state"] == JobState.SUBMITTED.value or not row["launcher_id"]:
                 # the earlier agent died between starting the job and recording it: the
@@ -243,10 +245,10 @@ class Supervisor:
                                    s.abandon(j, f))
                     continue
             self.active[job_id] = (sched, row["launcher_id"], files)
-            if sched == "process" and spec is not None:
+            if sched == "process" and spec is not None and self._limited(spec, sched):
                 self.cores[job_id] = spec.cores
-                if spec.gpus:
-                    self.gpus[job_id] = list(spec.gpus)  # as handed over (journal's spec)
+                if spec.gpus:  # as handed over (the journal's spec)
+                    self.gpus[job_id] = (spec.client, list(spec.gpus))
             log.info("adopted job %s (%s %s)", job_id, sched, row["launcher_id"])
             if sched in self.schedulers:
                 self.schedulers[sched].adopt(job_id, row["launcher_id"],
@@ -254,9 +256,9 @@ class Supervisor:
                 if row["cancelled"]:  # its cancel may never have reached the scheduler
                     log.info("job %s was cancelled: asking %s again", job_id, sched)
                     self._cancel_lid(sched, job_id, row["launcher_id"], files)
-        for st in waiting:  # after the running jobs: their slots are counted
+        for _when, st in sorted(waiting, key=lambda w: w[0]):  # after the running jobs
             if (self.journal.get(st.spec.job_id) or {}).get("cancelled"):
-                self._unhold(st)
+                self._unhold(st, cancelled=True)
                 self.finish(st.spec.job_id, Status(JobState.CANCELLED, None,
                                                    "cancelled while waiting for slots"))
                 continue
@@ -277,34 +279,51 @@ class Supervisor:
             self._not_started(spec.job_id, files, e)
             return
         st = Starting(spec, sched, files)
-        if self._limited(spec, sched) and (self.held or self._waits(spec)):
+        if self._limited(spec, sched) and (self._waits(spec) or self._behind(spec)):
             try:  # the marker tells a new agent that it was never handed over
                 open(files.held, "w").close()
             except OSError as e:
                 self._not_started(spec.job_id, files, e)
                 return
             self.held[spec.job_id] = st
-            self.journal.update(spec.job_id, reason=self._waiting_for(spec))
-            log.info("job %s (%d slot(s)) %s", spec.job_id, spec.cores, self._waiting_for(spec))
+            why = self._waiting_for(spec)
+            self.journal.update(spec.job_id, reason=why)
+            log.info("job %s (%d slot(s)) %s", spec.job_id, spec.cores, why)
             return
         self._hand_over(st)
 
     @staticmethod
     def _limited(spec: JobSpec, sched: str) -> bool:
-        """Whether the job shares the head node's slots or GPUs with other clients' jobs."""
-        return sched == "process" and (spec.slots > 0 or bool(spec.gpus))
+        """Whether the job shares the head node's slots or GPUs with other clients' jobs.
+        A worker pool's own job is not: it holds its ranks for a whole protocol, and that
+        protocol's single-rank jobs run in it (counting it could make them wait for it)."""
+        pool = len(spec.argv) == 5 and spec.argv[2:4] == ["pool", "--dir"]
+        return sched == "process" and not pool and (spec.slots > 0 or bool(spec.gpus))
+
+    def _short_of_slots(self, spec: JobSpec) -> bool:
+        """Other jobs take the slots it needs (a job larger than the slots waits until none
+        runs, then runs alone)."""
+        used = sum(self.cores.values())
+        return spec.slots > 0 and used > 0 and used + spec.cores > spec.slots
 
     def _waits(self, spec: JobSpec) -> bool:
-        """No room for it yet: other jobs take the slots or GPUs it would need (a job
-        larger than the slots waits until none runs, then runs alone)."""
-        used = sum(self.cores.values())
-        return (spec.slots > 0 and used > 0 and used + spec.cores > spec.slots) or \
-            self._gpus_for(spec) is None
+        """No room for it yet: its slots or GPUs are taken."""
+        return self._short_of_slots(spec) or self._gpus_for(spec) is None
+
+    def _behind(self, spec: JobSpec) -> bool:
+        """A job that came earlier waits for slots this one needs too: slots go in order,
+        so that a large job is not passed forever by small ones."""
+        return spec.slots > 0 and any(self._short_of_slots(h.spec) for h in self.held.values())
+
+    def _held_gpus(self, client: str) -> Set[int]:
+        """GPUs held by other clients' jobs (a protocol's own steps may share one, as
+        pyworkflow shares a GPU between threads when there are fewer GPUs than threads)."""
+        return {g for c, gpus in self.gpus.values() if c != client for g in gpus}
 
     def _gpus_for(self, spec: JobSpec) -> Optional[List[int]]:
-        """The GPUs the job gets: its own if no job holds them, else as many free ones of
-        its pool; None: not enough are free (all of its own when none is held)."""
-        held = {g for gpus in self.gpus.values() for g in gpus}
+        """The GPUs the job gets: its own if no other client's job holds them, else as
+        many free ones of its pool; None: not enough are free."""
+        held = self._held_gpus(spec.client)
         if not spec.gpus or not held & set(spec.gpus):
             return list(spec.gpus)
         free = [g for g in spec.gpu_pool if g not in held]
@@ -312,9 +331,8 @@ class Supervisor:
 
     def _waiting_for(self, spec: JobSpec) -> str:
         if self._gpus_for(spec) is None:
-            return "waiting for GPUs: %s held by running jobs, %d job(s) waiting" % (
-                ",".join(str(g) for g in sorted({g for v in self.gpus.values() for g in v})),
-                len(self.held))
+            return "waiting for GPUs: %s held by other protocols' jobs" % ",".join(
+                str(g) for g in sorted(self._held_gpus(spec.client)))
         return "waiting for slots: %d of %d in use by running jobs, %d job(s) waiting" % (
             sum(self.cores.values()), spec.slots, len(self.held))
 
@@ -334,31 +352,46 @@ class Supervisor:
                     return
                 self.journal.update(spec.job_id, spec=json.dumps(spec.to_dict()))
             if spec.gpus:
-                self.gpus[spec.job_id] = list(spec.gpus)
-        self.starting[spec.job_id] = st
-        if st.sched == "process":
+                self.gpus[spec.job_id] = (spec.client, list(spec.gpus))
             self.cores[spec.job_id] = spec.cores
+            st.first, st.tries = time.monotonic(), 0  # its submit retries start now
+        self.starting[spec.job_id] = st
         self._submit(spec.job_id)
 
-    def _unhold(self, st: Starting) -> None:
+    def _unhold(self, st: Starting, cancelled: bool = False) -> bool:
+        """The job waits no more. Handed over (not *cancelled*), False if its marker is
+        still there: then it must not run (a new agent would take it for never started,
+        and run it again) and it ends lost."""
         self.held.pop(st.spec.job_id, None)
         try:
             os.unlink(st.files.held)
-        except OSError:
+        except FileNotFoundError:
             pass
+        except OSError as e:
+            if cancelled:  # it ends for good: a stale marker of a final job is never read
+                return True
+            self._not_started(st.spec.job_id, st.files, OSError(
+                "cannot remove %s (%s): the job was not started" % (st.files.held, e)))
+            return False
+        return True
 
     def _release(self) -> None:
-        """Hand over the waiting jobs that fit now, in order (the first that does not fit
-        stops the others: a large job is not passed forever by small ones)."""
-        while self.held:
-            st = next(iter(self.held.values()))
-            if self._waits(st.spec):
-                return
+        """Hand over the waiting jobs that fit now, in order: one waiting for slots keeps
+        the later ones that need slots waiting (a large job is not passed forever by small
+        ones); one waiting for GPUs holds back no other."""
+        short = False
+        for st in list(self.held.values()):
+            spec = st.spec
+            if (spec.slots > 0 and short) or self._short_of_slots(spec):
+                short = short or spec.slots > 0
+                continue
+            if self._gpus_for(spec) is None:
+                continue
             # the marker goes before the submit: a crash in between makes the job lost
             # (run again by its client), never run twice
-            self._unhold(st)
-            self.journal.update(st.spec.job_id, reason="")
-            self._hand_over(st)
+            if self._unhold(st):
+                self.journal.update(spec.job_id, reason="")
+                self._hand_over(st)
 
     def _submit(self, job_id: str) -> None:
         st = self.starting[job_id]
@@ -415,7 +448,7 @@ class Supervisor:
         """Record the cancel and ask the scheduler (on its thread); the end comes later."""
         self.journal.update(job_id, cancelled=1)
         if job_id in self.held:
-            self._unhold(self.held[job_id])
+            self._unhold(self.held[job_id], cancelled=True)
             self.finish(job_id, Status(JobState.CANCELLED, None,
                                        "cancelled while waiting for slots"))
             self._release()  # those behind it may fit

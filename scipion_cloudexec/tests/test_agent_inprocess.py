@@ -225,7 +225,11 @@ def test_two_clients_share_the_head_nodes_slots(inproc, tmp_path):
         ledger = tmp_path / "ledger"
         futs = [c.submit(_timed("%s-%d" % (name, i), ledger, 0.6, slots=2))
                 for i in range(2) for c, name in ((first, "a"), (second, "b"))]
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10  # the two clients' submits arrive in any order
+        while (len(first.jobs()) < 4 or
+               len([j for j in first.jobs() if j["state"] != "submitted"]) < 2) and \
+                time.monotonic() < deadline:
+            time.sleep(0.02)
         waiting = [j for j in first.jobs() if j["state"] == "submitted"]
         assert len(waiting) == 2 and all("waiting for slots: 2 of 2 in use" in j["reason"]
                                          for j in waiting), first.jobs()
@@ -286,31 +290,76 @@ def test_a_waiting_job_survives_an_agent_restart_and_runs_once(inproc, tmp_path)
 
 
 def test_two_clients_asking_for_the_same_gpu_get_different_ones_or_wait(inproc, tmp_path):
-    """Both protocols' first GPU slot is the cluster's GPU 4: the second job gets GPU 5
-    (free in the cluster's pool), a third waits until a GPU is free. Each job records the
-    CUDA_VISIBLE_DEVICES it saw. Before, all three ran on GPU 4."""
+    """Three protocols' first GPU slot is the cluster's GPU 4: the second protocol's job
+    gets GPU 5 (free in the cluster's pool), the third's waits until one is free. A job
+    without GPUs does not wait behind it, and a protocol's own steps may share a GPU. Each
+    job records the CUDA_VISIBLE_DEVICES it saw. Before, all ran on GPU 4 at once."""
     workdir = str(tmp_path / "work")
     first = inproc.start(workdir)
     second = _another_client(workdir, "other-protocol")
     go = tmp_path / "go"
     try:
-        def gpu_job(job_id: str, wait: bool) -> JobSpec:
+        def gpu_job(job_id: str, wait: bool, client: str) -> JobSpec:
             s = spec(job_id, "echo $CUDA_VISIBLE_DEVICES > %s/%s.gpu; %s" % (
                 tmp_path, job_id, "while [ ! -e %s ]; do sleep 0.05; done" % go if wait
                 else "true"))
-            s.gpus, s.gpu_pool, s.slots = [4], [4, 5], 8
+            s.gpus, s.gpu_pool, s.slots, s.client = [4], [4, 5], 8, client  # as sessions do
             return s
-        a = first.submit(gpu_job("g-a", True))
-        b = second.submit(gpu_job("g-b", True))
-        time.sleep(0.3)
-        c = second.submit(gpu_job("g-c", False))
+        def started(job_id: str) -> None:  # two clients' submits may arrive in any order
+            deadline = time.monotonic() + 10
+            while not (tmp_path / ("%s.gpu" % job_id)).exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        a = first.submit(gpu_job("g-a", True, "p1"))
+        started("g-a")
+        b = second.submit(gpu_job("g-b", True, "p2"))
+        started("g-b")
+        c = second.submit(gpu_job("g-c", False, "p3"))  # a third protocol
         time.sleep(0.3)
         waiting = {j["job_id"]: j for j in second.jobs()}["g-c"]
         assert waiting["state"] == "submitted" and \
-            "waiting for GPUs: 4,5 held by running jobs" in waiting["reason"], waiting
+            "waiting for GPUs: 4,5 held by other protocols' jobs" in waiting["reason"], waiting
+        cpu = spec("g-cpu", "true")
+        cpu.slots = 8
+        assert second.submit(cpu).result(10).state.value == "done"
+        own = first.submit(gpu_job("g-own", False, "p1"))
+        assert own.result(10).state.value == "done"
         go.write_text("")
         assert all(f.result(30).state.value == "done" for f in (a, b, c))
     finally:
         second.close()
-    seen = {j: (tmp_path / ("%s.gpu" % j)).read_text().strip() for j in ("g-a", "g-b", "g-c")}
-    assert seen["g-a"] == "4" and seen["g-b"] == "5" and seen["g-c"] in ("4", "5"), seen
+    seen = {j: (tmp_path / ("%s.gpu" % j)).read_text().strip()
+            for j in ("g-a", "g-b", "g-c", "g-own")}
+    assert seen["g-a"] == "4" and seen["g-b"] == "5" and seen["g-own"] == "4", seen
+    assert seen["g-c"] in ("4", "5"), seen
+
+
+def test_a_stale_held_marker_does_not_make_a_started_job_run_again(inproc, tmp_path):
+    """A job that started though its 'held' marker is still there (its removal failed):
+    the new agent adopts the running job and does not start it a second time."""
+    from scipion_cloudexec.remote.jobs import JobFiles
+    workdir = str(tmp_path / "work")
+    ledger, go = tmp_path / "ledger", tmp_path / "go"
+    job = spec("j-stale", "echo ran >> %s; while [ ! -e %s ]; do sleep 0.05; done"
+               % (ledger, go))
+    job.slots = 1
+    proc, files = _started_unrecorded(workdir, job)
+    open(JobFiles(os.path.join(workdir, "jobs"), job.job_id).held, "w").close()
+    try:
+        agent = inproc.start(workdir)
+        fut = agent.submit(job)
+        go.write_text("")
+        assert fut.result(30).state.value == "done" and fut.existed
+    finally:
+        go.write_text("")
+        proc.wait(10)
+    assert ledger.read_text() == "ran\n", "the command ran once"
+
+
+def test_a_worker_pool_does_not_count_against_the_slots():
+    """A protocol's pool holds its ranks for the whole protocol and runs that protocol's
+    single-rank jobs: counting it could make its own MPI steps wait for it forever."""
+    from scipion_cloudexec.remote.supervisor import Supervisor
+    pool = JobSpec(job_id="p", argv=[sys.executable, "/w/agent.zip", "pool", "--dir", "/w/p"],
+                   ranks=3, slots=4)
+    step = JobSpec(job_id="s", argv=["relion_refine_mpi"], ranks=2, slots=4)
+    assert not Supervisor._limited(pool, "process") and Supervisor._limited(step, "process")

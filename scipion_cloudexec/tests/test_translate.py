@@ -36,6 +36,9 @@ def test_a_program_setting_cuda_visible_devices_itself_sets_the_jobs_gpus():
     spec = translate(call, project_root=PROJECT, mapper=mapper(), cluster_gpus=[4, 5, 6])
     assert shown(spec) == 'CUDA_VISIBLE_DEVICES="$CUDA_VISIBLE_DEVICES" ctffind --gpu 0'
     assert spec.gpus == [5]
+    two = translate(RunJobCall("prog", "--gpu %s" % RUN_JOB_GPU_PARAM_SEARCH, gpus=(0, 1)),
+                    project_root=PROJECT, mapper=mapper(), cluster_gpus=[4])
+    assert two.gpus == [4] and shown(two) == "prog --gpu 0", "two slots on one GPU: it, once"
 
 
 def test_only_the_environment_the_plugin_added_travels_and_paths_inside_it_are_mapped():
