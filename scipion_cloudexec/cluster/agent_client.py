@@ -388,7 +388,8 @@ class AgentClient:
         result = JobResult(job_id=msg.job_id, cluster=self.cluster.name,
                            state=JobState(msg.state), exit_code=msg.exit_code, reason=msg.reason,
                            launcher_id=msg.launcher_id, started=msg.started, ended=msg.ended,
-                           stderr_tail=fut.stderr_tail.decode(errors="replace"))
+                           stderr_tail=fut.stderr_tail.decode(errors="replace"),
+                           gpus=tuple(msg.gpus))
         if not fut.running():
             fut.set_running_or_notify_cancel()
         error = job_error(result.state)

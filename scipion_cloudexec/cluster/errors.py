@@ -29,7 +29,7 @@ error                    ``down``    ``lasting``  what it means
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Type
+from typing import Optional, Tuple, Type
 
 from ..remote.jobs import JobState
 
@@ -103,6 +103,7 @@ class JobResult:
     started: float = 0.0
     ended: float = 0.0
     stderr_tail: str = ""
+    gpus: Tuple[int, ...] = ()  # the GPUs it ran on (the agent may give others than asked)
 
 
 class JobError(Exception):

@@ -352,6 +352,11 @@ class ClusterRunner:
                 % (fut.job_id, self.cluster.name))
         record.update(launcher_id=result.launcher_id, started=result.started, ended=result.ended,
                       state=result.state.value, exit_code=result.exit_code)
+        if result.gpus and list(result.gpus) != list(spec.gpus):  # another protocol held those
+            record["gpus"] = list(result.gpus)
+            say("cloudexec: job %s ran on GPUs %s of %s (%s were in use by another protocol)"
+                % (fut.job_id, ",".join(map(str, result.gpus)), self.cluster.name,
+                   ",".join(map(str, spec.gpus))))
         sout = self.stage_out(say, since=ended)
         phases["gather"] = time.perf_counter() - t
         record["phases"] = {k: round(v, 4) for k, v in phases.items()}

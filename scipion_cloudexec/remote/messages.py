@@ -197,6 +197,7 @@ class Ended(Message):
     launcher_id: str = ""
     started: float = 0.0
     ended: float = 0.0
+    gpus: List[int] = field(default_factory=list)  # those it ran on (the agent may swap)
 
 
 @message

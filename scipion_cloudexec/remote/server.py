@@ -496,11 +496,12 @@ class Agent:
             self.ending[job_id] = row
             self.stream_outputs([job_id])
 
-    @staticmethod
-    def _ended(row: Dict) -> m.Ended:
+    def _ended(self, row: Dict) -> m.Ended:
+        spec = self.journal.spec(row["job_id"]) if self.journal is not None else None
         return m.Ended(job_id=row["job_id"], state=row["state"], exit_code=row["exit_code"],
                        reason=row["reason"], launcher_id=row["launcher_id"],
-                       started=row["started"], ended=row["ended"])
+                       started=row["started"], ended=row["ended"],
+                       gpus=list(spec.gpus) if spec is not None else [])
 
     # ---- requests ----------------------------------------------------------------------
 

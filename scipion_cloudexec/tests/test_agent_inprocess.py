@@ -325,6 +325,8 @@ def test_two_clients_asking_for_the_same_gpu_get_different_ones_or_wait(inproc, 
         assert own.result(10).state.value == "done"
         go.write_text("")
         assert all(f.result(30).state.value == "done" for f in (a, b, c))
+        # the result says where it ran (the step's provenance record takes it)
+        assert a.result().gpus == (4,) and b.result().gpus == (5,)
     finally:
         second.close()
     seen = {j: (tmp_path / ("%s.gpu" % j)).read_text().strip()
