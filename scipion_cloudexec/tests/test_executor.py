@@ -162,6 +162,36 @@ def test_gpus_reach_the_job_as_cuda_visible_devices(make_cluster, clusters_env, 
     assert open(os.path.join(prot._getExtraPath(), "gpus.txt")).read().strip() == "4,5 0 1"
 
 
+def test_two_protocols_asking_for_the_same_gpu_run_on_different_ones(make_cluster,
+                                                                      clusters_env, new_project,
+                                                                      tmp_path):
+    """Both protocols' GPU slot 0 is the cluster's GPU 4; they run at once: one runs on GPU 4,
+    the other on GPU 5, and its provenance record and log say so."""
+    c = make_cluster("local", gpus=(4, 5))
+    clusters_env(c)
+    project = new_project("gpus2")
+    go = tmp_path / "go"
+    go.mkdir()
+    prots = []
+    for tag in ("a", "b"):  # each waits until both have started: they overlap
+        prot = project.newProtocol(
+            ProtCloudShellSteps, objLabel=tag, gpuSteps=True, gpuList="0",
+            chain="echo $CUDA_VISIBLE_DEVICES > extra/gpu.txt; touch %s/%s; n=0; while "
+                  "[ ! -e %s/a ] || [ ! -e %s/b ]; do sleep 0.05; n=$((n+1)); [ $n -gt 400 ] "
+                  "&& break; done; true" % (go, tag, go, go))
+        os.makedirs(prot._getExtraPath(), exist_ok=True)
+        prots.append(launch(project, prot, c, wait=False))
+    prots = [wait_done(project, p) for p in prots]
+    seen = {}
+    for prot in prots:
+        assert prot.isFinished(), logs(prot)
+        seen[prot.getObjId()] = open(os.path.join(prot._getExtraPath(), "gpu.txt")).read()
+    assert sorted(seen.values()) == ["4\n", "5\n"], seen
+    moved = [p for p in prots if seen[p.getObjId()] == "5\n"][0]
+    assert provenance(moved)[0]["gpus"] == [5]
+    assert "ran on GPUs 5 of %s (4 were in use by another protocol)" % c.name in logs(moved)
+
+
 # ---- the plugin's own protocols: identical results locally and on a cluster ----------------
 
 def import_micrographs(project, folder, n=4, copy=False):

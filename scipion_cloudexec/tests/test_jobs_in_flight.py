@@ -67,7 +67,7 @@ def test_two_protocols_on_one_cluster_share_its_slots(make_cluster, clusters_env
     c = make_cluster("local", slots=2)
     clusters_env(c)
     project = new_project("twoprots")
-    params = dict(numberOfThreads=3, fanCopies=4, fan=STEP)
+    params = dict(numberOfThreads=3, fanCopies=4, fan="sleep 0.7; echo {i} > extra/f_{i}.txt")
     local = run_locally(project, **params)
     clouds = [launch(project, shell(project, "cloud %s" % n, **params), c, wait=False)
               for n in "ab"]
