@@ -83,21 +83,25 @@ def test_a_damaged_bundle_on_the_cluster_is_replaced_not_run(make_cluster, tmp_p
         assert f.read() == bundle.build()[0], "uploaded again"
 
 
-def test_a_workdir_that_cannot_be_made_is_named_with_the_reason(make_cluster, tmp_path):
-    import dataclasses
+def start_error(cluster, **start) -> str:
+    """The AgentStartError's text of a session start on *cluster* (the session closed)."""
     from scipion_cloudexec.cluster.errors import AgentStartError
     from scipion_cloudexec.cluster.session import ClusterSession
+    session = ClusterSession(cluster)
+    try:
+        with pytest.raises(AgentStartError) as e:
+            session.start(**start)
+    finally:
+        session.close()
+    return str(e.value)
+
+
+def test_a_workdir_that_cannot_be_made_is_named_with_the_reason(make_cluster, tmp_path):
+    import dataclasses
     c = make_cluster("local")
     blocker = tmp_path / "a-file"
     blocker.write_text("in the way")
-    bad = dataclasses.replace(c, workdir=str(blocker / "work"))
-    session = ClusterSession(bad)
-    try:
-        with pytest.raises(AgentStartError) as e:
-            session.start(stage=True)
-    finally:
-        session.close()
-    text = str(e.value)
+    text = start_error(dataclasses.replace(c, workdir=str(blocker / "work")), stage=True)
     assert text.startswith("cannot create %s/agent/bundles on %s: " % (blocker / "work", c.name))
     assert "Not a directory" in text, text
     assert blocker.read_text() == "in the way"
@@ -108,17 +112,8 @@ def test_a_start_that_fails_silently_names_the_exit_the_log_and_what_it_printed(
     says so, where the agent's log is, and what came on stdout: it once said only
     "(exit 1):"."""
     import dataclasses
-    from scipion_cloudexec.cluster.errors import AgentStartError
-    from scipion_cloudexec.cluster.session import ClusterSession
     c = make_cluster("local")
-    bad = dataclasses.replace(c, env_setup="echo loading modules; exit 1")
-    session = ClusterSession(bad)
-    try:
-        with pytest.raises(AgentStartError) as e:
-            session.start()
-    finally:
-        session.close()
-    text = str(e.value)
+    text = start_error(dataclasses.replace(c, env_setup="echo loading modules; exit 1"))
     assert text.startswith("the agent did not start on %s (exit 1, nothing on stderr); its "
                            "log there: %s/agent/agent.log" % (c.name, c.workdir)), text
     assert "stdout:\nloading modules" in text, text
