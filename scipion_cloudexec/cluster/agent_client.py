@@ -61,6 +61,7 @@ class JobFuture(concurrent.futures.Future):
         self.accepted = threading.Event()
         self.existed = False  # the agent had the job before this submit
         self.accepted_state = ""  # its state then (a final one: it had ended)
+        self.accepted_reason = ""  # why it waits on the cluster, if it does
         self.submit_rid = 0  # the Submit's request id: an Error to it fails this future
 
     def set_exception(self, exception: Optional[BaseException]) -> None:
@@ -354,6 +355,7 @@ class AgentClient:
             if fut is not None:
                 fut.existed = msg.existed
                 fut.accepted_state = msg.state
+                fut.accepted_reason = msg.reason
                 fut.accepted.set()
                 if not fut.done():
                     fut.set_running_or_notify_cancel()

@@ -330,6 +330,9 @@ class ClusterRunner:
             % (fut.job_id, self.cluster.name, "worker pool" if pool else
                "%s launcher" % self.cluster.launcher, spec.ranks, spec.threads,
                ", GPUs %s" % ",".join(map(str, spec.gpus)) if spec.gpus else "", line))
+        if fut.accepted.is_set() and fut.accepted_reason.startswith("waiting for"):
+            say("cloudexec: job %s is queued on %s behind other protocols' jobs (%s)"
+                % (fut.job_id, self.cluster.name, fut.accepted_reason))
         record = {"job_id": fut.job_id, "cluster": self.cluster.name, "host": self.cluster.host,
                   "launcher": "pool" if pool else self.cluster.launcher, "command": line,
                   "ranks": spec.ranks, "threads": spec.threads, "gpus": spec.gpus, "cwd": spec.cwd, "step": step_id,

@@ -173,10 +173,12 @@ class Pong(Message):
 
 @message
 class Accepted(Message):
-    """The job is in the journal; ``existed`` when it was submitted before."""
+    """The job is in the journal; ``existed`` when it was submitted before; ``reason``
+    says why it waits, if it does (the head node's slots or GPUs are taken)."""
     job_id: str = ""
     state: str = ""
     existed: bool = False
+    reason: str = ""
 
 
 @message

@@ -535,13 +535,13 @@ class Agent:
             self.send(identity, m.Error(rid=msg.rid, kind="bad_job", detail=str(e)))
             return
         new = self.journal.add(spec, scheduler_kind(spec.launcher.kind))
+        if new:  # first: the answer says whether it waits for slots
+            self.jobs.start(spec)  # type: ignore[union-attr]
         row = self.journal.get(spec.job_id)
         self.send(identity, m.Accepted(rid=msg.rid, job_id=spec.job_id, state=row["state"],
-                                       existed=not new))
+                                       existed=not new, reason=row["reason"] or ""))
         if msg.watch:
             self.on_Watch(identity, m.Watch(rid=msg.rid, job_id=spec.job_id))
-        if new:
-            self.jobs.start(spec)  # type: ignore[union-attr]
 
     def _known_job(self, identity: bytes, msg) -> Optional[Dict]:
         """The journal row of ``msg.job_id``, or None after telling the client it is unknown."""

@@ -233,6 +233,8 @@ def test_two_clients_share_the_head_nodes_slots(inproc, tmp_path):
         waiting = [j for j in first.jobs() if j["state"] == "submitted"]
         assert len(waiting) == 2 and all("waiting for slots: 2 of 2 in use" in j["reason"]
                                          for j in waiting), first.jobs()
+        # the submit's answer already said so (the step's log tells the user)
+        assert sorted(bool(f.accepted_reason) for f in futs) == [False, False, True, True]
         assert all(f.result(30).state.value == "done" for f in futs)
     finally:
         second.close()

@@ -78,6 +78,8 @@ def test_two_protocols_on_one_cluster_share_its_slots(make_cluster, clusters_env
     assert len(records) == 8
     assert most_at_once(records) == 2, "jobs at once on the 2-slot cluster: %d" % \
         most_at_once(records)
+    assert "behind other protocols' jobs (waiting for slots: 2 of 2 in use" in \
+        logs(clouds[0]) + logs(clouds[1])
     for p in clouds:
         assert_same_run(local, p)
 
