@@ -66,6 +66,15 @@ def inproc():
 
 
 @pytest.fixture
+def go(tmp_path):
+    """A file that jobs waiting on it see at the test's end at the latest (a failed
+    assertion must not leave them running)."""
+    path = tmp_path / "go"
+    yield path
+    path.write_text("")
+
+
+@pytest.fixture
 def client(inproc, tmp_path):
     return inproc.start(str(tmp_path / "work"))
 
@@ -250,8 +259,8 @@ def test_a_job_larger_than_the_slots_runs_alone(client, tmp_path):
     assert _most_at_once(ledger) == 1, "the 3-slot job waited for the other, then ran alone"
 
 
-def test_a_waiting_job_cancelled_never_runs_and_the_next_takes_its_turn(client, tmp_path):
-    ledger, go = tmp_path / "ledger", tmp_path / "go"
+def test_a_waiting_job_cancelled_never_runs_and_the_next_takes_its_turn(client, tmp_path, go):
+    ledger = tmp_path / "ledger"
     running = spec("hold-1", "while [ ! -e %s ]; do sleep 0.05; done" % go)
     running.slots = 1
     first = client.submit(running)
@@ -267,11 +276,11 @@ def test_a_waiting_job_cancelled_never_runs_and_the_next_takes_its_turn(client, 
     assert ledger.read_text().count("start") == 1, "only hold-3 ran"
 
 
-def test_a_waiting_job_survives_an_agent_restart_and_runs_once(inproc, tmp_path):
+def test_a_waiting_job_survives_an_agent_restart_and_runs_once(inproc, tmp_path, go):
     """The agent stops while one job runs and another waits for its slot: the new agent
     adopts the first and keeps the second waiting (it never ran: not lost), then runs it."""
     workdir = str(tmp_path / "work")
-    ledger, go = tmp_path / "ledger", tmp_path / "go"
+    ledger = tmp_path / "ledger"
     first = inproc.start(workdir)
     running = spec("r-1", "while [ ! -e %s ]; do sleep 0.05; done; echo \"end $(date +%%s.%%N)\""
                           " >> %s" % (go, ledger))
@@ -291,7 +300,7 @@ def test_a_waiting_job_survives_an_agent_restart_and_runs_once(inproc, tmp_path)
     assert float(lines[1]) <= float(lines[3]), "r-2 started after r-1 ended: %s" % lines
 
 
-def test_two_clients_asking_for_the_same_gpu_get_different_ones_or_wait(inproc, tmp_path):
+def test_two_clients_asking_for_the_same_gpu_get_different_ones_or_wait(inproc, tmp_path, go):
     """Three protocols' first GPU slot is the cluster's GPU 4: the second protocol's job
     gets GPU 5 (free in the cluster's pool), the third's waits until one is free. A job
     without GPUs does not wait behind it, and a protocol's own steps may share a GPU. Each
@@ -299,7 +308,6 @@ def test_two_clients_asking_for_the_same_gpu_get_different_ones_or_wait(inproc, 
     workdir = str(tmp_path / "work")
     first = inproc.start(workdir)
     second = _another_client(workdir, "other-protocol")
-    go = tmp_path / "go"
     try:
         def gpu_job(job_id: str, wait: bool, client: str) -> JobSpec:
             s = spec(job_id, "echo $CUDA_VISIBLE_DEVICES > %s/%s.gpu; %s" % (
