@@ -415,8 +415,9 @@ def test_a_job_that_ended_in_a_mirror_emptied_since_runs_again(make_cluster, new
                 "'job ... went to %s before its copy of the run folder was emptied (the run "
                 "had left it): the step runs again as job ....2'" % c.name,
                 recover_s=round(recover, 1), lost="0 (before: every step of the run finished "
-                "without its output)", twice="%d, by design (what the first run wrote went "
-                "with the mirror)" % sum("." in j.rsplit("-", 1)[1] for j in done))
+                "without its output)", twice="up to %d, by design: run again as new attempts "
+                "(what their jobs wrote went with the mirror)"
+                % sum("." in j.rsplit("-", 1)[1] for j in done))
 
 
 def test_a_job_voided_by_a_reset_stays_void_after_continue(tmp_path):
