@@ -11,7 +11,7 @@ import re
 import socket
 import threading
 import uuid
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from ..cluster.sync import SyncState
 
@@ -38,7 +38,8 @@ class ProtocolRun:
         self._placements_lock = threading.Lock()
         self._by_job: Optional[Dict[str, List[Dict[str, str]]]] = None
         self._all: List[Dict[str, str]] = []  # the same records, in the file's order
-        self._resets: Dict[str, int] = {}  # cluster -> records placed before its last reset
+        # (job, cluster) placed before a reset of that cluster's mirror: never reused
+        self._voided: Set[Tuple[str, str]] = set()
 
     @property
     def token(self) -> str:
@@ -81,7 +82,8 @@ class ProtocolRun:
     def _index(self, record: Dict[str, str]) -> None:
         assert self._by_job is not None
         if "reset" in record:
-            self._resets[record["reset"]] = len(self._all)
+            self._voided.update((p["job_id"], p["cluster"]) for p in self._all
+                                if p.get("cluster") == record["reset"])
             return
         self._all.append(record)
         job, _dot, attempt = record.get("job_id", "").rpartition(".")
@@ -126,9 +128,7 @@ class ProtocolRun:
         emptied: what the job wrote there is gone, so its result must not be reused."""
         self._placed()
         with self._placements_lock:
-            last = self._resets.get(cluster, 0)
-            return any(p.get("job_id") == job_id and p.get("cluster") == cluster
-                       for p in self._all[:last])
+            return (job_id, cluster) in self._voided
 
     def place(self, job_id: str, cluster: str) -> None:
         """Remember where a job went, so a resumed run attaches to it there."""

@@ -161,6 +161,18 @@ class Workers:
             q.put(None)
 
 
+def _write_script(spec: JobSpec, files: JobFiles) -> None:
+    """The job's script, as its launcher runs it (raises OSError, ValueError)."""
+    command = launcher_for(spec.launcher.kind).command(spec, files)
+    with open(files.script, "w") as f:
+        f.write(job_script(spec, files, command))
+
+
+def _pool_argv(argv: List[str]) -> bool:
+    """Whether *argv* starts a worker pool (the bundle's ``pool --dir D``)."""
+    return len(argv) == 5 and argv[1].endswith(".zip") and argv[2:4] == ["pool", "--dir"]
+
+
 class Starting:
     """A job handed to its scheduler, not started yet."""
 
@@ -272,9 +284,7 @@ class Supervisor:
         sched = scheduler_kind(spec.launcher.kind)
         try:
             os.makedirs(files.dir, exist_ok=True)
-            command = launcher_for(spec.launcher.kind).command(spec, files)
-            with open(files.script, "w") as f:
-                f.write(job_script(spec, files, command))
+            _write_script(spec, files)
         except (OSError, ValueError) as e:
             self._not_started(spec.job_id, files, e)
             return
@@ -297,8 +307,8 @@ class Supervisor:
         """Whether the job shares the head node's slots or GPUs with other clients' jobs.
         A worker pool's own job is not: it holds its ranks for a whole protocol, and that
         protocol's single-rank jobs run in it (counting it could make them wait for it)."""
-        pool = len(spec.argv) == 5 and spec.argv[2:4] == ["pool", "--dir"]
-        return sched == "process" and not pool and (spec.slots > 0 or bool(spec.gpus))
+        return sched == "process" and not _pool_argv(spec.argv) and \
+            (spec.slots > 0 or bool(spec.gpus))
 
     def _short_of_slots(self, spec: JobSpec) -> bool:
         """Other jobs take the slots it needs (a job larger than the slots waits until none
@@ -344,9 +354,7 @@ class Supervisor:
                 log.info("job %s gets GPUs %s (%s held)", spec.job_id, gpus, spec.gpus)
                 spec.gpus = gpus
                 try:
-                    command = launcher_for(spec.launcher.kind).command(spec, st.files)
-                    with open(st.files.script, "w") as f:
-                        f.write(job_script(spec, st.files, command))
+                    _write_script(spec, st.files)
                 except (OSError, ValueError) as e:
                     self._not_started(spec.job_id, st.files, e)
                     return
@@ -521,8 +529,7 @@ class Supervisor:
         sched = self.schedulers.get("pool")
         spec = self.journal.spec(job_id) if sched is not None else None
         argv = spec.argv if spec is not None else []
-        if isinstance(sched, PoolScheduler) and len(argv) == 5 and argv[1].endswith(".zip") and \
-                argv[2:4] == ["pool", "--dir"]:
+        if isinstance(sched, PoolScheduler) and _pool_argv(argv):
             name = os.path.basename(argv[4].rstrip("/"))
             try:
                 if os.path.abspath(sched.pool_dir(name)) == os.path.abspath(argv[4]):
