@@ -8,6 +8,8 @@ SCIPION_ROOT = _os.environ.get("CLOUDEXEC_TEST_SCIPION") or "/tmp/cloudexec-scip
 _os.environ.update(SCIPION_DOMAIN="pwem", SCIPION_HOME=SCIPION_ROOT,
                    SCIPION_USER_DATA=_os.path.join(SCIPION_ROOT, "userdata"),
                    SCIPION_PYTHON=_sys.executable, SCIPION_NOTIFY="False",
+                   # hash memos and staging endpoints of tests: never the user's ~/.cache
+                   XDG_CACHE_HOME=_os.path.join(SCIPION_ROOT, "cache"),
                    OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 _os.makedirs(_os.path.join(SCIPION_ROOT, "config"), exist_ok=True)
 _os.makedirs(_os.path.join(SCIPION_ROOT, "userdata", "projects"), exist_ok=True)

@@ -9,8 +9,11 @@ proxy adding one-way delay and a rate limit) in front of the benchmark's own loo
   (2) N `ssh cat` streams over the same set at one RTT (default 100 ms), N = 1, 2, 4, 8, 16:
       what parallel streams can buy (the carrier alone: byte ranges into part files)
   (3) many files of 100 kB (2,000 by default, 10,000 with --full) at 20 ms: ours vs rsync
-  (4) the same set again, unchanged: ours (cold: new process and login; warm: connection and
-      staging server up, as inside Scipion) vs rsync's second run
+  (4) the same set again, unchanged: ours (cold: new process and login, the cluster's agent
+      up as after any protocol run, so its staging endpoint is reached through a port
+      forward; cold with no endpoint: a staging server started by an exec, as before it;
+      warm: connection and staging server up, as inside one protocol run) vs rsync's
+      second run
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_link.py [--full] [--rounds 3]
         [--rtts 0,20,50,100,150] [--rate-mbit 1000] [--plot docs/bench_link_rtt.png]
@@ -53,16 +56,19 @@ t0 = time.perf_counter()
 ssh = SSHConnection(Target.of(c))
 ssh.connect()
 st = Stager(ssh, c, hash_cache=a["hashes"])
+if not a.get("endpoint", True):
+    st.endpoint = None  # as before the endpoint: a staging server started by an exec
 if a["warm"]:
     from scipion_cloudexec.remote.stage_protocol import Mirrors
     st._ask(Mirrors())  # logged in and serving
     t0 = time.perf_counter()
 r = st.stage_in(a["root"], a["paths"], "bench", keep_hashes=False)
 dt = time.perf_counter() - t0
+kind = st._chan.kind if st._chan is not None else ""
 st.close()
 ssh.close()
 print(json.dumps({"seconds": dt, "sent": r.bytes_sent, "files": r.files,
-                  "streams": st.streams_used}))
+                  "streams": st.streams_used, "kind": kind}))
 """
 
 
@@ -89,7 +95,21 @@ class Bench:
                                                                                self.c.host)]
 
     # -- contenders: each returns seconds ----------------------------------------------
-    def ours(self, paths, workdir, hashes, warm=False):
+    def agent_up(self, workdir):
+        """Start (or reach) the workdir's agent, as a protocol run does: the desktop then
+        knows its staging endpoint, which later processes use."""
+        cl = dataclasses.replace(self.c, workdir=workdir)
+        fields = {f.name: getattr(cl, f.name) for f in dataclasses.fields(cl)
+                  if f.name in ("name", "host", "port", "user", "identity_file", "known_hosts",
+                                "workdir", "python", "launcher", "slots", "heartbeat",
+                                "connect_timeout")}
+        code = ("import json, sys\nfrom scipion_cloudexec.config import ClusterConfig\n"
+                "from scipion_cloudexec.cluster.session import ClusterSession\n"
+                "with ClusterSession(ClusterConfig(**json.loads(sys.argv[1]))) as s:\n"
+                "    s.start()\n")
+        subprocess.run([sys.executable, "-c", code, json.dumps(fields)], check=True)
+
+    def ours(self, paths, workdir, hashes, warm=False, endpoint=True):
         cl = dataclasses.replace(self.c, workdir=workdir)
         fields = {f.name: getattr(cl, f.name) for f in dataclasses.fields(cl)
                   if f.name in ("name", "host", "port", "user", "identity_file", "known_hosts",
@@ -99,7 +119,7 @@ class Bench:
         if self.a.transfer:
             fields["transfer"] = self.a.transfer
         arg = json.dumps({"cluster": fields, "hashes": hashes, "warm": warm,
-                          "root": self.data, "paths": paths})
+                          "root": self.data, "paths": paths, "endpoint": endpoint})
         settle()
         out = subprocess.run([sys.executable, "-c", OURS, arg], capture_output=True, text=True)
         if out.returncode:
@@ -107,6 +127,7 @@ class Bench:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         self.last_sent = r["sent"]
         self.last_streams = r.get("streams", 0)
+        self.last_kind = r.get("kind", "")
         return r["seconds"]
 
     def timed(self, argv, **kw):
@@ -250,6 +271,8 @@ def main():
     from scipion_cloudexec.testbed import LocalTestbed
     from scipion_cloudexec.testbed.link import Link, calibrate
     tb = LocalTestbed(a.root)
+    # the desktop's hash memos and known endpoints: the benchmark's own, not ~/.cache
+    os.environ["XDG_CACHE_HOME"] = os.path.join(a.root, "desktop-cache")
     data = os.path.join(a.root, "data")
     remote = os.path.join(a.root, "remote")
     T = {}  # (case, contender, rtt) -> [seconds per round]
@@ -371,7 +394,10 @@ def main():
                 for who, fn in pairs[k:] + pairs[:k]:
                     note("small", who, rtt, fn())
                 assert tree_bytes(os.path.join(rs, "small")) == small_bytes
+                B.agent_up(wd)  # as after any protocol run on this cluster
                 again = [("ours cold", lambda: B.ours(["small"], wd, hashes)),
+                         ("ours cold, no endpoint",
+                          lambda: B.ours(["small"], wd, hashes, endpoint=False)),
                          ("ours warm", lambda: B.ours(["small"], wd, hashes, warm=True)),
                          ("rsync", lambda: B.rsync(small, rs))]
                 k = r % len(again)
@@ -379,10 +405,13 @@ def main():
                     note("again", who, rtt, fn())
                     if who.startswith("ours"):
                         assert B.last_sent == 0, B.last_sent
+                        want = "paramiko" if "no endpoint" in who else "endpoint"
+                        assert B.last_kind == want, (who, B.last_kind)
     finally:
         tb.down()
         shutil.rmtree(remote, ignore_errors=True)
         shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
     # ---- report ---------------------------------------------------------------------------
     print("\nmachine: %s, %d cores, Python %s; %d rounds, %.0f min"
@@ -439,11 +468,15 @@ def main():
         print("(3b) ours on a workdir with the bundle already there: %.2f s (%.0f MB/s): %.2fx "
               "rsync's speed; per round %s" % (t_b, smb / t_b, t_r / t_b,
                                               T[("small", "ours, bundle there", a.small_rtt)]))
-    g = {w: med(T[("again", w, a.small_rtt)]) for w in ("ours cold", "ours warm", "rsync")}
-    print("(4) unchanged: ours cold %.2f s (%.2fx rsync), warm %.2f s (%.2fx), rsync 2nd run "
-          "%.2f s; per round %s" % (g["ours cold"], g["ours cold"] / g["rsync"], g["ours warm"],
-                                    g["ours warm"] / g["rsync"], g["rsync"],
-                                    {w: T[("again", w, a.small_rtt)] for w in g}))
+    g = {w: med(T[("again", w, a.small_rtt)])
+         for w in ("ours cold", "ours cold, no endpoint", "ours warm", "rsync")}
+    print("(4) unchanged: ours cold (through the agent's staging endpoint) %.2f s (%.2fx "
+          "rsync), cold with no endpoint (a server started by an exec) %.2f s (%.2fx), warm "
+          "%.2f s (%.2fx), rsync 2nd run %.2f s; per round %s" % (
+              g["ours cold"], g["ours cold"] / g["rsync"], g["ours cold, no endpoint"],
+              g["ours cold, no endpoint"] / g["rsync"], g["ours warm"],
+              g["ours warm"] / g["rsync"], g["rsync"],
+              {w: T[("again", w, a.small_rtt)] for w in g}))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "calibration": cal,

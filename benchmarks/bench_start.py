@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """A protocol process's first contact with a cluster: ClusterSession.start (agent, and the
 staging server with it) and a first stage-in of a small run folder, on a new workdir (the
-bundle uploaded) and on one that has it; --rounds rounds, alternating.
+bundle uploaded), on one that has it (the agent running but unknown to this desktop: a
+remote start), and on one whose agent the desktop reached before (no remote command: the
+agent and its staging endpoint through port forwards); --rounds rounds, alternating.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_start.py [--rounds 5]
 
@@ -24,6 +26,7 @@ p.add_argument("--rounds", type=int, default=5)
 a = p.parse_args()
 root = "/tmp/cloudexec-bench-start"
 shutil.rmtree(root, ignore_errors=True)
+os.environ["XDG_CACHE_HOME"] = os.path.join(root, "desktop-cache")  # not the user's
 tb = LocalTestbed(os.path.join(root, "testbed"))
 conf = tb.up(slurm=False)
 try:
@@ -32,10 +35,16 @@ try:
     os.makedirs(proj + "/Runs/r/extra")
     with open(proj + "/Runs/r/extra/a.txt", "w") as f:
         f.write("a")
-    res = {"new": [], "there": []}
+    try:
+        from scipion_cloudexec.cluster import endpoints
+    except ImportError:  # the code before the desktop remembered agents
+        endpoints = None
+    res = {"new": [], "there": [], "known": []}
     for i in range(a.rounds):
-        for kind in ("new", "there"):
+        for kind in res:
             cc = dataclasses.replace(c, workdir=c.workdir + ("-n%d" % i if kind == "new" else ""))
+            if kind == "there" and endpoints is not None:
+                endpoints.forget(cc)
             t0 = time.perf_counter()
             s = ClusterSession(cc)
             try:

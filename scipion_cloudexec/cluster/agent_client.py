@@ -103,10 +103,12 @@ class AgentClient:
     def _version(self) -> str:
         return bundle.build()[1]
 
-    def connect(self, state: Dict, address: str = "") -> m.Welcome:
+    def connect(self, state: Dict, address: str = "",
+                timeout: Optional[float] = None) -> m.Welcome:
         """Open the tunnel to the agent of *state* (its ``READY`` line), start the IO
         thread and shake hands. With *address* (``tcp://127.0.0.1:PORT``), connect there
         directly instead, without SSH: an agent on this machine (tests of the agent logic).
+        *timeout*: for the handshake (the cluster's ``connect_timeout`` by default).
 
         Raises:
             VersionMismatch: the agent refused this client's protocol.
@@ -133,7 +135,7 @@ class AgentClient:
         self._thread.start()
         hello = m.Hello(client=self.client_name, version=self._version, protocol=PROTOCOL_VERSION)
         try:
-            welcome = self.request(hello, timeout=self.cluster.connect_timeout)
+            welcome = self.request(hello, timeout=timeout or self.cluster.connect_timeout)
         except RequestRefused as e:
             if e.kind != "protocol":
                 raise

@@ -14,6 +14,7 @@ remote shell and Python start while the desktop is still walking its files.
 """
 from __future__ import annotations
 
+import hmac
 import io
 import json
 import os
@@ -204,6 +205,74 @@ class ParamikoChannel(ServerChannel):
         t = threading.Thread(target=close, name="cloudexec-close", daemon=True)
         t.start()
         t.join(2.0)
+
+
+class EndpointRefused(Exception):
+    """The cluster's staging endpoint cannot be used (gone, or not ours): start a server."""
+
+
+class ForwardedChannel(ParamikoChannel):
+    """The agent's staging endpoint (``remote/stage_endpoint.py``) through a port forward of
+    the open paramiko connection: no remote shell, no Python start. Both sides prove they
+    hold the endpoint's token before any request is sent.
+
+    Raises:
+        EndpointRefused: nothing listens there, or it is not our endpoint.
+    """
+
+    kind = "endpoint"
+    PROVE_SECONDS = 10.0
+
+    def __init__(self, ssh: SSHConnection, cluster: ClusterConfig, endpoint: dict):
+        ServerChannel.__init__(self, cluster)
+        import paramiko
+        try:
+            self.chan = ssh._require().open_channel(
+                "direct-tcpip", ("127.0.0.1", int(endpoint["port"])), ("127.0.0.1", 0),
+                window_size=WINDOW, max_packet_size=32768,
+                timeout=dead_link_seconds(cluster))
+        except paramiko.ChannelException as e:
+            raise EndpointRefused("nothing listens at its port (%s)" % e) from None
+        self.out = self.chan.makefile("rb", BLOCK)
+        self._sending = None
+        self._closed = threading.Event()
+        threading.Thread(target=self._watch, name="cloudexec-watch", daemon=True).start()
+        try:
+            self._prove(bytes.fromhex(endpoint["token"]))
+        except BaseException:
+            self.close()
+            raise
+        self.chan.settimeout(dead_link_seconds(cluster))
+        self.send(Hello())
+
+    def _prove(self, token: bytes) -> None:
+        from ..remote.stage_endpoint import ENDPOINT_PROTOCOL, proof
+        import secrets
+        self.chan.settimeout(self.PROVE_SECONDS)
+        try:
+            first = json.loads(self._readline() or b"null")
+            if not isinstance(first, dict) or first.get("endpoint") != ENDPOINT_PROTOCOL:
+                raise EndpointRefused("it does not speak endpoint protocol %d"
+                                      % ENDPOINT_PROTOCOL)
+            ns, nc = str(first.get("nonce")), secrets.token_hex(16)
+            self.sendall(json.dumps({"nonce": nc, "proof": proof(token, "client", ns, nc)})
+                         .encode() + b"\n")
+            answer = json.loads(self._readline() or b"null")
+            if not (isinstance(answer, dict) and hmac.compare_digest(
+                    str(answer.get("proof")), proof(token, "server", ns, nc))):
+                raise EndpointRefused("it did not prove it holds the token")
+        except (LinkLost, ValueError) as e:
+            raise EndpointRefused(str(e)) from None
+
+    def exit_status(self) -> Optional[int]:
+        return None  # a forwarded connection has none
+
+    def stderr(self) -> str:
+        return ""
+
+    @property
+    def alive(self) -> bool:
+        return not self.chan.closed and not self.chan.eof_received
 
 
 class OpenSSHChannel(ServerChannel):

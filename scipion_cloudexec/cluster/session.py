@@ -30,7 +30,7 @@ from ..config import ClusterConfig
 from ..remote import messages as m
 from ..remote.jobs import JobSpec, LauncherSpec
 from ..version import PROTOCOL_VERSION
-from . import bundle
+from . import bundle, endpoints
 from .agent_start import ensure, replace_agent, start_agent
 from .agent_client import AgentClient, JobFuture, OutputCallback
 from .errors import InfraError, LinkLost, VersionMismatch
@@ -39,6 +39,10 @@ from .local_files import Progress, StageReport
 from .stager import Stager
 
 log = logging.getLogger(__name__)
+
+#: seconds a known agent gets to answer before it is started over SSH instead (which finds
+#: it again if it only was slow)
+KNOWN_AGENT_WAIT = 5.0
 
 
 def _new_job_id() -> str:
@@ -134,6 +138,9 @@ class ClusterSession:
         """
         with self._boundary():
             self.ssh.connect()
+            welcome = self._known_agent()
+            if welcome is not None:
+                return welcome
             if stage:
                 self.stager.prepare()
             # the early server found no bundle: another, while the agent starts
@@ -146,6 +153,7 @@ class ClusterSession:
                 if welcome.version == self.version:
                     self.agent.welcome = welcome
                     self._started = True
+                    self.stager.use_endpoint(state.get("stage"), welcome.version, state)
                     return welcome
                 replace_agent(self, welcome)
             if state.get("protocol") != PROTOCOL_VERSION:
@@ -159,6 +167,37 @@ class ClusterSession:
                         self.cluster.workdir))
             raise VersionMismatch("agent on %s still runs version %s after a restart; expected "
                                   "%s" % (self.cluster.name, welcome.version, self.version))
+
+    def _known_agent(self) -> Optional[m.Welcome]:
+        """Reach the agent this desktop reached last (its state as :mod:`.endpoints` kept
+        it) with no remote command: no shell start-up, no Python start on the cluster.
+        None when none is known or it is gone or not ours; the caller then starts one."""
+        state = endpoints.load_agent(self.cluster, self.version)
+        if state is None:
+            return None
+        why = ""
+        try:
+            # a refused forward says "gone" in one round trip; the handshake would wait
+            self.ssh._require().open_channel("direct-tcpip", ("127.0.0.1", int(state["port"])),
+                                             ("127.0.0.1", 0),
+                                             timeout=self.cluster.connect_timeout).close()
+            welcome = self.agent.connect(
+                state, timeout=min(KNOWN_AGENT_WAIT, self.cluster.connect_timeout))
+            if welcome.version != self.version or welcome.pid != state.get("pid") or \
+                    welcome.workdir.rstrip("/") != self.cluster.workdir.rstrip("/"):
+                why = "another agent answers there (pid %s)" % welcome.pid
+        except Exception as e:  # noqa: BLE001  (paramiko's ChannelException is no OSError)
+            why = str(e) or type(e).__name__
+        if why:
+            log.info("%s: the agent last reached (pid %s) is gone (%s): starting it over SSH",
+                     self.cluster.name, state.get("pid"), why)
+            self.agent.disconnect()
+            self.stager.use_endpoint(None)
+            return None
+        self.agent.welcome = welcome
+        self._started = True
+        self.stager.endpoint = state.get("stage")
+        return welcome
 
     def close(self) -> None:
         """Disconnect. Remote jobs keep running; futures still pending fail with AgentLost;

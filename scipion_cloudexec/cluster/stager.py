@@ -42,7 +42,9 @@ from ..remote.stage_protocol import CacheInfo, Mirrors, Remove, Request, Reset, 
 from . import batches as batches_mod
 from . import bundle
 from .batches import BatchUploader, SmallFilesOverStreams
-from .channels import NoBundle, OpenSSHChannel, ParamikoChannel, ServerChannel, dead_link_seconds
+from . import endpoints
+from .channels import (EndpointRefused, ForwardedChannel, NoBundle, OpenSSHChannel,
+                       ParamikoChannel, ServerChannel, dead_link_seconds)
 from .errors import DesktopFull, InputMissing, LinkLost, NoSpace, StagingError
 from .gather import Gathering
 from .remote_tree import RemoteTree
@@ -94,6 +96,8 @@ class Stager(Gathering, SmallFilesOverStreams):
             cluster.transfer == "auto" and shutil.which("ssh") is None)
         self._pool: Optional[streams.StreamPool] = None
         self._trees: Dict[tuple, RemoteTree] = {}  # run folders as last listed (gather)
+        #: the agent's staging endpoint ({"port", "token"}), as last learnt
+        self.endpoint: Optional[dict] = endpoints.load(cluster, bundle.build()[1])
 
     def _channel(self, bulk: bool = False) -> ServerChannel:
         """The staging server on the control (or bulk) stream, started on first use."""
@@ -102,8 +106,32 @@ class Stager(Gathering, SmallFilesOverStreams):
                 self._bulk_chan = OpenSSHChannel(self.cluster)
             return self._bulk_chan
         if self._chan is None or not self._chan.alive:
-            self._chan = ParamikoChannel(self.ssh, self.cluster)
+            self._chan = self._control()
         return self._chan
+
+    def _control(self) -> ServerChannel:
+        """A server on a channel of our connection: the agent's staging endpoint when it is
+        known (no remote shell), else one started by an exec."""
+        if self.endpoint is not None:
+            try:
+                return ForwardedChannel(self.ssh, self.cluster, self.endpoint)
+            except EndpointRefused as e:
+                log.info("%s: the staging endpoint at port %s is not usable (%s): a staging "
+                         "server starts over SSH instead", self.cluster.name,
+                         self.endpoint.get("port"), e)
+                self.use_endpoint(None)
+        return ParamikoChannel(self.ssh, self.cluster)
+
+    def use_endpoint(self, stage: Optional[dict], version: Optional[str] = None,
+                     agent: Optional[dict] = None) -> None:
+        """Stage through the agent's endpoint *stage* (its ``READY`` line's ``stage``) from
+        now on, and remember it (with the *agent*'s state) for the next process; None
+        forgets both."""
+        self.endpoint = stage
+        if stage is None:
+            endpoints.forget(self.cluster)
+        else:
+            endpoints.save(self.cluster, version or bundle.build()[1], stage, agent)
 
     def prepare(self, again: bool = False) -> None:
         """Start the control stream's staging server now, so that its start (a remote shell
@@ -112,7 +140,7 @@ class Stager(Gathering, SmallFilesOverStreams):
         (before the bundle was uploaded: it exits for want of it)."""
         if again and self._chan is not None and not self._chan._greeted:
             self._drop(self._chan)
-        if self._chan is None:
+        if self._chan is None and self.endpoint is None:  # the endpoint answers at once
             try:
                 self._chan = ParamikoChannel(self.ssh, self.cluster)
             except Exception as e:  # noqa: BLE001  (paramiko's own errors are no OSError)
@@ -126,8 +154,7 @@ class Stager(Gathering, SmallFilesOverStreams):
         """Parallel streams: OpenSSH logins, or channels of our paramiko connection where
         OpenSSH is not the carrier (``transfer = paramiko``, or ``auto`` without it)."""
         if self._bulk_refused:
-            return streams.StreamPool(self.cluster, self._send_file,
-                                      lambda: ParamikoChannel(self.ssh, self.cluster))
+            return streams.StreamPool(self.cluster, self._send_file, self._control)
         return streams.StreamPool(self.cluster, self._send_file)
 
     def _wants_bulk(self, size: int) -> bool:

@@ -33,7 +33,7 @@ DEFAULT_LEASE = 60.0
 #: exit code of ``start`` when the workdir's agent runs on another node
 EXIT_OTHER_NODE = 3
 #: keys of agent.json that only a client (over SSH) may see: never printed or logged
-PRIVATE_KEYS = ("secret", "curve")
+PRIVATE_KEYS = ("secret", "curve", "stage")
 
 
 def lease_term() -> float:

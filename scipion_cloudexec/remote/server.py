@@ -49,6 +49,7 @@ from .daemon import (AgentPaths, _read_state, lease_term, other_node, retire_oth
 from .jobs import JobFiles, JobSpec, JobState
 from .journal import Journal
 from .schedulers import SCHEDULERS, Scheduler, scheduler_kind
+from .stage_endpoint import Endpoint
 from .supervisor import Supervisor
 from .transport import serve_curve
 
@@ -126,6 +127,7 @@ class Agent:
         self.renewed = 0.0
         self.started = 0.0
         self._phase_logged: Dict[str, float] = {}
+        self.endpoint = Endpoint()  # the staging server new clients reach without a shell
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -165,6 +167,9 @@ class Agent:
                  "curve": self.curve,
                  "host": self.host, "started": self.started, "lease": self.lease,
                  "lease_until": now + self.lease}
+        stage = self.endpoint.state(wait=0.0)
+        if stage is not None:
+            state["stage"] = stage
         write_private(self.paths.state, json.dumps(state))
         self.renewed = time.monotonic()
 
@@ -191,6 +196,7 @@ class Agent:
 
     def serve(self) -> None:
         """Run the main loop until shut down or idle."""
+        self.endpoint.spawn(self.paths.workdir)  # its Python starts while we bind and adopt
         if self.sock is None:
             self.bind()
         assert self.jobs is not None
@@ -200,6 +206,7 @@ class Agent:
                         "ran out %.0f s ago", self.paths.workdir, previous.get("host"),
                         previous.get("pid"), time.time() - float(previous.get("lease_until", 0)))
         self.jobs.adopt()
+        self.endpoint.state()
         self.write_state()
         poller = zmq.Poller()
         wake: Optional[Tuple[int, int]] = None
@@ -278,6 +285,7 @@ class Agent:
                 os.unlink(self.paths.state)
             except OSError:
                 pass
+        self.endpoint.stop()
         if self.jobs is not None:
             self.jobs.stop()
         if self.sock is not None:  # a moment for the last replies (Shutdown's Done) to leave:

@@ -480,7 +480,11 @@ def serve(workdir: str, stdin_fd: int = 0, stdout: Optional[BinaryIO] = None) ->
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="cloudexec-stage")
-    p.add_argument("command", choices=["serve"])
+    p.add_argument("command", choices=["serve", "listen"])
     p.add_argument("--workdir", required=True)
+    p.add_argument("--parent", type=int, default=0, help="listen: the agent's pid")
     a = p.parse_args(argv)
+    if a.command == "listen":
+        from . import stage_endpoint
+        return stage_endpoint.main(a.workdir, a.parent)
     return serve(a.workdir)

@@ -1,5 +1,8 @@
 """Bad input is refused where it is given, with a message naming it: job ids, environment
 names and values, and desktop paths rewritten only where a path starts."""
+import os
+import time
+
 import pytest
 
 from scipion_cloudexec.cluster.session import ClusterSession
@@ -123,9 +126,22 @@ def test_a_start_runs_one_remote_command_once_the_bundle_is_there(make_cluster):
     # each remote command pays the user's shell start-up (~/.bashrc, module systems): a
     # start with the bundle in place used two (its check, then the agent's start)
     from scipion_cloudexec.cluster.session import ClusterSession
+    # once the desktop knows the agent, none: it is reached through a port forward, and so
+    # is its staging endpoint; a stale memory (the agent gone) costs the one command again
+    import json
+    import signal
+    from scipion_cloudexec.cluster import endpoints
     c = make_cluster("local")
-    counts = []
-    for _ in range(2):  # a new workdir: the bundle uploaded; then there
+    counts, kinds = [], []
+    for i in range(4):  # new workdir: bundle uploaded; bundle there; agent known; agent gone
+        if i == 1:
+            endpoints.forget(c)  # as a desktop that never reached it
+        if i == 3:
+            with open(os.path.join(c.workdir, "agent", "agent.json")) as f:
+                pid = json.load(f)["pid"]
+            os.kill(pid, signal.SIGTERM)
+            while os.path.exists("/proc/%d" % pid):
+                time.sleep(0.05)
         session = ClusterSession(c)
         ran = []
         real = session.ssh.run
@@ -133,11 +149,15 @@ def test_a_start_runs_one_remote_command_once_the_bundle_is_there(make_cluster):
         try:
             session.start(stage=True)
             assert session.submit(["true"]).result().exit_code == 0
-            assert session.stager._chan is not None, "the staging server started with it"
+            if i in (0, 3):
+                assert session.stager._chan is not None, "the staging server started with it"
+            session.stager.mirrors()
+            kinds.append(session.stager._chan.kind)
         finally:
             session.close()
         counts.append(len(ran))
-    assert counts[1] == 1 and counts[0] > 1, counts
+    assert counts[0] > 1 and counts[1:] == [1, 0, 1], counts
+    assert kinds == ["paramiko", "paramiko", "endpoint", "paramiko"], kinds
 
 
 @pytest.mark.parametrize("says", [b"", b"SSH-2.0-OpenSSH_9.2\r\n"],

@@ -1,0 +1,230 @@
+"""The agent's staging endpoint: a new process stages through a port forward, with no remote
+shell; both sides prove the token; a stale or foreign endpoint costs a fallback, never data
+or a secret. Real sshd, agent and endpoint process; the foreign listener is a real process
+on the cluster's loopback."""
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from scipion_cloudexec.cluster import endpoints
+from scipion_cloudexec.cluster.session import ClusterSession
+from scipion_cloudexec.cluster.ssh import SSHConnection, Target
+from scipion_cloudexec.cluster.stager import Stager
+from scipion_cloudexec.remote.stage_endpoint import proof
+
+pytestmark = pytest.mark.bed
+
+
+def agent_state(c) -> dict:
+    with open(os.path.join(c.workdir, "agent", "agent.json")) as f:
+        return json.load(f)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def endpoint_pid(port: int) -> int:
+    """The pid listening on 127.0.0.1:port (from /proc: the endpoint's own process)."""
+    inode = None
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if parts[1].endswith(":%04X" % port) and parts[3] == "0A":
+                inode = parts[9]
+    assert inode, "nothing listens on port %d" % port
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir("/proc/%s/fd" % pid):
+                if os.readlink("/proc/%s/fd/%s" % (pid, fd)) == "socket:[%s]" % inode:
+                    return int(pid)
+        except OSError:
+            continue
+    raise AssertionError("no process owns port %d" % port)
+
+
+def project(tmp_path, n=20):
+    root = tmp_path / "proj"
+    data = {}
+    for i in range(n):
+        rel = "Runs/000002_ProtImport/extra/mic%03d.mrc" % i
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        data[rel] = os.urandom(1000 + 37 * i)
+        p.write_bytes(data[rel])
+    return root, data
+
+
+def new_stager(c, tmp_path):
+    ssh = SSHConnection(Target.of(c))
+    ssh.connect()
+    return Stager(ssh, c, hash_cache=str(tmp_path / "hashes.sqlite"))
+
+
+def test_a_new_process_stages_through_the_endpoint_with_no_remote_shell(make_cluster, tmp_path):
+    c = make_cluster("local")
+    root, data = project(tmp_path)
+    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")) as s:
+        s.start(stage=True)
+        stage = agent_state(c)["stage"]
+        assert "stage" not in s.agent_state, "the token stays out of the public state"
+        pid = endpoint_pid(stage["port"])
+        s.stage_in(str(root), ["Runs"], "proj")
+    # the next process: what the desktop remembered is enough, no agent start, no exec
+    st = new_stager(c, tmp_path)
+    try:
+        assert st.endpoint == {"port": stage["port"], "token": stage["token"]}
+        r = st.stage_in(str(root), ["Runs"], "proj")
+        assert st._chan.kind == "endpoint"
+        assert r.bytes_sent == 0 and r.unchanged == len(data)
+        (root / "Runs/000002_ProtImport/extra/new.mrc").write_bytes(b"x" * 5000)
+        r = st.stage_in(str(root), ["Runs"], "proj")
+        assert r.bytes_sent == 5000 and st._chan.kind == "endpoint"
+    finally:
+        st.close()
+        st.ssh.close()
+    for rel, content in data.items():
+        with open(os.path.join(c.workdir, "projects", "proj", rel), "rb") as f:
+            assert f.read() == content, rel
+    log = open(os.path.join(c.workdir, "agent", "agent.log")).read()
+    assert stage["token"] not in log and "staging endpoint pid %d" % pid in log
+    mode = os.stat(os.path.join(endpoints.folder())).st_mode & 0o777
+    assert mode == 0o700
+    for name in os.listdir(endpoints.folder()):
+        assert os.stat(os.path.join(endpoints.folder(), name)).st_mode & 0o777 == 0o600
+
+
+def test_the_endpoint_stops_with_its_agent_and_a_stale_one_costs_a_fallback(make_cluster,
+                                                                             tmp_path):
+    c = make_cluster("local")
+    root, data = project(tmp_path)
+    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")) as s:
+        s.start()
+        state = agent_state(c)
+    port = state["stage"]["port"]
+    pid = endpoint_pid(port)
+    os.kill(int(state["pid"]), signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(pid), "the endpoint outlived its agent"
+    st = new_stager(c, tmp_path)
+    try:
+        assert st.endpoint is not None, "remembered from the session"
+        r = st.stage_in(str(root), ["Runs"], "proj")
+        assert r.files == len(data) and st._chan.kind == "paramiko"
+        assert st.endpoint is None and endpoints.load(c, "x") is None
+    finally:
+        st.close()
+        st.ssh.close()
+    for rel, content in data.items():
+        with open(os.path.join(c.workdir, "projects", "proj", rel), "rb") as f:
+            assert f.read() == content, rel
+
+
+class Impostor:
+    """Another user's process that took the endpoint's port: it records what it is sent."""
+
+    def __init__(self, port: int):
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.srv.bind(("127.0.0.1", port))
+        self.srv.listen(4)
+        self.got = b""
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            conn.sendall(b'{"endpoint": 1, "nonce": "00112233445566778899aabbccddeeff"}\n')
+            conn.settimeout(2)
+            try:
+                while True:
+                    b = conn.recv(65536)
+                    if not b:
+                        break
+                    self.got += b
+                    if self.got.count(b"\n") == 1:  # answers the client's proof with a guess
+                        conn.sendall(b'{"proof": "%s"}\n' % (b"0" * 64))
+            except OSError:
+                pass
+            conn.close()
+
+    def close(self):
+        self.srv.close()
+
+
+def test_an_impostor_on_the_port_gets_no_request_and_the_staging_goes_on(make_cluster,
+                                                                         tmp_path):
+    c = make_cluster("local")
+    root, data = project(tmp_path)
+    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")) as s:
+        s.start()
+        state = agent_state(c)
+    token = state["stage"]["token"]
+    os.kill(int(state["pid"]), signal.SIGTERM)
+    port = state["stage"]["port"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            impostor = Impostor(port)
+            break
+        except OSError:  # the endpoint is still going
+            time.sleep(0.05)
+    else:
+        pytest.fail("port %d never freed" % port)
+    try:
+        st = new_stager(c, tmp_path)
+        try:
+            r = st.stage_in(str(root), ["Runs"], "proj")
+            assert r.files == len(data) and st._chan.kind == "paramiko"
+        finally:
+            st.close()
+            st.ssh.close()
+    finally:
+        impostor.close()
+    assert impostor.got, "the client reached the impostor"
+    assert impostor.got.count(b"\n") == 1, "a request after the failed proof: %r" % impostor.got
+    assert token.encode() not in impostor.got and b"mic0" not in impostor.got
+    for rel, content in data.items():
+        with open(os.path.join(c.workdir, "projects", "proj", rel), "rb") as f:
+            assert f.read() == content, rel
+
+
+def test_a_client_without_the_token_is_closed_unserved(make_cluster, tmp_path):
+    c = make_cluster("local")
+    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")) as s:
+        s.start()
+        stage = agent_state(c)["stage"]
+        token = bytes.fromhex(stage["token"])
+
+        def attempt(key: bytes):
+            with socket.create_connection(("127.0.0.1", stage["port"]), timeout=10) as k:
+                f = k.makefile("rb")
+                ns = json.loads(f.readline())["nonce"]
+                k.sendall(json.dumps({"nonce": "ab" * 16,
+                                      "proof": proof(key, "client", ns, "ab" * 16)})
+                          .encode() + b"\n" + b'{"cmd": "hello", "protocol": 0}\n')
+                try:
+                    return ns, f.read()  # until the server closes
+                except ConnectionResetError:  # closed with our hello unread
+                    return ns, b""
+
+        _ns, refused = attempt(b"\x01" * 32)
+        assert refused == b"", "served without the token: %r" % refused
+        ns, served = attempt(token)
+        lines = served.splitlines()
+        assert json.loads(lines[0]) == {"proof": proof(token, "server", ns, "ab" * 16)}
+        assert json.loads(lines[1])["error"] == "protocol", served  # then staging: protocol 0
