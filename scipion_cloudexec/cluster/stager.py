@@ -60,7 +60,8 @@ __all__ = ["Stager", "StageReport", "StagingError", "LinkLost", "InputMissing", 
 
 BULK_START = 128 << 20  # start it for a staging with this much new content
 BULK_MIN = 1 << 20  # once it runs, transfers from this size use it
-CHECKS_AHEAD = 2  # checks in flight: the cluster checks one batch while we walk the next
+CHECKS_AHEAD = 8  # checks in flight: the cluster checks while we walk, and a long round trip
+# is paid once for several batches (a walk ahead of the checks had waited 1 RTT per 2)
 
 
 def default_hash_cache() -> str:

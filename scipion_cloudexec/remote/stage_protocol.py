@@ -41,7 +41,11 @@ class Request:
 
     def encode(self) -> bytes:
         """One JSON line."""
-        return json.dumps(dict(dataclasses.asdict(self), cmd=self.CMD)).encode() + b"\n"
+        # shallow: fields are plain values and lists; dataclasses.asdict deep-copies every
+        # entry of a 10,000-file check (0.1-0.2 s of a cold stage-in)
+        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        body["cmd"] = self.CMD
+        return json.dumps(body).encode() + b"\n"
 
 
 @dataclass
