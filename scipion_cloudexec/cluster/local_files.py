@@ -29,6 +29,9 @@ BATCH_BYTES = 256 << 20  # and bytes: the next batch is hashed while this one tr
 #: the first batch is this small, the next ones twice the one before up to BATCH: the first
 #: check leaves (and the first contents travel) while most files are still being hashed
 FIRST_BATCH, FIRST_BATCH_BYTES = 256, 16 << 20
+#: batches walked ahead of the sender: with 2, a walk stopped at 1,800 files while a new
+#: process's stream opened (2-3 round trips), then ran behind the checks (issue 13)
+AHEAD = 8
 EXTERNAL = "_external"  # inputs outside the project, under their absolute path
 #: a gather's file still being received (renamed to its real name once verified): another
 #: cluster's stage-in walking the same run folder must not send it
@@ -84,7 +87,7 @@ class _Batch:
 
 
 class _Batches:
-    """Walks and hashes the files in a thread, at most two batches ahead of the sender
+    """Walks and hashes the files in a thread, at most AHEAD batches ahead of the sender
     (hashlib and file reads release the GIL, so both cores work)."""
 
     _END = object()
@@ -92,7 +95,7 @@ class _Batches:
     def __init__(self, stager: "Stager", project_root: str, paths: Sequence[str],
                  exclude: Sequence[str],
                  entries: Optional[Iterator[Tuple[str, Optional["_Local"]]]] = None):
-        self._q: "queue.Queue" = queue.Queue(maxsize=2)
+        self._q: "queue.Queue" = queue.Queue(maxsize=AHEAD)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cloudexec-hash", daemon=True,
                                         args=(stager, project_root, paths, exclude, entries))

@@ -77,7 +77,7 @@ class Cache:
         out: Dict[str, Record] = {}
         for i in range(0, len(shas), 500):  # old sqlite allows 999 parameters
             chunk = shas[i:i + 500]
-            out.update((r[0], tuple(r[1:])) for r in self.db.execute(
+            out.update((r[0], r[1:]) for r in self.db.execute(
                 "SELECT sha256, size, mtime_ns, ino FROM objects WHERE sha256 IN (%s)"
                 % ",".join("?" * len(chunk)), chunk))
         return out

@@ -219,3 +219,36 @@ def test_a_file_of_another_hash_is_not_published_and_its_chunks_are_dropped(tmp_
     assert answers[3] == {"bad": hashlib.sha256(bad).hexdigest()}
     assert answers[4] == {"present": False, "have": []}
     assert not os.path.exists(os.path.join(work, "cache", "objects", sha[:2], sha))
+
+
+def test_safe_rel_refuses_every_path_that_leaves_its_root_and_normalizes_as_normpath():
+    """The server's guard on every path a client names; its fast path for clean paths must
+    agree with the normpath rule it shortcuts, on hostile paths and random ones."""
+    import os
+    import random
+    from scipion_cloudexec.remote.cache import StageError
+    from scipion_cloudexec.remote.stage_server import safe_rel
+
+    def rule(rel):
+        norm = os.path.normpath(rel)
+        if os.path.isabs(rel) or norm == ".." or norm.startswith("../") or "\0" in rel \
+                or not rel:
+            return None
+        return norm
+
+    rng = random.Random(13)
+    parts = ["a", "b", ".", "..", "", "...", "..a", "a..", "é", "\0", " "]
+    cases = ["../x", "a/../../x", "/etc/passwd", "a/\0b", "", "..", "a//b", "./a/./b/",
+             "a/b/../../..", "Runs/000007_X/../../../evil1"]
+    cases += ["/".join(rng.choice(parts) for _ in range(rng.randint(1, 5)))
+              for _ in range(5000)]
+    for rel in cases:
+        want = rule(rel)
+        try:
+            got = safe_rel(rel)
+        except StageError:
+            got = None
+        assert got == want, rel
+    for hostile in ("../x", "a/../../x", "/etc/passwd", "a/\0b", "", ".."):
+        with pytest.raises(StageError):
+            safe_rel(hostile)
