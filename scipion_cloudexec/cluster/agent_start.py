@@ -111,7 +111,12 @@ def ensure(session: "ClusterSession", module: str, package: str) -> None:
         AgentStartError: it is missing and cannot be installed (says how to fix).
     """
     c = session.cluster
-    res = session.ssh.run(bundle.command(c, "has", module, package), timeout=60)
+    cmd = bundle.command(c, "has", module, package)
+    # the bundle is checked here too: a session that reached a known agent ran no start
+    res = session.ssh.run(bundle.if_intact(c, cmd), timeout=60)
+    if bundle.NO_BUNDLE in res.stdout.decode(errors="replace"):
+        bundle.upload(session.ssh, c)
+        res = session.ssh.run(cmd, timeout=60)
     remote = provision.RemotePython.from_output(res.stdout.decode(errors="replace"))
     if res.exit_status == 0 or remote is None:
         return  # there (or the probe itself failed: the job will say why)

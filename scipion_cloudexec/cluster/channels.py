@@ -245,24 +245,40 @@ class ForwardedChannel(ParamikoChannel):
         self.chan.settimeout(dead_link_seconds(cluster))
         self.send(Hello())
 
+    def _proof_line(self, deadline: float) -> bytes:
+        """One line of the handshake, bounded in size and by the handshake's *deadline*: a
+        stranger on a stale port can neither hold the client nor fill its memory."""
+        from ..remote.stage_endpoint import MAX_LINE
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise EndpointRefused("no proof within %.0f s" % self.PROVE_SECONDS)
+        self.chan.settimeout(left)
+        try:
+            line = self.out.readline(MAX_LINE)
+        except socket.timeout:
+            raise EndpointRefused("no proof within %.0f s" % self.PROVE_SECONDS) from None
+        if not line.endswith(b"\n"):
+            raise EndpointRefused("it closed the connection, or sent no line")
+        return line
+
     def _prove(self, token: bytes) -> None:
         from ..remote.stage_endpoint import ENDPOINT_PROTOCOL, proof
         import secrets
-        self.chan.settimeout(self.PROVE_SECONDS)
+        deadline = time.monotonic() + self.PROVE_SECONDS
         try:
-            first = json.loads(self._readline() or b"null")
+            first = json.loads(self._proof_line(deadline))
             if not isinstance(first, dict) or first.get("endpoint") != ENDPOINT_PROTOCOL:
                 raise EndpointRefused("it does not speak endpoint protocol %d"
                                       % ENDPOINT_PROTOCOL)
             ns, nc = str(first.get("nonce")), secrets.token_hex(16)
             self.sendall(json.dumps({"nonce": nc, "proof": proof(token, "client", ns, nc)})
                          .encode() + b"\n")
-            answer = json.loads(self._readline() or b"null")
+            answer = json.loads(self._proof_line(deadline))
             if not (isinstance(answer, dict) and hmac.compare_digest(
                     str(answer.get("proof")), proof(token, "server", ns, nc))):
                 raise EndpointRefused("it did not prove it holds the token")
-        except (LinkLost, ValueError) as e:
-            raise EndpointRefused(str(e)) from None
+        except (OSError, EOFError, ValueError) as e:
+            raise EndpointRefused(str(e) or type(e).__name__) from None
 
     def exit_status(self) -> Optional[int]:
         return None  # a forwarded connection has none

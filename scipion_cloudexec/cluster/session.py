@@ -33,7 +33,7 @@ from ..version import PROTOCOL_VERSION
 from . import bundle, endpoints
 from .agent_start import ensure, replace_agent, start_agent
 from .agent_client import AgentClient, JobFuture, OutputCallback
-from .errors import InfraError, LinkLost, VersionMismatch
+from .errors import AgentNotAnswering, InfraError, LinkLost, VersionMismatch
 from .ssh import SSHConnection, Target
 from .local_files import Progress, StageReport
 from .stager import Stager
@@ -175,24 +175,31 @@ class ClusterSession:
         state = endpoints.load_agent(self.cluster, self.version)
         if state is None:
             return None
-        why = ""
+        why, forget = "", True
+        port = int(state["port"])
         try:
             # a refused forward says "gone" in one round trip; the handshake would wait
-            self.ssh._require().open_channel("direct-tcpip", ("127.0.0.1", int(state["port"])),
+            t0 = time.monotonic()
+            self.ssh._require().open_channel("direct-tcpip", ("127.0.0.1", port),
                                              ("127.0.0.1", 0),
                                              timeout=self.cluster.connect_timeout).close()
-            welcome = self.agent.connect(
-                state, timeout=min(KNOWN_AGENT_WAIT, self.cluster.connect_timeout))
+            # the handshake takes a few round trips: on a slow link, more than the default
+            wait = max(KNOWN_AGENT_WAIT, 10 * (time.monotonic() - t0))
+            welcome = self.agent.connect(state, timeout=min(wait, self.cluster.connect_timeout))
             if welcome.version != self.version or welcome.pid != state.get("pid") or \
                     welcome.workdir.rstrip("/") != self.cluster.workdir.rstrip("/"):
                 why = "another agent answers there (pid %s)" % welcome.pid
+        except AgentNotAnswering as e:  # slow, maybe: the start over SSH finds it again
+            why, forget = str(e), False
         except Exception as e:  # noqa: BLE001  (paramiko's ChannelException is no OSError)
             why = str(e) or type(e).__name__
         if why:
-            log.info("%s: the agent last reached (pid %s) is gone (%s): starting it over SSH",
-                     self.cluster.name, state.get("pid"), why)
+            log.info("%s: the agent last reached (pid %s) is not reachable as it was (%s): "
+                     "starting it over SSH", self.cluster.name, state.get("pid"), why)
             self.agent.disconnect()
-            self.stager.use_endpoint(None)
+            self.ssh.drop_forwards(port)
+            if forget:
+                self.stager.use_endpoint(None)
             return None
         self.agent.welcome = welcome
         self._started = True

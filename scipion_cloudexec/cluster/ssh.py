@@ -312,6 +312,12 @@ class SSHConnection:
         self._forwards.append(fwd)
         return fwd
 
+    def drop_forwards(self, remote_port: int) -> None:
+        """Close the forwards to *remote_port* (an agent found gone there)."""
+        for fwd in [f for f in self._forwards if f.remote[1] == remote_port]:
+            fwd.close()
+            self._forwards.remove(fwd)
+
     def close(self) -> None:
         for fwd in self._forwards:
             fwd.close()

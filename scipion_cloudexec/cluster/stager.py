@@ -113,13 +113,14 @@ class Stager(Gathering, SmallFilesOverStreams):
     def _control(self) -> ServerChannel:
         """A server on a channel of our connection: the agent's staging endpoint when it is
         known (no remote shell), else one started by an exec."""
-        if self.endpoint is not None:
+        endpoint = self.endpoint  # once: a stream of the pool may forget it meanwhile
+        if endpoint is not None:
             try:
-                return ForwardedChannel(self.ssh, self.cluster, self.endpoint)
+                return ForwardedChannel(self.ssh, self.cluster, endpoint)
             except EndpointRefused as e:
                 log.info("%s: the staging endpoint at port %s is not usable (%s): a staging "
                          "server starts over SSH instead", self.cluster.name,
-                         self.endpoint.get("port"), e)
+                         endpoint.get("port"), e)
                 self.use_endpoint(None)
         return ParamikoChannel(self.ssh, self.cluster)
 

@@ -189,6 +189,7 @@ class Agent:
                       state.get("version"), state.get("pid"), state.get("host"))
             self.running = False
             return
+        self.endpoint.revive(self.paths.workdir)  # one that died is replaced, and said so
         try:
             self.write_state()
         except OSError as e:  # e.g. NFS away for a moment: try again next turn

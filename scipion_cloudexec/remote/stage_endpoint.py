@@ -12,13 +12,16 @@ endpoint's token (``agent.json``'s ``stage``, mode 0600, sent to clients over SS
 
 The token never travels, a proof is good for one connection only, and a client checks the
 server's proof before it sends a request: a process of another user that took a stale port
-learns neither the token nor any path. A wrong proof closes the connection unanswered.
+learns neither the token nor any path. A wrong proof closes the connection unanswered. The
+stream after the proofs is not encrypted on the cluster's loopback, so a connection is only
+served when its other end belongs to this user (sshd's forward for our own logins, from
+/proc/net/tcp): a relay run by another user, say from another login node to this one, is
+closed before any process is forked for it.
 
 Shipped to the cluster: standard library only.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import hmac
 import json
@@ -37,6 +40,7 @@ ENDPOINT_PROTOCOL = 1
 AUTH_SECONDS = 15.0      # a connection that has not proved itself by then is closed
 WRITE_STALL = 3600.0     # a client that reads nothing for this long is gone
 MAX_LINE = 1024
+MAX_CHILDREN = 64        # connections served at once (a protocol uses a few)
 
 log = logging.getLogger("cloudexec.stage")
 
@@ -47,10 +51,15 @@ def proof(token: bytes, side: str, server_nonce: str, client_nonce: str) -> str:
     return hmac.new(token, msg, hashlib.sha256).hexdigest()
 
 
-def _line(sock: socket.socket) -> bytes:
-    """One line of at most MAX_LINE bytes, read byte-wise: what follows belongs to serve()."""
+def _line(sock: socket.socket, deadline: float) -> bytes:
+    """One line of at most MAX_LINE bytes by *deadline* (monotonic), read byte-wise: what
+    follows belongs to serve()."""
     out = bytearray()
     while len(out) < MAX_LINE:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("no proof within %.0f s" % AUTH_SECONDS)
+        sock.settimeout(left)
         b = sock.recv(1)
         if not b:
             break
@@ -60,14 +69,37 @@ def _line(sock: socket.socket) -> bytes:
     raise ConnectionError("no proof line")
 
 
+def _tcp_key(addr) -> str:
+    """An IPv4 (host, port) as /proc/net/tcp writes it."""
+    host, port = addr
+    return "%08X:%04X" % (int.from_bytes(socket.inet_aton(host), "little"), port)
+
+
+def peer_uid(conn: socket.socket) -> Optional[int]:
+    """The uid owning the other end of a loopback TCP connection (from /proc/net/tcp), or
+    None when it cannot be told."""
+    mine, theirs = _tcp_key(conn.getsockname()), _tcp_key(conn.getpeername())
+    try:
+        with open("/proc/net/tcp") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 7 and parts[1] == theirs and parts[2] == mine:
+                    return int(parts[7])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def handle(conn: socket.socket, workdir: str, token: bytes) -> int:
     """Serve one connection: prove, check the client's proof, then stage."""
     from .stage_server import serve  # imported here: stage_server's main imports us
+    deadline = time.monotonic() + AUTH_SECONDS  # for the whole handshake, not each read
     conn.settimeout(AUTH_SECONDS)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # answers are small lines
     ns = secrets.token_hex(16)
     try:
         conn.sendall(json.dumps({"endpoint": ENDPOINT_PROTOCOL, "nonce": ns}).encode() + b"\n")
-        hello = json.loads(_line(conn))
+        hello = json.loads(_line(conn, deadline))
         nc = str(hello["nonce"])
         if not (16 <= len(nc) <= 128) or not hmac.compare_digest(
                 str(hello["proof"]), proof(token, "client", ns, nc)):
@@ -85,9 +117,25 @@ def handle(conn: socket.socket, workdir: str, token: bytes) -> int:
 def _die_with_parent() -> None:
     """SIGTERM when the agent that started us dies (Linux; elsewhere the loop's check)."""
     try:
+        import ctypes  # here: a Python built without libffi lacks it, and the agent imports us
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError):
         pass
+
+
+class _Refusals:
+    """Connections refused, logged at most once a minute with their count."""
+
+    def __init__(self) -> None:
+        self.count, self.logged = 0, 0.0
+
+    def add(self, why: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.logged >= 60:
+            log.warning("staging endpoint: %d connection(s) refused in the last minute "
+                        "(last: %s)", self.count, why)
+            self.count, self.logged = 0, now
 
 
 def listen(workdir: str, token: bytes, parent: int, ready=sys.stdout) -> int:
@@ -99,7 +147,8 @@ def listen(workdir: str, token: bytes, parent: int, ready=sys.stdout) -> int:
     srv.listen(64)
     ready.write("PORT %d\n" % srv.getsockname()[1])
     ready.flush()
-    children = set()
+    children: set = set()
+    refused = _Refusals()
     while os.getppid() == parent:
         r, _, _ = select.select([srv], [], [], 1.0)
         while children:  # reap
@@ -116,6 +165,14 @@ def listen(workdir: str, token: bytes, parent: int, ready=sys.stdout) -> int:
         try:
             conn, _addr = srv.accept()
         except OSError:
+            continue
+        # only our own user's processes (sshd's forward for our logins) get a server: a
+        # relay run by another user (from another login node, say) is closed unanswered
+        uid = peer_uid(conn)
+        if uid != os.getuid() or len(children) >= MAX_CHILDREN:
+            refused.add("peer uid %s" % uid if uid != os.getuid()
+                        else "%d connections served already" % len(children))
+            conn.close()
             continue
         try:
             pid = os.fork()
@@ -201,6 +258,19 @@ class Endpoint:
             log.warning("staging endpoint not started: %s", e)
             self.stop()
         return self._state
+
+    def revive(self, workdir: str) -> bool:
+        """Start the endpoint again if it exited (True then: agent.json must say so)."""
+        proc = self.proc
+        if proc is None or proc.poll() is None:
+            return False
+        log.warning("staging endpoint pid %d exited (status %s): starting another",
+                    proc.pid, proc.returncode)
+        self.stop()
+        self._state = None
+        self.spawn(workdir)
+        self.state()
+        return True
 
     def stop(self) -> None:
         """Stop the endpoint (connections being served finish on their own)."""

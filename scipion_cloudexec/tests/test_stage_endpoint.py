@@ -81,6 +81,10 @@ def test_a_new_process_stages_through_the_endpoint_with_no_remote_shell(make_clu
         s.stage_in(str(root), ["Runs"], "proj")
     # the next process: what the desktop remembered is enough, no agent start, no exec
     st = new_stager(c, tmp_path)
+    sessions = []
+    transport = st.ssh._require()
+    real_open = transport.open_session
+    transport.open_session = lambda *a, **k: (sessions.append(1), real_open(*a, **k))[1]
     try:
         assert st.endpoint == {"port": stage["port"], "token": stage["token"]}
         r = st.stage_in(str(root), ["Runs"], "proj")
@@ -89,6 +93,7 @@ def test_a_new_process_stages_through_the_endpoint_with_no_remote_shell(make_clu
         (root / "Runs/000002_ProtImport/extra/new.mrc").write_bytes(b"x" * 5000)
         r = st.stage_in(str(root), ["Runs"], "proj")
         assert r.bytes_sent == 5000 and st._chan.kind == "endpoint"
+        assert sessions == [], "a remote command ran"
     finally:
         st.close()
         st.ssh.close()
@@ -103,8 +108,9 @@ def test_a_new_process_stages_through_the_endpoint_with_no_remote_shell(make_clu
         assert os.stat(os.path.join(endpoints.folder(), name)).st_mode & 0o777 == 0o600
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
 def test_the_endpoint_stops_with_its_agent_and_a_stale_one_costs_a_fallback(make_cluster,
-                                                                             tmp_path):
+                                                                             tmp_path, sig):
     c = make_cluster("local")
     root, data = project(tmp_path)
     with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")) as s:
@@ -112,7 +118,7 @@ def test_the_endpoint_stops_with_its_agent_and_a_stale_one_costs_a_fallback(make
         state = agent_state(c)
     port = state["stage"]["port"]
     pid = endpoint_pid(port)
-    os.kill(int(state["pid"]), signal.SIGTERM)
+    os.kill(int(state["pid"]), sig)
     deadline = time.monotonic() + 10
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -122,7 +128,7 @@ def test_the_endpoint_stops_with_its_agent_and_a_stale_one_costs_a_fallback(make
         assert st.endpoint is not None, "remembered from the session"
         r = st.stage_in(str(root), ["Runs"], "proj")
         assert r.files == len(data) and st._chan.kind == "paramiko"
-        assert st.endpoint is None and endpoints.load(c, "x") is None
+        assert st.endpoint is None and not os.path.exists(endpoints._path(c)), "forgotten"
     finally:
         st.close()
         st.ssh.close()
@@ -228,3 +234,122 @@ def test_a_client_without_the_token_is_closed_unserved(make_cluster, tmp_path):
         lines = served.splitlines()
         assert json.loads(lines[0]) == {"proof": proof(token, "server", ns, "ab" * 16)}
         assert json.loads(lines[1])["error"] == "protocol", served  # then staging: protocol 0
+
+
+RELAY = r"""
+import socket, sys, threading
+up = int(sys.argv[1])
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+print(srv.getsockname()[1], flush=True)
+a, _ = srv.accept()
+b = socket.create_connection(("127.0.0.1", up))
+def pipe(x, y):
+    try:
+        while True:
+            d = x.recv(65536)
+            if not d:
+                break
+            y.sendall(d)
+    except OSError:
+        pass
+    for s in (x, y):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+t = threading.Thread(target=pipe, args=(b, a))
+t.start()
+pipe(a, b)
+t.join()
+"""
+
+
+def children_of(pid: int) -> list:
+    out = []
+    for task in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+            out += f.read().split()
+    return out
+
+
+def test_a_relay_run_by_another_user_is_closed_before_any_server_or_nonce(make_cluster,
+                                                                          tmp_path):
+    """Another user relaying to the endpoint (as from another login node to this one) would
+    pass both proofs through unchanged and then read the staging stream: the endpoint serves
+    only connections whose other end is its own user's."""
+    import shutil
+    import subprocess
+    python, setpriv = "/usr/bin/python3", shutil.which("setpriv")
+    if os.getuid() != 0 or not setpriv or not os.path.exists(python):
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to run a relay as nobody")
+    c = make_cluster("local")
+    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")) as s:
+        s.start()
+        stage = agent_state(c)["stage"]
+        listener = endpoint_pid(stage["port"])
+        before = children_of(listener)
+        relay = subprocess.Popen([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+                                  python, "-c", RELAY, str(stage["port"])],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(relay.stdout.readline())
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as k:
+                try:
+                    got = k.recv(4096)
+                except ConnectionResetError:
+                    got = b""
+            assert got == b"", "the endpoint answered a relay of another user: %r" % got
+            assert children_of(listener) == before, "a server was forked for the relay"
+        finally:
+            relay.kill()
+            relay.wait()
+        # our own user's connection is still served
+        with socket.create_connection(("127.0.0.1", stage["port"]), timeout=10) as k:
+            assert json.loads(k.makefile("rb").readline())["endpoint"] == 1
+    log = open(os.path.join(c.workdir, "agent", "agent.log")).read()
+    assert "connection(s) refused" in log and "peer uid 65534" in log
+
+
+def test_an_endpoint_that_died_is_replaced_and_a_remembered_agent_that_is_not_ours_is_left(
+        make_cluster, tmp_path):
+    c = make_cluster("local", heartbeat=0.5)
+    root, data = project(tmp_path)
+    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")) as s:
+        s.start()
+        old = agent_state(c)["stage"]
+    os.kill(endpoint_pid(old["port"]), signal.SIGKILL)
+    deadline = time.monotonic() + 20  # the agent looks at each lease renewal
+    while agent_state(c).get("stage", {}).get("port") in (None, old["port"]):
+        assert time.monotonic() < deadline, "the dead endpoint was not replaced"
+        time.sleep(0.1)
+    new = agent_state(c)["stage"]
+    assert new["token"] != old["token"]
+    # the desktop remembers an agent whose pid is not the one answering: not trusted
+    path = endpoints._path(c)
+    with open(path) as f:
+        entry = json.load(f)
+    entry["agent"]["pid"] += 1
+    with open(path, "w") as f:
+        json.dump(entry, f)
+    s = ClusterSession(c, hash_cache=str(tmp_path / "h1.sqlite"))
+    try:
+        ran = []
+        real = s.ssh.run
+        s.ssh.run = lambda cmd, **k: (ran.append(cmd), real(cmd, **k))[1]
+        s.start(stage=True)
+        assert len(ran) == 1, "the agent was not started over SSH: %s" % ran
+        s.stage_in(str(root), ["Runs"], "proj")
+    finally:
+        s.close()
+    with open(path) as f:
+        entry = json.load(f)
+    assert entry["agent"]["pid"] == agent_state(c)["pid"] and entry["stage"] == new
+    st = new_stager(c, tmp_path)
+    try:
+        r = st.stage_in(str(root), ["Runs"], "proj")
+        assert st._chan.kind == "endpoint" and r.unchanged == len(data)
+    finally:
+        st.close()
+        st.ssh.close()
