@@ -18,6 +18,7 @@ import hmac
 import io
 import json
 import os
+import select
 import socket
 import subprocess
 import tempfile
@@ -51,6 +52,10 @@ def server_command(cluster: ClusterConfig) -> str:
 def dead_link_seconds(cluster: ClusterConfig) -> float:
     """No progress for this long means a dead link (a cut link drops packets silently)."""
     return max(10.0, 6 * cluster.heartbeat)
+
+
+class EndpointRefused(Exception):
+    """The cluster's staging endpoint cannot be used (gone, or not ours): start a server."""
 
 
 class ServerChannel:
@@ -88,6 +93,37 @@ class ServerChannel:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    PROVE_SECONDS = 10.0
+
+    def _proof_line(self, deadline: float) -> bytes:
+        """One line of the endpoint's handshake by *deadline*, of at most MAX_LINE bytes."""
+        raise NotImplementedError
+
+    def _prove(self, token: bytes, seconds: float = PROVE_SECONDS) -> None:
+        """The staging endpoint's handshake (docs/PROTOCOL.md): both sides prove they hold
+        *token* before the client sends anything else.
+
+        Raises:
+            EndpointRefused: it is not our endpoint, or it did not answer in *seconds*.
+        """
+        from ..remote.stage_endpoint import ENDPOINT_PROTOCOL, proof
+        import secrets
+        deadline = time.monotonic() + seconds
+        try:
+            first = json.loads(self._proof_line(deadline))
+            if not isinstance(first, dict) or first.get("endpoint") != ENDPOINT_PROTOCOL:
+                raise EndpointRefused("it does not speak endpoint protocol %d"
+                                      % ENDPOINT_PROTOCOL)
+            ns, nc = str(first.get("nonce")), secrets.token_hex(16)
+            self.sendall(json.dumps({"nonce": nc, "proof": proof(token, "client", ns, nc)})
+                         .encode() + b"\n")
+            answer = json.loads(self._proof_line(deadline))
+            if not (isinstance(answer, dict) and hmac.compare_digest(
+                    str(answer.get("proof")), proof(token, "server", ns, nc))):
+                raise EndpointRefused("it did not prove it holds the token")
+        except (OSError, EOFError, ValueError) as e:
+            raise EndpointRefused(str(e) or type(e).__name__) from None
 
     # -- the protocol --------------------------------------------------------------------
     def send(self, request: Request) -> None:
@@ -207,10 +243,6 @@ class ParamikoChannel(ServerChannel):
         t.join(2.0)
 
 
-class EndpointRefused(Exception):
-    """The cluster's staging endpoint cannot be used (gone, or not ours): start a server."""
-
-
 class ForwardedChannel(ParamikoChannel):
     """The agent's staging endpoint (``remote/stage_endpoint.py``) through a port forward of
     the open paramiko connection: no remote shell, no Python start. Both sides prove they
@@ -221,7 +253,6 @@ class ForwardedChannel(ParamikoChannel):
     """
 
     kind = "endpoint"
-    PROVE_SECONDS = 10.0
 
     def __init__(self, ssh: SSHConnection, cluster: ClusterConfig, endpoint: dict):
         ServerChannel.__init__(self, cluster)
@@ -261,25 +292,6 @@ class ForwardedChannel(ParamikoChannel):
             raise EndpointRefused("it closed the connection, or sent no line")
         return line
 
-    def _prove(self, token: bytes) -> None:
-        from ..remote.stage_endpoint import ENDPOINT_PROTOCOL, proof
-        import secrets
-        deadline = time.monotonic() + self.PROVE_SECONDS
-        try:
-            first = json.loads(self._proof_line(deadline))
-            if not isinstance(first, dict) or first.get("endpoint") != ENDPOINT_PROTOCOL:
-                raise EndpointRefused("it does not speak endpoint protocol %d"
-                                      % ENDPOINT_PROTOCOL)
-            ns, nc = str(first.get("nonce")), secrets.token_hex(16)
-            self.sendall(json.dumps({"nonce": nc, "proof": proof(token, "client", ns, nc)})
-                         .encode() + b"\n")
-            answer = json.loads(self._proof_line(deadline))
-            if not (isinstance(answer, dict) and hmac.compare_digest(
-                    str(answer.get("proof")), proof(token, "server", ns, nc))):
-                raise EndpointRefused("it did not prove it holds the token")
-        except (OSError, EOFError, ValueError) as e:
-            raise EndpointRefused(str(e) or type(e).__name__) from None
-
     def exit_status(self) -> Optional[int]:
         return None  # a forwarded connection has none
 
@@ -297,21 +309,59 @@ class OpenSSHChannel(ServerChannel):
 
     kind = "openssh"
 
-    def __init__(self, cluster: ClusterConfig, ssh: str = "ssh"):
+    def __init__(self, cluster: ClusterConfig, ssh: str = "ssh",
+                 endpoint: Optional[dict] = None):
         super().__init__(cluster)
         beat = max(1.0, cluster.heartbeat)
+        if endpoint is not None:  # the agent's staging endpoint: no remote shell (ssh -W)
+            self.kind = "openssh endpoint"
         argv = openssh_argv(Target.of(cluster), server_command(cluster), alive_interval=beat,
-                            alive_count=max(3, int(dead_link_seconds(cluster) / beat)), ssh=ssh)
+                            alive_count=max(3, int(dead_link_seconds(cluster) / beat)), ssh=ssh,
+                            forward=int(endpoint["port"]) if endpoint is not None else None)
         self._err = tempfile.TemporaryFile()  # a pipe could fill and stall ssh
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._err, bufsize=0, start_new_session=True)
         self._in = self.proc.stdin.fileno()
         self.out = io.BufferedReader(self.proc.stdout, BLOCK)
         self._sendfile = hasattr(os, "sendfile")
+        if endpoint is not None:  # the login, then the proofs: this waits, in a stream's thread
+            try:
+                self._prove(bytes.fromhex(endpoint["token"]),
+                            cluster.connect_timeout + self.PROVE_SECONDS)
+            except BaseException as e:
+                self.proc.kill()  # its stderr says why (a refused forward, a failed login)
+                self.proc.wait()
+                said = self.stderr()
+                self.close()
+                if isinstance(e, EndpointRefused) and said:
+                    raise EndpointRefused("%s (ssh: %s)" % (e, said)) from None
+                raise
         try:
             self.send(Hello())
         except OSError:
             pass  # ssh already exited: the first answer reports why, from its stderr
+
+    def _proof_line(self, deadline: float) -> bytes:
+        """Read from the pipe itself, before its buffered reader has taken anything: nothing
+        follows a handshake line until we send the next."""
+        from ..remote.stage_endpoint import MAX_LINE
+        fd = self.proc.stdout.fileno()
+        buf = b""
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or len(buf) >= MAX_LINE:
+                raise EndpointRefused("no proof line in time")
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            block = os.read(fd, MAX_LINE - len(buf))
+            if not block:
+                raise EndpointRefused("the connection closed")
+            buf += block
+        line, rest = buf.split(b"\n", 1)
+        if rest:
+            raise EndpointRefused("it sent more than its handshake line")
+        return line + b"\n"
 
     def sendall(self, data: bytes) -> None:
         view = memoryview(data)

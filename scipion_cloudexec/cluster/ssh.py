@@ -99,11 +99,15 @@ OPENSSH_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly13
 
 
 def openssh_argv(target: Target, command: str, alive_interval: float = 5.0,
-                 alive_count: int = 3, ssh: str = "ssh") -> List[str]:
+                 alive_count: int = 3, ssh: str = "ssh",
+                 forward: Optional[int] = None) -> List[str]:
     """The system OpenSSH client running *command* on *target*, held to the same rules as
     :class:`SSHConnection`: the key only (no password, no agent prompts), the host key
     checked against the same known_hosts and never added, no forwarding of any kind.
-    A link silent for ``alive_interval * alive_count`` seconds ends the command."""
+    A link silent for ``alive_interval * alive_count`` seconds ends the command. With
+    *forward*, no command: its stdin/stdout are a connection to that port of the cluster's
+    loopback (``-W``; no remote shell)."""
+    where = ["-W", "127.0.0.1:%d" % forward] if forward else []
     return [ssh, "-T", "-x", "-a", "-p", str(target.port), "-l", target.user,
             "-i", target.identity_file, "-o", "IdentitiesOnly=yes",
             "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
@@ -116,7 +120,7 @@ def openssh_argv(target: Target, command: str, alive_interval: float = 5.0,
             "-o", "ServerAliveInterval=%d" % max(1, round(alive_interval)),
             "-o", "ServerAliveCountMax=%d" % alive_count, "-o", "ClearAllForwardings=yes",
             "-o", "Ciphers=^%s" % OPENSSH_CIPHERS, "-o", "LogLevel=ERROR",
-            "-F", "/dev/null", "--", target.host, command]
+            "-F", "/dev/null"] + where + ["--", target.host] + ([] if forward else [command])
 
 
 @dataclass

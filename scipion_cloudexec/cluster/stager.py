@@ -157,7 +157,22 @@ class Stager(Gathering, SmallFilesOverStreams):
         OpenSSH is not the carrier (``transfer = paramiko``, or ``auto`` without it)."""
         if self._bulk_refused:
             return streams.StreamPool(self.cluster, self._send_file, self._control)
-        return streams.StreamPool(self.cluster, self._send_file)
+        return streams.StreamPool(self.cluster, self._send_file, self._bulk_stream)
+
+    def _bulk_stream(self) -> ServerChannel:
+        """An OpenSSH stream of the pool (made in the stream's own thread): to the agent's
+        staging endpoint when it is known (``ssh -W``: no remote shell), else a server
+        started by an exec."""
+        endpoint = self.endpoint
+        if endpoint is not None:
+            try:
+                return OpenSSHChannel(self.cluster, endpoint=endpoint)
+            except EndpointRefused as e:
+                log.info("%s: the staging endpoint at port %s is not usable over OpenSSH "
+                         "(%s): its streams start servers over SSH instead", self.cluster.name,
+                         endpoint.get("port"), e)
+                self.use_endpoint(None)
+        return OpenSSHChannel(self.cluster)
 
     def _wants_bulk(self, size: int) -> bool:
         running = self._bulk_chan is not None and self._bulk_chan.alive

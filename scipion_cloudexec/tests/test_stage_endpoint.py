@@ -353,3 +353,30 @@ def test_an_endpoint_that_died_is_replaced_and_a_remembered_agent_that_is_not_ou
     finally:
         st.close()
         st.ssh.close()
+
+
+def test_parallel_openssh_streams_reach_the_endpoint_with_no_remote_shell(make_cluster,
+                                                                          tmp_path):
+    """Large and many files go over several OpenSSH streams: each is an ``ssh -W`` to the
+    endpoint (a login, no shell, no Python start) once the endpoint is known."""
+    from scipion_cloudexec.cluster import streams
+    c = make_cluster("local", streams="3", transfer="openssh")
+    root, data = project(tmp_path, n=40)
+    big = "Runs/000002_ProtImport/extra/movie.mrcs"
+    data[big] = os.urandom(streams.CHUNKED_MIN + (3 << 20))
+    (root / big).write_bytes(data[big])
+    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")):
+        pass  # the agent started, its endpoint remembered
+    st = new_stager(c, tmp_path)
+    try:
+        r = st.stage_in(str(root), ["Runs"], "proj")
+        kinds = {ch.kind for ch in st._pool.channels}
+        n = len(st._pool.channels)
+        assert r.bytes_sent == sum(map(len, data.values()))
+    finally:
+        st.close()
+        st.ssh.close()
+    assert kinds == {"openssh endpoint"} and n >= 2, (kinds, n)
+    for rel, content in data.items():
+        with open(os.path.join(c.workdir, "projects", "proj", rel), "rb") as f:
+            assert f.read() == content, rel
