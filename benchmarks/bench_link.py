@@ -257,6 +257,9 @@ def main():
     p.add_argument("--bundle-ready", action="store_true",
                    help="(3) also for ours on a new workdir that has the agent bundle already "
                         "(as after ClusterSession.start, which uploads it before any staging)")
+    p.add_argument("--agent-up", action="store_true",
+                   help="(3) also for ours on a new workdir whose agent runs and is known (as "
+                        "inside a protocol run): through the staging endpoint, streams by ssh -W")
     p.add_argument("--ours-streams", default="auto", help="the cluster key streams for ours")
     p.add_argument("--transfer", default="", help="the cluster key transfer for ours "
                    "(auto, openssh, paramiko)")
@@ -390,6 +393,16 @@ def main():
                          ("rsync", lambda: B.rsync(small, rs))]
                 if a.bundle_ready:
                     pairs.append(("ours, bundle there", lambda: ours_bundle_ready()))
+
+                def ours_agent_up():
+                    wd3 = B.fresh("ours-agent")
+                    B.agent_up(wd3)  # as in a protocol run: the session starts first
+                    s = B.ours(["small"], wd3, os.path.join(wd3, "hashes.sqlite"))
+                    assert B.last_sent == small_bytes and B.last_kind == "endpoint", (
+                        B.last_sent, B.last_kind)
+                    return s
+                if a.agent_up:
+                    pairs.append(("ours, agent up", ours_agent_up))
                 k = r % len(pairs)
                 for who, fn in pairs[k:] + pairs[:k]:
                     note("small", who, rtt, fn())
@@ -468,6 +481,11 @@ def main():
         print("(3b) ours on a workdir with the bundle already there: %.2f s (%.0f MB/s): %.2fx "
               "rsync's speed; per round %s" % (t_b, smb / t_b, t_r / t_b,
                                               T[("small", "ours, bundle there", a.small_rtt)]))
+    if a.agent_up:
+        t_u = med(T[("small", "ours, agent up", a.small_rtt)])
+        print("(3c) ours on a new workdir whose agent runs and is known (staging endpoint, "
+              "streams by ssh -W): %.2f s (%.0f MB/s): %.2fx rsync's speed; per round %s"
+              % (t_u, smb / t_u, t_r / t_u, T[("small", "ours, agent up", a.small_rtt)]))
     g = {w: med(T[("again", w, a.small_rtt)])
          for w in ("ours cold", "ours cold, no endpoint", "ours warm", "rsync")}
     print("(4) unchanged: ours cold (through the agent's staging endpoint) %.2f s (%.2fx "
