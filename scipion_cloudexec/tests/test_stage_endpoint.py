@@ -15,6 +15,7 @@ from scipion_cloudexec.cluster import endpoints
 from scipion_cloudexec.cluster.session import ClusterSession
 from scipion_cloudexec.cluster.ssh import SSHConnection, Target
 from scipion_cloudexec.cluster.stager import Stager
+from scipion_cloudexec.remote.daemon import _alive as alive
 from scipion_cloudexec.remote.stage_endpoint import proof
 
 pytestmark = pytest.mark.bed
@@ -25,12 +26,11 @@ def agent_state(c) -> dict:
         return json.load(f)
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+def assert_mirror(c, data) -> None:
+    """The cluster's mirror holds exactly *data*'s bytes."""
+    for rel, content in data.items():
+        with open(os.path.join(c.workdir, "projects", "proj", rel), "rb") as f:
+            assert f.read() == content, rel
 
 
 def endpoint_pid(port: int) -> int:
@@ -62,6 +62,13 @@ def project(tmp_path, n=20):
         data[rel] = os.urandom(1000 + 37 * i)
         p.write_bytes(data[rel])
     return root, data
+
+
+def agent_up(c, tmp_path) -> dict:
+    """Start the cluster's agent as a protocol run does (the desktop then knows it); its
+    agent.json."""
+    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")):
+        return agent_state(c)
 
 
 def new_stager(c, tmp_path):
@@ -97,9 +104,7 @@ def test_a_new_process_stages_through_the_endpoint_with_no_remote_shell(make_clu
     finally:
         st.close()
         st.ssh.close()
-    for rel, content in data.items():
-        with open(os.path.join(c.workdir, "projects", "proj", rel), "rb") as f:
-            assert f.read() == content, rel
+    assert_mirror(c, data)
     log = open(os.path.join(c.workdir, "agent", "agent.log")).read()
     assert stage["token"] not in log and "staging endpoint pid %d" % pid in log
     mode = os.stat(os.path.join(endpoints.folder())).st_mode & 0o777
@@ -113,9 +118,7 @@ def test_the_endpoint_stops_with_its_agent_and_a_stale_one_costs_a_fallback(make
                                                                              tmp_path, sig):
     c = make_cluster("local")
     root, data = project(tmp_path)
-    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")) as s:
-        s.start()
-        state = agent_state(c)
+    state = agent_up(c, tmp_path)
     port = state["stage"]["port"]
     pid = endpoint_pid(port)
     os.kill(int(state["pid"]), sig)
@@ -132,9 +135,7 @@ def test_the_endpoint_stops_with_its_agent_and_a_stale_one_costs_a_fallback(make
     finally:
         st.close()
         st.ssh.close()
-    for rel, content in data.items():
-        with open(os.path.join(c.workdir, "projects", "proj", rel), "rb") as f:
-            assert f.read() == content, rel
+    assert_mirror(c, data)
 
 
 class Impostor:
@@ -176,9 +177,7 @@ def test_an_impostor_on_the_port_gets_no_request_and_the_staging_goes_on(make_cl
                                                                          tmp_path):
     c = make_cluster("local")
     root, data = project(tmp_path)
-    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")) as s:
-        s.start()
-        state = agent_state(c)
+    state = agent_up(c, tmp_path)
     token = state["stage"]["token"]
     os.kill(int(state["pid"]), signal.SIGTERM)
     port = state["stage"]["port"]
@@ -204,15 +203,12 @@ def test_an_impostor_on_the_port_gets_no_request_and_the_staging_goes_on(make_cl
     assert impostor.got, "the client reached the impostor"
     assert impostor.got.count(b"\n") == 1, "a request after the failed proof: %r" % impostor.got
     assert token.encode() not in impostor.got and b"mic0" not in impostor.got
-    for rel, content in data.items():
-        with open(os.path.join(c.workdir, "projects", "proj", rel), "rb") as f:
-            assert f.read() == content, rel
+    assert_mirror(c, data)
 
 
 def test_a_client_without_the_token_is_closed_unserved(make_cluster, tmp_path):
     c = make_cluster("local")
-    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")) as s:
-        s.start()
+    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")):  # started
         stage = agent_state(c)["stage"]
         token = bytes.fromhex(stage["token"])
 
@@ -285,8 +281,7 @@ def test_a_relay_run_by_another_user_is_closed_before_any_server_or_nonce(make_c
     if os.getuid() != 0 or not setpriv or not os.path.exists(python):
         pytest.skip("needs root, setpriv and /usr/bin/python3 to run a relay as nobody")
     c = make_cluster("local")
-    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")) as s:
-        s.start()
+    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")):  # started
         stage = agent_state(c)["stage"]
         listener = endpoint_pid(stage["port"])
         before = children_of(listener)
@@ -316,9 +311,7 @@ def test_an_endpoint_that_died_is_replaced_and_a_remembered_agent_that_is_not_ou
         make_cluster, tmp_path):
     c = make_cluster("local", heartbeat=0.5)
     root, data = project(tmp_path)
-    with ClusterSession(c, hash_cache=str(tmp_path / "h0.sqlite")) as s:
-        s.start()
-        old = agent_state(c)["stage"]
+    old = agent_up(c, tmp_path)["stage"]
     os.kill(endpoint_pid(old["port"]), signal.SIGKILL)
     deadline = time.monotonic() + 20  # the agent looks at each lease renewal
     while agent_state(c).get("stage", {}).get("port") in (None, old["port"]):
@@ -377,6 +370,4 @@ def test_parallel_openssh_streams_reach_the_endpoint_with_no_remote_shell(make_c
         st.close()
         st.ssh.close()
     assert kinds == {"openssh endpoint"} and n >= 2, (kinds, n)
-    for rel, content in data.items():
-        with open(os.path.join(c.workdir, "projects", "proj", rel), "rb") as f:
-            assert f.read() == content, rel
+    assert_mirror(c, data)
