@@ -186,11 +186,15 @@ class ParamikoChannel(ServerChannel):
         self.chan = ssh._require().open_session(window_size=WINDOW, max_packet_size=32768)
         self.chan.settimeout(dead_link_seconds(cluster))
         self.chan.exec_command(server_command(cluster))
+        self._start_io()
+        self.send(Hello())
+
+    def _start_io(self) -> None:
+        """The reader of the open channel, and the watch on its writes."""
         self.out = self.chan.makefile("rb", BLOCK)
         self._sending: Optional[float] = None
         self._closed = threading.Event()
         threading.Thread(target=self._watch, name="cloudexec-watch", daemon=True).start()
-        self.send(Hello())
 
     def sendall(self, data: bytes) -> None:
         view = memoryview(data)
@@ -264,10 +268,7 @@ class ForwardedChannel(ParamikoChannel):
                 timeout=dead_link_seconds(cluster))
         except paramiko.ChannelException as e:
             raise EndpointRefused("nothing listens at its port (%s)" % e) from None
-        self.out = self.chan.makefile("rb", BLOCK)
-        self._sending = None
-        self._closed = threading.Event()
-        threading.Thread(target=self._watch, name="cloudexec-watch", daemon=True).start()
+        self._start_io()
         try:
             self._prove(bytes.fromhex(endpoint["token"]))
         except BaseException:

@@ -48,13 +48,11 @@ def load_agent(cluster: ClusterConfig, version: str) -> Optional[dict]:
 
 def load(cluster: ClusterConfig, version: str) -> Optional[dict]:
     """The endpoint of *cluster*'s agent of *version* (``{"port", "token"}``), if known."""
+    stage = (load_agent(cluster, version) or {}).get("stage")
     try:
-        with open(_path(cluster)) as f:
-            entry = json.load(f)
-        if entry.get("version") == version and int(entry["stage"]["port"]) > 0 and \
-                len(bytes.fromhex(entry["stage"]["token"])) >= 16:
-            return {"port": int(entry["stage"]["port"]), "token": entry["stage"]["token"]}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        if int(stage["port"]) > 0 and len(bytes.fromhex(stage["token"])) >= 16:
+            return {"port": int(stage["port"]), "token": stage["token"]}
+    except (ValueError, KeyError, TypeError, AttributeError):
         pass
     return None
 

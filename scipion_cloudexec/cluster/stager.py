@@ -113,16 +113,23 @@ class Stager(Gathering, SmallFilesOverStreams):
     def _control(self) -> ServerChannel:
         """A server on a channel of our connection: the agent's staging endpoint when it is
         known (no remote shell), else one started by an exec."""
+        return self._via_endpoint(lambda e: ForwardedChannel(self.ssh, self.cluster, e),
+                                  lambda: ParamikoChannel(self.ssh, self.cluster))
+
+    def _via_endpoint(self, through: Callable[[dict], ServerChannel],
+                      started: Callable[[], ServerChannel]) -> ServerChannel:
+        """*through* the known endpoint; one it refuses is forgotten, and *started* (a
+        server started by an exec) serves instead."""
         endpoint = self.endpoint  # once: a stream of the pool may forget it meanwhile
         if endpoint is not None:
             try:
-                return ForwardedChannel(self.ssh, self.cluster, endpoint)
+                return through(endpoint)
             except EndpointRefused as e:
                 log.info("%s: the staging endpoint at port %s is not usable (%s): a staging "
                          "server starts over SSH instead", self.cluster.name,
                          endpoint.get("port"), e)
                 self.use_endpoint(None)
-        return ParamikoChannel(self.ssh, self.cluster)
+        return started()
 
     def use_endpoint(self, stage: Optional[dict], version: Optional[str] = None,
                      agent: Optional[dict] = None) -> None:
@@ -163,16 +170,8 @@ class Stager(Gathering, SmallFilesOverStreams):
         """An OpenSSH stream of the pool (made in the stream's own thread): to the agent's
         staging endpoint when it is known (``ssh -W``: no remote shell), else a server
         started by an exec."""
-        endpoint = self.endpoint
-        if endpoint is not None:
-            try:
-                return OpenSSHChannel(self.cluster, endpoint=endpoint)
-            except EndpointRefused as e:
-                log.info("%s: the staging endpoint at port %s is not usable over OpenSSH "
-                         "(%s): its streams start servers over SSH instead", self.cluster.name,
-                         endpoint.get("port"), e)
-                self.use_endpoint(None)
-        return OpenSSHChannel(self.cluster)
+        return self._via_endpoint(lambda e: OpenSSHChannel(self.cluster, endpoint=e),
+                                  lambda: OpenSSHChannel(self.cluster))
 
     def _wants_bulk(self, size: int) -> bool:
         running = self._bulk_chan is not None and self._bulk_chan.alive

@@ -167,7 +167,7 @@ class Agent:
                  "curve": self.curve,
                  "host": self.host, "started": self.started, "lease": self.lease,
                  "lease_until": now + self.lease}
-        stage = self.endpoint.state(wait=0.0)
+        stage = self.endpoint.known
         if stage is not None:
             state["stage"] = stage
         write_private(self.paths.state, json.dumps(state))

@@ -259,6 +259,11 @@ class Endpoint:
             self.stop()
         return self._state
 
+    @property
+    def known(self) -> Optional[dict]:
+        """What :meth:`state` read, without waiting."""
+        return self._state
+
     def revive(self, workdir: str) -> bool:
         """Start the endpoint again if it exited (True then: agent.json must say so)."""
         proc = self.proc
