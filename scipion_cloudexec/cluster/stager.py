@@ -163,8 +163,8 @@ class Stager(Gathering, SmallFilesOverStreams):
         """Parallel streams: OpenSSH logins, or channels of our paramiko connection where
         OpenSSH is not the carrier (``transfer = paramiko``, or ``auto`` without it)."""
         if self._bulk_refused:
-            return streams.StreamPool(self.cluster, self._send_file, self._control)
-        return streams.StreamPool(self.cluster, self._send_file, self._bulk_stream)
+            return streams.StreamPool(self.cluster, self._control)
+        return streams.StreamPool(self.cluster, self._bulk_stream)
 
     def _bulk_stream(self) -> ServerChannel:
         """An OpenSSH stream of the pool (made in the stream's own thread): to the agent's
@@ -313,9 +313,9 @@ class Stager(Gathering, SmallFilesOverStreams):
             if up is None and self._parallel_ok() and (
                     sum(f[2] for f in to_send) >= batches_mod.START_AT):
                 up = self._uploader(project, report, progress)
-            if up is not None:  # small ones go at once; large ones in chunks, below
-                up.put([f for f in to_send if f[2] < streams.CHUNKED_MIN])
-                to_send[:] = [f for f in to_send if f[2] >= streams.CHUNKED_MIN]
+            if up is not None:  # at once: small ones in requests, large ones in chunks
+                up.put(list(to_send))
+                to_send[:] = []
 
         try:
             try:
@@ -464,12 +464,11 @@ class Stager(Gathering, SmallFilesOverStreams):
                   report: StageReport, progress: Optional[Progress]) -> List[str]:
         """Send the contents of *entries* (their checks said missing), verified and linked
         by the cluster; on the bulk stream when large. Returns the problems."""
-        problems, chunked = self._chunked(entries, report, progress)
-        if problems:  # not published: not linked either
-            entries = [e for e in entries if e[3] not in problems]
-        problems_chunked = list(problems.values())
-        total_new = sum(e[2] for e in entries if e[3] not in chunked)
-        entries = list(entries)
+        problems_chunked, chunked = self._chunked(project, entries, report, progress)
+        entries = [e for e in entries if e[3] not in chunked]  # linked already, or not sent
+        if not entries:
+            return problems_chunked
+        total_new = sum(e[2] for e in entries)
         request = self._upload_request(project, entries)
         ch = None
         try:
@@ -498,25 +497,26 @@ class Stager(Gathering, SmallFilesOverStreams):
         ended with (0: none ran)."""
         return self._pool.used if self._pool is not None else 0
 
-    def _chunked(self, entries: List[Tuple[str, str, int, str]], report: StageReport,
-                 progress: Optional[Progress]) -> Tuple[Dict[str, str], set]:
-        """Files of CHUNKED_MIN bytes or more go in chunks over parallel OpenSSH streams
-        (:mod:`.streams`) straight into the cluster's cache; the StageIn that follows then
-        only links them. Returns ({sha: problem} for those not published, the shas sent
-        this way)."""
-        if not self._parallel_ok():
-            return {}, set()
-        big: Dict[str, Tuple[str, int, str]] = {}
-        for e in entries:
-            if e[2] >= streams.CHUNKED_MIN:
-                big.setdefault(e[3], (e[1], e[2], e[3]))
-        if not big:
-            return {}, set()
-        if self._pool is None:
-            self._pool = self._new_pool()
-        total = report.bytes_sent + sum(f[1] for f in big.values())
-        return self._pool.upload(list(big.values()), lambda n: _tick(
-            progress, report, n, total, 0, len(big))), set(big)
+    def _chunked(self, project: str, entries: List[Tuple[str, str, int, str]],
+                 report: StageReport, progress: Optional[Progress]) -> Tuple[List[str], set]:
+        """Files of CHUNKED_MIN bytes or more go in chunks over parallel streams
+        (:class:`.batches.BatchUploader`) into the cluster's cache and are linked there.
+        Returns (the problems, the shas sent this way)."""
+        big = [e for e in entries if e[2] >= streams.CHUNKED_MIN]
+        if not big or not self._parallel_ok():
+            return [], set()
+        problems: List[str] = []
+        todo = big
+        while todo:  # twice at most: OpenSSH refused in auto mode, then paramiko channels
+            up = self._uploader(project, report, progress)
+            try:
+                up.put(todo)
+            except BaseException:
+                up.abort()
+                raise
+            todo = []
+            self._settle(up, report, problems, todo)
+        return problems, {e[3] for e in big}
 
     @staticmethod
     def _send_file(ch: ServerChannel, local: str, size: int, offset: int,

@@ -1,16 +1,20 @@
-"""Large files over several OpenSSH streams at once (issue 13: a single SSH channel is
-capped by its window, about 2 MB per round trip, whatever the link).
+"""Several OpenSSH streams at once for bulk data (issue 13: a single SSH channel is capped
+by its window, about 2 MB per round trip, whatever the link): the pool of streams, and
+large files fetched in chunks.
 
-::
+Uploads go over the pool's streams through :class:`.batches.BatchUploader`; a large file
+travels there as below (the wire of staging protocol 2)::
 
     desktop                                        cluster (one staging server per stream)
       ChunkPlan(sha, size, chunk) per file ----->  which chunks are written already
-      N workers, each its own OpenSSHChannel:
-        Chunk(sha, index) + its bytes ---------->  pwrite at index*chunk, record it when whole
+      Chunk(sha, index) + its bytes, each by
+        whichever stream is free --------------->  pwrite at index*chunk, record it when whole
         (the next chunk goes before the answer of this one is read: one in flight ahead)
-      Publish(sha), by the stream that got the
-        last answer of the file's chunks ------->  hash the whole file once, rename into the
+      Publish(sha), once every chunk of the
+        file is answered ----------------------->  hash the whole file once, rename into the
                                                    cache if right; else drop every chunk
+
+Downloads ask ``SendRange`` of each chunk over the streams and write it at its offset.
 
 N is the cluster's ``streams`` key, or with ``auto`` adapted to the link: START streams,
 then STEP more while the measured throughput grows by at least GROWTH, at most CAP. The
@@ -29,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from ..config import ClusterConfig
 from ..remote.hashing import BLOCK
-from ..remote.stage_protocol import Chunk, ChunkPlan, Publish, SendRange
+from ..remote.stage_protocol import SendRange
 from .channels import OpenSSHChannel, ServerChannel, dead_link_seconds
 from .errors import LinkLost, StagingError
 
@@ -40,7 +44,6 @@ CHUNK = 32 << 20  # bytes per chunk: the unit of resume
 START, STEP, CAP, GROWTH = 4, 2, 16, 1.10
 INTERVAL = 2.0  # seconds of transfer per throughput measurement (auto)
 
-File = Tuple[str, int, str]  # local path, size, sha256
 
 
 def fixed_streams(cluster: ClusterConfig) -> Optional[int]:
@@ -55,10 +58,9 @@ class StreamPool:
     paramiko connection where paramiko is the carrier (each channel has its own window,
     which is what a long link needs)."""
 
-    def __init__(self, cluster: ClusterConfig, send_file: Callable[..., None],
+    def __init__(self, cluster: ClusterConfig,
                  make_channel: Optional[Callable[[], ServerChannel]] = None):
         self.cluster = cluster
-        self._send_file = send_file  # Stager._send_file(ch, local, end, start, tick)
         self._make = make_channel or (lambda: OpenSSHChannel(cluster))
         self.channels: List[ServerChannel] = []
         fixed = fixed_streams(cluster)
@@ -78,80 +80,6 @@ class StreamPool:
             self.channels[i].close()
             self.channels[i] = self._make()
         return self.channels[i]
-
-    def upload(self, files: List[File], tick: Callable[[int], None]) -> Dict[str, str]:
-        """Send the chunks of *files* the cluster lacks and publish each file into the
-        cluster's cache. Returns {sha: problem} for files not published (another hash).
-
-        Raises:
-            LinkLost: a stream broke (what was recorded stays: staging again resumes).
-        """
-        try:
-            return self._upload(files, tick)
-        except (OSError, EOFError, StagingError) as e:
-            self.close()
-            if isinstance(e, LinkLost):
-                raise LinkLost("%s; what arrived is kept: stage again to resume" % e) from None
-            raise LinkLost("connection to %s lost during a parallel upload (%s); what "
-                           "arrived is kept: stage again to resume"
-                           % (self.cluster.name, e)) from None
-
-    def _upload(self, files: List[File], tick: Callable[[int], None]) -> Dict[str, str]:
-        ch = self._chan(0)
-        for _local, size, sha in files:  # every plan asked, then every answer read
-            ch.send(ChunkPlan(sha256=sha, size=size, chunk=CHUNK))
-        work: "queue.Queue[Tuple[File, int]]" = queue.Queue()
-        self._left: Dict[str, int] = {}  # chunks of each file not yet answered
-        self._problems: Dict[str, str] = {}
-        to_publish = []
-        for f in files:
-            plan = ch.line()
-            if plan.get("present"):
-                continue
-            have = set(plan["have"])
-            todo = [i for i in range(max(1, -(-f[1] // CHUNK))) if i not in have]
-            for i in todo:
-                work.put((f, i))
-            if todo:
-                self._left[f[2]] = len(todo)
-            else:
-                to_publish.append(f)
-        if work.qsize():
-            self._parallel(work, tick, self._chunk_sender)
-        for f in to_publish:  # all there from an earlier try: publish now
-            self._publish(ch, f)
-        return self._problems
-
-    def _chunk_sender(self, ch: ServerChannel, work: "queue.Queue", counted: Callable[[int], None],
-                      started: threading.Event, failed: list, lock: threading.Lock) -> None:
-        """One stream's loop for uploads: the next chunk goes before this one's answer."""
-        stall = max(5.0, dead_link_seconds(self.cluster) / 2)
-
-        def answered(f: File) -> None:
-            """The answer to a chunk of *f*; the stream that sent its last chunk publishes
-            it (the cluster hashes it while the other streams carry on)."""
-            ch.line()
-            with lock:
-                self._left[f[2]] -= 1
-                last = self._left[f[2]] == 0
-            if last:
-                self._publish(ch, f)
-
-        pending = None
-        while not failed:
-            try:
-                (local, size, sha), index = work.get_nowait()
-            except queue.Empty:
-                break
-            start = index * CHUNK
-            ch.send(Chunk(sha256=sha, size=size, chunk=CHUNK, index=index, stall=stall))
-            started.set()
-            self._send_file(ch, local, min(size, start + CHUNK), start, counted)
-            if pending:
-                answered(pending)
-            pending = (local, size, sha)
-        if pending:
-            answered(pending)
 
     def _parallel(self, work: "queue.Queue", tick: Callable[[int], None],
                   body: Callable[..., None]) -> None:
@@ -292,16 +220,3 @@ class StreamPool:
         finally:
             for fd in fds.values():
                 os.close(fd)
-
-    def _publish(self, ch: ServerChannel, f: File) -> None:
-        """Ask the cluster to hash the assembled file once and put it into the cache."""
-        local, size, sha = f
-        ch.send(Publish(sha256=sha, size=size, chunk=CHUNK))
-        answer = ch.line()
-        if "bad" in answer:
-            self._problems[sha] = ("%s changed during the upload or arrived corrupted (its "
-                                   "chunks on %s hash to %s); not published"
-                                   % (local, self.cluster.name, answer["bad"][:12]))
-        elif "missing" in answer:
-            self._problems[sha] = ("%s: %d chunks did not arrive on %s; stage again"
-                                   % (local, len(answer["missing"]), self.cluster.name))

@@ -96,9 +96,9 @@ def _streams_seen(monkeypatch):
     seen = set()
     serve = batches.BatchUploader._serve
 
-    def counting(self, i, item):
+    def counting(self, i, *rest):
         seen.add(i)
-        return serve(self, i, item)
+        return serve(self, i, *rest)
     monkeypatch.setattr(batches.BatchUploader, "_serve", counting)
     return seen
 

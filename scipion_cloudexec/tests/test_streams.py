@@ -134,7 +134,7 @@ def test_a_corrupted_chunk_is_caught_by_the_whole_file_hash_and_not_published(
         else:
             Stager._send_file(ch, local, end, start, tick)
 
-    st._pool = streams.StreamPool(c, corrupting)
+    st._send_file = corrupting  # the uploader sends the chunks with it
     with pytest.raises(StagingError, match="corrupted"):
         st.stage_in(str(proj), ["movies"], "proj")
     assert not os.path.exists(_object(c, big))
@@ -242,3 +242,109 @@ def test_a_fetched_file_not_matching_the_listing_is_not_kept(make_cluster, tmp_p
     with pytest.raises(StagingError, match="corrupted"):
         st.fetch("data/big.mrcs", str(tmp_path / "back"))
     assert os.listdir(tmp_path / "back") == [], "no partial of a corrupted file is kept"
+
+
+def _movies(tmp_path, n, size):
+    """*n* large files of distinct contents, a copy of the first at another path, and a
+    few small files."""
+    proj = tmp_path / "proj"
+    (proj / "movies").mkdir(parents=True)
+    data = {}
+    for i in range(n):
+        data["movies/m%d.mrcs" % i] = os.urandom(size + i * 1000)
+    data["movies/copy_of_m0.mrcs"] = data["movies/m0.mrcs"]
+    for i in range(5):
+        data["movies/m%d.star" % i] = b"data_\n" * (100 + i)
+    for rel, content in data.items():
+        (proj / rel).write_bytes(content)
+    return proj, data
+
+
+def _unique_bytes(data):
+    return sum(len(v) for v in {hashlib.sha256(v).hexdigest(): v for v in data.values()}.values())
+
+
+def _cache_sound(c):
+    """Every object in the cluster's cache holds the content its name says."""
+    for dirpath, _dirs, names in os.walk(os.path.join(c.workdir, "cache", "objects")):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                assert hashlib.sha256(f.read()).hexdigest() == name
+
+
+def test_many_large_files_keep_every_stream_busy_across_file_ends(make_cluster, tmp_path,
+                                                                  stager_for, monkeypatch):
+    """A stream that is free at the end of one file takes the next file's chunks while the
+    first one's last chunks travel and the cluster hashes it: no pause per file. Content at
+    two paths travels once; everything arrives identical."""
+    from scipion_cloudexec.cluster import batches, channels, local_files
+    from scipion_cloudexec.cluster import stager as stager_mod
+    monkeypatch.setattr(batches, "START_AT", 1 * MB)  # the uploader runs from the walk
+    monkeypatch.setattr(local_files, "FIRST_BATCH_BYTES", 1 * MB)  # a check per large file
+    monkeypatch.setattr(local_files, "BATCH_BYTES", 1 * MB)
+    monkeypatch.setattr(stager_mod, "BATCH_BYTES", 4 * MB)  # and a transfer per large file
+    c = make_cluster("local", streams="3", transfer="openssh")
+    proj, data = _movies(tmp_path, 6, 5 * MB)  # 3 chunks each
+    order = {hashlib.sha256(v).hexdigest(): rel for rel, v in data.items()}
+    sent, send = [], channels.ServerChannel.send
+
+    def recording(self, request):
+        if type(request).__name__ in ("Chunk", "Publish"):
+            sent.append((type(request).__name__, order[request.sha256]))
+        return send(self, request)
+    monkeypatch.setattr(channels.ServerChannel, "send", recording)
+    with Link((c.host, c.port), delay_ms=1, rate_mbit=300) as link:  # the walk runs ahead
+        r = stager_for(link.cluster(c)).stage_in(str(proj), ["movies"], "proj")
+    for rel, content in data.items():
+        assert _mirrored(c, rel) == content, rel
+    assert r.bytes_sent == _unique_bytes(data), "the copy of m0 travelled once"
+    assert r.linked == len(data)
+    assert os.listdir(os.path.join(c.workdir, "cache", "chunks")) == []
+    assert sum(kind == "Publish" for kind, _f in sent) == 6
+    # a pause: a chunk sent once every file begun before it was published
+    pauses = [n for n, (kind, _f) in enumerate(sent) if kind == "Chunk" and n and
+              {f for _k, f in sent[:n]} == {f for k, f in sent[:n] if k == "Publish"}]
+    assert not pauses, "the streams waited for a publish at %s: %s" % (pauses, sent)
+
+
+def test_a_cut_with_chunks_of_several_files_in_flight_resumes_each_file(make_cluster,
+                                                                        tmp_path, stager_for,
+                                                                        monkeypatch):
+    from scipion_cloudexec.cluster import batches
+    monkeypatch.setattr(batches, "START_AT", 1 * MB)
+    c = make_cluster("local", streams="3", transfer="openssh")
+    proj, data = _movies(tmp_path, 4, 5 * MB)
+    total = _unique_bytes(data)
+    with Link((c.host, c.port), delay_ms=2, rate_mbit=400) as link:
+        far = link.cluster(c)
+        link.reset_after(total // 2)
+        with pytest.raises(StagingError, match="lost|stopped|did not start") as err:
+            stager_for(far).stage_in(str(proj), ["movies"], "proj")
+        assert c.name in str(err.value)
+        _cache_sound(c)
+        r = stager_for(far).stage_in(str(proj), ["movies"], "proj")
+    assert 0 < r.bytes_sent < total, "resumed: %d of %d bytes sent again" % (r.bytes_sent,
+                                                                            total)
+    for rel, content in data.items():
+        assert _mirrored(c, rel) == content, rel
+    _cache_sound(c)
+    assert os.listdir(os.path.join(c.workdir, "cache", "chunks")) == []
+
+
+def test_auto_sends_large_files_over_paramiko_channels_when_ssh_cannot_log_in(
+        make_cluster, tmp_path, stager_for, monkeypatch, caplog):
+    from scipion_cloudexec.cluster import batches
+
+    from .test_staging import _fake_ssh
+    monkeypatch.setattr(batches, "START_AT", 1 * MB)
+    monkeypatch.setenv("PATH", _fake_ssh(tmp_path / "bin", "Permission denied (publickey)")
+                       + os.pathsep + os.environ["PATH"])
+    c = make_cluster("local", transfer="auto")
+    proj, data = _movies(tmp_path, 3, 5 * MB)
+    st = stager_for(c)
+    r = st.stage_in(str(proj), ["movies"], "proj")
+    for rel, content in data.items():
+        assert _mirrored(c, rel) == content, rel
+    assert r.bytes_sent == _unique_bytes(data)
+    assert "OpenSSH transfers to %s unavailable, using paramiko" % c.name in caplog.text
+    assert st._bulk_refused
