@@ -3,9 +3,9 @@
 streams, side by side through the same link model (scipion_cloudexec/testbed/link.py: a TCP
 proxy adding one-way delay and a rate limit) in front of the benchmark's own loopback sshd.
 
-  (1) one large file set (4 files; 400 MB by default, 2 GB with --full) at RTT 0, 20, 50,
-      100, 150 ms and 1 Gbit/s: ours (Stager.stage_in), rsync -a, scp -r, and 4 `ssh cat`
-      streams (one per file)
+  (1) one large file set (4 files or --big-n; 400 MB by default, 2 GB with --full) at RTT
+      0, 20, 50, 100, 150 ms and 1 Gbit/s: ours (Stager.stage_in), rsync -a, scp -r, and 4
+      `ssh cat` streams
   (2) N `ssh cat` streams over the same set at one RTT (default 100 ms), N = 1, 2, 4, 8, 16:
       what parallel streams can buy (the carrier alone: byte ranges into part files)
   (3) many files of 100 kB (2,000 by default, 10,000 with --full) at 20 ms: ours vs rsync
@@ -240,7 +240,8 @@ def main():
     p.add_argument("--root", default="/tmp/cloudexec-bench-link")
     p.add_argument("--full", action="store_true",
                    help="the issue's sizes: 2 GB in 4 files, 10,000 small files")
-    p.add_argument("--big-mb", type=float, help="size of each of the 4 large files (MB)")
+    p.add_argument("--big-mb", type=float, help="size of each large file (MB)")
+    p.add_argument("--big-n", type=int, default=4, help="number of large files")
     p.add_argument("--small", type=int, help="number of 100 kB files")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rtts", default="0,20,50,100,150")
@@ -296,10 +297,10 @@ def main():
         small = os.path.join(data, "small")
         if a.small_only:
             os.makedirs(big, exist_ok=True)
-        elif not os.path.isdir(big) or len(os.listdir(big)) != 4 or \
+        elif not os.path.isdir(big) or len(os.listdir(big)) != a.big_n or \
                 os.path.getsize(os.path.join(big, "f000000.mrc")) != int(big_mb * 1e6):
             shutil.rmtree(big, ignore_errors=True)
-            make_files(big, 4, int(big_mb * 1e6))
+            make_files(big, a.big_n, int(big_mb * 1e6))
         if not os.path.isdir(small) or len(os.listdir(small)) != small_n:
             shutil.rmtree(small, ignore_errors=True)
             make_files(small, small_n, 100_000)
@@ -313,8 +314,9 @@ def main():
                              capture_output=True, text=True).stderr
         cipher = [x.split("cipher: ")[1].split()[0] for x in neg.splitlines()
                   if "server->client cipher" in x][:1]
-        print("data: 4 x %.0f MB, %d x 100 kB; rounds %d; link rate %.0f Mbit/s; default "
-              "cipher %s" % (big_mb, small_n, a.rounds, a.rate_mbit, cipher), flush=True)
+        print("data: %d x %.0f MB, %d x 100 kB; rounds %d; link rate %.0f Mbit/s; default "
+              "cipher %s" % (a.big_n, big_mb, small_n, a.rounds, a.rate_mbit, cipher),
+              flush=True)
 
         cal = {}
         for rtt in sorted(set(rtts + [a.small_rtt] + ([a.streams_rtt] if streams else []))):
@@ -440,8 +442,8 @@ def main():
     who_big = a.contenders.split(",") if rtts else []
     speed = {w: {rtt: mb / med(T[("big", w, rtt)]) for rtt in rtts} for w in who_big}
     if rtts:
-        print("\n(1) 4 files, %.0f MB in all, %.0f Mbit/s: MB/s, median of %d [min-max seconds]"
-              % (mb, a.rate_mbit, a.rounds))
+        print("\n(1) %d files, %.0f MB in all, %.0f Mbit/s: MB/s, median of %d [min-max seconds]"
+              % (a.big_n, mb, a.rate_mbit, a.rounds))
         cat = "ssh cat x4" in who_big
         print("| RTT | " + " | ".join(who_big) + " | ours / rsync |" + (" ssh cat x4 / rsync |"
                                                                        if cat else ""))
@@ -463,8 +465,8 @@ def main():
             "%.0f" % (mb / med(T[("streams", "x%d" % n, a.streams_rtt)])) for n in streams) + " |")
     if a.plot and rtts:
         try:
-            plot(a.plot, rtts, speed, rate_mb, "4 files, %.0f MB, %.0f Mbit/s link model, "
-                 "median of %d (benchmarks/bench_link.py)" % (mb, a.rate_mbit, a.rounds))
+            plot(a.plot, rtts, speed, rate_mb, "%d files, %.0f MB, %.0f Mbit/s link model, "
+                 "median of %d (benchmarks/bench_link.py)" % (a.big_n, mb, a.rate_mbit, a.rounds))
             print("plot: %s" % os.path.abspath(a.plot))
         except ImportError:
             print("no plot: matplotlib is not installed in this venv")
