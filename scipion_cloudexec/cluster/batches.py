@@ -71,7 +71,7 @@ class _Work:
             else:
                 self._items.append(item)
             self.unfinished += 1
-            self._cond.notify()
+            self._cond.notify_all()
 
     def get(self, block: bool) -> object:
         """The next item; raises queue.Empty when there is none and *block* is false."""
@@ -194,8 +194,12 @@ class BatchUploader:
         self._stop_growing = threading.Event()
         self._threads: List[threading.Thread] = []
         self._working: List[threading.Event] = []
-        self._add_streams(max(1, streams))  # logins start now, while the checks travel
         self._grower: Optional[threading.Thread] = None
+        try:
+            self._add_streams(max(1, streams))  # logins start now, while the checks travel
+        except BaseException:
+            self._stop_workers()
+            raise
 
     @property
     def count(self) -> int:
@@ -256,6 +260,8 @@ class BatchUploader:
             proc = getattr(ch, "proc", None)
             if proc is not None:
                 proc.kill()
+            elif getattr(ch, "chan", None) is not None:
+                ch.chan.close()  # a paramiko channel: its reads end now
         self.fallback = True  # nothing raised here
         try:
             self.finish()
@@ -274,6 +280,19 @@ class BatchUploader:
         """
         self._flush()
         self._work.join()  # follow-ups (a file's chunks, its publish) come from the workers
+        self._stop_workers()
+        self.pool.used = self.count
+        if self.fallback and self.refused:
+            done = {id(entries) for entries, _a, _r in self.results}
+            linked = {e[0] for entries, _a, _r in self.results for e in entries}
+            return self.results, [e for item in self._flushed if id(item.entries) not in done
+                                  for e in item.entries] + [
+                e for large in self._large.values() if large.sha not in self.problems
+                for e in large.entries if e[0] not in linked]
+        self._raise()
+        return self.results, []
+
+    def _stop_workers(self) -> None:
         self._stop_growing.set()
         if self._grower is not None:
             self._grower.join()
@@ -281,16 +300,6 @@ class BatchUploader:
             self._work.put(self._STOP)
         for t in self._threads:
             t.join()
-        self.pool.used = self.count
-        if self.fallback and self.refused:
-            done = {id(entries) for entries, _a, _r in self.results}
-            linked = {e[3] for entries, _a, _r in self.results for e in entries}
-            return self.results, [e for item in self._flushed if id(item.entries) not in done
-                                  for e in item.entries] + [
-                e for large in self._large.values() if large.sha not in linked
-                for e in large.entries]
-        self._raise()
-        return self.results, []
 
     def _flush(self) -> None:
         if self._pending:
@@ -302,17 +311,21 @@ class BatchUploader:
     def _raise(self) -> None:
         if self.failed:
             e = self.failed[0]
-            if isinstance(e, (StagingError, VersionMismatch)):  # LinkLost, NoSpace too
+            # LinkLost and NoSpace are StagingErrors; a local file gone is the caller's to say
+            if isinstance(e, (StagingError, VersionMismatch, FileNotFoundError)):
                 raise e
             raise LinkLost("connection to %s lost during the upload (%s); what arrived is "
                            "kept: stage again to resume" % (self.pool.cluster.name, e))
 
     # ---- the stream count (streams = auto) ----------------------------------------------
 
-    def _add_streams(self, n: int) -> None:
-        """Start streams up to *n* in all (at most CAP), each with its worker."""
+    def _add_streams(self, n: int, greeted: bool = False) -> None:
+        """Start streams up to *n* in all (at most CAP), each with its worker; with
+        *greeted*, each one's server answers before its worker starts."""
         for i in range(len(self._threads), min(n, streams_mod.CAP)):
-            self.pool._chan(i)  # its login starts now
+            ch = self.pool._chan(i)  # its login starts now
+            if greeted:
+                ch.greet()
             working = threading.Event()
             t = threading.Thread(target=self._run, args=(i, working), daemon=True,
                                  name="cloudexec-stream-%d" % i)
@@ -346,8 +359,15 @@ class BatchUploader:
             prev = rate
             log.debug("%d streams: %.1f MB/s, adding %d", self.count, rate / 1e6,
                       streams_mod.STEP)
-            self.pool.count = self.count + streams_mod.STEP
-            self._add_streams(self.count + streams_mod.STEP)
+            try:
+                self._add_streams(self.count + streams_mod.STEP, greeted=True)
+            except Exception as e:  # noqa: BLE001 - the streams running go on
+                log.info("no more streams to %s: %s", self.pool.cluster.name, e)
+                if len(self.pool.channels) > self.count:
+                    self.pool.channels.pop().close()  # not started: not this pool's
+                return
+            finally:
+                self.pool.count = self.count
 
     # ---- one worker per stream ----------------------------------------------------------
 
@@ -390,12 +410,9 @@ class BatchUploader:
         or not."""
         held = [item]  # taken from the queue, not yet marked done
         try:
-            ch, due = self._open(i, item)
+            ch = self._open(i, item)
             working.set()
-            if not due:
-                held.remove(item)
-                self._work.task_done()
-            pending = item if due else None  # its last answer is still to read
+            pending: Optional[object] = item  # its last answer is still to read
             while True:
                 nxt = self._next(block=False) if not self.failed else None
                 if nxt is not None:
@@ -413,27 +430,23 @@ class BatchUploader:
             for _ in held:
                 self._work.task_done()
 
-    def _open(self, i: int, item: object) -> Tuple[ServerChannel, bool]:
-        """Stream *i* with *item* begun (a chunk: done, since nothing else tells whether a
-        new stream's server started); returns it and whether *item*'s last answer is still
-        to read. A stream started before the bundle was uploaded exited for want of it:
+    def _open(self, i: int, item: object) -> ServerChannel:
+        """Stream *i*, its server greeted, with *item* begun (its last answer still to
+        read). A stream started before the bundle was uploaded exited for want of it:
         started again."""
         for attempt in range(2):
             ch = self.pool._chan(i)
             try:
-                self._head(ch, item)
-                self._body(ch, item)
-                if ch._greeted:
-                    return ch, True
-                self._tail(ch, item)
-                return ch, False
+                ch.greet()  # before any bytes: a cut during them is not "did not start"
             except (NoBundle, OSError, EOFError, LinkLost) as e:
-                if ch._greeted:
-                    raise
                 if attempt or ch.exit_status() != NO_BUNDLE:  # its own words say why
                     raise LinkLost("the staging server on %s did not start (%s): %s" % (
                         self.pool.cluster.name, ch.kind, ch.stderr() or e)) from None
                 ch.close()  # the bundle is there now: the caller's check answered
+                continue
+            self._head(ch, item)
+            self._body(ch, item)
+            return ch
         raise AssertionError("unreachable")
 
     # Each piece of work in three steps: _head sends its request (and a chunk's bytes),

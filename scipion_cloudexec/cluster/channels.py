@@ -145,16 +145,7 @@ class ServerChannel:
             LinkLost: the server did not start, or stopped.
             StagingError: it failed the request.
         """
-        if not self._greeted:
-            raw = self._readline()
-            if not raw:
-                if self.exit_status() == NO_BUNDLE:
-                    raise NoBundle()
-                raise LinkLost("the staging server on %s did not start (%s): %s"
-                                   % (self.cluster.name, self.kind,
-                                      self.stderr() or "no answer"))
-            self._check_greeting(json.loads(raw))
-            self._greeted = True
+        self.greet()
         while True:
             raw = self._readline()
             if not raw:
@@ -166,6 +157,25 @@ class ServerChannel:
         if isinstance(reply, dict) and reply.get("error") == "failed":
             raise StagingError("staging on %s failed: %s" % (self.cluster.name, reply["detail"]))
         return reply
+
+    def greet(self) -> None:
+        """Read the answer to the start-up Hello, once (:meth:`line` does it too): before
+        sending bulk bytes, so that a server that did not start is told from a link cut
+        during the bytes.
+
+        Raises:
+            NoBundle, VersionMismatch, LinkLost: as :meth:`line`.
+        """
+        if self._greeted:
+            return
+        raw = self._readline()
+        if not raw:
+            if self.exit_status() == NO_BUNDLE:
+                raise NoBundle()
+            raise LinkLost("the staging server on %s did not start (%s): %s"
+                           % (self.cluster.name, self.kind, self.stderr() or "no answer"))
+        self._check_greeting(json.loads(raw))
+        self._greeted = True
 
     def _check_greeting(self, greeting: dict) -> None:
         theirs = greeting.get("protocol") if isinstance(greeting, dict) else None

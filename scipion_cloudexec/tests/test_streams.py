@@ -348,3 +348,67 @@ def test_auto_sends_large_files_over_paramiko_channels_when_ssh_cannot_log_in(
     assert r.bytes_sent == _unique_bytes(data)
     assert "OpenSSH transfers to %s unavailable, using paramiko" % c.name in caplog.text
     assert st._bulk_refused
+
+
+def test_a_stream_cut_during_its_first_chunk_is_a_lost_link_not_a_refused_login(
+        make_cluster, tmp_path, stager_for, monkeypatch, caplog):
+    """transfer = auto: OpenSSH that cannot log in at all falls back to paramiko; a stream
+    that logged in and broke mid-chunk is a cut link (stage again: only what is missing
+    goes), not a reason to give up OpenSSH."""
+    from scipion_cloudexec.cluster import batches, channels
+    monkeypatch.setattr(batches, "START_AT", 1 * MB)
+    c = make_cluster("local", streams="3", transfer="auto")
+    proj = tmp_path / "proj"
+    (proj / "movies").mkdir(parents=True)
+    data = {"movies/m%d.mrcs" % i: os.urandom(5 * MB + i) for i in range(2)}
+    for rel, content in data.items():
+        (proj / rel).write_bytes(content)
+    st = stager_for(c)
+    first, send_request = {}, channels.ServerChannel.send
+
+    def recording(self, request):
+        if type(request).__name__ != "Hello":
+            first.setdefault(self, type(request).__name__)
+        return send_request(self, request)
+    monkeypatch.setattr(channels.ServerChannel, "send", recording)
+    send, killed, seen = st._send_file, [], set()
+
+    def cut(ch, local, size, offset, tick):
+        # the bytes of a stream whose first request is this chunk, once another stream
+        # sent some: before, its server had not been heard from yet
+        if not killed and first.get(ch) == "Chunk" and seen - {ch}:
+            killed.append(ch)
+            ch.proc.kill()
+            ch.proc.wait()
+        seen.add(ch)
+        return send(ch, local, size, offset, tick)
+    st._send_file = cut
+    with pytest.raises(StagingError, match="lost|stopped") as err:
+        st.stage_in(str(proj), ["movies"], "proj")
+    assert c.name in str(err.value) and killed
+    assert "unavailable, using paramiko" not in caplog.text
+    assert not st._bulk_refused
+    r = stager_for(c).stage_in(str(proj), ["movies"], "proj")
+    assert r.bytes_sent < _unique_bytes(data), "what arrived before the cut is kept"
+    for rel, content in data.items():
+        assert _mirrored(c, rel) == content, rel
+
+
+def test_a_large_file_removed_while_staged_is_named(make_cluster, tmp_path, stager_for,
+                                                    monkeypatch):
+    from scipion_cloudexec.cluster import batches
+    monkeypatch.setattr(batches, "START_AT", 1 * MB)
+    c = make_cluster("local", streams="3", transfer="openssh")
+    proj, data = _movies(tmp_path, 4, 5 * MB)
+    st = stager_for(c)
+    send, gone = st._send_file, proj / "movies" / "m3.mrcs"
+
+    def removing(ch, local, size, offset, tick):
+        if gone.exists() and local != str(gone):
+            gone.unlink()  # after the walk hashed it, before its chunks are read
+        return send(ch, local, size, offset, tick)
+    st._send_file = removing
+    with pytest.raises(StagingError, match="went away") as err:
+        st.stage_in(str(proj), ["movies"], "proj")
+    assert "m3.mrcs" in str(err.value) and c.name in str(err.value)
+    _cache_sound(c)
