@@ -335,8 +335,8 @@ class BatchUploader:
 
     def _grow(self) -> None:
         """Add STEP streams while the throughput measured over INTERVAL grows by GROWTH,
-        up to CAP; measured only while work waits (else the walk, not the link, sets the
-        pace). The count reached is where the pool's next upload starts."""
+        up to CAP; measured only while every stream has work (else the walk, not the link,
+        sets the pace). The count reached is where the pool's next upload starts."""
         prev = None
         stop = self._stop_growing
         while not stop.is_set() and not self.failed and self.count < streams_mod.CAP:
@@ -346,10 +346,10 @@ class BatchUploader:
                         return
             with self._lock:
                 b0, t0 = self.sent, time.monotonic()
-            busy = self._work.qsize() > 0
+            busy = self._busy()
             if stop.wait(streams_mod.INTERVAL):
                 return
-            if not (busy and self._work.qsize() > 0):
+            if not (busy and self._busy()):
                 continue  # not enough work to tell: measure again
             with self._lock:
                 rate = (self.sent - b0) / (time.monotonic() - t0)
@@ -368,6 +368,11 @@ class BatchUploader:
                 return
             finally:
                 self.pool.count = self.count
+
+    def _busy(self) -> bool:
+        """Work for every stream: waiting, or in hand (a stream holds one or two pieces:
+        the one it sends and the one whose answer it awaits)."""
+        return self._work.qsize() > 0 or self._work.unfinished >= self.count
 
     # ---- one worker per stream ----------------------------------------------------------
 
