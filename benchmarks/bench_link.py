@@ -107,7 +107,7 @@ class Bench:
                 "from scipion_cloudexec.cluster.session import ClusterSession\n"
                 "with ClusterSession(ClusterConfig(**json.loads(sys.argv[1]))) as s:\n"
                 "    s.start()\n")
-        subprocess.run([sys.executable, "-c", code, json.dumps(fields)], check=True)
+        subprocess.run([sys.executable, "-c", code, json.dumps(fields)], check=True, cwd=HERE)
 
     def ours(self, paths, workdir, hashes, warm=False, endpoint=True):
         cl = dataclasses.replace(self.c, workdir=workdir)
@@ -121,7 +121,8 @@ class Bench:
         arg = json.dumps({"cluster": fields, "hashes": hashes, "warm": warm,
                           "root": self.data, "paths": paths, "endpoint": endpoint})
         settle()
-        out = subprocess.run([sys.executable, "-c", OURS, arg], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-c", OURS, arg], capture_output=True, text=True,
+                             cwd=HERE)
         if out.returncode:
             raise RuntimeError("ours failed: %s" % out.stderr[-2000:])
         r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -64,7 +64,8 @@ def ours(conf, project_root, paths, project, hash_cache, workdir, warm=False):
         % (conf, workdir, hash_cache, warm, project_root, paths, project))
     settle()
     c0 = cpu_busy()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=HERE)
     CPU["ours"] = cpu_busy() - c0  # includes Python start-up and imports
     return json.loads(out.stdout.strip().splitlines()[-1])
 
