@@ -353,7 +353,7 @@ class BatchUploader:
                 continue  # not enough work to tell: measure again
             with self._lock:
                 rate = (self.sent - b0) / (time.monotonic() - t0)
-            if prev is not None and rate < streams_mod.GROWTH * prev:
+            if not streams_mod.paid(prev, rate):
                 self.pool.count = self.count - streams_mod.STEP  # the last ones did not pay
                 return
             prev = rate

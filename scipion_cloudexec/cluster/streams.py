@@ -45,6 +45,12 @@ START, STEP, CAP, GROWTH = 4, 2, 16, 1.10
 INTERVAL = 2.0  # seconds of transfer per throughput measurement (auto)
 
 
+def paid(before: Optional[float], rate: float) -> bool:
+    """Whether the streams last added paid: the first measurement, or a rate GROWTH times
+    the one *before* them (auto)."""
+    return before is None or rate >= GROWTH * before
+
+
 
 def fixed_streams(cluster: ClusterConfig) -> Optional[int]:
     """The cluster's fixed stream count, or None for ``auto``."""
@@ -127,7 +133,7 @@ class StreamPool:
             time.sleep(INTERVAL)
             with lock:
                 rate = (sent[0] - b0) / (time.monotonic() - t0)
-            if prev is not None and rate < GROWTH * prev:
+            if not paid(prev, rate):
                 stopped = True  # the last streams added did not pay: stop here
                 break
             prev = rate

@@ -266,10 +266,9 @@ def _unique_bytes(data):
 
 def _cache_sound(c):
     """Every object in the cluster's cache holds the content its name says."""
-    for dirpath, _dirs, names in os.walk(os.path.join(c.workdir, "cache", "objects")):
-        for name in names:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                assert hashlib.sha256(f.read()).hexdigest() == name
+    from .test_small_files import _objects
+    for sha, content in _objects(c).items():
+        assert hashlib.sha256(content).hexdigest() == sha
 
 
 def test_many_large_files_keep_every_stream_busy_across_file_ends(make_cluster, tmp_path,
